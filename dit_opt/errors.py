@@ -1,0 +1,46 @@
+"""Exceptions raised by dit-opt.
+
+Every error says what was being done, what was found, and what to do about it.
+All of them derive from :class:`DitOptError` so callers can catch the library's
+failures without catching unrelated ones.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DitOptError",
+    "CaptureError",
+    "NoBlocksFoundError",
+    "InputMismatchError",
+    "InfeasibleBudgetError",
+    "ArtifactError",
+    "ConfigError",
+]
+
+
+class DitOptError(Exception):
+    """Base class of every error raised by dit-opt."""
+
+
+class CaptureError(DitOptError):
+    """The model could not be captured as an FX graph."""
+
+
+class NoBlocksFoundError(CaptureError):
+    """No repeated transformer block list was found (or the named one does not exist)."""
+
+
+class InputMismatchError(CaptureError):
+    """Example inputs do not fit the model's forward signature."""
+
+
+class InfeasibleBudgetError(DitOptError):
+    """No plan meets the FLOP budget; the message states the smallest feasible budget."""
+
+
+class ArtifactError(DitOptError):
+    """A saved profile, plan or optimised model is corrupt or does not match the model."""
+
+
+class ConfigError(DitOptError, ValueError):
+    """A configuration value is invalid (also a ``ValueError``)."""

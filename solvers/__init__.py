@@ -1,0 +1,1 @@
+"""Solvers: turn a :class:`solvers.problem.Problem` into a :class:`dit_opt.plan.Plan`."""
