@@ -1,0 +1,459 @@
+"""The optimisation problem: per (step, unit, action) its FLOPs and modelled error, and the rules.
+
+A :class:`Problem` is what the sensitivity profile and the cost model produce and what every
+solver consumes. Actions come in families; a family that is not profiled is ``None``:
+
+======================  ===============================  ======================================
+action                  error                            FLOPs
+======================  ===============================  ======================================
+``COMPUTE``             0                                ``flops_compute[t, u]``
+``REUSE`` (age n)       ``e_reuse[t, u, n]``             ``flops_reuse[t, u]``
+``PRUNE(rate k)`` (n)   ``e_prune[t, u, n, k]``          ``flops_prune[t, u, k]``
+``WIDTH(width j)``      ``e_width[t, u, j]``             ``flops_width[t, u, j]``
+``SKIP``                ``e_skip[t, u]``                 0
+======================  ===============================  ======================================
+
+The age ``n`` of a cache is the number of steps since the unit's last ``COMPUTE``
+(``1 <= n <= max_age``); column 0 of ``e_reuse``/``e_prune`` is unused. Errors add up over
+steps and units. ``full_flops = sum(flops_compute) + flops_fixed``; a plan is feasible when its
+FLOPs are ``<= budget * full_flops`` (checked in floats, exactly as :meth:`Plan.validate` does).
+
+Integer scaling (shared by every exact solver, so DP and CP-SAT see the same feasible set): FLOPs
+are counted in quanta ``q``. When all FLOP values are integers (as FlopCounterMode gives) ``q`` is
+their greatest common divisor and the scaling is exact; otherwise ``q`` is a power of two near
+``full_flops / 2**30`` and every rounding is conservative. The budget is written as a *saving*
+against full compute: action ``a`` saves ``floor(flops_compute / q) - ceil(flops_a / q)`` quanta
+(``COMPUTE`` saves exactly 0), and a plan must save at least :meth:`Problem.need_quanta` quanta,
+derived from the budget with exact rational arithmetic. Every integer-feasible plan is therefore
+feasible in floats; the conservatism is at most ``2 q`` per (step, unit), i.e. < 1e-5 of the
+full FLOPs for a 50 x 84 problem, and zero with integer FLOPs.
+
+Example:
+    >>> p = Problem(units=(Unit("blocks", 0),), num_steps=3, max_age=2, budget=0.7,
+    ...             flops_compute=np.full((3, 1), 10.0), e_reuse=np.ones((3, 1, 3)),
+    ...             flops_reuse=np.zeros((3, 1)))
+    >>> p.min_feasible_budget()
+    0.3333333333333333
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from functools import cached_property, reduce
+
+import numpy as np
+
+from dit_opt.errors import InfeasibleBudgetError
+from dit_opt.plan import COMPUTE, REUSE, SKIP, Action, ActionKind, Plan, Unit, check_budget
+
+__all__ = ["Problem", "min_cost_sequences", "infeasible_error"]
+
+_MAX_EXACT_QUANTA = 2**40  # integer FLOP scaling used as is when full_flops / gcd stays below this
+_FALLBACK_QUANTA = 2**30  # otherwise ~this many quanta in full_flops
+
+
+@dataclass(frozen=True, eq=False)
+class Problem:
+    """FLOPs and modelled errors of every action at every (step, unit), and the FLOP budget.
+
+    Attributes:
+        units: the ``U`` units.
+        num_steps: number of denoising steps ``T``.
+        max_age: oldest cache (steps since the last ``COMPUTE``) that ``REUSE``/``PRUNE`` may read.
+        budget: FLOP fraction in (0, 1].
+        flops_compute: ``(T, U)`` FLOPs of computing each unit.
+        flops_fixed: FLOPs outside the units (embeddings, final layer), spent at every plan.
+        e_reuse, flops_reuse: ``(T, U, max_age + 1)`` and ``(T, U)``, or ``None`` (no REUSE).
+        prune_rates: fractions of tokens recomputed by ``PRUNE``, one per index ``k``.
+        e_prune, flops_prune: ``(T, U, max_age + 1, K)`` and ``(T, U, K)``, or ``None``.
+        widths: MLP prefix widths of ``WIDTH``, one per index ``j``.
+        e_width, flops_width: ``(T, U, J)`` each, or ``None``.
+        e_skip: ``(T, U)`` or ``None`` (no SKIP).
+        allowed: ``(U, A)`` or ``(T, U, A)`` booleans over :attr:`actions`, or ``None``: all
+            allowed except ``WIDTH`` on units that are not an MLP or a whole block.
+        timesteps: scheduler timestep value of each step, if known.
+
+    Raises:
+        ValueError: an array has the wrong shape or holds negative / non-finite values, naming
+            the array and the expected shape.
+        ConfigError: the budget is not in (0, 1].
+    """
+
+    units: tuple[Unit, ...]
+    num_steps: int
+    max_age: int
+    budget: float
+    flops_compute: np.ndarray
+    flops_fixed: float = 0.0
+    e_reuse: np.ndarray | None = None
+    flops_reuse: np.ndarray | None = None
+    prune_rates: tuple[float, ...] = ()
+    e_prune: np.ndarray | None = None
+    flops_prune: np.ndarray | None = None
+    widths: tuple[float, ...] = ()
+    e_width: np.ndarray | None = None
+    flops_width: np.ndarray | None = None
+    e_skip: np.ndarray | None = None
+    allowed: np.ndarray | None = None
+    timesteps: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "units", tuple(self.units))
+        set_(self, "budget", check_budget(self.budget))
+        set_(self, "prune_rates", tuple(float(r) for r in self.prune_rates))
+        set_(self, "widths", tuple(float(w) for w in self.widths))
+        T, U, M = self.num_steps, len(self.units), self.max_age
+        if not all(isinstance(u, Unit) for u in self.units) or len(set(self.units)) != U or U == 0:
+            raise ValueError("Problem.units must be a non-empty sequence of distinct Unit objects")
+        if int(T) != T or T < 1 or int(M) != M or M < 0:
+            raise ValueError(f"need num_steps >= 1 and max_age >= 0 (ints), got {T!r}, {M!r}")
+        if not (math.isfinite(self.flops_fixed) and self.flops_fixed >= 0):
+            raise ValueError(f"Problem.flops_fixed must be finite and >= 0, got {self.flops_fixed!r}")
+        for name, values in (("prune_rates", self.prune_rates), ("widths", self.widths)):
+            if len(set(values)) != len(values) or not all(0 < v < 1 for v in values):
+                raise ValueError(f"Problem.{name} must be distinct numbers in (0, 1), got {values}")
+        K, J = len(self.prune_rates), len(self.widths)
+        shapes = {
+            "flops_compute": ((T, U), "(num_steps, num_units)"),
+            "e_reuse": ((T, U, M + 1), "(num_steps, num_units, max_age + 1)"),
+            "flops_reuse": ((T, U), "(num_steps, num_units)"),
+            "e_prune": ((T, U, M + 1, K), "(num_steps, num_units, max_age + 1, len(prune_rates))"),
+            "flops_prune": ((T, U, K), "(num_steps, num_units, len(prune_rates))"),
+            "e_width": ((T, U, J), "(num_steps, num_units, len(widths))"),
+            "flops_width": ((T, U, J), "(num_steps, num_units, len(widths))"),
+            "e_skip": ((T, U), "(num_steps, num_units)"),
+        }
+        for name, (shape, spelled) in shapes.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            array = np.array(value, dtype=np.float64)
+            array.setflags(write=False)
+            set_(self, name, array)
+            if array.shape != shape:
+                raise ValueError(f"Problem.{name} has shape {array.shape}, expected {spelled} = {shape}")
+            # Column 0 (age 0) of the cache errors is unused, so it may hold anything.
+            checked = array[:, :, 1:] if name in ("e_reuse", "e_prune") else array
+            if not np.all(np.isfinite(checked)) or np.any(checked < 0):
+                raise ValueError(f"Problem.{name} must be finite and >= 0 (ages 1..max_age for errors)")
+        for family, arrays in (
+            ("REUSE", ("e_reuse", "flops_reuse")),
+            ("PRUNE", ("e_prune", "flops_prune")),
+            ("WIDTH", ("e_width", "flops_width")),
+        ):
+            given = [getattr(self, a) is not None for a in arrays]
+            if any(given) != all(given):
+                raise ValueError(f"{family} needs both {arrays[0]} and {arrays[1]} (or neither)")
+        if (self.e_prune is None) != (K == 0) or (self.e_width is None) != (J == 0):
+            raise ValueError("prune_rates/widths must be given exactly when e_prune/e_width are")
+        if self.timesteps is not None:
+            set_(self, "timesteps", tuple(float(t) for t in self.timesteps))
+            if len(self.timesteps) != T:
+                raise ValueError(f"Problem.timesteps has {len(self.timesteps)} entries, expected {T}")
+        set_(self, "allowed", self._checked_allowed())
+
+    def _checked_allowed(self) -> np.ndarray:
+        T, U, A = self.num_steps, len(self.units), len(self.actions)
+        widths = np.array([a.kind is ActionKind.WIDTH for a in self.actions])
+        if self.allowed is None:
+            mask = np.ones((T, U, A), dtype=bool)
+            mask[:, [not u.allows_width for u in self.units]] &= ~widths
+        else:
+            mask = np.array(self.allowed, dtype=bool)
+            if mask.shape == (U, A):
+                mask = np.broadcast_to(mask, (T, U, A)).copy()
+            if mask.shape != (T, U, A):
+                raise ValueError(
+                    f"Problem.allowed has shape {mask.shape}, expected (num_units, num_actions) = {(U, A)} "
+                    f"or (num_steps, num_units, num_actions) = {(T, U, A)}; actions are "
+                    f"{[str(a) for a in self.actions]}"
+                )
+            if not mask[:, :, 0].all():
+                raise ValueError("Problem.allowed must allow COMPUTE everywhere (step 0 computes every unit)")
+            for u, unit in enumerate(self.units):
+                if not unit.allows_width and mask[:, u, widths].any():
+                    raise ValueError(
+                        f"Problem.allowed enables WIDTH on {unit}, which is not an MLP or a whole block"
+                    )
+        mask.setflags(write=False)
+        return mask
+
+    # ------------------------------------------------------------------------------ tables
+    @cached_property
+    def actions(self) -> tuple[Action, ...]:
+        """The action menu, in the order of the last axis of :attr:`allowed` and the tables."""
+        out = [COMPUTE]
+        if self.e_reuse is not None:
+            out.append(REUSE)
+        out += [Action(ActionKind.PRUNE, rate=r) for r in self.prune_rates]
+        out += [Action(ActionKind.WIDTH, width=w) for w in self.widths]
+        if self.e_skip is not None:
+            out.append(SKIP)
+        return tuple(out)
+
+    @cached_property
+    def needs_cache(self) -> np.ndarray:
+        """``(A,)`` booleans: which menu actions read the cache."""
+        return np.array([a.needs_cache for a in self.actions])
+
+    @cached_property
+    def flops_table(self) -> np.ndarray:
+        """``(T, U, A)`` FLOPs of each menu action."""
+        parts = [self.flops_compute[:, :, None]]
+        if self.e_reuse is not None:
+            parts.append(self.flops_reuse[:, :, None])
+        if self.flops_prune is not None:
+            parts.append(self.flops_prune)
+        if self.flops_width is not None:
+            parts.append(self.flops_width)
+        if self.e_skip is not None:
+            parts.append(np.zeros_like(self.flops_compute)[:, :, None])
+        return np.concatenate(parts, axis=2)
+
+    @cached_property
+    def error_table(self) -> np.ndarray:
+        """``(T, U, A, max_age + 1)`` error of each action by cache age (constant for non-cache
+        actions; ``nan`` at age 0 for cache actions)."""
+        T, U, M = self.num_steps, len(self.units), self.max_age
+        parts = [np.zeros((T, U, 1, M + 1))]
+        if self.e_reuse is not None:
+            parts.append(self.e_reuse[:, :, None, :].copy())
+        if self.e_prune is not None:
+            parts.append(np.moveaxis(self.e_prune, 3, 2).copy())
+        if self.e_width is not None:
+            parts.append(np.repeat(self.e_width[:, :, :, None], M + 1, axis=3))
+        if self.e_skip is not None:
+            parts.append(np.repeat(self.e_skip[:, :, None, None], M + 1, axis=3))
+        table = np.concatenate(parts, axis=2)
+        table[:, :, self.needs_cache, 0] = np.nan
+        return table
+
+    @cached_property
+    def full_flops(self) -> float:
+        """FLOPs of the unoptimised loop: every unit computed at every step, plus ``flops_fixed``."""
+        return math.fsum([*self.flops_compute.ravel().tolist(), self.flops_fixed])
+
+    # ------------------------------------------------------------------ integer FLOP scaling
+    @cached_property
+    def quantum(self) -> float:
+        """FLOPs per integer quantum (see the module docstring)."""
+        values = np.concatenate([self.flops_table.ravel(), [self.flops_fixed]])
+        if np.all(values == np.round(values)) and values.max(initial=0.0) < 2.0**53:
+            g = reduce(math.gcd, (int(v) for v in np.unique(values)), 0)
+            if g > 0 and self.full_flops / g <= _MAX_EXACT_QUANTA:
+                return float(g)
+        if self.full_flops <= 0:
+            return 1.0
+        return 2.0 ** math.floor(math.log2(self.full_flops / _FALLBACK_QUANTA))
+
+    @cached_property
+    def savings_quanta(self) -> np.ndarray:
+        """``(T, U, A)`` int64 quanta each action saves against ``COMPUTE`` (rounded down)."""
+        q = self.quantum
+        table = self.flops_table
+        saved = np.floor(self.flops_compute / q)[:, :, None] - np.ceil(table / q)
+        saved[:, :, 0] = 0
+        return saved.astype(np.int64)
+
+    @cached_property
+    def _full_exact(self) -> Fraction:
+        return sum(map(Fraction, self.flops_compute.ravel().tolist()), Fraction(self.flops_fixed))
+
+    def need_quanta(self, budget: float | None = None) -> int:
+        """Quanta a plan must save so that its FLOPs are ``<= budget * full_flops`` in floats.
+
+        Args:
+            budget: defaults to the problem's budget.
+        """
+        limit = check_budget(self.budget if budget is None else budget) * self.full_flops
+        need = self._full_exact - Fraction(limit)
+        if limit >= self.full_flops:
+            # fsum rounds: a plan whose exact FLOPs do not exceed the exact full FLOPs rounds to at
+            # most full_flops <= limit, so at the top of the range saving nothing is enough.
+            need = min(need, Fraction(0))
+        return math.ceil(need / Fraction(self.quantum))
+
+    # ------------------------------------------------------------------------ evaluation
+    def evaluate(self, actions: Sequence[Sequence[Action]]) -> tuple[float, float]:
+        """FLOPs (``flops_fixed`` included) and modelled error of a full action grid.
+
+        Args:
+            actions: ``actions[t][u]``, ``T`` rows of ``U`` actions from :attr:`actions`.
+
+        Returns:
+            ``(flops, error)`` as exactly rounded sums.
+
+        Raises:
+            ValueError: an action is not in the menu or not allowed, or a rule is broken.
+        """
+        steps, error = self._evaluate(actions)
+        return math.fsum([*steps, self.flops_fixed]), error
+
+    def _evaluate(self, actions: Sequence[Sequence[Action]]) -> tuple[list[float], float]:
+        T, U = self.num_steps, len(self.units)
+        if len(actions) != T or any(len(row) != U for row in actions):
+            raise ValueError(f"actions must be {T} rows (steps) of {U} actions (units)")
+        index = {a: i for i, a in enumerate(self.actions)}
+        last = [0] * U
+        steps, errors = [], []
+        for t, row in enumerate(actions):
+            flops = []
+            for u, action in enumerate(row):
+                a = index.get(action)
+                where = f"step {t}, unit {self.units[u]}: {action}"
+                if a is None or not self.allowed[t, u, a]:
+                    raise ValueError(f"{where} is not an allowed action of this problem")
+                if t == 0 and a != 0:
+                    raise ValueError(f"{where}: step 0 must COMPUTE every unit")
+                age = t - last[u]
+                if self.needs_cache[a] and age > self.max_age:
+                    raise ValueError(f"{where} reads a cache {age} steps old > max_age={self.max_age}")
+                flops.append(self.flops_table[t, u, a])
+                errors.append(self.error_table[t, u, a, age if self.needs_cache[a] else 0])
+                if a == 0:
+                    last[u] = t
+            steps.append(math.fsum(flops))
+        return steps, math.fsum(errors)
+
+    def is_within_budget(self, flops: float, budget: float | None = None) -> bool:
+        """Whether ``flops`` (with ``flops_fixed``) meet ``budget * full_flops``."""
+        return flops <= check_budget(self.budget if budget is None else budget) * self.full_flops
+
+    def to_plan(self, actions: Sequence[Sequence[Action]], solver: str, status: str,
+                wall_time_s: float, gap: float | None = None) -> Plan:
+        """Wrap an action grid in a :class:`Plan`, with FLOPs and error from :meth:`evaluate`."""
+        steps, error = self._evaluate(actions)
+        return Plan(
+            num_steps=self.num_steps, units=self.units, actions=actions, budget=self.budget,
+            full_flops=self.full_flops, flops_fixed=self.flops_fixed,
+            predicted_flops=math.fsum([*steps, self.flops_fixed]), step_flops=steps,
+            predicted_error=error, max_age=self.max_age, solver=solver, status=status,
+            wall_time_s=wall_time_s, gap=gap, timesteps=self.timesteps,
+        )
+
+    def grid(self, choice: np.ndarray) -> tuple[tuple[Action, ...], ...]:
+        """Turn a ``(T, U)`` array of menu indices into an action grid."""
+        return tuple(tuple(self.actions[a] for a in row) for row in np.asarray(choice).tolist())
+
+    # ----------------------------------------------------------------------- feasibility
+    def min_feasible_flops(self) -> float:
+        """FLOPs (with ``flops_fixed``) of the cheapest valid plan, ignoring the budget."""
+        cost = np.repeat(self.flops_table[:, :, :, None], self.max_age + 1, axis=3)
+        _, choice = min_cost_sequences(self, cost)
+        return self.evaluate(self.grid(choice))[0]
+
+    @cached_property
+    def _max_savings(self) -> int:
+        cost = -np.repeat(self.savings_quanta[:, :, :, None], self.max_age + 1, axis=3).astype(np.float64)
+        best, _ = min_cost_sequences(self, cost)
+        return int(round(-best.sum()))
+
+    def min_feasible_budget(self) -> float:
+        """The smallest budget any valid plan meets, under the shared integer scaling.
+
+        Equals ``min_feasible_flops() / full_flops`` (up to one float step) when the scaling is
+        exact; otherwise it may be larger by the rounding bound of the module docstring.
+        """
+        best = self._max_savings
+
+        def ok(b: float) -> bool:
+            return self.need_quanta(b) <= best
+
+        target = (self._full_exact - best * Fraction(self.quantum)) / Fraction(self.full_flops)
+        b = min(1.0, max(float(target), math.ulp(0.0)))
+        while not ok(b):
+            b = min(1.0, math.nextafter(b, math.inf))
+        while b > math.ulp(0.0) and ok(math.nextafter(b, 0.0)):
+            b = math.nextafter(b, 0.0)
+        return b
+
+    def check_feasible(self, budget: float | None = None) -> None:
+        """Raise :class:`InfeasibleBudgetError` if no valid plan meets the budget."""
+        budget = self.budget if budget is None else budget
+        if self.need_quanta(budget) > self._max_savings:
+            raise infeasible_error(self, budget)
+
+    # ------------------------------------------------------------------------- variants
+    def with_budget(self, budget: float) -> Problem:
+        """The same problem with another budget."""
+        return replace(self, budget=budget)
+
+    def restrict(self, actions: Iterable[ActionKind] = (ActionKind.COMPUTE, ActionKind.REUSE)) -> Problem:
+        """The same problem with only the given action families (``COMPUTE`` is always kept).
+
+        Example:
+            >>> cr = problem.restrict()            # doctest: +SKIP  (COMPUTE/REUSE only, for solvers.dp)
+        """
+        keep = set(actions) | {ActionKind.COMPUTE}
+        cols = [i for i, a in enumerate(self.actions) if a.kind in keep]
+        drop = {
+            ActionKind.REUSE: {"e_reuse": None, "flops_reuse": None},
+            ActionKind.PRUNE: {"e_prune": None, "flops_prune": None, "prune_rates": ()},
+            ActionKind.WIDTH: {"e_width": None, "flops_width": None, "widths": ()},
+            ActionKind.SKIP: {"e_skip": None},
+        }
+        changes: dict[str, object] = {"allowed": self.allowed[:, :, cols]}
+        for kind, fields_ in drop.items():
+            if kind not in keep:
+                changes.update(fields_)
+        return replace(self, **changes)
+
+
+def infeasible_error(problem: Problem, budget: float, what: str = "No valid plan") -> InfeasibleBudgetError:
+    """The error for a budget below the smallest feasible one, stating that budget."""
+    smallest = problem.min_feasible_budget()
+    return InfeasibleBudgetError(
+        f"{what} meets budget={budget!r}: the smallest feasible budget for this problem is "
+        f"{smallest!r} ({100 * smallest:.3f} % of the full FLOPs, with max_age={problem.max_age} and "
+        f"actions {[str(a) for a in problem.actions]}); raise the budget to at least that, or allow "
+        "cheaper actions / a larger max_age"
+    )
+
+
+def min_cost_sequences(problem: Problem, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit, the valid action sequence of least total cost (units independently).
+
+    A dynamic programme over (step, cache age): the age is 1..max_age after a ``COMPUTE``, or
+    *stale* beyond; ``REUSE``/``PRUNE`` need a non-stale cache, only ``COMPUTE`` resets it.
+
+    Args:
+        problem: gives the menu, ``allowed`` and ``max_age``.
+        cost: ``(T, U, A, max_age + 1)`` cost of action ``a`` at cache age ``n`` (for actions that
+            do not read the cache every column must hold the same value).
+
+    Returns:
+        ``(best, choice)``: ``(U,)`` least costs and ``(T, U)`` menu indices attaining them.
+    """
+    T, U, M = problem.num_steps, len(problem.units), problem.max_age
+    A, S = len(problem.actions), M + 1  # states 0..M-1: age 1..M; state M: stale
+    value = np.full((U, S), np.inf)
+    value[:, 0] = cost[0, :, 0, 0]  # step 0 computes: age 1 (or stale when max_age = 0)
+    came_from = np.zeros((T, U, S, 2), dtype=np.int64)  # (previous state, action)
+    rows = np.arange(U)
+    for t in range(1, T):
+        new = np.full((U, S), np.inf)
+        for s in range(S):
+            if not np.isfinite(value[:, s]).any():
+                continue
+            column = s + 1 if s < M else 0
+            for a in range(A):
+                if problem.needs_cache[a] and s >= M:
+                    continue
+                target = 0 if a == 0 else min(s + 1, M)
+                cand = value[:, s] + np.where(problem.allowed[t, :, a], cost[t, :, a, column], np.inf)
+                better = cand < new[:, target]
+                new[better, target] = cand[better]
+                came_from[t, better, target] = (s, a)
+        value = new
+    state = np.argmin(value, axis=1)
+    best = value[rows, state]
+    choice = np.zeros((T, U), dtype=np.int64)
+    for t in range(T - 1, 0, -1):
+        prev, act = came_from[t, rows, state].T
+        choice[t] = act
+        state = prev
+    return best, choice
