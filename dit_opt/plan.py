@@ -399,7 +399,7 @@ class Plan:
 
         step_full = self.full_flops - self.flops_fixed
         table = Table(title=f"Plan: {self.solver} {self.status}", show_lines=False)
-        for column in ("step", "timestep", "actions (one letter per unit)", "FLOPs %"):
+        for column in ("step", "timestep", "actions (one letter per unit)", "FLOPs % of mean step"):
             table.add_column(column, justify="left" if column.startswith("actions") else "right")
         for t, row in enumerate(self.actions):
             share = 100.0 * self.step_flops[t] * self.num_steps / step_full if step_full > 0 else 0.0
