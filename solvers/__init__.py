@@ -1,1 +1,65 @@
-"""Solvers: turn a :class:`solvers.problem.Problem` into a :class:`dit_opt.plan.Plan`."""
+"""Solvers: turn a :class:`solvers.problem.Problem` into a :class:`dit_opt.plan.Plan`.
+
+Every solver is a function ``(problem, **options) -> Plan``; they are looked up by name so that
+the CLI and configs can name them:
+
+==============  ===========================================================================
+``cpsat``       joint choice of all actions under the budget, OR-Tools CP-SAT (default)
+``dp``          SODA's interval dynamic programme, exact, COMPUTE/REUSE-only problems
+``fora``        FORA: uniform reuse interval
+``delta_dit``   Delta-DiT: rear blocks cached early, front blocks late
+``toca``        ToCa-like: uniform token pruning between full computes
+==============  ===========================================================================
+
+Example:
+    >>> import solvers
+    >>> plan = solvers.solve(problem, solver="cpsat", time_limit_s=5.0)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from dit_opt.errors import ConfigError
+from dit_opt.plan import Plan
+from solvers.problem import Problem
+
+__all__ = ["Problem", "SOLVERS", "get_solver", "solve"]
+
+#: solver name -> (module, function); imported on first use so ``import solvers`` stays light.
+SOLVERS: dict[str, tuple[str, str]] = {
+    "cpsat": ("solvers.cpsat", "solve"),
+    "dp": ("solvers.dp", "solve"),
+    "fora": ("solvers.baselines", "fora"),
+    "delta_dit": ("solvers.baselines", "delta_dit"),
+    "toca": ("solvers.baselines", "toca_like"),
+}
+
+
+def get_solver(name: str) -> Callable[..., Plan]:
+    """The solver function registered under ``name``.
+
+    Raises:
+        ConfigError: unknown name; the message lists the valid ones.
+
+    Example:
+        >>> get_solver("dp").__module__
+        'solvers.dp'
+    """
+    try:
+        module, function = SOLVERS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown solver {name!r}; valid solvers are {', '.join(SOLVERS)}") from None
+    return getattr(importlib.import_module(module), function)
+
+
+def solve(problem: Problem, solver: str = "cpsat", **options: Any) -> Plan:
+    """Solve ``problem`` with the named solver, passing ``options`` through.
+
+    Raises:
+        ConfigError: unknown solver name.
+        InfeasibleBudgetError: no plan meets the budget (the message states the smallest one).
+    """
+    return get_solver(solver)(problem, **options)

@@ -1,0 +1,182 @@
+"""Schedules of published caching methods, on the same :class:`~solvers.problem.Problem`.
+
+They ignore the modelled errors (as the methods do) and pick their one or two knobs so that the
+plan meets the FLOP budget: among the settings that meet it, the one that spends the most of it
+(the least aggressive), ties broken towards the shorter interval. Where a method's action is not
+allowed at some (step, unit), that unit computes instead. Each returns a :class:`Plan` with status
+``HEURISTIC`` or raises :class:`InfeasibleBudgetError` naming the smallest budget the method reaches.
+
+Example:
+    >>> from solvers import baselines
+    >>> plan = baselines.fora(problem)        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from dit_opt.errors import InfeasibleBudgetError
+from dit_opt.plan import ActionKind, Plan
+from solvers.problem import Problem
+
+__all__ = ["fora", "delta_dit", "toca_like"]
+
+STATUS = "HEURISTIC"
+
+
+def fora(problem: Problem, interval: int | None = None) -> Plan:
+    """FORA (Selvaraju et al., 2024, "Fast-Forward Caching in Diffusion Transformer").
+
+    Every unit is computed every ``N`` steps and its cached output is reused in between, the same
+    ``N`` for all units. ``N`` is the smallest interval (1 .. ``max_age + 1``) that meets the
+    budget, or ``interval`` if given.
+
+    Args:
+        problem: needs the REUSE family.
+        interval: fixed ``N`` instead of the search.
+
+    Returns:
+        The plan (status ``HEURISTIC``).
+
+    Raises:
+        InfeasibleBudgetError: no interval meets the budget.
+    """
+    start = time.perf_counter()
+    reuse = _menu_index(problem, ActionKind.REUSE)
+    intervals = [interval] if interval is not None else range(1, problem.max_age + 2)
+    candidates = [(n, _periodic(problem, n, _all_units(problem), reuse)) for n in intervals]
+    return _pick(problem, "fora", candidates, start, lambda n: (n,), "FORA (interval N)", smallest=True)
+
+
+def delta_dit(problem: Problem, interval: int | None = None, cached_blocks: int | None = None,
+              boundary: float = 0.5) -> Plan:
+    """Delta-DiT (Chen et al., 2024): Delta-Cache of the rear blocks early, the front blocks late.
+
+    Early steps shape the outline, which the front blocks produce, and late steps the details,
+    from the rear blocks. So before ``boundary * T`` the last ``k`` blocks reuse their cached
+    residual (the "delta") and after it the first ``k`` blocks do; every ``N`` steps all blocks
+    are computed to refresh the caches. Units of one block (its modules) follow the block.
+    ``(N, k)`` are searched (``N`` in 2 .. ``max_age + 1``, ``k`` in 1 .. number of blocks) unless
+    given.
+
+    Args:
+        problem: needs the REUSE family.
+        interval: fixed ``N``.
+        cached_blocks: fixed ``k``.
+        boundary: fraction of the steps in the early phase, in [0, 1].
+
+    Returns:
+        The plan (status ``HEURISTIC``).
+
+    Raises:
+        InfeasibleBudgetError: no setting meets the budget.
+        ValueError: ``boundary`` is not in [0, 1].
+    """
+    start = time.perf_counter()
+    if not 0.0 <= boundary <= 1.0:
+        raise ValueError(f"boundary must be a fraction of the steps in [0, 1], got {boundary!r}")
+    reuse = _menu_index(problem, ActionKind.REUSE)
+    blocks = list(dict.fromkeys(u.block for u in problem.units))
+    block_of = np.array([blocks.index(u.block) for u in problem.units])
+    switch = boundary * problem.num_steps
+    intervals = [interval] if interval is not None else range(2, problem.max_age + 2)
+    counts = [cached_blocks] if cached_blocks is not None else range(1, len(blocks) + 1)
+    candidates = []
+    for n, k in itertools.product(intervals, counts):
+        rear, front = block_of >= len(blocks) - k, block_of < k
+        cached = np.array([rear if t < switch else front for t in range(problem.num_steps)])
+        candidates.append(((n, k), _periodic(problem, n, cached, reuse)))
+    return _pick(problem, "delta_dit", candidates, start, lambda nk: (nk[0], nk[1]),
+                 "Delta-DiT (interval N, cached blocks k)")
+
+
+def toca_like(problem: Problem, interval: int | None = None, rate: float | None = None) -> Plan:
+    """ToCa-like token-wise caching (Zou et al., 2024, "Accelerating Diffusion Transformers with
+    Token-wise Feature Caching").
+
+    Every ``N`` steps all units are computed; in between every unit recomputes only a fraction
+    ``rate`` of its tokens (``PRUNE(rate)``) and takes the rest from its cache. ToCa varies the
+    ratio by layer and step; this reading uses one uniform rate, chosen with ``N`` to meet the
+    budget. Without the PRUNE family it falls back to ``REUSE`` (i.e. FORA).
+
+    Args:
+        problem: needs the PRUNE or the REUSE family.
+        interval: fixed ``N`` (2 .. ``max_age + 1``).
+        rate: fixed rate, one of ``problem.prune_rates``.
+
+    Returns:
+        The plan (status ``HEURISTIC``).
+
+    Raises:
+        InfeasibleBudgetError: no setting meets the budget.
+        ValueError: ``rate`` is not one of the problem's prune rates.
+    """
+    start = time.perf_counter()
+    if not problem.prune_rates:
+        if rate is not None:
+            raise ValueError(f"rate={rate!r} given but the problem has no PRUNE family")
+        return fora(problem, interval)
+    if rate is not None and rate not in problem.prune_rates:
+        raise ValueError(f"rate={rate!r} is not one of the problem's prune_rates {problem.prune_rates}")
+    rates = [rate] if rate is not None else problem.prune_rates
+    intervals = [interval] if interval is not None else range(2, problem.max_age + 2)
+    candidates = []
+    for n, r in itertools.product(intervals, rates):
+        prune = problem.actions.index(next(a for a in problem.actions if a.rate == r))
+        candidates.append(((n, r), _periodic(problem, n, _all_units(problem), prune)))
+    # ties: shorter interval first, then the higher rate (more tokens recomputed)
+    return _pick(problem, "toca", candidates, start, lambda nr: (nr[0], -nr[1]), "ToCa (interval N, rate)")
+
+
+def _menu_index(problem: Problem, kind: ActionKind) -> int:
+    for i, action in enumerate(problem.actions):
+        if action.kind is kind:
+            return i
+    raise InfeasibleBudgetError(
+        f"this baseline needs the {kind.name} action family, which the problem does not have; "
+        "profile it or use solvers.cpsat"
+    )
+
+
+def _all_units(problem: Problem) -> np.ndarray:
+    return np.ones((problem.num_steps, len(problem.units)), dtype=bool)
+
+
+def _periodic(problem: Problem, interval: int, cached: np.ndarray, action: int) -> np.ndarray:
+    """Menu indices: compute where ``t % interval == 0`` or ``cached[t, u]`` is false, else
+    ``action`` where it is allowed (the cache is at most ``interval - 1`` steps old)."""
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1, got {interval}")
+    T = problem.num_steps
+    steps = np.arange(T)[:, None]
+    use = cached & (steps % interval != 0) & problem.allowed[:, :, action]
+    age = steps % interval  # every unit computes at multiples of the interval
+    use &= age <= problem.max_age
+    return np.where(use, action, 0)
+
+
+def _pick(problem: Problem, name: str, candidates: Iterable[tuple[object, np.ndarray]], start: float,
+          order: Callable[[object], tuple], knobs: str, smallest: bool = False) -> Plan:
+    """The feasible setting spending the most FLOPs (ties: smallest ``order``), or with
+    ``smallest`` simply the feasible setting of smallest ``order``."""
+    scored = []
+    for setting, choice in candidates:
+        flops, _ = problem.evaluate(problem.grid(choice))
+        scored.append((flops, setting, choice))
+    feasible = [s for s in scored if problem.is_within_budget(s[0])]
+    if not feasible:
+        cheapest = min(scored, key=lambda s: s[0])
+        raise InfeasibleBudgetError(
+            f"{knobs} cannot meet budget={problem.budget!r}: its cheapest setting {cheapest[1]} needs "
+            f"budget {cheapest[0] / problem.full_flops:.6f}; the smallest feasible budget of any plan is "
+            f"{problem.min_feasible_budget()!r} (solvers.cpsat reaches it)"
+        )
+    if smallest:
+        best = min(feasible, key=lambda s: order(s[1]))
+    else:
+        best = max(feasible, key=lambda s: (s[0], tuple(-v for v in order(s[1]))))
+    return problem.to_plan(problem.grid(best[2]), name, STATUS, time.perf_counter() - start)
