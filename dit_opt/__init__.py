@@ -5,6 +5,7 @@ stages) choose per step and per block what to compute, reuse, prune or skip unde
 an explicit FLOP budget.
 """
 
+from dit_opt.capture import capture, find_block_lists
 from dit_opt.errors import (
     ArtifactError,
     CaptureError,
@@ -14,11 +15,16 @@ from dit_opt.errors import (
     InputMismatchError,
     NoBlocksFoundError,
 )
+from dit_opt.ir import BlockSpec, DiTGraph
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "capture",
+    "find_block_lists",
+    "BlockSpec",
+    "DiTGraph",
     "ArtifactError",
     "CaptureError",
     "ConfigError",

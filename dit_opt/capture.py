@@ -1,0 +1,353 @@
+"""Capture a diffusers DiT as dit-opt's FX IR.
+
+``torch.fx.symbolic_trace`` fails on diffusers transformers (shape-dependent control
+flow), so capture uses ``torch.export.export(strict=True)`` with the blocks' call
+signatures preserved, then ``torch.export.unflatten``: the top graph calls each block as
+one ``call_module`` node and each block graph calls its sub-modules the same way.
+
+Block lists are discovered, not hard-coded: the ``nn.ModuleList``s of same-class blocks
+that hold most of the parameters (so most of the FLOPs). Flux- and SD3-style MMDiTs have
+two such lists and get both.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from dit_opt.errors import CaptureError, InputMismatchError, NoBlocksFoundError
+from dit_opt.ir import META_BLOCK, ROLES, BlockSpec, DiTGraph, StreamSpec, TensorSpec
+
+__all__ = ["capture", "find_block_lists"]
+
+# A list must hold at least this share of the model's parameters to count as a block list.
+_MIN_PARAM_SHARE = 0.10
+
+
+def find_block_lists(model: nn.Module, blocks: Sequence[str] | None = None) -> list[str]:
+    """Qualified names of the model's transformer block lists, in registration order.
+
+    Args:
+        model: the transformer.
+        blocks: names given by hand (e.g. ``["transformer_blocks"]``); each must name an
+            ``nn.ModuleList`` of same-class modules.
+
+    Returns:
+        The list names.
+
+    Raises:
+        NoBlocksFoundError: nothing found, or a given name is not a block list; the message
+            lists the candidates and how to name the blocks by hand.
+    """
+    cls = type(model).__name__
+    candidates = _candidate_lists(model)
+    if blocks is not None:
+        if isinstance(blocks, str):
+            blocks = [blocks]
+        modules = dict(model.named_modules())
+        for name in blocks:
+            mod = modules.get(name)
+            if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or len({type(c) for c in mod}) != 1:
+                found = "is not a module of the model" if mod is None else f"is a {type(mod).__name__}"
+                raise NoBlocksFoundError(
+                    f"{cls}: blocks={list(blocks)!r} names {name!r}, which {found}, not a non-empty "
+                    f"nn.ModuleList of same-class blocks. Lists of repeated blocks in this model: "
+                    f"{_describe(candidates) or 'none'}. Pass one of those, e.g. "
+                    f"capture(model, inputs, blocks=[{(candidates[0][0] if candidates else 'transformer_blocks')!r}])."
+                )
+        return list(blocks)
+    total = sum(p.numel() for p in model.parameters()) or 1
+    chosen = [name for name, params, _ in candidates if params >= _MIN_PARAM_SHARE * total]
+    if not chosen:
+        raise NoBlocksFoundError(
+            f"{cls}: found no transformer block list, i.e. no nn.ModuleList of same-class blocks "
+            f"holding at least {_MIN_PARAM_SHARE:.0%} of the model's parameters "
+            f"(lists of repeated modules: {_describe(candidates) or 'none'}). If the blocks live "
+            f"elsewhere, name the list by hand: capture(model, inputs, blocks=['transformer_blocks'])."
+        )
+    return chosen
+
+
+def _candidate_lists(model: nn.Module) -> list[tuple[str, int, str]]:
+    """(name, parameter count, "<count> x <block class>") of every ModuleList of same-class modules."""
+    out: list[tuple[str, int, str]] = []
+    for name, mod in model.named_modules():
+        if not name or not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(c) for c in mod}) != 1:
+            continue
+        # A list nested inside a block of an already chosen list is part of that block.
+        if any(name.startswith(prev + ".") for prev, _, _ in out):
+            continue
+        params = sum(p.numel() for p in mod.parameters())
+        if params:
+            out.append((name, params, f"{len(mod)} x {type(mod[0]).__name__}"))
+    return out
+
+
+def _describe(candidates: list[tuple[str, int, str]]) -> str:
+    return ", ".join(f"{n} ({c}, {p:,} params)" for n, p, c in candidates)
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: dict[str, Any],
+    *,
+    blocks: Sequence[str] | None = None,
+    check: bool = True,
+    atol: float = 1e-5,
+) -> DiTGraph:
+    """Capture ``model`` as a :class:`~dit_opt.ir.DiTGraph`.
+
+    Args:
+        model: a diffusers transformer (or any DiT-like ``nn.Module`` with a list of blocks).
+        example_inputs: keyword arguments of one forward call, at the shapes to optimise for.
+        blocks: names of the block lists, when discovery picks the wrong ones.
+        check: run the captured graph once and compare with the model's own output.
+        atol: tolerance of that comparison (float32).
+
+    Returns:
+        The captured graph, with a :class:`~dit_opt.ir.BlockSpec` per block. FLOPs are filled
+        in by :func:`passes.annotate_flops.annotate_flops`.
+
+    Raises:
+        InputMismatchError: ``example_inputs`` does not fit ``model.forward``.
+        NoBlocksFoundError: no block list found (see :func:`find_block_lists`).
+        CaptureError: ``torch.export`` failed, or the captured graph computes something else.
+
+    Example:
+        >>> g = capture(model, {"hidden_states": x, "timestep": t, "class_labels": y})
+        >>> print(g.summary())
+    """
+    cls = type(model).__name__
+    t0 = time.perf_counter()
+    _check_inputs(model, example_inputs)
+    list_names = find_block_lists(model, blocks)
+    block_modules = [(ln, i, blk) for ln in list_names for i, blk in enumerate(model.get_submodule(ln))]
+    names = tuple(f"{ln}.{i}" for ln, i, _ in block_modules)
+
+    # One eager run records each block's real inputs and outputs (their contract) and the
+    # reference output to check the capture against.
+    records: dict[str, dict[str, Any]] = {}
+    handles = [_record_io(blk, records.setdefault(f"{ln}.{i}", {})) for ln, i, blk in block_modules]
+    try:
+        with torch.no_grad():
+            reference = model(**example_inputs)
+    except Exception as e:
+        raise InputMismatchError(
+            f"{cls}: the model itself fails on the example inputs ({type(e).__name__}: {_first_line(e)}). "
+            f"Pass inputs that run with model(**example_inputs): right keys, shapes, dtypes and device."
+        ) from e
+    finally:
+        for h in handles:
+            h.remove()
+    not_run = [n for n in names if "args" not in records[n]]
+    if not_run:
+        raise NoBlocksFoundError(
+            f"{cls}: blocks {not_run[:4]} were never called in a forward pass with these inputs, so they "
+            f"are not the model's transformer blocks. Name the right list: capture(model, inputs, blocks=[...])."
+        )
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(
+                model, (), dict(example_inputs), strict=True, preserve_module_call_signature=names
+            )
+            module = torch.export.unflatten(exported)
+    except Exception as e:
+        raise CaptureError(
+            f"{cls}: torch.export could not capture the model ({type(e).__name__}: {_first_line(e)}). "
+            f"dit-opt needs a model that torch.export.export(model, (), inputs, strict=True) accepts: "
+            f"remove data-dependent Python control flow (branching on tensor values, .item()) from "
+            f"forward, or name fewer block lists with capture(model, inputs, blocks=[...])."
+        ) from e
+
+    gm = torch.fx.GraphModule(module, module.graph, class_name=f"{cls}Graph")
+    specs = tuple(
+        _block_spec(ln, i, blk, records[f"{ln}.{i}"], module.get_submodule(f"{ln}.{i}"))
+        for ln, i, blk in block_modules
+    )
+    graph = DiTGraph(
+        model=model,
+        exported=exported,
+        module=module,
+        gm=gm,
+        blocks=specs,
+        example_inputs=dict(example_inputs),
+    )
+    for spec, node in graph.block_nodes():
+        node.meta[META_BLOCK] = spec.name
+    missing = sorted(set(names) - {s.name for s, _ in graph.block_nodes()})
+    if missing:
+        raise CaptureError(
+            f"{cls}: after export, blocks {missing[:4]} are not single call_module nodes of the top graph "
+            f"(their calls were inlined). Name only lists whose blocks are called once per forward: "
+            f"capture(model, inputs, blocks=[...])."
+        )
+    if check:
+        with torch.no_grad():
+            got = graph(**example_inputs)
+        diff = _max_abs_diff(reference, got)
+        if not diff <= atol:
+            raise CaptureError(
+                f"{cls}: the captured graph's output differs from the model's by {diff:.3g} (> atol={atol}). "
+                f"The model's forward is probably not deterministic (dropout in training mode? call "
+                f"model.eval()) or depends on state torch.export cannot see."
+            )
+    graph.capture_seconds = time.perf_counter() - t0
+    return graph
+
+
+def _check_inputs(model: nn.Module, inputs: Any) -> None:
+    cls = type(model).__name__
+    if not isinstance(inputs, dict):
+        raise InputMismatchError(
+            f"{cls}: example_inputs must be a dict of keyword arguments for model.forward, got "
+            f"{type(inputs).__name__}. Pass e.g. {{'hidden_states': x, 'timestep': t, ...}}."
+        )
+    sig = inspect.signature(model.forward)
+    try:
+        sig.bind(**inputs)
+    except TypeError as e:
+        params = [p for p in sig.parameters if p not in ("self", "kwargs", "args")]
+        raise InputMismatchError(
+            f"{cls}: example_inputs {sorted(inputs)} do not fit {cls}.forward ({e}). "
+            f"Its parameters are {params}."
+        ) from e
+
+
+def _record_io(block: nn.Module, rec: dict[str, Any]) -> Any:
+    def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if "args" not in rec:  # the first call defines the contract
+            rec["args"], rec["kwargs"], rec["output"] = args, kwargs, output
+
+    return block.register_forward_hook(hook, with_kwargs=True)
+
+
+def _block_spec(list_name: str, index: int, block: nn.Module, rec: dict[str, Any], sub: nn.Module) -> BlockSpec:
+    params = [p for p in inspect.signature(block.forward).parameters.values() if p.kind != p.VAR_KEYWORD]
+    inputs: list[tuple[str, TensorSpec]] = []
+    for i, a in enumerate(rec["args"]):
+        if isinstance(a, torch.Tensor):
+            inputs.append((params[i].name if i < len(params) else f"arg{i}", TensorSpec.of(a)))
+    for k, v in rec["kwargs"].items():
+        if isinstance(v, torch.Tensor):
+            inputs.append((k, TensorSpec.of(v)))
+    out = rec["output"]
+    is_tuple = isinstance(out, tuple | list)
+    outs = list(out) if is_tuple else [out]
+    # The block graph names positional inputs ``_positional_arg_<i>``: map them back to the
+    # forward signature's names.
+    sources = {
+        pos: {params[int(n.rsplit("_", 1)[1])].name if n.startswith("_positional_arg_") else n for n in v}
+        for pos, v in _residual_sources(sub).items()
+    }
+    streams: list[StreamSpec] = []
+    used: set[str] = set()
+    for pos, o in enumerate(outs):
+        if o is None:
+            streams.append(StreamSpec(pos, None, None))
+            continue
+        if not isinstance(o, torch.Tensor):
+            raise CaptureError(
+                f"block {list_name}.{index} ({type(block).__name__}) returns a {type(o).__name__} at "
+                f"position {pos}; dit-opt supports blocks that return tensors or tuples of tensors."
+            )
+        same_shape = [n for n, s in inputs if s.shape == tuple(o.shape)]
+        traced = [n for n in same_shape if n in sources.get(pos, ())]
+        pick = next((n for n in traced + same_shape if n not in used), None)
+        if pick is not None:
+            used.add(pick)
+        streams.append(StreamSpec(pos, pick, TensorSpec.of(o)))
+    return BlockSpec(
+        list_name=list_name,
+        index=index,
+        cls_name=type(block).__name__,
+        inputs=tuple(inputs),
+        outputs=tuple(streams),
+        output_is_tuple=is_tuple,
+        modules=_roles(block),
+    )
+
+
+# Ops through which a residual stream flows unchanged in identity (the skip path).
+_STREAM_OPS = {"add", "getitem", "to", "_to_copy", "clone", "contiguous", "clamp", "slice", "split", "cat",
+               "view", "reshape", "tree_flatten_spec", "_assert_tensor_metadata"}
+
+
+def _residual_sources(sub: nn.Module) -> dict[int, set[str]]:
+    """For each flat output of a block graph, the input names reached along its skip path."""
+    graph: torch.fx.Graph = sub.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    names: dict[torch.fx.Node, str] = {n: str(n.target) for n in placeholders}
+    out: dict[int, set[str]] = {}
+    output = next(n for n in graph.nodes if n.op == "output")
+    flat = output.args[0]
+    if isinstance(flat, torch.fx.Node) and flat.op == "call_function" and "tree_unflatten" in str(flat.target):
+        flat = flat.args[0]
+    if isinstance(flat, torch.fx.Node):
+        flat = (flat,)
+    for pos, node in enumerate(flat):
+        found: set[str] = set()
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if not isinstance(n, torch.fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            if n in names:
+                found.add(names[n])
+                continue
+            op = getattr(n.target, "__name__", str(n.target)).split(".")[0]
+            if n.op == "call_function" and op in _STREAM_OPS:
+                stack.extend(n.all_input_nodes)
+        out[pos] = found
+    return out
+
+
+def _roles(block: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Sub-modules of ``block`` by role: attention, cross-attention, MLP, norms."""
+    found: dict[str, list[str]] = {r: [] for r in ROLES}
+    for name, mod in block.named_children():
+        role = _role_of(name, mod)
+        if role is not None:
+            found[role].append(name)
+    return tuple((r, tuple(v)) for r, v in found.items() if v)
+
+
+def _role_of(name: str, mod: nn.Module) -> str | None:
+    cls = type(mod).__name__
+    lname = name.lower()
+    if "attention" in cls.lower() or lname.startswith("attn") or lname.endswith("attn"):
+        cross = bool(getattr(mod, "is_cross_attention", False)) or "cross" in lname or lname == "attn2"
+        return "cross_attn" if cross else "attn"
+    if cls in ("FeedForward", "GELU", "SwiGLU") or lname in ("ff", "ff_context", "mlp", "ffn", "proj_mlp"):
+        return "mlp"
+    if lname.startswith("ff") or "mlp" in lname or "feedforward" in cls.lower():
+        return "mlp"
+    if "norm" in cls.lower() or lname.startswith("norm"):
+        return "norm"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _max_abs_diff(a: Any, b: Any) -> float:
+    import torch.utils._pytree as pytree
+
+    la = [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
+    lb = [x for x in pytree.tree_leaves(b) if isinstance(x, torch.Tensor)]
+    if len(la) != len(lb) or not la:
+        return float("inf")
+    return max(float((x.float() - y.float()).abs().max()) if x.numel() else 0.0 for x, y in zip(la, lb, strict=True))

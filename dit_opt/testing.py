@@ -1,0 +1,96 @@
+"""Tiny randomly initialised diffusers transformers, for structure tests and quick demos.
+
+Each is a real diffusers class at a toy size (hidden size <= 128, 2-4 blocks), built from a
+config, so nothing is downloaded. Random weights do not behave like trained ones across
+denoising steps: use the reference models in :mod:`dit_opt.zoo` for fidelity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dit_opt.synthetic import example_inputs
+
+__all__ = ["TINY_CONFIGS", "tiny_model", "tiny_names"]
+
+#: name -> (diffusers class name, config kwargs, expected block counts per list)
+TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, int]]] = {
+    "dit": (
+        "DiTTransformer2DModel",
+        dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=3,
+             sample_size=8, patch_size=2, num_embeds_ada_norm=11, norm_num_groups=32),
+        {"transformer_blocks": 3},
+    ),
+    "pixart": (
+        "PixArtTransformer2DModel",
+        dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=2,
+             sample_size=8, patch_size=2, cross_attention_dim=64, caption_channels=48, norm_num_groups=32,
+             use_additional_conditions=False),
+        {"transformer_blocks": 2},
+    ),
+    "sd3": (
+        "SD3Transformer2DModel",
+        dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=32,
+             num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=64,
+             pooled_projection_dim=32, pos_embed_max_size=16),
+        {"transformer_blocks": 2},
+    ),
+    "flux": (
+        "FluxTransformer2DModel",
+        dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=16,
+             num_attention_heads=4, joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=False,
+             axes_dims_rope=(4, 6, 6)),
+        {"transformer_blocks": 2, "single_transformer_blocks": 3},
+    ),
+    "sana": (
+        "SanaTransformer2DModel",
+        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32, num_layers=3,
+             num_cross_attention_heads=2, cross_attention_head_dim=32, cross_attention_dim=64,
+             caption_channels=48, mlp_ratio=2.0, sample_size=8, patch_size=1),
+        {"transformer_blocks": 3},
+    ),
+    "wan": (
+        "WanTransformer3DModel",
+        dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+             text_dim=48, freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=32),
+        {"blocks": 2},
+    ),
+}
+
+
+def tiny_names() -> list[str]:
+    """Names accepted by :func:`tiny_model`."""
+    return list(TINY_CONFIGS)
+
+
+def tiny_model(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+    """A tiny randomly initialised model and example inputs for one forward (batch 2).
+
+    Args:
+        name: one of :func:`tiny_names` (``"dit"``, ``"pixart"``, ``"sd3"``, ``"flux"``, ...).
+        seed: seed of the weights and the inputs.
+
+    Returns:
+        ``(model in eval mode, example inputs)``.
+
+    Raises:
+        ValueError: unknown name; the message lists the valid ones.
+    """
+    if name not in TINY_CONFIGS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {tiny_names()}")
+    import diffusers
+
+    cls_name, cfg, _ = TINY_CONFIGS[name]
+    torch.manual_seed(seed)
+    model = getattr(diffusers, cls_name)(**cfg).eval()
+    # adaLN-Zero initialises the gates to zero, which makes a fresh block an identity and
+    # hides every bug; perturb all weights so each block really computes something.
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            if p.dim() >= 1 and float(p.abs().max()) == 0.0:
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    return model, example_inputs(model, batch_size=2, seed=seed)

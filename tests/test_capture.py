@@ -1,0 +1,145 @@
+"""Capture of tiny diffusers DiTs: blocks, contracts, roles, output equality, annotations."""
+
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+from dit_opt.ir import META_BLOCK, META_FLOPS, META_MODULE
+from dit_opt.testing import TINY_CONFIGS, tiny_names
+
+TINY = tiny_names()
+
+# Roles each tiny model's blocks must show (every block of the first list).
+EXPECTED_ROLES = {
+    "dit": {"attn", "mlp", "norm"},
+    "pixart": {"attn", "cross_attn", "mlp", "norm"},
+    "sd3": {"attn", "mlp", "norm"},
+    "flux": {"attn", "mlp", "norm"},
+    "sana": {"attn", "cross_attn", "mlp", "norm"},
+    "wan": {"attn", "cross_attn", "mlp", "norm"},
+}
+
+
+def _tensors(out):
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_blocks_found_per_list(captured, name):
+    _, _, g = captured(name)
+    expected = TINY_CONFIGS[name][2]
+    counts = {ln: sum(1 for b in g.blocks if b.list_name == ln) for ln in g.list_names}
+    assert counts == expected, f"{name}: found {counts}, expected {expected}"
+    for ln in g.list_names:
+        assert [b.index for b in g.blocks if b.list_name == ln] == list(range(expected[ln]))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_top_graph_calls_each_block_once(captured, name):
+    _, _, g = captured(name)
+    calls = [n.target for n in g.gm.graph.nodes if n.op == "call_module" and n.target in {b.name for b in g.blocks}]
+    assert sorted(calls) == sorted(b.name for b in g.blocks)
+    assert all(node.meta[META_BLOCK] == spec.name for spec, node in g.block_nodes())
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_output_equals_model(captured, name):
+    model, inputs, g = captured(name)
+    with torch.no_grad():
+        ref = _tensors(model(**inputs))
+        got = _tensors(g(**inputs))
+        flat = _tensors(g.gm(*g.flat_inputs(**inputs)))
+    assert len(ref) == len(got) == len(flat)
+    for r, o, f in zip(ref, got, flat, strict=True):
+        diff = float((r - o).abs().max())
+        assert diff <= 1e-5, f"{name}: captured output differs by {diff}"
+        assert torch.equal(o, f)
+    assert type(g(**inputs)) is type(model(**inputs))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_roles_found(captured, name):
+    _, _, g = captured(name)
+    first = g.blocks[0]
+    assert set(first.roles) == EXPECTED_ROLES[name], f"{name}: roles {first.modules}"
+    for b in g.blocks:
+        for role in b.roles:
+            for m in b.role_modules(role):
+                assert isinstance(g.model.get_submodule(f"{b.name}.{m}"), torch.nn.Module)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_block_contract(captured, name):
+    _, _, g = captured(name)
+    for b in g.blocks:
+        names = [n for n, _ in b.inputs]
+        assert "hidden_states" in names
+        streams = [o.input_name for o in b.outputs if o.spec is not None]
+        assert "hidden_states" in streams, f"{b.name}: outputs {b.outputs}"
+        for o in b.outputs:
+            if o.input_name is not None:
+                assert dict(b.inputs)[o.input_name].shape == o.spec.shape
+
+
+def test_flux_two_stream_contract(captured):
+    _, _, g = captured("flux")
+    double = g.block("transformer_blocks.0")
+    single = g.block("single_transformer_blocks.0")
+    for b in (double, single):
+        assert b.output_is_tuple
+        assert [o.input_name for o in b.outputs] == ["encoder_hidden_states", "hidden_states"]
+
+
+def test_sd3_last_block_returns_none_context(captured):
+    _, _, g = captured("sd3")
+    last = g.blocks[-1]
+    assert last.outputs[0].spec is None and last.outputs[1].input_name == "hidden_states"
+
+
+def test_pixart_cross_attention_is_not_a_stream(captured):
+    _, _, g = captured("pixart")
+    b = g.blocks[0]
+    assert "encoder_hidden_states" in dict(b.inputs)
+    assert [o.input_name for o in b.outputs] == ["hidden_states"]
+    assert b.role_modules("cross_attn") == ("attn2",)
+
+
+@pytest.mark.parametrize("name", ["dit", "flux"])
+def test_annotations_under_dit_opt_keys(captured, name):
+    _, _, g = captured(name)
+    sub = g.module.get_submodule(g.blocks[0].name)
+    annotated = [n for n in sub.graph.nodes if META_FLOPS in n.meta]
+    assert annotated, "no node of the block graph carries dit_opt.flops"
+    assert all(n.meta[META_MODULE].startswith(g.blocks[0].name) for n in annotated)
+    assert all(k.startswith("dit_opt.") for n in sub.graph.nodes for k in n.meta if "dit_opt" in k)
+
+
+@pytest.mark.parametrize("name", ["dit", "flux", "pixart"])
+def test_networkx_view(captured, name):
+    _, _, g = captured(name)
+    G = g.to_networkx()
+    blocks = [b.name for b in g.blocks]
+    assert all(G.nodes[b]["kind"] == "block" for b in blocks)
+    data = nx.DiGraph([(u, v) for u, v, d in G.edges(data=True) if d["kind"] == "data"])
+    # blocks run one after another: the data edges chain them in execution order
+    assert list(nx.topological_sort(data)) == blocks
+    mods = [n for n, d in G.nodes(data=True) if d["kind"] == "module"]
+    assert mods and all(G.nodes[m]["role"] in ("attn", "cross_attn", "mlp", "norm") for m in mods)
+
+
+@pytest.mark.parametrize("name", ["dit", "flux"])
+def test_summary_is_a_table(captured, name):
+    _, _, g = captured(name)
+    text = g.summary()
+    assert type(g.model).__name__ in text and "GFLOPs" in text
+    for b in g.blocks:
+        assert b.name in text
+
+
+def test_block_lookup_error(captured):
+    _, _, g = captured("dit")
+    with pytest.raises(KeyError, match="no block named"):
+        g.block("nope.0")

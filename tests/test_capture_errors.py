@@ -1,0 +1,118 @@
+"""Clear failures of capture: each names the model class, the problem and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dit_opt
+from dit_opt.capture import capture, find_block_lists
+from dit_opt.testing import tiny_model
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.ff = nn.Linear(d, d)
+
+    def forward(self, hidden_states):
+        return hidden_states + self.ff(hidden_states)
+
+
+class NoBlocksNet(nn.Module):
+    """A model with no repeated block list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+
+    def forward(self, hidden_states):
+        return self.b(self.a(hidden_states))
+
+
+class DataDependentNet(nn.Module):
+    """Branches on a tensor value: torch.export cannot capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer_blocks = nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, hidden_states):
+        for blk in self.transformer_blocks:
+            hidden_states = blk(hidden_states)
+        if hidden_states.sum().item() > 0:
+            hidden_states = hidden_states * 2
+        return hidden_states
+
+
+class GoodNet(DataDependentNet):
+    def forward(self, hidden_states):
+        for blk in self.transformer_blocks:
+            hidden_states = blk(hidden_states)
+        return hidden_states
+
+
+def test_no_block_list():
+    with pytest.raises(dit_opt.NoBlocksFoundError) as e:
+        capture(NoBlocksNet(), {"hidden_states": torch.randn(1, 4, 16)})
+    msg = str(e.value)
+    assert "NoBlocksNet" in msg and "no transformer block list" in msg
+    assert "blocks=['transformer_blocks']" in msg
+
+
+def test_wrong_block_name_lists_candidates():
+    with pytest.raises(dit_opt.NoBlocksFoundError) as e:
+        capture(GoodNet(), {"hidden_states": torch.randn(1, 4, 16)}, blocks=["blocks"])
+    msg = str(e.value)
+    assert "'blocks'" in msg and "not a module of the model" in msg
+    assert "transformer_blocks (2 x _Block, 544 params)" in msg
+
+
+def test_blocks_by_hand_and_small_custom_model():
+    g = capture(GoodNet(), {"hidden_states": torch.randn(1, 4, 16)}, blocks=["transformer_blocks"])
+    assert [b.name for b in g.blocks] == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert find_block_lists(GoodNet()) == ["transformer_blocks"]
+
+
+def test_untraceable_model():
+    with pytest.raises(dit_opt.CaptureError) as e:
+        capture(DataDependentNet(), {"hidden_states": torch.randn(1, 4, 16)})
+    msg = str(e.value)
+    assert "DataDependentNet" in msg and "torch.export could not capture" in msg
+    assert "data-dependent" in msg
+
+
+def test_unknown_input_name():
+    model, inputs = tiny_model("dit")
+    inputs = dict(inputs, latents=inputs["hidden_states"])
+    with pytest.raises(dit_opt.InputMismatchError) as e:
+        capture(model, inputs)
+    msg = str(e.value)
+    assert "DiTTransformer2DModel" in msg and "latents" in msg and "Its parameters are" in msg
+
+
+def test_missing_required_input():
+    model, inputs = tiny_model("flux")
+    inputs.pop("hidden_states")
+    with pytest.raises(dit_opt.InputMismatchError, match="FluxTransformer2DModel.*hidden_states"):
+        capture(model, inputs)
+
+
+def test_inputs_of_wrong_shape():
+    model, inputs = tiny_model("dit")
+    inputs["hidden_states"] = torch.randn(2, 3, 8, 8)  # 3 channels, the model takes 4
+    with pytest.raises(dit_opt.InputMismatchError, match="fails on the example inputs"):
+        capture(model, inputs)
+
+
+def test_inputs_not_a_dict():
+    model, inputs = tiny_model("dit")
+    with pytest.raises(dit_opt.InputMismatchError, match="must be a dict"):
+        capture(model, [inputs["hidden_states"]])
+
+
+def test_errors_share_a_base_class():
+    for cls in (dit_opt.CaptureError, dit_opt.NoBlocksFoundError, dit_opt.InputMismatchError):
+        assert issubclass(cls, dit_opt.DitOptError)
