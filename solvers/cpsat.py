@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -79,11 +80,12 @@ def solve(
     T, U, M = problem.num_steps, len(problem.units), problem.max_age
     menu, allowed, cache = problem.actions, problem.allowed, problem.needs_cache
     savings, need = problem.savings_quanta, problem.need_quanta()
-    errors = problem.error_table
-    finite = errors[np.isfinite(errors)]
-    scale = error_resolution / max(float(finite.max(initial=0.0)), 1e-300)
-    int_errors = np.rint(np.nan_to_num(errors, nan=0.0) * scale).astype(np.int64)
+    errors = np.nan_to_num(problem.error_table, nan=0.0)
+    scale = error_resolution / max(float(errors.max(initial=0.0)), 1e-300)
+    int_errors = np.rint(errors * scale).astype(np.int64)
+    slack = 0.5 * T * U / scale  # |float error - integer objective / scale| of any plan
     compute = 0  # menu index of COMPUTE
+    hint, hint_ages, lower_bound = lagrangian_plan(problem)
 
     # Variables ---------------------------------------------------------------------------
     model = cp_model.CpModel()
@@ -98,90 +100,106 @@ def solve(
                     continue
                 if cache[a]:
                     for n in range(1, min(M, t) + 1):
-                        z[t, u, a, n] = model.NewBoolVar(f"z[{t},{u},{a},{n}]")
+                        z[t, u, a, n] = model.new_bool_var(f"z[{t},{u},{a},{n}]")
                 else:
-                    x[t, u, a] = model.NewBoolVar(f"x[{t},{u},{a}]")
+                    x[t, u, a] = model.new_bool_var(f"x[{t},{u},{a}]")
     # y[t, u, n] = 1 if unit u reads at step t the cache computed at step t - n (a sum of z)
     y: dict[tuple[int, int, int], list[cp_model.IntVar]] = {}
     for (t, u, _, n), var in z.items():
         y.setdefault((t, u, n), []).append(var)
+    keys = [*x, *z]
+    variables = [*x.values(), *z.values()]
 
     # Constraints -------------------------------------------------------------------------
     per_cell: dict[tuple[int, int], list[cp_model.IntVar]] = {}
-    for (t, u, *_), var in [*x.items(), *z.items()]:
-        per_cell.setdefault((t, u), []).append(var)
+    for key, var in zip(keys, variables, strict=True):
+        per_cell.setdefault(key[:2], []).append(var)
     for cell_vars in per_cell.values():
-        model.AddExactlyOne(cell_vars)
+        model.add_exactly_one(cell_vars)
     for (t, u, n), ys in y.items():
-        model.Add(sum(ys) <= x[t - n, u, compute])  # the cache was written at t - n ...
+        model.add(cp_model.LinearExpr.sum(ys) <= x[t - n, u, compute])  # cache written at t - n ...
     for t in range(1, T):
         for u in range(U):
             for k in range(1, min(M, t)):  # ... and not overwritten since
                 older = [v for n in range(k + 1, min(M, t) + 1) for v in y.get((t, u, n), [])]
                 if older:
-                    model.Add(x[t - k, u, compute] + sum(older) <= 1)
-    terms = [(int(savings[t, u, a]), v) for (t, u, a), v in x.items()]
-    terms += [(int(savings[t, u, a]), v) for (t, u, a, _), v in z.items()]
-    model.Add(sum(c * v for c, v in terms if c != 0) >= need)
+                    model.add(cp_model.LinearExpr.sum([x[t - k, u, compute], *older]) <= 1)
+    saved = [int(savings[k[0], k[1], k[2]]) for k in keys]
+    model.add(cp_model.LinearExpr.weighted_sum(variables, saved) >= need)
 
     # Objective ---------------------------------------------------------------------------
-    objective = [(int(int_errors[t, u, a, 0]), v) for (t, u, a), v in x.items()]
-    objective += [(int(int_errors[t, u, a, n]), v) for (t, u, a, n), v in z.items()]
-    model.Minimize(sum(c * v for c, v in objective if c != 0))
-
+    costs = [int(int_errors[k[0], k[1], k[2], k[3] if len(k) == 4 else 0]) for k in keys]
+    model.minimize(cp_model.LinearExpr.weighted_sum(variables, costs))
+    # The Lagrangian bound holds for every plan, so it bounds the objective's domain: CP-SAT then
+    # starts from it and can stop at relative_gap without proving a bound itself.
+    floor = math.floor((lower_bound - slack) * scale * (1 - 1e-9))
+    model.proto.objective.domain.extend([max(floor, 0), int(sum(max(c, 0) for c in costs)) + 1])
     if warm_start:
-        choice, ages = lagrangian_plan(problem)
-        for (t, u, a), var in x.items():
-            model.AddHint(var, int(choice[t, u] == a))
-        for (t, u, a, n), var in z.items():
-            model.AddHint(var, int(choice[t, u] == a and ages[t, u] == n))
+        hinted = [int(hint[k[0], k[1]] == k[2] and (len(k) == 3 or hint_ages[k[0], k[1]] == k[3])) for k in keys]
+        model.proto.solution_hint.vars.extend(v.index for v in variables)
+        model.proto.solution_hint.values.extend(hinted)
 
     # Solve -------------------------------------------------------------------------------
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(time_limit_s)
-    solver.parameters.random_seed = int(seed)
-    solver.parameters.num_workers = int(num_workers or min(8, os.cpu_count() or 1))
-    solver.parameters.relative_gap_limit = float(relative_gap)
-    status = solver.Solve(model)
+    params = solver.parameters
+    params.max_time_in_seconds = float(time_limit_s)
+    params.random_seed = int(seed)
+    params.num_workers = int(num_workers or min(8, os.cpu_count() or 1))
+    params.relative_gap_limit = float(relative_gap)
+    # Presolve, probing and symmetry detection take seconds on ~10^5 Booleans and find little
+    # in this model (its constraints are already clique-like); keep them for small models.
+    large = len(variables) > 20_000
+    params.cp_model_presolve = not large
+    params.cp_model_probing_level = 0 if large else 2
+    params.symmetry_level = 0 if large else 2
+    status = solver.solve(model)
     if status == cp_model.INFEASIBLE:
         raise infeasible_error(problem, problem.budget, "CP-SAT proved that no plan")
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise DitOptError(
             f"CP-SAT found no plan for budget {problem.budget!r} within time_limit_s={time_limit_s} "
-            f"(status {solver.StatusName(status)}, {T} steps x {U} units); raise time_limit_s"
+            f"(status {solver.status_name(status)}, {T} steps x {U} units); raise time_limit_s"
         )
+    values = solver.response_proto.solution
     chosen = np.zeros((T, U), dtype=np.int64)
-    for (t, u, a), var in x.items():
-        if solver.BooleanValue(var):
-            chosen[t, u] = a
-    for (t, u, a, _), var in z.items():
-        if solver.BooleanValue(var):
-            chosen[t, u] = a
-    obj, bound = solver.ObjectiveValue(), solver.BestObjectiveBound()
-    gap = 0.0 if status == cp_model.OPTIMAL else abs(obj - bound) / max(1.0, abs(obj))
+    for key, var in zip(keys, variables, strict=True):
+        if values[var.index]:
+            chosen[key[0], key[1]] = key[2]
     grid = problem.grid(chosen)
-    flops, _ = problem.evaluate(grid)
+    flops, error = problem.evaluate(grid)
     if not problem.is_within_budget(flops):  # the integer scaling rules this out; check anyway
         raise DitOptError(
             f"CP-SAT plan uses {flops!r} FLOPs > budget {problem.budget!r} x {problem.full_flops!r}; "
             "this is a bug in the integer FLOP scaling of solvers.problem"
         )
-    return problem.to_plan(grid, SOLVER_NAME, solver.StatusName(status), time.perf_counter() - start, gap=gap)
+    # With relative_gap > 0 CP-SAT also says OPTIMAL when it stops at the gap: only a closed gap
+    # is reported as OPTIMAL here.
+    proven = status == cp_model.OPTIMAL and solver.objective_value <= solver.best_objective_bound
+    if proven:
+        label, gap = "OPTIMAL", 0.0
+    else:
+        bound = max(lower_bound, solver.best_objective_bound / scale - slack)
+        label, gap = "FEASIBLE", max(0.0, error - bound) / max(error, 1e-300)
+    return problem.to_plan(grid, SOLVER_NAME, label, time.perf_counter() - start, gap=gap)
 
 
-def lagrangian_plan(problem: Problem, iterations: int = 40) -> tuple[np.ndarray, np.ndarray]:
-    """A feasible plan from the Lagrangian relaxation of the budget (the CP-SAT warm start).
+def lagrangian_plan(problem: Problem, iterations: int = 24) -> tuple[np.ndarray, np.ndarray, float]:
+    """A feasible plan and a lower bound from the Lagrangian relaxation of the budget.
 
-    With a price ``lam`` per saved quantum the problem splits into one shortest path per unit;
-    ``lam`` is bisected to the smallest price whose plan meets the budget.
+    With a price ``lam`` per saved FLOP quantum the problem splits into one shortest path per
+    unit (:func:`solvers.problem.min_cost_sequences`). ``lam`` is bisected to the threshold where
+    the plans start to meet the budget; the plan just below (cheaper in error, over budget) is
+    repaired by switching units, best error-per-quantum first, to their plan just above, until
+    the budget is met. Every ``lam`` also gives the lower bound ``sum_u min(error - lam *
+    savings) + lam * need`` on the optimal error.
 
     Args:
         problem: the problem (its budget must be feasible).
         iterations: bisection steps.
 
     Returns:
-        ``(choice, ages)``: ``(T, U)`` menu indices and the cache age read at each step (0 where
-        no cache is read).
+        ``(choice, ages, lower_bound)``: ``(T, U)`` menu indices, the cache age read at each
+        (step, unit) (0 where none is read) and the best Lagrangian bound on the error.
 
     Raises:
         InfeasibleBudgetError: even the cheapest plan misses the budget.
@@ -189,32 +207,67 @@ def lagrangian_plan(problem: Problem, iterations: int = 40) -> tuple[np.ndarray,
     need = problem.need_quanta()
     errors = np.nan_to_num(problem.error_table, nan=0.0)
     savings = problem.savings_quanta[:, :, :, None].astype(np.float64)
+    bound = -np.inf
 
     def plan_at(lam: float) -> tuple[np.ndarray, int]:
-        _, choice = min_cost_sequences(problem, errors - lam * savings)
-        total = int(np.take_along_axis(problem.savings_quanta, choice[:, :, None], axis=2).sum())
-        return choice, total
+        nonlocal bound
+        best, choice = min_cost_sequences(problem, errors - lam * savings)
+        bound = max(bound, float(best.sum()) + lam * need)
+        return choice, int(_unit_totals(problem, choice)[0].sum())
 
-    choice, total = plan_at(0.0)
+    lo_choice, total = plan_at(0.0)
+    if total >= need:
+        return lo_choice, _ages(problem, lo_choice), bound
+    # A price so high that FLOPs dominate any error; the error term only breaks ties.
+    hi = 2.0 * (float(errors.max(initial=0.0)) * errors[..., 0].size + 1.0)
+    hi_choice, total = plan_at(hi)
     if total < need:
-        # Price so high that FLOPs dominate any error; the error term only breaks ties.
-        hi = 2.0 * (float(errors.max(initial=0.0)) * errors[..., 0].size + 1.0)
-        choice, total = plan_at(hi)
-        if total < need:
-            raise infeasible_error(problem, problem.budget)
-        lo = 0.0
-        for _ in range(iterations):
-            mid = 0.5 * (lo + hi)
-            c, s = plan_at(mid)
-            if s >= need:
-                hi, choice = mid, c
-            else:
-                lo = mid
+        raise infeasible_error(problem, problem.budget)
+    # Bisect in log space: the threshold price spans many orders of magnitude across problems.
+    lo = hi * 1e-24
+    choice, total = plan_at(lo)
+    if total >= need:
+        return choice, _ages(problem, choice), bound
+    lo_choice = choice
+    for _ in range(iterations):
+        mid = (lo * hi) ** 0.5
+        choice, total = plan_at(mid)
+        if total >= need:
+            hi, hi_choice = mid, choice
+        else:
+            lo, lo_choice = mid, choice
+    # Repair: start from the plan below the threshold, move units to the plan above it.
+    s_lo, e_lo = _unit_totals(problem, lo_choice)
+    s_hi, e_hi = _unit_totals(problem, hi_choice)
+    gain = s_hi - s_lo
+    movers = [u for u in np.flatnonzero(gain > 0)]
+    movers.sort(key=lambda u: (e_hi[u] - e_lo[u]) / gain[u])
+    mixed, total = lo_choice.copy(), int(s_lo.sum())
+    for u in movers:
+        if total >= need:
+            break
+        mixed[:, u] = hi_choice[:, u]
+        total += int(gain[u])
+    if total >= need and _unit_totals(problem, mixed)[1].sum() < e_hi.sum():
+        hi_choice = mixed
+    return hi_choice, _ages(problem, hi_choice), bound
+
+
+def _ages(problem: Problem, choice: np.ndarray) -> np.ndarray:
+    """Cache age read at each (step, unit); 0 where the action reads no cache."""
     ages = np.zeros(choice.shape, dtype=np.int64)
     last = np.zeros(choice.shape[1], dtype=np.int64)
     for t in range(choice.shape[0]):
         reads = problem.needs_cache[choice[t]]
         ages[t, reads] = t - last[reads]
         last[choice[t] == 0] = t
-    return choice, ages
+    return ages
 
+
+def _unit_totals(problem: Problem, choice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit: quanta saved (int) and modelled error of a ``(T, U)`` choice."""
+    saved = np.take_along_axis(problem.savings_quanta, choice[:, :, None], axis=2)[:, :, 0]
+    ages = _ages(problem, choice)
+    t_idx, u_idx = np.indices(choice.shape)
+    err = problem.error_table[t_idx, u_idx, choice, ages]
+    return saved.sum(axis=0), err.sum(axis=0)

@@ -429,7 +429,9 @@ def min_cost_sequences(problem: Problem, cost: np.ndarray) -> tuple[np.ndarray, 
         ``(best, choice)``: ``(U,)`` least costs and ``(T, U)`` menu indices attaining them.
     """
     T, U, M = problem.num_steps, len(problem.units), problem.max_age
-    A, S = len(problem.actions), M + 1  # states 0..M-1: age 1..M; state M: stale
+    S = M + 1  # states 0..M-1: cache age 1..M; state M: stale (or max_age = 0)
+    cache = problem.needs_cache
+    masked = np.where(problem.allowed[..., None], cost, np.inf)  # (T, U, A, S)
     value = np.full((U, S), np.inf)
     value[:, 0] = cost[0, :, 0, 0]  # step 0 computes: age 1 (or stale when max_age = 0)
     came_from = np.zeros((T, U, S, 2), dtype=np.int64)  # (previous state, action)
@@ -437,17 +439,20 @@ def min_cost_sequences(problem: Problem, cost: np.ndarray) -> tuple[np.ndarray, 
     for t in range(1, T):
         new = np.full((U, S), np.inf)
         for s in range(S):
-            if not np.isfinite(value[:, s]).any():
-                continue
-            column = s + 1 if s < M else 0
-            for a in range(A):
-                if problem.needs_cache[a] and s >= M:
+            # every action but COMPUTE moves the cache one step older, so there are two targets
+            step = masked[t, :, :, s + 1 if s < M else 0].copy()
+            if s >= M:
+                step[:, cache] = np.inf  # a stale cache cannot be read
+            cand = value[:, s, None] + step
+            for target, first, last in ((0, 0, 1), (min(s + 1, M), 1, cand.shape[1])):
+                if first >= last:
                     continue
-                target = 0 if a == 0 else min(s + 1, M)
-                cand = value[:, s] + np.where(problem.allowed[t, :, a], cost[t, :, a, column], np.inf)
-                better = cand < new[:, target]
-                new[better, target] = cand[better]
-                came_from[t, better, target] = (s, a)
+                best = np.argmin(cand[:, first:last], axis=1) + first
+                val = cand[rows, best]
+                better = val < new[:, target]
+                new[better, target] = val[better]
+                came_from[t, better, target, 0] = s
+                came_from[t, better, target, 1] = best[better]
         value = new
     state = np.argmin(value, axis=1)
     best = value[rows, state]
