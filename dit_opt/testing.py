@@ -58,6 +58,13 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, int]]] = {
              text_dim=48, freq_dim=32, ffn_dim=128, num_layers=2, rope_max_seq_len=32),
         {"blocks": 2},
     ),
+    "cogvideox": (
+        "CogVideoXTransformer3DModel",
+        dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4, time_embed_dim=64,
+             text_embed_dim=48, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+             temporal_compression_ratio=4, max_text_seq_length=8),
+        {"transformer_blocks": 2},
+    ),
 }
 
 

@@ -20,6 +20,7 @@ EXPECTED_ROLES = {
     "flux": {"attn", "mlp", "norm"},
     "sana": {"attn", "cross_attn", "mlp", "norm"},
     "wan": {"attn", "cross_attn", "mlp", "norm"},
+    "cogvideox": {"attn", "mlp", "norm"},
 }
 
 
