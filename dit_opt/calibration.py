@@ -1,0 +1,109 @@
+"""Calibrations: callables that run complete denoising loops with the module they are given.
+
+Sensitivity needs real trajectories: consecutive steps of a trained model are similar, which
+is what makes caching work. A calibration is any ``callable(module)`` that samples with
+``module`` as the transformer, e.g. ``lambda m: sample(m, seeds=range(8))``.
+
+* :func:`calibration_from_pipeline` makes one from a diffusers pipeline and its call kwargs.
+* :func:`synthetic_calibration` makes one for a known diffusers class with no pipeline at
+  hand: random inputs of the right shapes and the default schedule of its family. Random
+  latents and conditioning are far from real use; it exists so that
+  ``optimize(model, budget)`` always works, and it warns.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dit_opt.synthetic import example_inputs
+
+__all__ = ["calibration_from_pipeline", "synthetic_calibration", "SCHEDULE_FAMILIES"]
+
+#: class name -> schedule family used by :func:`synthetic_calibration`.
+SCHEDULE_FAMILIES = {
+    "DiTTransformer2DModel": "ddim",
+    "PixArtTransformer2DModel": "ddim",
+    "CogVideoXTransformer3DModel": "ddim",
+    "SD3Transformer2DModel": "flow",
+    "FluxTransformer2DModel": "flow_unit",  # Flux pipelines pass timestep / 1000
+    "SanaTransformer2DModel": "flow",
+    "WanTransformer3DModel": "flow",
+}
+
+
+def calibration_from_pipeline(pipe: Any, **call_kwargs: Any) -> Callable[[nn.Module], Any]:
+    """A calibration that runs ``pipe(**call_kwargs)`` with the given module as its transformer.
+
+    The pipeline's own transformer is put back afterwards.
+
+    Example:
+        >>> cal = calibration_from_pipeline(pipe, prompt=["a cat"] * 4, num_inference_steps=28)
+        >>> opt = dit_opt.optimize(pipe.transformer, budget=0.5, calibration=cal)
+    """
+
+    def run(module: nn.Module) -> Any:
+        original = pipe.transformer
+        pipe.transformer = module
+        try:
+            return pipe(**call_kwargs)
+        finally:
+            pipe.transformer = original
+
+    return run
+
+
+def synthetic_calibration(
+    model: nn.Module, *, num_inference_steps: int | None = None, batch_size: int = 2, seed: int = 0,
+    warn: bool = True,
+) -> Callable[[nn.Module], Any]:
+    """A calibration on synthetic inputs for a known diffusers class (see :data:`SCHEDULE_FAMILIES`).
+
+    Args:
+        model: the transformer (its config gives the shapes).
+        num_inference_steps: loop length; default 50 (DDIM family) or 28 (flow matching).
+        batch_size: batch of each call.
+        seed: seed of the synthetic latents and conditioning.
+        warn: emit a ``UserWarning`` saying that a real calibration is better.
+
+    Raises:
+        dit_opt.InputMismatchError: the class has no synthetic inputs (pass a calibration).
+    """
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    cls = type(model).__name__
+    family = SCHEDULE_FAMILIES.get(cls, "ddim")
+    base = example_inputs(model, batch_size=batch_size, seed=seed)  # raises for unknown classes
+    if warn:
+        warnings.warn(
+            f"{cls}: no calibration given, so dit-opt calibrates on synthetic inputs (random latents and "
+            f"conditioning, default {family} schedule). Plans are better with real trajectories: pass "
+            f"calibration=dit_opt.calibration_from_pipeline(pipe, ...) or a callable that samples.",
+            UserWarning,
+            stacklevel=3,
+        )
+    steps = num_inference_steps or (50 if family == "ddim" else 28)
+
+    def run(module: nn.Module) -> torch.Tensor:
+        if family == "ddim":
+            sched = DDIMScheduler(num_train_timesteps=1000)
+        else:
+            sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+        sched.set_timesteps(steps)
+        inputs = dict(base)
+        latents = inputs["hidden_states"].clone()
+        for t in sched.timesteps:
+            tt = t / 1000.0 if family == "flow_unit" else t
+            inputs["hidden_states"] = latents
+            inputs["timestep"] = torch.full((latents.shape[0],), float(tt), device=latents.device)
+            out = module(**inputs)
+            pred = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+            pred = pred[:, : latents.shape[1]] if pred.shape != latents.shape else pred
+            latents = sched.step(pred, t, latents).prev_sample
+        return latents
+
+    return run

@@ -1,0 +1,172 @@
+"""How one block runs under each action: the tensor maths shared by profiling and the runtime.
+
+The functions here are plain, shape-generic tensor code. Rewrite passes put them into step
+graphs as ``call_function`` nodes (so ``opt.graph(step).code`` shows the cache reads,
+gathers and scatters), and the sensitivity profiler calls them directly on the calibration
+trajectories, so the error it measures is the error of the code that runs.
+
+A block's *streams* are the outputs that continue an input's residual stream (see
+:class:`dit_opt.ir.StreamSpec`): ``hidden_states`` for a DiT block, ``(encoder_hidden_states,
+hidden_states)`` for a Flux block. Caches hold per-stream residuals ``out - in``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from dit_opt.ir import BlockSpec
+
+__all__ = [
+    "bind_inputs",
+    "stream_inputs",
+    "pack_outputs",
+    "split_outputs",
+    "reuse",
+    "token_scores",
+    "topk_tokens",
+    "gather_tokens",
+    "scatter_tokens",
+    "prunable",
+    "mlp_linears",
+    "narrow_block",
+]
+
+
+def bind_inputs(block: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The block's call arguments by forward-signature name."""
+    return dict(inspect.signature(block.forward).bind(*args, **kwargs).arguments)
+
+
+def stream_inputs(spec: BlockSpec, named: dict[str, Any]) -> list[torch.Tensor | None]:
+    """For each output of the block, the input tensor whose stream it continues (or ``None``)."""
+    return [named.get(o.input_name) if o.input_name else None for o in spec.outputs]
+
+
+def pack_outputs(is_tuple: bool, *outs: torch.Tensor | None) -> Any:
+    """Build a block's return value from its per-output tensors."""
+    return tuple(outs) if is_tuple else outs[0]
+
+
+def split_outputs(out: Any) -> list[torch.Tensor | None]:
+    """A block's return value as a list of per-output tensors."""
+    return list(out) if isinstance(out, tuple | list) else [out]
+
+
+def reuse(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``REUSE``: the block's output is its input plus the cached residual."""
+    return x + residual
+
+
+def token_scores(x: torch.Tensor, cached_x: torch.Tensor) -> torch.Tensor:
+    """How much each token's input moved since the cache was written: ``(B, N)``.
+
+    Tokens that moved most are the ones a stale residual serves worst, so they are the ones
+    ``PRUNE`` recomputes. A per-token reduction keeps it compatible with fused attention
+    (no attention map is needed).
+    """
+    return (x - cached_x).float().pow(2).sum(-1)
+
+
+def topk_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``(B, k)`` of the ``k`` highest-scoring tokens, in token order."""
+    return scores.topk(k, dim=1).indices.sort(dim=1).values
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, idx[b]]`` for every batch row: ``(B, k, D)``."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``base`` with rows ``idx`` replaced by ``values`` (out of place)."""
+    return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), values)
+
+
+def prunable(spec: BlockSpec) -> bool:
+    """Whether ``PRUNE`` can run this block on a subset of its tokens.
+
+    It needs exactly one stream (two-stream blocks such as Flux's would have to prune both in
+    step) and no other input indexed by token (rotary embeddings, masks), since those would
+    have to be gathered too.
+    """
+    streams = [o for o in spec.outputs if o.spec is not None]
+    if len(streams) != 1 or streams[0].input_name is None:
+        return False
+    n = streams[0].spec.shape[1] if len(streams[0].spec.shape) == 3 else None
+    if n is None:
+        return False
+    others = [s for name, s in spec.inputs if name != streams[0].input_name]
+    return not any(n in s.shape[1:] for s in others)
+
+
+def mlp_linears(block: nn.Module, spec: BlockSpec) -> list[tuple[str, nn.Linear, nn.Linear, int]]:
+    """The (name, first, last, chunks) Linear pairs of the block's MLPs that ``WIDTH`` can narrow.
+
+    ``chunks`` is 2 for gated MLPs (GEGLU/SwiGLU: the first Linear produces two halves).
+    Only diffusers ``FeedForward``-style MLPs (``net[0].proj`` ... ``net[-1]``) are supported;
+    other MLPs are left out (and ``WIDTH`` is not offered for their block).
+    """
+    out = []
+    for name in spec.role_modules("mlp"):
+        mod = block.get_submodule(name)
+        net = getattr(mod, "net", None)
+        if not isinstance(net, nn.ModuleList) or len(net) < 2:
+            continue
+        first = getattr(net[0], "proj", None)
+        last = next((m for m in reversed(list(net)) if isinstance(m, nn.Linear)), None)
+        if not isinstance(first, nn.Linear) or last is None:
+            continue
+        chunks = first.out_features // last.in_features
+        if chunks * last.in_features != first.out_features:
+            continue
+        out.append((name, first, last, chunks))
+    return out
+
+
+def narrow_block(
+    block: nn.Module, spec: BlockSpec, width: float, order: dict[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """A copy of ``block`` whose MLPs keep only a prefix ``width`` of their hidden channels.
+
+    Args:
+        block: the original block (left unchanged; the copy owns new, smaller weights).
+        spec: its spec.
+        width: fraction of hidden channels kept, in (0, 1].
+        order: per MLP name, hidden channels from most to least important (calibrated); the
+            prefix of this order is kept. Default: the channels in their given order.
+
+    Raises:
+        ValueError: the block has no MLP that can be narrowed.
+    """
+    linears = mlp_linears(block, spec)
+    if not linears:
+        raise ValueError(f"block {spec.name} has no FeedForward-style MLP, so WIDTH cannot apply")
+    clone = copy.deepcopy(block)
+    for name, first, last, chunks in linears:
+        hidden = last.in_features
+        keep = max(1, round(width * hidden))
+        idx = (order or {}).get(name)
+        idx = torch.arange(hidden) if idx is None else idx.to(torch.long)
+        idx = idx[:keep].sort().values.to(first.weight.device)
+        rows = torch.cat([idx + c * hidden for c in range(chunks)])
+        mod = clone.get_submodule(name)
+        new_first = nn.Linear(first.in_features, keep * chunks, bias=first.bias is not None)
+        new_last = nn.Linear(keep, last.out_features, bias=last.bias is not None)
+        new_first = new_first.to(device=first.weight.device, dtype=first.weight.dtype)
+        new_last = new_last.to(device=last.weight.device, dtype=last.weight.dtype)
+        with torch.no_grad():
+            new_first.weight.copy_(first.weight[rows])
+            if first.bias is not None:
+                new_first.bias.copy_(first.bias[rows])
+            new_last.weight.copy_(last.weight[:, idx])
+            if last.bias is not None:
+                new_last.bias.copy_(last.bias)
+        mod.net[0].proj = new_first
+        last_pos = max(i for i, m in enumerate(mod.net) if isinstance(m, nn.Linear))
+        mod.net[last_pos] = new_last
+    return clone

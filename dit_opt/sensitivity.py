@@ -1,0 +1,215 @@
+"""The sensitivity profile: modelled error of every action at every step and block.
+
+A :class:`SensitivityProfile` is an artifact: measured once on calibration trajectories
+(``passes.annotate_sensitivity``), saved as safetensors + JSON, and reused across budgets and
+step counts. :meth:`SensitivityProfile.to_problem` turns it into a solver
+:class:`~solvers.problem.Problem`.
+
+Errors are relative squared perturbations of the block's output streams,
+``||out_action - out||^2 / ||out||^2``, averaged over calibration samples and generations:
+one scale for every action, so the solver can trade a reuse in one block against a narrower
+MLP in another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_np
+from safetensors.numpy import save_file as save_np
+
+from dit_opt.errors import ArtifactError
+from dit_opt.plan import Unit
+
+__all__ = ["PROFILE_VERSION", "SensitivityProfile"]
+
+#: Version of the saved profile format.
+PROFILE_VERSION = 1
+
+_ARRAYS = ("e_reuse", "e_prune", "e_width", "e_skip", "flops_compute", "flops_reuse", "flops_prune", "flops_width")
+
+
+@dataclass
+class SensitivityProfile:
+    """Measured errors and modelled FLOPs per (step, unit, action).
+
+    Attributes:
+        units: the block units, in execution order.
+        timesteps: the calibrated schedule's timestep values, one per step.
+        max_age: oldest cache age measured.
+        prune_rates, widths: the candidate pruning rates and MLP widths.
+        e_reuse: ``(T, U, max_age + 1)``; ``e_prune``: ``(T, U, max_age + 1, K)`` (NaN where
+            the block cannot be pruned); ``e_width``: ``(T, U, J)`` (NaN where no MLP can be
+            narrowed); ``e_skip``: ``(T, U)``.
+        flops_*: FLOPs of one call per unit (from the cost model), shapes ``(U,)`` or ``(U, K)``/``(U, J)``.
+        flops_fixed: FLOPs outside the blocks, per call.
+        channel_order: per ``"<block>.<mlp>"``, hidden channels from most to least important.
+        model: class name, config and weight fingerprint of the profiled model.
+        report: how the profile was made (cost, samples, rank correlation, ...).
+    """
+
+    units: tuple[Unit, ...]
+    timesteps: tuple[float, ...]
+    max_age: int
+    prune_rates: tuple[float, ...]
+    widths: tuple[float, ...]
+    e_reuse: np.ndarray
+    e_prune: np.ndarray
+    e_width: np.ndarray
+    e_skip: np.ndarray
+    flops_compute: np.ndarray
+    flops_reuse: np.ndarray
+    flops_prune: np.ndarray
+    flops_width: np.ndarray
+    flops_fixed: float
+    channel_order: dict[str, torch.Tensor] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    # ---- to a solver problem ---------------------------------------------------------------
+    def to_problem(self, budget: float, *, num_steps: int | None = None, timesteps: Any = None,
+                   actions: tuple[str, ...] = ("reuse", "prune", "width", "skip")) -> Any:
+        """The solver :class:`~solvers.problem.Problem` at ``budget``.
+
+        Args:
+            budget: FLOP fraction in (0, 1].
+            timesteps: the schedule to plan for, if it differs from the calibrated one; errors
+                are taken from the calibrated step nearest in timestep value, and cache ages
+                are rescaled by the ratio of step sizes (no re-profiling).
+            num_steps: shorthand when only the count differs: the calibrated range is
+                resampled evenly to ``num_steps`` steps.
+            actions: action families offered to the solver besides ``compute``.
+        """
+        from solvers.problem import Problem
+
+        e_reuse, e_prune, e_width, e_skip, ts = self._errors_for(num_steps, timesteps)
+        T, U = e_skip.shape
+        A = {"reuse", "prune", "width", "skip"}
+        unknown = set(actions) - A
+        if unknown:
+            raise ValueError(f"unknown action families {sorted(unknown)}; choose from {sorted(A)}")
+        inf_safe = 1e6  # a huge error where an action does not apply; it is also disallowed
+        prunable = ~np.isnan(e_prune).all(axis=(0, 2, 3)) if e_prune.size else np.zeros(U, bool)
+        narrowable = ~np.isnan(e_width).all(axis=(0, 2)) if e_width.size else np.zeros(U, bool)
+        use_prune = "prune" in actions and bool(self.prune_rates) and prunable.any()
+        use_width = "width" in actions and bool(self.widths) and narrowable.any()
+        kw: dict[str, Any] = {}
+        tile = lambda a: np.broadcast_to(a, (T, *a.shape)).copy()  # noqa: E731
+        if "reuse" in actions:
+            kw.update(e_reuse=e_reuse, flops_reuse=tile(self.flops_reuse))
+        if use_prune:
+            kw.update(prune_rates=self.prune_rates, e_prune=np.nan_to_num(e_prune, nan=inf_safe),
+                      flops_prune=tile(self.flops_prune))
+        if use_width:
+            kw.update(widths=self.widths, e_width=np.nan_to_num(e_width, nan=inf_safe),
+                      flops_width=tile(self.flops_width))
+        if "skip" in actions:
+            kw.update(e_skip=e_skip)
+        problem = Problem(units=self.units, num_steps=T, max_age=self.max_age, budget=budget,
+                          flops_compute=tile(self.flops_compute), flops_fixed=float(self.flops_fixed) * T,
+                          timesteps=tuple(ts), **kw)
+        allowed = problem.allowed.copy()
+        names = [str(a) for a in problem.actions]
+        for a, name in enumerate(names):
+            if name.startswith("P"):
+                allowed[..., a] &= prunable if allowed.ndim == 2 else prunable[None, :]
+            if name.startswith("W"):
+                allowed[..., a] &= narrowable if allowed.ndim == 2 else narrowable[None, :]
+        return dataclasses.replace(problem, allowed=allowed)
+
+    def _errors_for(self, num_steps: int | None, timesteps: Any):
+        cal = np.asarray(self.timesteps, dtype=np.float64)
+        if timesteps is None and (num_steps is None or num_steps == len(cal)):
+            return self.e_reuse, self.e_prune, self.e_width, self.e_skip, cal
+        if timesteps is None:
+            ts = np.linspace(cal[0], cal[-1], int(num_steps))
+        else:
+            ts = np.asarray([float(t) for t in timesteps], dtype=np.float64)
+        T, M = len(ts), self.max_age
+        near = np.abs(cal[None, :] - ts[:, None]).argmin(axis=1)
+        cal_step = float(np.abs(np.diff(cal)).mean()) if len(cal) > 1 else 1.0
+        new_step = float(np.abs(np.diff(ts)).mean()) if len(ts) > 1 else cal_step
+        ratio = new_step / cal_step if cal_step else 1.0
+        e_reuse = np.full((T, self.e_reuse.shape[1], M + 1), 1e6)
+        e_prune = np.full((T, *self.e_prune.shape[1:]), 1e6)
+        for n in range(1, M + 1):
+            src = int(round(n * ratio))
+            if 1 <= src <= M:
+                e_reuse[:, :, n] = self.e_reuse[near, :, src]
+                e_prune[:, :, n] = self.e_prune[near, :, src]
+        e_prune[np.isnan(self.e_prune[near])] = np.nan
+        return e_reuse, e_prune, self.e_width[near], self.e_skip[near], ts
+
+    # ---- artifact --------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write ``profile.safetensors`` and ``profile.json`` into directory ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: np.ascontiguousarray(getattr(self, name), dtype=np.float64) for name in _ARRAYS}
+        for k, v in self.channel_order.items():
+            tensors[f"order/{k}"] = v.cpu().numpy().astype(np.int64)
+        save_np(tensors, str(path / "profile.safetensors"))
+        meta = {
+            "version": PROFILE_VERSION,
+            "units": [str(u) for u in self.units],
+            "timesteps": list(self.timesteps),
+            "max_age": self.max_age,
+            "prune_rates": list(self.prune_rates),
+            "widths": list(self.widths),
+            "flops_fixed": self.flops_fixed,
+            "model": self.model,
+            "report": self.report,
+        }
+        (path / "profile.json").write_text(json.dumps(meta, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SensitivityProfile:
+        """Read a profile written by :meth:`save`.
+
+        Raises:
+            ArtifactError: files missing, corrupt, of another version or inconsistent.
+        """
+        path = Path(path)
+        try:
+            meta = json.loads((path / "profile.json").read_text())
+            arrays = load_np(str(path / "profile.safetensors"))
+        except FileNotFoundError as e:
+            raise ArtifactError(f"{path}: no saved profile there ({e.filename} is missing); "
+                                f"write one with profile.save(dir) or dit-opt profile") from e
+        except Exception as e:
+            raise ArtifactError(f"{path}: the saved profile is corrupt ({type(e).__name__}: {e}); "
+                                f"delete it and profile the model again") from e
+        if meta.get("version") != PROFILE_VERSION:
+            raise ArtifactError(f"{path}: profile format version {meta.get('version')!r}, this dit-opt reads "
+                                f"version {PROFILE_VERSION}; profile the model again")
+        try:
+            prof = cls(
+                units=tuple(Unit.parse(u) for u in meta["units"]),
+                timesteps=tuple(float(t) for t in meta["timesteps"]),
+                max_age=int(meta["max_age"]),
+                prune_rates=tuple(meta["prune_rates"]),
+                widths=tuple(meta["widths"]),
+                flops_fixed=float(meta["flops_fixed"]),
+                channel_order={k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("order/")},
+                model=meta.get("model", {}),
+                report=meta.get("report", {}),
+                **{name: arrays[name] for name in _ARRAYS},
+            )
+        except (KeyError, ValueError, TypeError) as e:
+            raise ArtifactError(f"{path}: the saved profile is incomplete ({type(e).__name__}: {e}); "
+                                f"profile the model again") from e
+        T, U = len(prof.timesteps), len(prof.units)
+        if prof.e_skip.shape != (T, U) or prof.e_reuse.shape != (T, U, prof.max_age + 1):
+            raise ArtifactError(f"{path}: array shapes do not match {T} steps x {U} units; profile again")
+        return prof

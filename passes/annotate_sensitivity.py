@@ -1,0 +1,356 @@
+"""annotate_sensitivity: measure, on real trajectories, the error of every action.
+
+SODA's offline sensitivity modelling, generalised to every action dit-opt can take. The
+calibration runs complete denoising loops with the model; hooks on each block observe its
+true inputs and outputs at every step and evaluate, on those same inputs, what each
+candidate action would have produced:
+
+* ``REUSE`` at age ``n``: input plus the residual cached ``n`` steps earlier (free: the
+  residuals of the last ``max_age`` steps are kept);
+* ``PRUNE(r)`` at age ``n``: the block recomputes the top ``r`` of tokens (by input drift
+  since the cache) and the rest comes from the cache (one extra block call on ``r N`` tokens);
+* ``WIDTH(w)``: the block with its MLP narrowed to the ``w`` most important hidden channels
+  (importance calibrated in a first, plain pass: ``E|h_j| * ||W_out[:, j]||``);
+* ``SKIP``: the block returns its input (free).
+
+The error of an action is ``||out_action - out||^2 / ||out||^2`` over the block's output
+streams, averaged over samples and generations. Extra block calls run on a subset of the
+batch (``probe_rows``) to keep the cost a small multiple of one generation.
+
+Before that, a first plain pass runs the calibration once with no hooks but the MLP
+statistics: its wall time is the unit in which the profile's cost is reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import Progress
+
+from dit_opt.executor import (
+    bind_inputs,
+    gather_tokens,
+    mlp_linears,
+    narrow_block,
+    prunable,
+    scatter_tokens,
+    split_outputs,
+    stream_inputs,
+    token_scores,
+    topk_tokens,
+)
+from dit_opt.ir import DiTGraph
+from dit_opt.plan import Unit
+from dit_opt.sensitivity import SensitivityProfile
+from dit_opt.steps import StepTracker, timestep_value
+from passes.infra import PassResult
+
+__all__ = ["annotate_sensitivity", "measure_channel_order", "action_flops"]
+
+META_SENSITIVITY = "dit_opt.sensitivity"
+
+
+def measure_channel_order(graph: DiTGraph, calibration: Callable[[torch.nn.Module], Any]) -> tuple[dict, float]:
+    """Run the calibration once, plainly; rank each MLP's hidden channels by importance.
+
+    Returns:
+        ``(order, seconds)``: per ``"<block>.<mlp>"`` the channels from most to least
+        important, and the wall time of the plain run (one calibration, the cost unit).
+    """
+    model = graph.model
+    stats: dict[str, torch.Tensor] = {}
+    handles = []
+    for spec in graph.blocks:
+        block = model.get_submodule(spec.name)
+        for name, first, last, chunks in mlp_linears(block, spec):
+            key = f"{spec.name}.{name}"
+            act = block.get_submodule(name).net[0]
+
+            def hook(mod, args, out, key=key):
+                s = out.detach().float().abs().reshape(-1, out.shape[-1]).mean(0)
+                stats[key] = stats.get(key, 0) + s
+
+            handles.append(act.register_forward_hook(hook))
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            calibration(model)
+    finally:
+        for h in handles:
+            h.remove()
+    seconds = time.perf_counter() - t0
+    order = {}
+    for spec in graph.blocks:
+        block = model.get_submodule(spec.name)
+        for name, _, last, _ in mlp_linears(block, spec):
+            key = f"{spec.name}.{name}"
+            if key in stats:
+                imp = stats[key].cpu() * last.weight.detach().float().norm(dim=0).cpu()
+                order[key] = imp.argsort(descending=True)
+    return order, seconds
+
+
+def action_flops(graph: DiTGraph, prune_rates: tuple[float, ...], widths: tuple[float, ...]) -> dict[str, np.ndarray]:
+    """FLOPs of one call of each block under each action, from the cost model.
+
+    ``REUSE`` costs the residual add and ``PRUNE`` adds the scoring, gather and scatter
+    (elementwise work ``FlopCounterMode`` does not count, modelled here all the same so the
+    solver never counts them as free).
+    """
+    costs = graph.costs
+    U, K, J = len(graph.blocks), len(prune_rates), len(widths)
+    out = {
+        "flops_compute": np.zeros(U),
+        "flops_reuse": np.zeros(U),
+        "flops_prune": np.zeros((U, K)),
+        "flops_width": np.zeros((U, J)),
+    }
+    for u, spec in enumerate(graph.blocks):
+        stream_elems = sum(int(np.prod(o.spec.shape)) for o in spec.outputs if o.spec is not None)
+        out["flops_compute"][u] = costs.flops(spec.name)
+        out["flops_reuse"][u] = stream_elems
+        for k, r in enumerate(prune_rates):
+            out["flops_prune"][u, k] = costs.flops(spec.name, tokens=r) + 4 * stream_elems
+        for j, w in enumerate(widths):
+            out["flops_width"][u, j] = costs.flops(spec.name, width=w)
+    return out
+
+
+class _Probe:
+    """Hooks that evaluate every candidate action on the true block inputs at every step."""
+
+    def __init__(self, graph: DiTGraph, max_age: int, prune_rates, widths, order, probe_rows: int | None):
+        self.graph, self.max_age = graph, max_age
+        self.prune_rates, self.widths = tuple(prune_rates), tuple(widths)
+        self.probe_rows = probe_rows
+        self.tracker = StepTracker()
+        self.step = 0
+        self.busy = False  # extra calls of a block must not be observed again
+        U, M, K, J = len(graph.blocks), max_age, len(prune_rates), len(widths)
+        self.sums: dict[int, dict[str, np.ndarray]] = {}
+        self.counts: dict[int, int] = {}
+        self.shape = {"e_reuse": (U, M + 1), "e_prune": (U, M + 1, K), "e_width": (U, J), "e_skip": (U,)}
+        self.history: dict[tuple[int, int], dict[int, tuple]] = {}
+        self.timesteps: dict[int, float] = {}
+        self.prunable = [prunable(s) for s in graph.blocks]
+        self.narrow = []
+        for spec in graph.blocks:
+            block = graph.model.get_submodule(spec.name)
+            ok = bool(mlp_linears(block, spec))
+            prefix = {k.removeprefix(spec.name + "."): v for k, v in order.items() if k.startswith(spec.name + ".")}
+            self.narrow.append([narrow_block(block, spec, w, prefix) for w in widths] if ok else None)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def pre_model(self, module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        step, branch = self.tracker.observe(timestep_value(t))
+        self.step, self.branch = step, branch
+        self.timesteps.setdefault(step, timestep_value(t))
+
+    def block_hook(self, u: int):
+        spec = self.graph.blocks[u]
+
+        def hook(module, args, kwargs, output):
+            if self.busy:
+                return None
+            self.busy = True
+            try:
+                with torch.no_grad():
+                    self._observe(u, spec, module, args, kwargs, output)
+            finally:
+                self.busy = False
+            return None
+
+        return hook
+
+    # -- measurement ---------------------------------------------------------------------------
+    def _rows(self, args, kwargs, batch):
+        """Slice every batch-major tensor to the probe rows."""
+        n = self.probe_rows
+        if n is None or n >= batch:
+            return args, kwargs, slice(None)
+        sl = slice(0, n)
+        cut = lambda v: v[sl] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v  # noqa: E731
+        return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}, sl
+
+    def _observe(self, u, spec, module, args, kwargs, output):
+        named = bind_inputs(module, args, kwargs)
+        ins = stream_inputs(spec, named)
+        outs = split_outputs(output)
+        pairs = [(i, x, y) for i, (x, y) in enumerate(zip(ins, outs, strict=True)) if x is not None and y is not None]
+        if not pairs:
+            return
+        t, key = self.step, (u, self.branch)
+        res = {i: (y - x).float() for i, x, y in pairs}
+        norm = sum(float(y.float().pow(2).sum()) for _, _, y in pairs) or 1.0
+        acc = self.sums.setdefault(t, {k: np.zeros(s) for k, s in self.shape.items()})
+        if u == 0:
+            self.counts[t] = self.counts.get(t, 0) + 1
+        hist = self.history.setdefault(key, {})
+        # REUSE at every age: the residual cached n steps ago against the true one.
+        for n in range(1, self.max_age + 1):
+            old = hist.get(t - n)
+            if old is not None:
+                err = sum(float((old[0][i] - res[i]).pow(2).sum()) for i, _, _ in pairs)
+                acc["e_reuse"][u, n] += err / norm
+        acc["e_skip"][u] += sum(float(r.pow(2).sum()) for r in res.values()) / norm
+        batch = pairs[0][1].shape[0]
+        p_args, p_kwargs, sl = self._rows(args, kwargs, batch)
+        p_norm = sum(float(y[sl].float().pow(2).sum()) for _, _, y in pairs) or 1.0
+        # WIDTH: the narrowed block on the same inputs.
+        if self.narrow[u] is not None:
+            for j, narrowed in enumerate(self.narrow[u]):
+                got = split_outputs(narrowed(*p_args, **p_kwargs))
+                err = sum(float((got[i].float() - y[sl].float()).pow(2).sum()) for i, _, y in pairs)
+                acc["e_width"][u, j] += err / p_norm
+        # PRUNE at every age and rate: recompute the tokens that drifted most, reuse the rest.
+        if self.prunable[u] and self.prune_rates:
+            (i, x, y), = pairs
+            name = spec.outputs[i].input_name
+            xs = x[sl]
+            for n in range(1, self.max_age + 1):
+                old = hist.get(t - n)
+                if old is None:
+                    continue
+                old_res, old_in = old[0][i][sl], old[1][i][sl]
+                scores = token_scores(xs, old_in)
+                base = xs + old_res.to(xs.dtype)
+                for k, r in enumerate(self.prune_rates):
+                    kk = max(1, round(r * xs.shape[1]))
+                    idx = topk_tokens(scores, kk)
+                    sub_named = dict(bind_inputs(module, p_args, p_kwargs))
+                    sub_named[name] = gather_tokens(xs, idx)
+                    got = split_outputs(module(**sub_named))[i]
+                    approx = scatter_tokens(base, idx, got)
+                    acc["e_prune"][u, n, k] += float((approx.float() - y[sl].float()).pow(2).sum()) / p_norm
+        hist[t] = ({i: r for i, r in res.items()}, {i: x.detach() for i, x, _ in pairs})
+        for old_t in [s for s in hist if s < t - self.max_age]:
+            del hist[old_t]
+
+    def arrays(self) -> tuple[list[float], dict[str, np.ndarray]]:
+        steps = sorted(self.sums)
+        out = {}
+        for name in self.shape:
+            out[name] = np.stack([self.sums[t][name] / max(1, self.counts.get(t, 1)) for t in steps])
+        return [self.timesteps[t] for t in steps], out
+
+
+def annotate_sensitivity(
+    graph: DiTGraph,
+    calibration: Callable[[torch.nn.Module], Any],
+    *,
+    max_age: int = 4,
+    prune_rates: tuple[float, ...] = (0.25, 0.5, 0.75),
+    widths: tuple[float, ...] = (0.25, 0.5, 0.75),
+    probe_rows: int | None = 4,
+    progress: bool = True,
+) -> tuple[PassResult, SensitivityProfile]:
+    """Measure the sensitivity profile of ``graph``'s model on calibration trajectories.
+
+    Args:
+        graph: a captured graph with FLOPs annotated (``annotate_flops``).
+        calibration: runs one or more complete denoising loops with the module it is given.
+        max_age: oldest cache measured for ``REUSE``/``PRUNE``.
+        prune_rates: fractions of tokens ``PRUNE`` may recompute.
+        widths: MLP prefix widths ``WIDTH`` may use.
+        probe_rows: batch rows on which the extra block calls (prune, width) run; ``None``
+            for all rows.
+        progress: show a progress bar.
+
+    Returns:
+        ``(PassResult, profile)``; each block's top-graph node gets
+        ``node.meta["dit_opt.sensitivity"]`` (its mean error per action family).
+    """
+    if graph.costs is None:
+        raise ValueError("annotate_sensitivity needs FLOPs: run passes.annotate_flops.annotate_flops(graph) first")
+    model = graph.model
+    t0 = time.perf_counter()
+    order, plain_seconds = measure_channel_order(graph, calibration)
+    probe = _Probe(graph, max_age, prune_rates, widths, order, probe_rows)
+    handles = [model.register_forward_pre_hook(probe.pre_model, with_kwargs=True)]
+    for u, spec in enumerate(graph.blocks):
+        handles.append(model.get_submodule(spec.name).register_forward_hook(probe.block_hook(u), with_kwargs=True))
+    calls = [0]
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("profiling sensitivity", total=None)
+
+        def tick(module, args, kwargs):
+            calls[0] += 1
+            bar.update(task, advance=1, description=f"profiling sensitivity: step {probe.step}")
+
+        handles.append(model.register_forward_pre_hook(tick, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                calibration(model)
+        finally:
+            for h in handles:
+                h.remove()
+    if not probe.sums:
+        raise ValueError(
+            f"{type(model).__name__}: the calibration never called the model; it must run complete "
+            f"denoising loops with the module it is given, e.g. lambda m: sample(m, seeds=range(8))"
+        )
+    timesteps, errs = probe.arrays()
+    # Ages never observed (e.g. the first steps) stay at 0; the solver's validity rules keep
+    # the plan from reading a cache older than the step itself, so they are never used.
+    U = len(graph.blocks)
+    for u in range(U):
+        if not probe.prunable[u]:
+            errs["e_prune"][:, u] = np.nan
+        if probe.narrow[u] is None:
+            errs["e_width"][:, u] = np.nan
+    flops = action_flops(graph, prune_rates, widths)
+    prof = SensitivityProfile(
+        units=tuple(Unit(s.list_name, s.index) for s in graph.blocks),
+        timesteps=tuple(timesteps),
+        max_age=max_age,
+        prune_rates=tuple(prune_rates),
+        widths=tuple(widths),
+        flops_fixed=float(graph.costs.outside_blocks),
+        channel_order=order,
+        model=model_fingerprint(model),
+        report={
+            "calls": calls[0],
+            "plain_calibration_seconds": plain_seconds,
+            "profile_seconds": time.perf_counter() - t0,
+            "cost_in_generations": (time.perf_counter() - t0) / max(plain_seconds, 1e-9),
+            "probe_rows": probe_rows,
+        },
+        **errs,
+        **flops,
+    )
+    for u, (spec, node) in enumerate(graph.block_nodes()):
+        node.meta[META_SENSITIVITY] = {
+            "reuse@1": float(errs["e_reuse"][1:, u, 1].mean()) if len(timesteps) > 1 else None,
+            "skip": float(errs["e_skip"][:, u].mean()),
+        }
+    return PassResult(graph.gm, True), prof
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """Class, config and a weight fingerprint: what a saved artifact must match."""
+    cfg = getattr(model, "config", None)
+    cfg = {k: v for k, v in dict(cfg).items() if not k.startswith("_")} if cfg is not None else {}
+    gen = torch.Generator().manual_seed(0)
+    acc = 0.0
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items()):
+            if p.is_floating_point() and p.numel():
+                flat = p.detach().reshape(-1).float().cpu()
+                pick = torch.randint(0, flat.numel(), (min(64, flat.numel()),), generator=gen)
+                acc += float(flat[pick].double().sum()) * (1 + len(name) % 7)
+    return {"class": type(model).__name__, "config": _jsonable(cfg), "weights": round(acc, 6)}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, bool | int | float | str) or v is None:
+        return v
+    return str(v)
