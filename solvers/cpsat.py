@@ -207,12 +207,17 @@ def lagrangian_plan(problem: Problem, iterations: int = 24) -> tuple[np.ndarray,
     need = problem.need_quanta()
     errors = np.nan_to_num(problem.error_table, nan=0.0)
     savings = problem.savings_quanta[:, :, :, None].astype(np.float64)
+    total_abs_savings = float(np.abs(savings).max(axis=2).sum())
+    total_error = float(errors.max(axis=(2, 3)).sum())
     bound = -np.inf
 
     def plan_at(lam: float) -> tuple[np.ndarray, int]:
         nonlocal bound
         best, choice = min_cost_sequences(problem, errors - lam * savings)
-        bound = max(bound, float(best.sum()) + lam * need)
+        # Float sums of terms up to `size` in magnitude may be off by ~T*U*eps*size: keep the
+        # bound valid by subtracting that (FLOP prices can dwarf the errors).
+        size = lam * (abs(need) + total_abs_savings) + total_error
+        bound = max(bound, float(best.sum()) + lam * need - 8 * savings.size * 2.3e-16 * size)
         return choice, int(_unit_totals(problem, choice)[0].sum())
 
     lo_choice, total = plan_at(0.0)
