@@ -81,8 +81,11 @@ def solve(
     menu, allowed, cache = problem.actions, problem.allowed, problem.needs_cache
     savings, need = problem.savings_quanta, problem.need_quanta()
     errors = np.nan_to_num(problem.error_table, nan=0.0)
-    scale = error_resolution / max(float(errors.max(initial=0.0)), 1e-300)
-    int_errors = np.rint(errors * scale).astype(np.int64)
+    # Scale by the largest error of an *allowed* action: callers may park huge placeholder errors
+    # on disallowed ones, which must not eat the objective's resolution.
+    largest = float(np.where(allowed[..., None], errors, 0.0).max(initial=0.0))
+    scale = error_resolution / max(largest, 1e-300)
+    int_errors = np.rint(np.where(allowed[..., None], errors, 0.0) * scale).astype(np.int64)
     slack = 0.5 * T * U / scale  # |float error - integer objective / scale| of any plan
     compute = 0  # menu index of COMPUTE
     hint, hint_ages, lower_bound = lagrangian_plan(problem)
@@ -208,7 +211,7 @@ def lagrangian_plan(problem: Problem, iterations: int = 24) -> tuple[np.ndarray,
     errors = np.nan_to_num(problem.error_table, nan=0.0)
     savings = problem.savings_quanta[:, :, :, None].astype(np.float64)
     total_abs_savings = float(np.abs(savings).max(axis=2).sum())
-    total_error = float(errors.max(axis=(2, 3)).sum())
+    total_error = float(np.where(problem.allowed[..., None], errors, 0.0).max(axis=(2, 3)).sum())
     bound = -np.inf
 
     def plan_at(lam: float) -> tuple[np.ndarray, int]:

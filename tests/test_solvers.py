@@ -261,3 +261,15 @@ def test_cpsat_on_larger_problem_reports_gap() -> None:
     choice, _, bound = cpsat.lagrangian_plan(problem)
     assert bound <= plan.predicted_error + 1e-9
     assert problem.evaluate(problem.grid(choice))[1] >= plan.predicted_error - 1e-9
+
+
+def test_placeholder_errors_on_disallowed_actions_do_not_cost_precision() -> None:
+    base = make_problem(11, 4, 2, 2, 0.6, prune=False, width=False, disable=0.0)
+    allowed = np.array(base.allowed)
+    allowed[:, :, -1] = False  # SKIP disallowed everywhere, with a huge placeholder error
+    problem = Problem(units=base.units, num_steps=4, max_age=2, budget=0.6, flops_compute=base.flops_compute,
+                      flops_fixed=base.flops_fixed, e_reuse=base.e_reuse * 1e-3, flops_reuse=base.flops_reuse,
+                      e_skip=np.full((4, 2), 1e6), allowed=allowed)
+    best, _, _ = brute_force(problem)
+    plan = cpsat.solve(problem)
+    assert plan.predicted_error == pytest.approx(best, abs=1e-9)
