@@ -1,0 +1,73 @@
+"""rewrite_cache: ``COMPUTE`` refreshes a block's cache; ``REUSE`` serves the block from it.
+
+``REUSE`` replaces the block call by ``input + cached residual`` for each output stream (the
+residual ``out - in`` written by the block's last ``COMPUTE``). ``COMPUTE`` keeps the call and
+returns ``out - in`` (and, for later ``PRUNE`` steps, the input itself) as cache writes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dit_opt.errors import DitOptError
+from dit_opt.executor import reuse
+from dit_opt.ir import BlockSpec
+from dit_opt.plan import Action, ActionKind
+from passes.infra import PassResult
+from passes.step_graph import StepGraph, cache_key
+
+__all__ = ["rewrite_cache"]
+
+
+def rewrite_cache(
+    sg: StepGraph, spec: BlockSpec, action: Action, *, write_residual: bool = True, write_input: bool = False
+) -> PassResult:
+    """Rewrite ``spec``'s block node for ``COMPUTE`` (cache writes) or ``REUSE`` (cache reads).
+
+    Args:
+        sg: the step graph being built.
+        spec: the block.
+        action: ``COMPUTE`` or ``REUSE``.
+        write_residual: on ``COMPUTE``, write the residuals (a later step reuses them).
+        write_input: on ``COMPUTE``, write the inputs too (a later ``PRUNE`` scores tokens by drift).
+
+    Raises:
+        DitOptError: ``REUSE`` of a block whose output does not continue an input stream.
+    """
+    node = sg.node(spec)
+    ins = sg.stream_nodes(spec)
+    if action.kind is ActionKind.COMPUTE:
+        if not (write_residual or write_input):
+            return PassResult(sg, False)
+        outs = sg.output_nodes(spec, node)
+        last = max((n for n in outs if n is not None), key=_order)
+        with sg.fx.inserting_after(last):
+            for o, x, y in zip(spec.outputs, ins, outs, strict=True):
+                if x is None or y is None:
+                    continue
+                if write_residual:
+                    sg.write(cache_key(spec.name, "res", o.position), sg.fx.call_function(torch.sub, (y, x)))
+                if write_input:
+                    sg.write(cache_key(spec.name, "in", o.position), x)
+        return PassResult(sg, True)
+    if action.kind is not ActionKind.REUSE:
+        raise ValueError(f"rewrite_cache handles COMPUTE and REUSE, not {action}")
+    outs = []
+    with sg.fx.inserting_before(node):
+        for o, x in zip(spec.outputs, ins, strict=True):
+            if o.spec is None:
+                outs.append(None)
+                continue
+            if x is None:
+                raise DitOptError(
+                    f"block {spec.name}: output {o.position} does not continue an input stream, so it cannot be "
+                    f"served from a residual cache; plan COMPUTE for this block (or exclude it from REUSE)"
+                )
+            outs.append(sg.fx.call_function(reuse, (x, sg.read(cache_key(spec.name, "res", o.position)))))
+    packed = sg.pack(spec, outs, after=max((n for n in outs if n is not None), key=_order))
+    sg.replace_block(spec, packed)
+    return PassResult(sg, True)
+
+
+def _order(node: torch.fx.Node) -> int:
+    return next(i for i, n in enumerate(node.graph.nodes) if n is node)

@@ -1,0 +1,105 @@
+"""From a :class:`~dit_opt.plan.Plan` to one rewritten graph per step (identical steps shared).
+
+The plan is the only input besides the captured graph: for each step, each block node goes
+through the rewrite pass of its action (``rewrite_cache``, ``rewrite_prune``,
+``rewrite_width``, ``rewrite_skip``). A ``COMPUTE`` writes the cache entries that a later
+step of the same block reads before its next ``COMPUTE``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.fx
+from torch import nn
+
+from dit_opt.errors import DitOptError
+from dit_opt.ir import BlockSpec, DiTGraph
+from dit_opt.plan import Action, ActionKind, Plan
+from passes.rewrite_cache import rewrite_cache
+from passes.rewrite_prune import rewrite_prune
+from passes.rewrite_skip import rewrite_skip
+from passes.rewrite_width import rewrite_width
+from passes.step_graph import StepGraph
+
+__all__ = ["Variant", "build_variants", "cache_needs"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One step's rewritten graph and its cache traffic."""
+
+    gm: torch.fx.GraphModule
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    actions: tuple[Action, ...]
+
+
+def cache_needs(plan: Plan) -> list[list[tuple[bool, bool]]]:
+    """Per step and unit, whether a ``COMPUTE`` must write (residual, input) for later steps."""
+    T, U = plan.num_steps, len(plan.units)
+    needs = [[(False, False)] * U for _ in range(T)]
+    for u in range(U):
+        last = None
+        for t in range(T):
+            kind = plan.actions[t][u].kind
+            if kind is ActionKind.COMPUTE:
+                last = t
+            elif kind in (ActionKind.REUSE, ActionKind.PRUNE) and last is not None:
+                res, inp = needs[last][u]
+                needs[last][u] = (True, inp or kind is ActionKind.PRUNE)
+    return needs
+
+
+def build_variants(
+    graph: DiTGraph, plan: Plan, narrowed: Callable[[BlockSpec, float], nn.Module]
+) -> list[Variant]:
+    """One :class:`Variant` per step; steps with the same actions and cache writes share one.
+
+    Args:
+        graph: the captured graph.
+        plan: the plan (block-level units).
+        narrowed: returns the block narrowed to a width (built once per block and width).
+
+    Raises:
+        DitOptError: the plan's units are not the graph's blocks.
+    """
+    specs = {b.name: b for b in graph.blocks}
+    order = []
+    for unit in plan.units:
+        if unit.role is not None:
+            raise DitOptError(
+                f"plan unit {unit} is a module-level unit; the runtime executes block-level plans "
+                f"(units 'list.index'). Solve with block units, as dit_opt.optimize does."
+            )
+        name = f"{unit.list_name}.{unit.index}"
+        if name not in specs:
+            raise DitOptError(f"plan unit {unit} is not a block of {type(graph.model).__name__} "
+                              f"(blocks: {list(specs)[:4]}...); the plan was made for another model")
+        order.append(specs[name])
+    needs = cache_needs(plan)
+    shared: dict[tuple, Variant] = {}
+    out = []
+    for t in range(plan.num_steps):
+        key = (tuple(str(a) for a in plan.actions[t]), tuple(needs[t]))
+        if key not in shared:
+            shared[key] = _build(graph, order, plan.actions[t], needs[t], narrowed, len(shared))
+        out.append(shared[key])
+    return out
+
+
+def _build(graph, specs, actions, needs, narrowed, n) -> Variant:
+    sg = StepGraph(graph)
+    for spec, action, (res, inp) in zip(specs, actions, needs, strict=True):
+        kind = action.kind
+        if kind is ActionKind.COMPUTE or kind is ActionKind.REUSE:
+            rewrite_cache(sg, spec, action, write_residual=res, write_input=inp)
+        elif kind is ActionKind.PRUNE:
+            rewrite_prune(sg, spec, action.rate)
+        elif kind is ActionKind.WIDTH:
+            rewrite_width(sg, spec, action.width, narrowed(spec, action.width))
+        elif kind is ActionKind.SKIP:
+            rewrite_skip(sg, spec)
+    gm = sg.build(class_name=f"StepVariant{n}")
+    return Variant(gm, tuple(sg.reads), tuple(sg.writes), tuple(actions))
