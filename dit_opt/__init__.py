@@ -5,6 +5,8 @@ stages) choose per step and per block what to compute, reuse, prune or skip unde
 an explicit FLOP budget.
 """
 
+from dit_opt.api import load, optimize, profile
+from dit_opt.calibration import calibration_from_pipeline, synthetic_calibration
 from dit_opt.capture import capture, find_block_lists
 from dit_opt.errors import (
     ArtifactError,
@@ -16,12 +18,26 @@ from dit_opt.errors import (
     NoBlocksFoundError,
 )
 from dit_opt.ir import BlockSpec, DiTGraph
+from dit_opt.plan import Action, ActionKind, Plan, Unit
+from dit_opt.runtime import OptimizedTransformer
+from dit_opt.sensitivity import SensitivityProfile
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "optimize",
+    "profile",
+    "load",
     "capture",
+    "calibration_from_pipeline",
+    "synthetic_calibration",
+    "Plan",
+    "Action",
+    "ActionKind",
+    "Unit",
+    "OptimizedTransformer",
+    "SensitivityProfile",
     "find_block_lists",
     "BlockSpec",
     "DiTGraph",

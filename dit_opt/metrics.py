@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -310,9 +311,12 @@ def frechet_distance(images: torch.Tensor, reference_images: torch.Tensor) -> fl
 def _frechet_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
     mu1, mu2 = f1.mean(axis=0), f2.mean(axis=0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        # Singular product (e.g. fewer samples than features): regularise as in the FID reference code.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if caught or not np.isfinite(covmean).all():
+        # Singular product (dead ReLU features, fewer samples than features): regularise as the
+        # FID reference code does.
         offset = np.eye(s1.shape[0]) * 1e-6
         covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
     covmean = np.real(covmean)

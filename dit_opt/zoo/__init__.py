@@ -153,7 +153,13 @@ def load_path(
 
             raise ArtifactError(f"weights of {name!r} ({prefix}) in {path} do not match {json_path.name}: "
                                 f"{exc}. Retrain with examples/train_reference_models.py.") from exc
-        module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        # The parameters are float32 after load_state_dict; cast only when asked, since diffusers
+        # warns about any dtype cast through `.to()`.
+        if dtype == torch.float32:
+            module.to(device=device)
+        else:
+            module.to(device=device, dtype=dtype)
+        module.eval().requires_grad_(False)
 
     defaults = meta["sampler_defaults"]
     return DigitsSampler(

@@ -1,0 +1,325 @@
+"""The public entry points: :func:`optimize`, :func:`profile` and :func:`load`.
+
+``optimize`` reads top to bottom as the pipeline it runs::
+
+    capture -> annotate_flops -> profile -> solve -> rewrite -> lower
+
+Each step is timed; a failure is re-raised naming the step and the steps that ran before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dit_opt.errors import ArtifactError, DitOptError, InputMismatchError
+from dit_opt.plan import Plan, check_budget
+from dit_opt.runtime import OptimizedTransformer
+from dit_opt.sensitivity import SensitivityProfile
+
+__all__ = ["optimize", "profile", "load", "save", "ARTIFACT_VERSION"]
+
+#: Version of the saved optimised-model directory format.
+ARTIFACT_VERSION = 1
+
+
+class _Stop(Exception):
+    """Raised inside a calibration to stop it once the first call's inputs are recorded."""
+
+
+def _first_call_inputs(model: nn.Module, calibration: Callable[[nn.Module], Any]) -> dict[str, Any]:
+    """The keyword inputs of the calibration's first model call (the loop is stopped there)."""
+    import inspect
+
+    seen: dict[str, Any] = {}
+
+    def hook(module, args, kwargs):
+        seen.update(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
+        raise _Stop
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            calibration(model)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise DitOptError(
+            f"{type(model).__name__}: the calibration never called the model. It must run denoising loops "
+            f"with the module it is given, e.g. lambda m: sample(m, seeds=range(8))."
+        )
+    seen.pop("return_dict", None)
+    return {k: v for k, v in seen.items() if v is not None}
+
+
+def _prepare(model, calibration, example_inputs):
+    from dit_opt.calibration import synthetic_calibration
+    from dit_opt.synthetic import example_inputs as synthetic_inputs
+
+    if isinstance(calibration, str | Path):
+        calibration = SensitivityProfile.load(calibration)
+    if calibration is None:
+        calibration = synthetic_calibration(model)
+    if example_inputs is None:
+        if callable(calibration):
+            example_inputs = _first_call_inputs(model, calibration)
+        else:
+            try:
+                example_inputs = synthetic_inputs(model)
+            except InputMismatchError as e:
+                raise InputMismatchError(f"{e} (With a saved profile as calibration, pass example_inputs=...)") from e
+    return calibration, example_inputs
+
+
+def _run_steps(steps: list[tuple[str, Callable[[], Any]]]) -> dict[str, float]:
+    times: dict[str, float] = {}
+    for name, fn in steps:
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:
+            done = ", ".join(times) or "none"
+            msg = f"dit_opt.optimize failed in step '{name}' (steps done: {done}): {type(e).__name__}: {e}"
+            if isinstance(e, DitOptError):
+                raise type(e)(msg) from e
+            raise DitOptError(msg) from e
+        times[name] = time.perf_counter() - t0
+    return times
+
+
+def profile(
+    model: nn.Module,
+    calibration: Callable[[nn.Module], Any] | None = None,
+    *,
+    example_inputs: dict[str, Any] | None = None,
+    blocks: list[str] | None = None,
+    max_age: int = 4,
+    prune_rates: tuple[float, ...] = (0.25, 0.5, 0.75),
+    widths: tuple[float, ...] = (0.25, 0.5, 0.75),
+    probe_rows: int | None = 4,
+    progress: bool = True,
+) -> SensitivityProfile:
+    """Measure the sensitivity profile of ``model`` (reusable across budgets).
+
+    Args:
+        model: a diffusers transformer.
+        calibration: runs complete denoising loops with the module it is given; ``None``
+            self-calibrates on synthetic inputs (known classes only; warns).
+        example_inputs: inputs of one forward; default: the calibration's first call.
+        blocks, max_age, prune_rates, widths, probe_rows, progress: see
+            ``passes.annotate_sensitivity.annotate_sensitivity``.
+
+    Example:
+        >>> prof = dit_opt.profile(sampler.transformer, lambda m: run(m))
+        >>> prof.save("profile/")
+    """
+    from dit_opt.capture import capture
+    from passes.annotate_flops import annotate_flops
+    from passes.annotate_sensitivity import annotate_sensitivity
+
+    calibration, example_inputs = _prepare(model, calibration, example_inputs)
+    if not callable(calibration):
+        raise DitOptError("profile() needs a calibration callable, not a saved profile")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = capture(model, example_inputs, blocks=blocks)
+    annotate_flops(graph)
+    _, prof = annotate_sensitivity(graph, calibration, max_age=max_age, prune_rates=prune_rates, widths=widths,
+                                   probe_rows=probe_rows, progress=progress)
+    return prof
+
+
+def optimize(
+    model: nn.Module,
+    budget: float = 0.5,
+    *,
+    calibration: Callable[[nn.Module], Any] | SensitivityProfile | str | Path | None = None,
+    example_inputs: dict[str, Any] | None = None,
+    solver: str = "cpsat",
+    compile: bool = True,
+    blocks: list[str] | None = None,
+    actions: tuple[str, ...] = ("reuse", "prune", "width", "skip"),
+    max_age: int = 4,
+    prune_rates: tuple[float, ...] = (0.25, 0.5, 0.75),
+    widths: tuple[float, ...] = (0.25, 0.5, 0.75),
+    solver_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> OptimizedTransformer:
+    """Optimise ``model`` to at most ``budget`` of its FLOPs per generation.
+
+    Args:
+        model: a diffusers transformer (any class :func:`dit_opt.capture` supports).
+        budget: FLOP fraction in (0, 1]; ``1.0`` computes everything (exact).
+        calibration: a callable that runs complete denoising loops with the module it is
+            given (``lambda m: (setattr(sampler, "transformer", m), sampler(class_labels=[0, 1]))``),
+            a profile saved earlier (object or directory), or ``None`` to self-calibrate on
+            synthetic inputs (known diffusers classes; warns).
+        example_inputs: inputs of one forward; default: the calibration's first call.
+        solver: ``"cpsat"`` (joint choice of all actions), ``"dp"`` (SODA interval DP, reuse
+            only) or a baseline schedule (``"fora"``, ``"delta_dit"``, ``"toca"``).
+        compile: lower the blocks with ``torch.compile`` (Inductor); ``False`` keeps eager code.
+        blocks: block list names, when discovery picks the wrong ones.
+        actions: action families the solver may use besides compute.
+        max_age, prune_rates, widths: the candidate actions measured by the profile.
+        solver_options: passed to the solver (e.g. ``time_limit_s``).
+        progress: show progress bars.
+
+    Returns:
+        An :class:`~dit_opt.runtime.OptimizedTransformer`, a drop-in for ``pipe.transformer``.
+
+    Raises:
+        ConfigError: the budget is not in (0, 1].
+        InfeasibleBudgetError: no plan meets the budget; the message gives the smallest one.
+        DitOptError: a step failed; the message names it and the steps before it.
+
+    Example:
+        >>> opt = dit_opt.optimize(sampler.transformer, budget=0.5, calibration=cal)
+        >>> sampler.transformer = opt
+        >>> print(opt.plan.summary())
+    """
+    budget = check_budget(budget)
+    if solver == "dp":
+        actions = ("reuse",)
+    ctx: dict[str, Any] = {}
+
+    def do_capture() -> None:
+        from dit_opt.capture import capture
+
+        cal, inputs = _prepare(model, calibration, example_inputs)
+        ctx["calibration"], ctx["inputs"] = cal, inputs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ctx["graph"] = capture(model, inputs, blocks=blocks)
+
+    def do_flops() -> None:
+        from passes.annotate_flops import annotate_flops
+
+        annotate_flops(ctx["graph"])
+
+    def do_profile() -> None:
+        cal = ctx["calibration"]
+        if isinstance(cal, SensitivityProfile):
+            _check_model(cal.model, model, "the given profile")
+            ctx["profile"] = cal
+            return
+        from passes.annotate_sensitivity import annotate_sensitivity
+
+        _, ctx["profile"] = annotate_sensitivity(ctx["graph"], cal, max_age=max_age, prune_rates=prune_rates,
+                                                 widths=widths, progress=progress)
+
+    def do_solve() -> None:
+        from solvers import solve
+
+        problem = ctx["profile"].to_problem(budget, actions=actions)
+        ctx["plan"] = solve(problem, solver, **(solver_options or {}))
+
+    def do_rewrite_and_lower() -> None:
+        ctx["opt"] = OptimizedTransformer(model, ctx["plan"], profile=ctx["profile"], graph=ctx["graph"],
+                                          compile=compile, solver=solver, solver_options=solver_options,
+                                          blocks=blocks)
+
+    times = _run_steps([
+        ("capture", do_capture),
+        ("annotate_flops", do_flops),
+        ("profile", do_profile),
+        ("solve", do_solve),
+        ("rewrite+lower", do_rewrite_and_lower),
+    ])
+    opt = ctx["opt"]
+    opt.step_times = times
+    return opt
+
+
+# ---- artifacts -----------------------------------------------------------------------------------
+def _check_model(saved: dict[str, Any], model: nn.Module, what: str) -> None:
+    from passes.annotate_sensitivity import model_fingerprint
+
+    now = model_fingerprint(model)
+    if saved.get("class") != now["class"]:
+        raise ArtifactError(f"{what} was made for a {saved.get('class')}, not this {now['class']}; "
+                            f"optimise this model instead")
+    if saved.get("config") != now["config"]:
+        diff = sorted(k for k in set(saved.get("config", {})) | set(now["config"])
+                      if saved.get("config", {}).get(k) != now["config"].get(k))
+        raise ArtifactError(f"{what} was made for a {now['class']} with another config (differs in {diff[:5]}); "
+                            f"optimise this model instead")
+    if abs(float(saved.get("weights", 0.0)) - now["weights"]) > 1e-4 * max(1.0, abs(now["weights"])):
+        raise ArtifactError(f"{what} was made for other weights of {now['class']} (weight fingerprint "
+                            f"{saved.get('weights')} != {now['weights']}); optimise these weights instead")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save(opt: OptimizedTransformer, path: str | Path) -> Path:
+    """Write ``opt``'s plan, profile, permutations and metadata to directory ``path`` (no pickle)."""
+    from dit_opt import __version__
+    from passes.annotate_sensitivity import model_fingerprint
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "plan.json").write_text(opt.plan.to_json(indent=1))
+    files = ["plan.json"]
+    if opt.profile is not None:
+        opt.profile.save(path)
+        files += ["profile.json", "profile.safetensors"]
+    meta = {
+        "format": "dit-opt",
+        "version": ARTIFACT_VERSION,
+        "library_version": __version__,
+        "model": model_fingerprint(opt.model),
+        "solver": opt.solver,
+        "solver_options": opt.solver_options,
+        "blocks": opt.blocks_arg,
+        "files": {f: _sha(path / f) for f in files},
+    }
+    (path / "dit_opt.json").write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def load(path: str | Path, model: nn.Module, *, compile: bool = True) -> OptimizedTransformer:
+    """Replay a saved optimisation on ``model`` without solving again.
+
+    Args:
+        path: a directory written by ``opt.save``.
+        model: the same model (class, config and weights are checked).
+        compile: lower with ``torch.compile``.
+
+    Raises:
+        ArtifactError: the directory is missing, corrupt (a checksum fails), of another format
+            version, or was made for another model.
+    """
+    path = Path(path)
+    meta_file = path / "dit_opt.json"
+    if not meta_file.is_file():
+        raise ArtifactError(f"{path}: not a saved dit-opt model (no dit_opt.json); write one with opt.save(dir)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{meta_file}: corrupt JSON ({e}); save the optimised model again") from e
+    if meta.get("format") != "dit-opt" or meta.get("version") != ARTIFACT_VERSION:
+        raise ArtifactError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this dit-opt "
+                            f"reads dit-opt version {ARTIFACT_VERSION}; optimise and save again")
+    for name, digest in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise ArtifactError(f"{path}: {name} is missing; the directory is incomplete, save it again")
+        if _sha(f) != digest:
+            raise ArtifactError(f"{path}: {name} does not match its checksum (corrupt or edited); save it again")
+    _check_model(meta.get("model", {}), model, f"the optimisation saved in {path}")
+    plan = Plan.from_json((path / "plan.json").read_text())
+    prof = SensitivityProfile.load(path) if (path / "profile.json").is_file() else None
+    return OptimizedTransformer(model, plan, profile=prof, compile=compile, solver=meta.get("solver", "cpsat"),
+                                solver_options=meta.get("solver_options") or {}, blocks=meta.get("blocks"))
+

@@ -1,0 +1,365 @@
+"""``OptimizedTransformer``: the drop-in module that runs a plan inside a diffusers pipeline.
+
+It has the wrapped model's forward signature and ``config``, so ``pipe.transformer = opt``
+works. Each call is mapped to a (step, branch) by its timestep (``dit_opt.steps``) or by the
+pipeline's ``cache_context(name)``; the step's rewritten graph runs with the branch's cache.
+Inputs of a new shape (batch size, resolution, another set of keyword arguments) get their
+own capture and variants on first use: the plan does not depend on shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dit_opt.errors import DitOptError
+from dit_opt.executor import narrow_block
+from dit_opt.ir import BlockSpec, DiTGraph
+from dit_opt.plan import ActionKind, Plan
+from dit_opt.steps import StepTracker, timestep_value
+
+__all__ = ["OptimizedTransformer"]
+
+
+@dataclass
+class _Runner:
+    """Everything specialised to one input signature: the capture and its step variants."""
+
+    graph: DiTGraph
+    variants: list
+    default_keys: tuple[str, ...]
+
+
+@dataclass
+class _Stats:
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    generations: int = 0
+
+
+class OptimizedTransformer(nn.Module):
+    """A transformer that runs a :class:`~dit_opt.plan.Plan` (see :func:`dit_opt.optimize`).
+
+    Attributes:
+        model: the wrapped model (its weights are shared, not copied).
+        plan: the plan for the calibrated schedule.
+        profile: the sensitivity profile the plan was solved from (``None`` if replayed without).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: Plan,
+        *,
+        profile: Any = None,
+        graph: DiTGraph | None = None,
+        compile: bool = True,
+        solver: str = "cpsat",
+        solver_options: dict | None = None,
+        blocks: Any = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        self.profile = profile
+        self.compile = compile
+        self.solver = solver
+        self.solver_options = dict(solver_options or {})
+        self.blocks_arg = blocks
+        self._plans: dict[tuple[float, ...], Plan] = {}
+        if plan.timesteps is not None:
+            self._plans[tuple(plan.timesteps)] = plan
+        self._active = plan
+        self._runners: dict[Any, _Runner] = {}
+        self._narrowed: dict[tuple[str, float], nn.Module] = {}
+        self._compiled: dict[int, nn.Module] = {}
+        self._tracker = StepTracker()
+        self._states: dict[Any, dict[str, torch.Tensor]] = {}
+        self._context: str | None = None
+        self._ctx_trackers: dict[str, StepTracker] = {}
+        self._stats = _Stats()
+        self._first_t: float | None = None
+        if graph is not None:
+            self._runners[self._signature(graph.example_inputs)] = self._make_runner(graph)
+        sig = inspect.signature(model.forward)
+
+        @functools.wraps(model.forward)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self._forward(*args, **kwargs)
+
+        forward.__signature__ = sig  # type: ignore[attr-defined]
+        self.forward = forward  # type: ignore[method-assign]
+
+    # ---- what pipelines read -----------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        """The wrapped model's config."""
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self._modules.get("model")
+            if model is None or name.startswith("_"):
+                raise
+            return getattr(model, name)
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """Calls inside share the cache state ``name`` (diffusers pipelines use this for CFG branches)."""
+        previous, self._context = self._context, name
+        try:
+            yield
+        finally:
+            self._context = previous
+
+    def reset(self) -> None:
+        """Forget every cache: the next call starts a new generation."""
+        self._tracker.reset()
+        self._states.clear()
+        self._ctx_trackers.clear()
+        self._first_t = None
+
+    def save(self, path: Any) -> Any:
+        """Write the plan, profile, permutations and metadata to directory ``path`` (see :func:`dit_opt.load`)."""
+        from dit_opt.api import save
+
+        return save(self, path)
+
+    # ---- inspection --------------------------------------------------------------------------
+    def graph(self, step: int) -> torch.fx.GraphModule:
+        """The rewritten ``GraphModule`` that ``step`` runs (at the captured input shapes)."""
+        runner = next(iter(self._runners.values()), None)
+        if runner is None:
+            raise DitOptError("nothing captured yet: call the module once (or use dit_opt.optimize) first")
+        if not 0 <= step < len(runner.variants):
+            raise IndexError(f"step {step} is outside the plan's {len(runner.variants)} steps")
+        return runner.variants[step].gm
+
+    def stats(self) -> dict[str, Any]:
+        """After a generation: per step the actions that ran, modelled FLOPs and cache memory held."""
+        steps = self._stats.steps
+        plan = self._active
+        spent = sum(s["flops"] for s in steps) + float(plan.flops_fixed) * len(steps) / max(1, plan.num_steps)
+        full = float(plan.full_flops) * len(steps) / max(1, plan.num_steps)
+        return {
+            "generations": self._stats.generations,
+            "steps": steps,
+            "flop_fraction": spent / full if steps else None,
+            "cache_bytes": self.cache_bytes(),
+        }
+
+    def cache_bytes(self) -> int:
+        """Bytes of cached tensors held now, over every branch."""
+        return sum(t.numel() * t.element_size() for st in self._states.values() for t in st.values())
+
+    # ---- calling -----------------------------------------------------------------------------
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        return_dict = kwargs.pop("return_dict", True)
+        named = inspect.signature(self.model.forward).bind(*args, **kwargs).arguments
+        named.pop("return_dict", None)
+        inputs = {k: v for k, v in named.items() if v is not None}
+        t = timestep_value(inputs.get("timestep", 0.0))
+        step, branch = self._step_of(t)
+        plan = self._plan_for_step(step, t)
+        key = self._signature(inputs)
+        runner = self._runners.get(key)
+        if runner is None:
+            runner = self._runners[key] = self._make_runner(self._capture(inputs))
+        variants = runner.variants if plan is self.plan else self._variants_for(runner, plan)
+        if step >= len(variants):
+            warnings.warn(f"step {step} is beyond the plan's {len(variants)} steps: computing it in full",
+                          stacklevel=3)
+            step_variant = None
+        else:
+            step_variant = variants[step]
+        state = self._states.setdefault(branch, {})
+        if step == 0:
+            state.clear()
+        graph = runner.graph
+        flat = graph.flat_inputs(**inputs)
+        with torch.no_grad():
+            if step_variant is None:
+                out = graph.gm(*flat)
+                writes = ()
+            else:
+                missing = [k for k in step_variant.reads if k not in state]
+                if missing:
+                    raise DitOptError(
+                        f"step {step} reuses cache entries {missing[:3]} that no earlier step of this generation "
+                        f"wrote (branch {branch!r}). Start generations from their first step, or call opt.reset()."
+                    )
+                out = step_variant.gm(*flat, *[state[k] for k in step_variant.reads])
+                n = step_variant.gm.num_model_outputs
+                writes = step_variant.writes
+                for k, v in zip(writes, out[n:], strict=True):
+                    state[k] = v
+                out = out[:n]
+        self._record(step, plan, step_variant)
+        result = graph.unflatten_output(out)
+        if not return_dict and hasattr(result, "to_tuple"):
+            return result.to_tuple()
+        return result
+
+    def _step_of(self, t: float) -> tuple[int, Any]:
+        if self._context is not None:
+            # The pipeline names the branch; each named branch tracks its own steps.
+            tracker = self._ctx_trackers.setdefault(self._context, StepTracker())
+            step, _ = tracker.observe(t)
+            branch: Any = self._context
+        else:
+            step, branch = self._tracker.observe(t)
+        if step == 0 and branch in (0, next(iter(self._ctx_trackers), None)):
+            self._stats = _Stats(generations=self._stats.generations + 1)
+            self._first_t = t
+        return step, branch
+
+    def _plan_for_step(self, step: int, t: float) -> Plan:
+        """The plan of the running loop: re-solved from the profile when its schedule differs."""
+        if step == 0:
+            self._active = self.plan
+            return self._active
+        if step == 1 and self.plan.timesteps is not None:
+            cal = np.asarray(self.plan.timesteps, dtype=np.float64)
+            t0 = self._first_t if self._first_t is not None else t
+            span = abs(cal[0] - cal[-1]) or 1.0
+            if abs(t0 - cal[0]) > 1e-3 * span or abs(t - cal[1]) > 1e-3 * span:
+                self._active = self.plan_for_schedule(_estimate_schedule(t0, t, cal))
+        return self._active
+
+    def plan_for_schedule(self, timesteps: Any) -> Plan:
+        """The plan for another schedule, re-solved from the stored profile (no re-profiling).
+
+        Args:
+            timesteps: the scheduler's timestep values (e.g. ``pipe.scheduler.timesteps``).
+
+        Raises:
+            DitOptError: no profile is stored with this module.
+        """
+        ts = tuple(round(float(t), 6) for t in timesteps)
+        if ts in self._plans:
+            return self._plans[ts]
+        if self.profile is None:
+            raise DitOptError(
+                f"this loop runs {len(ts)} steps but the plan was made for {self.plan.num_steps}, and no "
+                f"sensitivity profile is stored to re-solve it; optimise again or save/load with the profile"
+            )
+        from solvers import solve
+
+        problem = self.profile.to_problem(self.plan.budget, timesteps=ts)
+        plan = solve(problem, self.solver, **self.solver_options)
+        self._plans[ts] = plan
+        return plan
+
+    def _variants_for(self, runner: _Runner, plan: Plan) -> list:
+        cache = runner.__dict__.setdefault("_by_plan", {})
+        key = id(plan)
+        if key not in cache:
+            cache[key] = self._lower(self._build(runner.graph, plan))
+        return cache[key]
+
+    def _record(self, step: int, plan: Plan, variant: Any) -> None:
+        if variant is None:
+            counts = {"compute": len(plan.units)}
+            flops = float(plan.full_flops) / max(1, plan.num_steps)
+        else:
+            counts = {}
+            for a in variant.actions:
+                counts[a.kind.value] = counts.get(a.kind.value, 0) + 1
+            flops = float(plan.step_flops[step])
+        entry = {"step": step, "actions": counts, "flops": flops, "cache_bytes": self.cache_bytes()}
+        steps = self._stats.steps
+        if step < len(steps):
+            steps[step] = entry  # another branch of the same step
+        else:
+            steps.append(entry)
+
+    # ---- building ----------------------------------------------------------------------------
+    @staticmethod
+    def _signature(inputs: dict[str, Any]) -> Any:
+        def sig(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return ("T", tuple(v.shape), str(v.dtype), str(v.device))
+            if isinstance(v, dict):
+                return tuple(sorted((k, sig(x)) for k, x in v.items()))
+            if isinstance(v, list | tuple):
+                return tuple(sig(x) for x in v)
+            return repr(v)
+
+        return tuple(sorted((k, sig(v)) for k, v in inputs.items() if v is not None))
+
+    def _capture(self, inputs: dict[str, Any]) -> DiTGraph:
+        from dit_opt.capture import capture
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return capture(self.model, inputs, blocks=self.blocks_arg)
+
+    def _make_runner(self, graph: DiTGraph) -> _Runner:
+        variants = self._lower(self._build(graph, self.plan))
+        return _Runner(graph=graph, variants=variants, default_keys=())
+
+    def _build(self, graph: DiTGraph, plan: Plan) -> list:
+        from passes.rewrite_plan import build_variants
+
+        return build_variants(graph, plan, self._narrow)
+
+    def _narrow(self, spec: BlockSpec, width: float) -> nn.Module:
+        key = (spec.name, width)
+        if key not in self._narrowed:
+            order = {}
+            if self.profile is not None:
+                prefix = spec.name + "."
+                order = {k[len(prefix):]: v for k, v in self.profile.channel_order.items() if k.startswith(prefix)}
+            self._narrowed[key] = narrow_block(self.model.get_submodule(spec.name), spec, width, order)
+        return self._narrowed[key]
+
+    def _lower(self, variants: list) -> list:
+        """Regional compilation: each distinct block module is compiled once and shared."""
+        if not self.compile:
+            return variants
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for v in {id(v.gm): v for v in variants}.values():
+            for name, mod in list(v.gm.named_children()):
+                if _is_block(mod):
+                    if id(mod) not in self._compiled:
+                        self._compiled[id(mod)] = torch.compile(mod)
+                    setattr(v.gm, name, self._compiled[id(mod)])
+        return variants
+
+
+def _is_block(mod: nn.Module) -> bool:
+    # Blocks (original or narrowed) are the only diffusers modules a variant calls directly;
+    # the pre/post-processing it calls are torch.export InterpreterModules (or containers).
+    return not type(mod).__module__.startswith("torch.") and not hasattr(mod, "graph")
+
+
+def _estimate_schedule(t0: float, t1: float, calibrated: np.ndarray) -> tuple[float, ...]:
+    """A schedule from its first two timesteps, ending where the calibrated one ends."""
+    end = float(calibrated[-1])
+    stride = abs(t1 - t0) or 1.0
+    n = max(2, int(round(abs(t0 - end) / stride)) + 1)
+    return tuple(float(x) for x in np.linspace(t0, end, n))
+
+
+def kinds_in(plan: Plan) -> set[ActionKind]:
+    """The action kinds a plan uses."""
+    return {a.kind for row in plan.actions for a in row}
