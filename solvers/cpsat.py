@@ -38,7 +38,8 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from dit_opt.errors import DitOptError
-from dit_opt.plan import Plan
+from dit_opt.plan import ActionKind, Plan
+from solvers import dp
 from solvers.problem import Problem, infeasible_error, min_cost_sequences
 
 __all__ = ["solve", "lagrangian_plan"]
@@ -64,7 +65,8 @@ def solve(
         num_workers: parallel search workers; default: the CPU count, at most 8.
         relative_gap: stop once ``(objective - bound) / objective`` is below this.
         error_resolution: integer value of the largest error in the objective.
-        warm_start: pass the Lagrangian plan to CP-SAT as a hint.
+        warm_start: pass a plan to CP-SAT as a hint: the Lagrangian one, or on COMPUTE/REUSE-only
+            problems the optimum of :mod:`solvers.dp`. The Lagrangian bound is used either way.
 
     Returns:
         The plan; ``status`` is ``OPTIMAL`` or ``FEASIBLE`` and ``gap`` the relative gap.
@@ -89,6 +91,11 @@ def solve(
     slack = 0.5 * T * U / scale  # |float error - integer objective / scale| of any plan
     compute = 0  # menu index of COMPUTE
     hint, hint_ages, lower_bound = lagrangian_plan(problem)
+    if warm_start and all(a.kind in (ActionKind.COMPUTE, ActionKind.REUSE) for a in menu):
+        # SODA's exact DP solves this restriction in well under a second: start from its optimum.
+        optimum = dp.solve(problem)
+        hint = np.array([[menu.index(a) for a in row] for row in optimum.actions], dtype=np.int64)
+        hint_ages = _ages(problem, hint)
 
     # Variables ---------------------------------------------------------------------------
     model = cp_model.CpModel()

@@ -122,20 +122,37 @@ def _unit_front(problem: Problem, u: int) -> _Front:
 
 
 def _combine(fronts: list[_Front], need: int) -> list[int]:
-    """Pick one point per unit front: least total error with total savings >= need (exact)."""
-    remaining = np.cumsum([int(f.savings[-1]) for f in fronts][::-1])[::-1].tolist() + [0]
+    """Pick one point per unit front: least total error with total savings >= need (exact).
+
+    Two prunings keep the merged front small without losing the optimum: points that cannot
+    reach ``need`` even if every later unit saves its most, and points whose error plus a
+    Lagrangian lower bound on the later units' error exceeds the error of a known feasible
+    choice (:func:`_incumbent`).
+    """
+    max_save = [int(f.savings[-1]) for f in fronts]
+    remaining = np.cumsum(max_save[::-1])[::-1].tolist() + [0]
+    upper, lam = _incumbent(fronts, need)
+    # later[u]: for the units after u, sum of min(error - lam * savings) and sum of min savings
+    reduced = [float(np.min(f.errors - lam * f.savings)) for f in fronts]
+    least = [int(f.savings[0]) for f in fronts]
+    later_reduced = np.cumsum(reduced[::-1])[::-1].tolist()[1:] + [0.0]
+    later_least = np.cumsum(least[::-1])[::-1].tolist()[1:] + [0]
+    tolerance = 1e-9 * (abs(upper) + 1.0)
     savings, errors = np.zeros(1, dtype=np.int64), np.zeros(1)
     history: list[tuple[np.ndarray, np.ndarray]] = []  # per unit: (previous index, front index)
     cap = max(need, 0)
     for u, front in enumerate(fronts):
         s = np.minimum((savings[:, None] + front.savings[None, :]).ravel(), cap)
         e = (errors[:, None] + front.errors[None, :]).ravel()
-        reachable = s + remaining[u + 1] >= need
-        idx = np.flatnonzero(reachable)
+        # later units must save at least need - s (unknown once s is clipped at need)
+        still_needed = np.where(s >= need, -np.inf, need - s.astype(np.float64))
+        bound = later_reduced[u] + lam * np.maximum(still_needed, later_least[u])
+        ok = (s + remaining[u + 1] >= need) & (e + bound <= upper + tolerance)
+        idx = np.flatnonzero(ok)
         keep = idx[_pareto(s[idx], e[idx])]
         history.append((keep // len(front.savings), keep % len(front.savings)))
         savings, errors = s[keep], e[keep]
-    # the caller checked feasibility, so some point reaches the requirement
+    # the caller checked feasibility and the incumbent survives the pruning, so a point remains
     best = int(np.flatnonzero(savings >= need)[np.argmin(errors[savings >= need])])
     picks = []
     for prev, pick in reversed(history):
@@ -143,3 +160,39 @@ def _combine(fronts: list[_Front], need: int) -> list[int]:
         best = int(prev[best])
     return picks[::-1]
 
+
+def _incumbent(fronts: list[_Front], need: int, iterations: int = 60) -> tuple[float, float]:
+    """Error of a feasible choice and a FLOP price, from the Lagrangian relaxation of the fronts.
+
+    For a price ``lam`` each unit takes the front point minimising ``error - lam * savings``;
+    ``lam`` is bisected to the threshold where the choice meets ``need``, and units are moved
+    from the choice below the threshold to the one above until it does.
+    """
+
+    def choose(lam: float) -> np.ndarray:
+        # ties go to the larger saving (the last of equal values on an ascending front)
+        return np.array([len(f.savings) - 1 - int(np.argmin((f.errors - lam * f.savings)[::-1])) for f in fronts])
+
+    def totals(pick: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (np.array([f.savings[i] for f, i in zip(fronts, pick, strict=True)]),
+                np.array([f.errors[i] for f, i in zip(fronts, pick, strict=True)]))
+
+    hi = 1.0
+    while totals(choose(hi))[0].sum() < need and hi < 1e300:
+        hi *= 4.0
+    lo = 0.0
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if totals(choose(mid))[0].sum() >= need else (mid, hi)
+    s_lo, e_lo = totals(choose(lo))
+    s_hi, e_hi = totals(choose(hi))
+    gain = s_hi - s_lo
+    order = sorted(np.flatnonzero(gain > 0), key=lambda u: (e_hi[u] - e_lo[u]) / gain[u])
+    total, error = int(s_lo.sum()), float(e_lo.sum())
+    for u in order:
+        if total >= need:
+            break
+        total += int(gain[u])
+        error += float(e_hi[u] - e_lo[u])
+    upper = error if total >= need else float(e_hi.sum())
+    return min(upper, float(e_hi.sum())), hi
