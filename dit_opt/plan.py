@@ -419,7 +419,8 @@ class Plan:
             f"wall time {self.wall_time_s:.3f} s"
             + ("" if self.gap is None else f"; gap {100 * self.gap:.3f} %"),
         ]
-        console = Console(file=io.StringIO(), width=max(100, len(self.units) + 60), color_system=None)
+        widest = max(len(self._compact_row(row)) for row in self.actions)
+        console = Console(file=io.StringIO(), width=max(100, widest + 50), color_system=None)
         console.print(table)
         for line in lines:
             console.print(line, highlight=False, markup=False)
