@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from dit_opt.errors import InfeasibleBudgetError
+from dit_opt.errors import ConfigError, InfeasibleBudgetError
 from dit_opt.plan import ActionKind, Plan
 from solvers.problem import Problem
 
@@ -44,6 +44,7 @@ def fora(problem: Problem, interval: int | None = None) -> Plan:
 
     Raises:
         InfeasibleBudgetError: no interval meets the budget.
+        ConfigError: the problem has no REUSE family.
     """
     start = time.perf_counter()
     reuse = _menu_index(problem, ActionKind.REUSE)
@@ -136,9 +137,9 @@ def _menu_index(problem: Problem, kind: ActionKind) -> int:
     for i, action in enumerate(problem.actions):
         if action.kind is kind:
             return i
-    raise InfeasibleBudgetError(
+    raise ConfigError(
         f"this baseline needs the {kind.name} action family, which the problem does not have; "
-        "profile it or use solvers.cpsat"
+        "profile it (e.g. SensitivityProfile.to_problem with actions including it) or use solvers.cpsat"
     )
 
 

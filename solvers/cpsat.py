@@ -63,7 +63,9 @@ def solve(
         time_limit_s: wall-clock limit of the CP-SAT search.
         seed: CP-SAT random seed (fixed for reproducible plans).
         num_workers: parallel search workers; default: the CPU count, at most 8.
-        relative_gap: stop once ``(objective - bound) / objective`` is below this.
+        relative_gap: stop once ``(objective - bound) / objective`` is below this. With the default
+            0 CP-SAT tries to prove optimality; on a 50 x 84 problem that runs to the time limit,
+            while ``relative_gap=0.01`` returns in 2-3 s with gaps below 0.1 % (docs/solvers.md).
         error_resolution: integer value of the largest error in the objective.
         warm_start: pass a plan to CP-SAT as a hint: the Lagrangian one, or on COMPUTE/REUSE-only
             problems the optimum of :mod:`solvers.dp`. The Lagrangian bound is used either way.

@@ -273,3 +273,9 @@ def test_placeholder_errors_on_disallowed_actions_do_not_cost_precision() -> Non
     best, _, _ = brute_force(problem)
     plan = cpsat.solve(problem)
     assert plan.predicted_error == pytest.approx(best, abs=1e-9)
+
+
+def test_baseline_without_its_family_says_so() -> None:
+    problem = make_problem(2, 4, 2, 2, 0.9).restrict([ActionKind.SKIP])
+    with pytest.raises(ConfigError, match="REUSE action family"):
+        baselines.fora(problem)
