@@ -88,7 +88,7 @@ def solve(
     # Scale by the largest error of an *allowed* action: callers may park huge placeholder errors
     # on disallowed ones, which must not eat the objective's resolution.
     largest = float(np.where(allowed[..., None], errors, 0.0).max(initial=0.0))
-    scale = error_resolution / max(largest, 1e-300)
+    scale = error_resolution / largest if largest > 0 else 1.0  # all errors 0: any scale is exact
     int_errors = np.rint(np.where(allowed[..., None], errors, 0.0) * scale).astype(np.int64)
     slack = 0.5 * T * U / scale  # |float error - integer objective / scale| of any plan
     compute = 0  # menu index of COMPUTE
