@@ -6,7 +6,7 @@ Formulation (sections as in the OR-Tools samples):
   step ``t``;
 * ``z[t, u, a, n] = 1`` if unit ``u`` takes the cache action ``a`` (REUSE, PRUNE) at step ``t``
   reading the cache computed at ``t - n`` (``1 <= n <= max_age``); ``y[t, u, n] = sum_a
-  z[t, u, a, n]`` is the age indicator of the brief;
+  z[t, u, a, n]`` says that unit ``u`` reads at step ``t`` the cache of step ``t - n``;
 * exactly one action per (step, unit); ``y[t, u, n] <= x[t - n, u, COMPUTE]`` (the cache was
   written at ``t - n``) and ``x[t - k, u, COMPUTE] + sum_{n > k} y[t, u, n] <= 1`` for
   ``0 < k < max_age`` (no COMPUTE in between; the aggregated form of ``y[t, u, n] +
@@ -14,12 +14,17 @@ Formulation (sections as in the OR-Tools samples):
 * budget, in the integer quanta shared with :mod:`solvers.dp` (FLOPs rounded so that every
   integer-feasible plan is feasible in floats, see :mod:`solvers.problem`):
   ``sum savings[t, u, a] * x[t, u, a] >= need``; the float budget is re-checked after solving;
-* objective: ``sum round(error * scale) * x`` with ``scale = error_resolution / max error``
-  (default ``1e9``: rounding changes the objective by at most ``0.5 / scale`` per term).
+* objective: ``sum round(error * scale) * x`` with ``scale = error_resolution / largest allowed
+  error`` (default ``1e9``: rounding moves the objective by at most ``0.5 / scale`` per term).
 
-A warm start comes from a Lagrangian relaxation of the budget: for a price ``lam`` on FLOPs the
-problem splits into one shortest path per unit (:func:`solvers.problem.min_cost_sequences`);
-bisection on ``lam`` gives a feasible plan that is passed to CP-SAT with ``AddHint``.
+Warm start and bound: for a price ``lam`` per saved FLOP quantum the problem splits into one
+shortest path per unit (:func:`solvers.problem.min_cost_sequences`). Bisection on ``lam`` and a
+repair give a feasible plan, passed to CP-SAT as its solution hint (on COMPUTE/REUSE-only problems
+the exact optimum of :mod:`solvers.dp` is passed instead), and the dual values give a proven lower
+bound, written into the objective's domain so that CP-SAT can stop at ``relative_gap`` at once.
+``Plan.status`` is ``OPTIMAL`` only when the gap is closed, else ``FEASIBLE``; ``Plan.gap`` is
+measured against the better of CP-SAT's and the Lagrangian bound. On large models (> 20k
+variables) presolve, probing and symmetry detection are off: they cost seconds and find little.
 
 Example:
     >>> from solvers import cpsat
