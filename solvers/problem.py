@@ -290,16 +290,18 @@ class Problem:
         Raises:
             ValueError: an action is not in the menu or not allowed, or a rule is broken.
         """
-        steps, error = self._evaluate(actions)
-        return math.fsum([*steps, self.flops_fixed]), error
+        _, total, error = self._evaluate(actions)
+        return total, error
 
-    def _evaluate(self, actions: Sequence[Sequence[Action]]) -> tuple[list[float], float]:
+    def _evaluate(self, actions: Sequence[Sequence[Action]]) -> tuple[list[float], float, float]:
+        """Per-step FLOPs, total FLOPs and error; the total is one exactly rounded sum of every
+        term (not of the rounded per-step sums), the figure the integer scaling guarantees."""
         T, U = self.num_steps, len(self.units)
         if len(actions) != T or any(len(row) != U for row in actions):
             raise ValueError(f"actions must be {T} rows (steps) of {U} actions (units)")
         index = {a: i for i, a in enumerate(self.actions)}
         last = [0] * U
-        steps, errors = [], []
+        steps, errors, every = [], [], [self.flops_fixed]
         for t, row in enumerate(actions):
             flops = []
             for u, action in enumerate(row):
@@ -317,7 +319,8 @@ class Problem:
                 if a == 0:
                     last[u] = t
             steps.append(math.fsum(flops))
-        return steps, math.fsum(errors)
+            every += flops
+        return steps, math.fsum(every), math.fsum(errors)
 
     def is_within_budget(self, flops: float, budget: float | None = None) -> bool:
         """Whether ``flops`` (with ``flops_fixed``) meet ``budget * full_flops``."""
@@ -326,11 +329,11 @@ class Problem:
     def to_plan(self, actions: Sequence[Sequence[Action]], solver: str, status: str,
                 wall_time_s: float, gap: float | None = None) -> Plan:
         """Wrap an action grid in a :class:`Plan`, with FLOPs and error from :meth:`evaluate`."""
-        steps, error = self._evaluate(actions)
+        steps, total, error = self._evaluate(actions)
         return Plan(
             num_steps=self.num_steps, units=self.units, actions=actions, budget=self.budget,
             full_flops=self.full_flops, flops_fixed=self.flops_fixed,
-            predicted_flops=math.fsum([*steps, self.flops_fixed]), step_flops=steps,
+            predicted_flops=total, step_flops=steps,
             predicted_error=error, max_age=self.max_age, solver=solver, status=status,
             wall_time_s=wall_time_s, gap=gap, timesteps=self.timesteps,
         )
