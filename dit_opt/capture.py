@@ -235,12 +235,12 @@ def _record_io(block: nn.Module, rec: dict[str, Any]) -> Any:
 def _block_spec(list_name: str, index: int, block: nn.Module, rec: dict[str, Any], sub: nn.Module) -> BlockSpec:
     params = [p for p in inspect.signature(block.forward).parameters.values() if p.kind != p.VAR_KEYWORD]
     inputs: list[tuple[str, TensorSpec]] = []
-    for i, a in enumerate(rec["args"]):
-        if isinstance(a, torch.Tensor):
-            inputs.append((params[i].name if i < len(params) else f"arg{i}", TensorSpec.of(a)))
-    for k, v in rec["kwargs"].items():
+    named = [(params[i].name if i < len(params) else f"arg{i}", a) for i, a in enumerate(rec["args"])]
+    for k, v in [*named, *rec["kwargs"].items()]:
         if isinstance(v, torch.Tensor):
             inputs.append((k, TensorSpec.of(v)))
+        elif isinstance(v, tuple | list):  # e.g. rotary embeddings as (cos, sin)
+            inputs.extend((f"{k}.{j}", TensorSpec.of(x)) for j, x in enumerate(v) if isinstance(x, torch.Tensor))
     out = rec["output"]
     is_tuple = isinstance(out, tuple | list)
     outs = list(out) if is_tuple else [out]

@@ -262,8 +262,10 @@ class OptimizedTransformer(nn.Module):
             )
         from solvers import solve
 
+        from dit_opt.api import _solver_defaults
+
         problem = self.profile.to_problem(self.plan.budget, timesteps=ts)
-        plan = solve(problem, self.solver, **self.solver_options)
+        plan = solve(problem, self.solver, **_solver_defaults(self.solver, self.solver_options))
         self._plans[ts] = plan
         return plan
 

@@ -37,9 +37,17 @@ class Variant:
 
 
 def cache_needs(plan: Plan) -> list[list[tuple[bool, bool]]]:
-    """Per step and unit, whether a ``COMPUTE`` must write (residual, input) for later steps."""
+    """Per step and unit, whether a ``COMPUTE`` must write (residual, input) for later steps.
+
+    Example:
+        >>> cache_needs(plan)[0][3]   # step 0, unit 3: (write residual, write input)
+        (True, True)
+    """
     T, U = plan.num_steps, len(plan.units)
     needs = [[(False, False)] * U for _ in range(T)]
+    # Step 0 writes every entry: the runtime may switch to a plan re-solved for another
+    # schedule after seeing the second timestep, and that plan reads what step 0 wrote.
+    needs[0] = [(True, True)] * U
     for u in range(U):
         last = None
         for t in range(T):
