@@ -107,6 +107,7 @@ def profile(
     prune_rates: tuple[float, ...] = (0.25, 0.5, 0.75),
     widths: tuple[float, ...] = (0.25, 0.5, 0.75),
     probe_rows: int | None = 4,
+    probes: int = 8,
     progress: bool = True,
 ) -> SensitivityProfile:
     """Measure the sensitivity profile of ``model`` (reusable across budgets).
@@ -118,6 +119,9 @@ def profile(
         example_inputs: inputs of one forward; default: the calibration's first call.
         blocks, max_age, prune_rates, widths, probe_rows, progress: see
             ``passes.annotate_sensitivity.annotate_sensitivity``.
+        probes: single actions whose real final-output error is compared with the modelled
+            one (``passes.validate_sensitivity``); each costs one calibration run. The rank
+            correlation lands in ``profile.report["validation"]``.
 
     Example:
         >>> prof = dit_opt.profile(sampler.transformer, lambda m: run(m))
@@ -136,6 +140,14 @@ def profile(
     annotate_flops(graph)
     _, prof = annotate_sensitivity(graph, calibration, max_age=max_age, prune_rates=prune_rates, widths=widths,
                                    probe_rows=probe_rows, progress=progress)
+    if probes:
+        from passes.validate_sensitivity import validate_sensitivity
+
+        report = validate_sensitivity(graph, prof, calibration, probes=probes)
+        prof.report["validation"] = report
+        seconds = prof.report["profile_seconds"] + report["seconds"]
+        prof.report["profile_seconds"] = seconds
+        prof.report["cost_in_generations"] = seconds / max(prof.report["plain_calibration_seconds"], 1e-9)
     return prof
 
 
