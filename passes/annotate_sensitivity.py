@@ -66,7 +66,7 @@ def measure_channel_order(graph: DiTGraph, calibration: Callable[[torch.nn.Modul
     handles = []
     for spec in graph.blocks:
         block = model.get_submodule(spec.name)
-        for name, first, last, chunks in mlp_linears(block, spec):
+        for name, *_ in mlp_linears(block, spec):
             key = f"{spec.name}.{name}"
             act = block.get_submodule(name).net[0]
 
@@ -323,7 +323,9 @@ def annotate_sensitivity(
         **errs,
         **flops,
     )
-    for u, (spec, node) in enumerate(graph.block_nodes()):
+    index = {spec.name: u for u, spec in enumerate(graph.blocks)}
+    for spec, node in graph.block_nodes():
+        u = index[spec.name]
         node.meta[META_SENSITIVITY] = {
             "reuse@1": float(errs["e_reuse"][1:, u, 1].mean()) if len(timesteps) > 1 else None,
             "skip": float(errs["e_skip"][:, u].mean()),
