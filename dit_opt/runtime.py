@@ -260,9 +260,8 @@ class OptimizedTransformer(nn.Module):
                 f"this loop runs {len(ts)} steps but the plan was made for {self.plan.num_steps}, and no "
                 f"sensitivity profile is stored to re-solve it; optimise again or save/load with the profile"
             )
-        from solvers import solve
-
         from dit_opt.api import _solver_defaults
+        from solvers import solve
 
         problem = self.profile.to_problem(self.plan.budget, timesteps=ts)
         plan = solve(problem, self.solver, **_solver_defaults(self.solver, self.solver_options))
