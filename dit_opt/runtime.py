@@ -165,6 +165,29 @@ class OptimizedTransformer(nn.Module):
             "cache_bytes": self.cache_bytes(),
         }
 
+    def explain(self, step: int) -> Any:
+        """``torch._dynamo.explain`` of the variant that ``step`` runs (eager blocks inlined).
+
+        The variant is traced with zero-filled cache inputs of the right shapes; a variant
+        that lowers as one graph reports ``graph_break_count == 0``.
+        """
+        import torch._dynamo
+
+        runner = next(iter(self._runners.values()), None)
+        if runner is None:
+            raise DitOptError("nothing captured yet: call the module once (or use dit_opt.optimize) first")
+        graph = runner.graph
+        eager = self._build(graph, self._active)[step]
+        specs = {b.name: b for b in graph.blocks}
+        caches = []
+        for key in eager.reads:
+            block, entry = key.split("/")
+            out = specs[block].outputs[int(entry.lstrip("resin"))].spec
+            caches.append(torch.zeros(out.shape, dtype=getattr(torch, out.dtype), device=self.device))
+        flat = graph.flat_inputs(**graph.example_inputs)
+        with torch.no_grad():
+            return torch._dynamo.explain(eager.gm)(*flat, *caches)
+
     def cache_bytes(self) -> int:
         """Bytes of cached tensors held now, over every branch."""
         return sum(t.numel() * t.element_size() for st in self._states.values() for t in st.values())
