@@ -142,6 +142,12 @@ class OptimizedTransformer(nn.Module):
 
         return save(self, path)
 
+    def export(self, path: Any) -> Any:
+        """Export the lowered step variants as ``.pt2`` files (see :mod:`dit_opt.export`)."""
+        from dit_opt.export import export
+
+        return export(self, path)
+
     # ---- inspection --------------------------------------------------------------------------
     def graph(self, step: int) -> torch.fx.GraphModule:
         """The rewritten ``GraphModule`` that ``step`` runs (at the captured input shapes)."""
