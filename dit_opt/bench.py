@@ -1,0 +1,56 @@
+"""Measuring: FLOP fractions (counted) and wall-clock ratios (alternating, median).
+
+Timings on a shared CPU are noisy, so the two sides are run alternately in one process and
+the median of each is compared; FLOPs are counted with ``FlopCounterMode`` (attention
+included) over whole generations, in eager mode.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dit_opt.flops import count_flops
+
+__all__ = ["flop_fraction", "time_alternating", "with_transformer"]
+
+
+def with_transformer(sampler: Any, module: torch.nn.Module, **call: Any) -> Any:
+    """Run ``sampler(**call)`` with ``module`` as its transformer, then put the original back."""
+    original = sampler.transformer
+    sampler.transformer = module
+    try:
+        with torch.no_grad():
+            return sampler(**call)
+    finally:
+        sampler.transformer = original
+
+
+def flop_fraction(generate: Callable[[torch.nn.Module], Any], model: torch.nn.Module, other: torch.nn.Module) -> float:
+    """FLOPs of ``generate(other)`` over FLOPs of ``generate(model)``, counted."""
+    return count_flops(generate, other) / count_flops(generate, model)
+
+
+def time_alternating(
+    a: Callable[[], Any], b: Callable[[], Any], *, repeats: int = 5, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time of ``a()`` and ``b()``, run alternately (``a, b, a, b, ...``).
+
+    Returns:
+        ``{"a_s": median seconds of a, "b_s": ..., "speedup": a_s / b_s}``.
+    """
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, acc in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    ma, mb = statistics.median(ta), statistics.median(tb)
+    return {"a_s": ma, "b_s": mb, "speedup": ma / mb}
