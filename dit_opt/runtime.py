@@ -335,9 +335,13 @@ class OptimizedTransformer(nn.Module):
         return tuple(sorted((k, sig(v)) for k, v in inputs.items() if v is not None))
 
     def _capture(self, inputs: dict[str, Any]) -> DiTGraph:
+        from torch.utils._python_dispatch import _disable_current_modes
+
         from dit_opt.capture import capture
 
-        with warnings.catch_warnings():
+        # Capturing is one-time analysis (it runs the model a few times): keep it out of any
+        # dispatch mode the caller runs under, such as a FlopCounterMode measuring a generation.
+        with warnings.catch_warnings(), _disable_current_modes():
             warnings.simplefilter("ignore")
             return capture(self.model, inputs, blocks=self.blocks_arg)
 
