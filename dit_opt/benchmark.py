@@ -1,0 +1,652 @@
+"""dit-opt against its baselines and its peers, on the shipped reference models.
+
+``python examples/benchmark.py`` (or ``dit-opt bench``) runs, on ``digits-dit`` and
+``digits-mmdit``, with the same seeds and class labels for every row:
+
+* the full model;
+* dit-opt (solver ``cpsat``) at each target FLOP budget;
+* dit-opt's baseline schedules (``fora``, ``delta_dit``, ``toca``) at the same budgets, solved from
+  the same sensitivity profile (one profile per model, calibrated on other seeds than the
+  evaluation);
+* diffusers' cache hooks (FirstBlockCache, PyramidAttentionBroadcast, FasterCache, TaylorSeer,
+  MagCache), each swept over its threshold or skip parameter so that some settings land near
+  each target fraction.
+
+Per row: the FLOP fraction (counted with ``FlopCounterMode`` over the whole generation, eager),
+PSNR and SSIM against the full output of the same seeds, class accuracy and Frechet distance of
+the classifier features against the held-out real digits, and optionally a wall-clock ratio.
+It writes a markdown report and a PSNR-vs-FLOP-fraction figure.
+
+Peers and cache contexts: the diffusers hooks keep their state per *cache context* and raise
+"No cache context is set" without one. ``FluxTransformer2DModel`` has ``cache_context``;
+``DiTTransformer2DModel`` does not mix in ``CacheMixin`` (no ``enable_cache``), so the hooks are
+applied with the ``apply_*`` functions ``enable_cache`` dispatches to, and the context is set
+with the same private helper ``cache_context`` uses (``diffusers.hooks.hooks._set_cache_context``).
+:class:`PeerModule` does this around every call: the reference samplers batch the conditional and
+unconditional halves in one call, as ``DiTPipeline`` does, so every call runs in one context
+(``"cond"``) that carries the step index and the timestep.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import datetime
+import io
+import os
+import platform
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["BenchConfig", "Row", "PeerModule", "PEERS", "SOLVERS", "run", "write_report", "plot_pareto", "main"]
+
+#: dit-opt's own solver and its baseline schedules, all solved from the same profile.
+SOLVERS = ("cpsat", "fora", "delta_dit", "toca")
+#: Peer names (diffusers hooks) in report order.
+PEERS = ("fbc", "pab", "fastercache", "taylorseer", "magcache")
+_PEER_TITLES = {
+    "fbc": "diffusers FirstBlockCache",
+    "pab": "diffusers PyramidAttentionBroadcast",
+    "fastercache": "diffusers FasterCache",
+    "taylorseer": "diffusers TaylorSeer",
+    "magcache": "diffusers MagCache",
+}
+#: The swept parameter of each peer (full sweep; ``--quick`` takes every other value). Chosen by
+#: trial runs so that the FLOP fractions they reach bracket the target budgets where the method can.
+_SWEEPS: dict[str, tuple[float, ...]] = {
+    "fbc": (0.05, 0.1, 0.2, 0.3, 0.45, 0.7, 1.0),
+    "pab": (2, 3, 4, 6, 10),
+    "fastercache": (2, 3, 4, 6),
+    "taylorseer": (2, 3, 4, 6, 8),
+    "magcache": (0.02, 0.06, 0.15, 0.3, 0.6, 1.0),
+}
+_SWEEP_PARAM = {"fbc": "threshold", "pab": "skip_range", "fastercache": "skip_range", "taylorseer": "cache_interval",
+                "magcache": "threshold"}
+_EVAL_SEED = 0
+_CALIBRATION_SEED = 1000
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What one benchmark run measures.
+
+    Args:
+        models: reference model names (``dit_opt.zoo.available()``).
+        budgets: target FLOP fractions in (0, 1].
+        samples: generated images per row (labels cycle through the digits).
+        steps: denoising steps (``None``: each model's default).
+        solvers: dit-opt solvers to run (a subset of :data:`SOLVERS`).
+        peers: peer methods to run (a subset of :data:`PEERS`).
+        quick: sweep every other peer setting only.
+        timing: measure wall-clock ratios.
+        timing_scope: ``"all"`` rows, or ``"dit-opt"`` (only dit-opt's cpsat rows, to save time).
+        timing_samples: images per timed generation (smaller than ``samples`` to keep it short).
+        timing_repeats: timed runs per side (median taken).
+        calibration_samples: images of the calibration generation (seed 1000, other than the evaluation's).
+        progress: show rich progress bars.
+    """
+
+    models: tuple[str, ...] = ("digits-dit", "digits-mmdit")
+    budgets: tuple[float, ...] = (0.7, 0.5, 0.35, 0.25)
+    samples: int = 20
+    steps: int | None = None
+    solvers: tuple[str, ...] = SOLVERS
+    peers: tuple[str, ...] = PEERS
+    quick: bool = False
+    timing: bool = True
+    timing_scope: str = "all"
+    timing_samples: int = 4
+    timing_repeats: int = 3
+    calibration_samples: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from dit_opt import zoo
+
+        for m in self.models:
+            if m not in zoo.available():
+                raise ValueError(f"unknown model {m!r}; choose from {', '.join(zoo.available())}")
+        for b in self.budgets:
+            if not 0.0 < b <= 1.0:
+                raise ValueError(f"budget {b} is outside (0, 1]; a budget is a FLOP fraction such as 0.5")
+        bad = [s for s in self.solvers if s not in SOLVERS] + [p for p in self.peers if p not in PEERS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; solvers: {', '.join(SOLVERS)}; peers: {', '.join(PEERS)}")
+        if self.timing_scope not in ("all", "dit-opt"):
+            raise ValueError(f"timing_scope={self.timing_scope!r}; use 'all' or 'dit-opt'")
+        if self.samples < 2:
+            raise ValueError(f"samples={self.samples}: the Frechet distance needs at least 2 images")
+
+
+@dataclass
+class Row:
+    """One measured configuration of one model."""
+
+    model: str
+    method: str
+    setting: str
+    target: float | None
+    flop_fraction: float
+    psnr: float
+    ssim: float
+    accuracy: float
+    frechet: float
+    speedup: float | None = None
+    timing: str = ""
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- peers: diffusers cache hooks ----------------------------------------------------------------
+class PeerModule(nn.Module):
+    """A transformer with diffusers cache hooks, called inside a cache context.
+
+    The hooks need ``model.cache_context(name)`` around each denoiser call; the reference samplers
+    (like ``DiTPipeline``) do not set one, so this module does: one context ``"cond"`` (the two
+    guidance halves are one batched call), with the step index and timestep of the call. A call
+    whose timestep is not below the previous one starts a new generation and resets the hooks' state.
+
+    Args:
+        model: a copy of the transformer, with the hooks applied.
+        num_inference_steps: loop length (some hooks read it from the context).
+        uncond_first: swap the two guidance halves of every batched input before the call and of
+            the output after it. The reference samplers put the conditional half first (as
+            ``DiTPipeline``); FasterCache takes the *second* half as the conditional one.
+    """
+
+    def __init__(self, model: nn.Module, num_inference_steps: int, uncond_first: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.num_inference_steps = num_inference_steps
+        self.uncond_first = uncond_first
+        self.step = -1
+        self.current_timestep = 0.0
+        self._last_t: float | None = None
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def reset(self) -> None:
+        """Forget the hooks' state: the next call starts a generation."""
+        from diffusers.hooks import HookRegistry
+
+        HookRegistry.check_if_exists_or_initialize(self.model).reset_stateful_hooks(recurse=True)
+        self.step, self._last_t = -1, None
+
+    def forward(self, **inputs: Any) -> Any:
+        from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+        t = float(inputs["timestep"].flatten()[0])
+        # The Flux reference sampler passes sigma in [0, 1]; the hooks' timestep ranges are on the
+        # 0..1000 scale the DiT sampler uses, so both are reported on that scale.
+        t = t * 1000.0 if self.model.__class__.__name__.startswith("Flux") else t
+        if self._last_t is None or t >= self._last_t:
+            self.reset()
+        self._last_t, self.current_timestep = t, t
+        self.step += 1
+        _set_cache_context(self.model, CacheContext("cond", step_index=self.step,
+                                                    num_inference_steps=self.num_inference_steps, timestep=t))
+        if self.uncond_first:
+            batch = inputs["hidden_states"].shape[0]
+            inputs = {k: _swap_halves(v) if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
+                      for k, v in inputs.items()}
+        try:
+            out = self.model(**inputs)
+        finally:
+            _set_cache_context(self.model, None)
+        if self.uncond_first:
+            out.sample = _swap_halves(out.sample)
+        return out
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2)
+    return torch.cat([b, a])
+
+
+def _peer_config(peer: str, value: float, peer_module: PeerModule, steps: int, mag_ratios: list[float] | None,
+                 first_t: float = 1000.0):
+    """The diffusers config of ``peer`` with its swept parameter set to ``value``.
+
+    ``first_t`` is the loop's first timestep (0..1000 scale): FasterCache's attention hook must
+    compute there, since with the CFG cache off it would otherwise read an empty cache at step 0.
+    """
+    from diffusers.hooks import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
+
+    def now() -> float:
+        return peer_module.current_timestep
+
+    # Timestep ranges cover the whole loop (-1 .. 1001): the budget is set by the swept parameter only.
+    everywhere = (-1, 1001)
+    if peer == "fbc":
+        return FirstBlockCacheConfig(threshold=float(value))
+    if peer == "pab":
+        return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=int(value),
+                                               spatial_attention_timestep_skip_range=everywhere,
+                                               current_timestep_callback=now)
+    if peer == "fastercache":
+        # FasterCache's CFG cache splits the output into frequency bands with a 2-D FFT, which needs
+        # image-shaped outputs; Flux returns packed tokens (B, N, C), so there only its attention
+        # reuse runs (is_guidance_distilled=True turns the CFG cache off).
+        tokens_out = peer_module.model.__class__.__name__.startswith("Flux")
+        return FasterCacheConfig(is_guidance_distilled=tokens_out,
+                                 spatial_attention_block_skip_range=int(value),
+                                 spatial_attention_timestep_skip_range=(-1, first_t - 1e-3),
+                                 unconditional_batch_skip_range=int(value) + 1,
+                                 unconditional_batch_timestep_skip_range=everywhere,
+                                 tensor_format="BCHW", current_timestep_callback=now,
+                                 # class labels and pooled prompts are batched per guidance half too
+                                 _unconditional_conditional_input_kwargs_identifiers=[
+                                     "hidden_states", "encoder_hidden_states", "timestep", "class_labels",
+                                     "pooled_projections"])
+    if peer == "taylorseer":
+        # The default patterns ("^transformer_blocks.*attn", fullmatch) miss DiT's "attn1" and match
+        # nothing there, silently; name the attention and MLP modules of both block kinds instead.
+        return TaylorSeerCacheConfig(cache_interval=int(value), disable_cache_before_step=2, max_order=1,
+                                     taylor_factors_dtype=torch.float32,
+                                     cache_identifiers=[r"(single_)?transformer_blocks\.\d+\.(attn1?|ff|ff_context|proj_mlp|proj_out)"])
+    if peer == "magcache":
+        return MagCacheConfig(threshold=float(value), max_skip_steps=4, retention_ratio=0.1,
+                              num_inference_steps=steps, mag_ratios=mag_ratios)
+    raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
+
+
+def _apply_peer(model: nn.Module, config: Any) -> None:
+    """What ``CacheMixin.enable_cache`` does, also for classes without the mixin (DiT)."""
+    from diffusers import hooks
+
+    appliers = {
+        "FirstBlockCacheConfig": hooks.apply_first_block_cache,
+        "PyramidAttentionBroadcastConfig": hooks.apply_pyramid_attention_broadcast,
+        "FasterCacheConfig": hooks.apply_faster_cache,
+        "TaylorSeerCacheConfig": hooks.apply_taylorseer_cache,
+        "MagCacheConfig": hooks.apply_mag_cache,
+    }
+    if hasattr(model, "enable_cache"):
+        model.enable_cache(config)
+    else:
+        appliers[type(config).__name__](model, config)
+
+
+def peer_module(model: nn.Module, peer: str, value: float, steps: int,
+                mag_ratios: list[float] | None = None, first_t: float = 1000.0) -> PeerModule:
+    """A hooked copy of ``model`` (the original is left untouched) wrapped in a :class:`PeerModule`."""
+    wrapper = PeerModule(copy.deepcopy(model), steps, uncond_first=peer == "fastercache")
+    _apply_peer(wrapper.model, _peer_config(peer, value, wrapper, steps, mag_ratios, first_t))
+    return wrapper
+
+
+def _mag_ratios(model: nn.Module, generate: Callable[[nn.Module], Any], steps: int) -> list[float]:
+    """MagCache's per-step magnitude ratios for this model, from its calibration mode.
+
+    diffusers prints them at the end of a calibrated generation (and keeps no copy), so the print
+    is captured and parsed.
+    """
+    from diffusers.hooks import MagCacheConfig
+
+    wrapper = PeerModule(copy.deepcopy(model), steps)
+    _apply_peer(wrapper.model, MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        generate(wrapper)
+    lists = [line for line in buf.getvalue().splitlines() if line.strip().startswith("[")]
+    if not lists:
+        raise RuntimeError("MagCache calibration printed no ratios; the diffusers version may have changed how "
+                           "it reports them")
+    return [float(x) for x in ast.literal_eval(lists[-1].strip())]
+
+
+# ---- measuring -------------------------------------------------------------------------------------
+def _generate(sampler: Any, module: nn.Module, labels: list[int], seed: int, steps: int | None) -> torch.Tensor:
+    from dit_opt.bench import with_transformer
+
+    if hasattr(module, "reset"):
+        module.reset()
+    return with_transformer(sampler, module, class_labels=labels, seed=seed, num_inference_steps=steps)
+
+
+def _counted(sampler: Any, module: nn.Module, labels: list[int], steps: int | None) -> tuple[torch.Tensor, int]:
+    """Images and FLOPs (``FlopCounterMode``, eager, attention included) of one whole generation."""
+    from dit_opt.flops import flop_counter
+
+    with torch.no_grad(), flop_counter() as fc:
+        images = _generate(sampler, module, labels, _EVAL_SEED, steps)
+    return images, int(fc.get_total_flops())
+
+
+def _quality(images: torch.Tensor, full: torch.Tensor, labels: list[int], real: torch.Tensor) -> dict[str, float]:
+    from dit_opt import metrics
+
+    return {
+        "psnr": metrics.psnr(images, full),
+        "ssim": metrics.ssim(images, full),
+        "accuracy": metrics.class_accuracy(images, labels),
+        "frechet": metrics.frechet_distance(images, real),
+    }
+
+
+def _time(sampler: Any, base: nn.Module, other: nn.Module, labels: list[int], steps: int | None,
+          repeats: int) -> float:
+    """Wall-clock ratio base/other of whole generations, alternating, median (dit_opt.bench)."""
+    from dit_opt.bench import time_alternating
+
+    result = time_alternating(lambda: _generate(sampler, base, labels, _EVAL_SEED, steps),
+                              lambda: _generate(sampler, other, labels, _EVAL_SEED, steps),
+                              repeats=repeats, warmup=1)
+    return result["speedup"]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:g}"
+
+
+def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
+    import dit_opt
+    from dit_opt import metrics, zoo
+    from dit_opt.errors import DitOptError
+
+    sampler = zoo.load(name)
+    model = sampler.transformer
+    steps = cfg.steps or sampler.num_inference_steps
+    labels = [i % 10 for i in range(cfg.samples)]
+    timing_labels = labels[: cfg.timing_samples]
+    real, _ = metrics.real_digits("test")
+    peers = {p: _SWEEPS[p][::2] if cfg.quick else _SWEEPS[p] for p in cfg.peers}
+    n_rows = 1 + len(cfg.solvers) * len(cfg.budgets) + sum(len(v) for v in peers.values())
+    task = progress.add_task(f"{name}: profile", total=n_rows)
+    rows: list[Row] = []
+
+    images_full, flops_full = _counted(sampler, model, labels, cfg.steps)
+    q = _quality(images_full, images_full, labels, real)
+    rows.append(Row(name, "full model", f"{steps} steps", 1.0, 1.0, **q, speedup=1.0 if cfg.timing else None))
+    progress.advance(task)
+
+    def calibration(module: nn.Module) -> Any:
+        cal_labels = [i % 10 for i in range(cfg.calibration_samples)]
+        return _generate(sampler, module, cal_labels, _CALIBRATION_SEED, cfg.steps)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prof = dit_opt.profile(model, calibration, probes=0, progress=False)
+    example = sampler.example_inputs(batch_size=2 * len(labels))
+    compiled_full = torch.compile(model) if cfg.timing else None
+
+    for solver in cfg.solvers:
+        for budget in cfg.budgets:
+            progress.update(task, description=f"{name}: dit-opt {solver} @ {budget}")
+            method = "dit-opt (cpsat)" if solver == "cpsat" else f"dit-opt baseline {solver}"
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    opt = dit_opt.optimize(model, budget, calibration=prof, solver=solver, compile=False,
+                                           example_inputs=example, progress=False)
+                    images, flops = _counted(sampler, opt, labels, cfg.steps)
+            except DitOptError as e:
+                rows.append(Row(name, method, f"budget {budget}", budget, float("nan"), float("nan"), float("nan"),
+                                float("nan"), float("nan"), note=str(e).splitlines()[0][:160]))
+                progress.advance(task)
+                continue
+            row = Row(name, method, f"budget {budget}", budget, flops / flops_full,
+                      **_quality(images, images_full, labels, real), extra={"plan": opt.plan.counts()})
+            if cfg.timing and (cfg.timing_scope == "all" or solver == "cpsat"):
+                from dit_opt.runtime import OptimizedTransformer
+
+                # The plan is replayed compiled (no second solve); the reference is torch.compile(model).
+                compiled = OptimizedTransformer(model, opt.plan, profile=prof, compile=True, solver=solver)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    row.speedup = _time(sampler, compiled_full, compiled, timing_labels, cfg.steps, cfg.timing_repeats)
+                row.timing = "compiled"
+            rows.append(row)
+            progress.advance(task)
+
+    first_t = float(sampler.timesteps(steps)[0])
+    for peer, values in peers.items():
+        mag_ratios = None
+        if peer == "magcache":
+            progress.update(task, description=f"{name}: MagCache calibration")
+            mag_ratios = _mag_ratios(model, lambda m: calibration(m), steps)
+        for value in values:
+            progress.update(task, description=f"{name}: {peer} {_SWEEP_PARAM[peer]}={_fmt(value)}")
+            setting = f"{_SWEEP_PARAM[peer]}={_fmt(value)}"
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    module = peer_module(model, peer, value, steps, mag_ratios, first_t)
+                    images, flops = _counted(sampler, module, labels, cfg.steps)
+            except Exception as e:  # a peer that does not support this model is reported, not fatal
+                rows.append(Row(name, _PEER_TITLES[peer], setting, None, float("nan"), float("nan"), float("nan"),
+                                float("nan"), float("nan"), note=f"{type(e).__name__}: {str(e).splitlines()[0][:140]}"))
+                progress.advance(task)
+                continue
+            row = Row(name, _PEER_TITLES[peer], setting, None, flops / flops_full,
+                      **_quality(images, images_full, labels, real))
+            if cfg.timing and cfg.timing_scope == "all":
+                row.speedup = _time(sampler, model, module, timing_labels, cfg.steps, cfg.timing_repeats)
+                row.timing = "eager"
+            rows.append(row)
+            progress.advance(task)
+    progress.update(task, description=f"{name}: done")
+    return rows
+
+
+def run(cfg: BenchConfig) -> list[Row]:
+    """Measure every row of ``cfg`` on every model.
+
+    Returns:
+        The rows, grouped by model, in report order.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    rows: list[Row] = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not cfg.progress) as progress:
+        for name in cfg.models:
+            rows += _bench_model(name, cfg, progress)
+    return rows
+
+
+# ---- reporting -------------------------------------------------------------------------------------
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line describing where the numbers were measured."""
+    return (f"{_cpu_name()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)")
+
+
+def _num(x: float | None, spec: str) -> str:
+    if x is None or x != x:  # None or NaN
+        return "-"
+    return format(x, spec)
+
+
+def table(rows: Sequence[Row]) -> list[str]:
+    """Markdown table lines of one model's rows."""
+    out = ["| method | setting | FLOP fraction | PSNR (dB) | SSIM | class acc. | Frechet dist. | speedup | note |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = f"{r.speedup:.2f}x ({r.timing})" if r.speedup is not None and r.timing else (
+            "1.00x" if r.speedup is not None else "-")
+        psnr = "inf" if r.psnr == float("inf") else _num(r.psnr, ".2f")
+        out.append(f"| {r.method} | {r.setting} | {_num(r.flop_fraction, '.3f')} | {psnr} | {_num(r.ssim, '.4f')} | "
+                   f"{_num(r.accuracy, '.0%')} | {_num(r.frechet, '.2f')} | {speed} | {r.note} |")
+    return out
+
+
+def verdict(rows: Sequence[Row], budget: float = 0.5) -> list[str]:
+    """Does dit-opt at ``budget`` beat, in PSNR, every other row at a FLOP fraction <= ``budget``?"""
+    lines = []
+    for model in dict.fromkeys(r.model for r in rows):
+        mine = [r for r in rows if r.model == model and r.method == "dit-opt (cpsat)" and r.target == budget]
+        if not mine or mine[0].psnr != mine[0].psnr:
+            lines.append(f"* `{model}`: no dit-opt row at budget {budget} was measured.")
+            continue
+        me = mine[0]
+        others = [r for r in rows if r.model == model and r is not me and r.method not in ("full model",)
+                  and r.flop_fraction == r.flop_fraction and r.flop_fraction <= budget + 1e-9]
+        better = [r for r in others if r.psnr >= me.psnr]
+        head = (f"* `{model}`: dit-opt at budget {budget} reaches FLOP fraction {me.flop_fraction:.3f}, "
+                f"PSNR {me.psnr:.2f} dB, against {len(others)} other row(s) at a FLOP fraction <= {budget}. ")
+        if not others:
+            lines.append(head + "No other method landed at or below that fraction, so there is nothing to beat there.")
+        elif not better:
+            best = max(others, key=lambda r: r.psnr)
+            lines.append(head + f"It beats all of them; the best of the others is {best.method} ({best.setting}) "
+                         f"at {best.psnr:.2f} dB, FLOP fraction {best.flop_fraction:.3f}.")
+        else:
+            names = "; ".join(f"{r.method} ({r.setting}): {r.psnr:.2f} dB at {r.flop_fraction:.3f}" for r in better)
+            lines.append(head + f"It does NOT beat: {names}.")
+    return lines
+
+
+def plot_pareto(rows: Sequence[Row], path: str | Path) -> Path:
+    """PSNR against FLOP fraction, one line per method, one subplot per model (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r.model for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        methods = [m for m in dict.fromkeys(r.method for r in rows if r.model == model) if m != "full model"]
+        for method in methods:
+            pts = sorted((r.flop_fraction, r.psnr) for r in rows if r.model == model and r.method == method
+                         and r.flop_fraction == r.flop_fraction and r.psnr == r.psnr and r.psnr != float("inf"))
+            if not pts:
+                continue
+            style = dict(lw=2.5, marker="o", color="black") if method == "dit-opt (cpsat)" else dict(lw=1.2, marker=".")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, **style)
+        ax.set_title(model)
+        ax.set_xlabel("FLOP fraction of the full generation (counted)")
+        ax.set_ylabel("PSNR vs full output (dB)")
+        ax.set_xlim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(rows: Sequence[Row], cfg: BenchConfig, path: str | Path, command: str, seconds: float,
+                 figure: str | None = None, discussion: str = "") -> Path:
+    """Write the markdown report: machine, date, command, one table per model, the verdict."""
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured {date} on {machine()}; the run took {seconds / 60:.1f} min.",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Same class labels ({cfg.samples} samples, digits 0..9 in turn) and seed ({_EVAL_SEED}) for every row; "
+        f"the dit-opt and baseline rows share one sensitivity profile per model, calibrated on seed "
+        f"{_CALIBRATION_SEED} ({cfg.calibration_samples} samples, `probes=0`). FLOP fraction: `FlopCounterMode` "
+        "over the whole generation, eager, attention included. PSNR and SSIM: against the full model's output "
+        "for the same noise. Class accuracy: the shipped digit classifier against the conditioning labels. "
+        "Frechet distance: classifier features against the 450 held-out real digits (with this few samples it "
+        "is biased upwards and noisy; compare rows with each other only). Speedup: median wall-clock ratio of "
+        f"whole generations ({cfg.timing_samples} samples, {cfg.timing_repeats} alternating runs per side): "
+        "`compiled` is dit-opt (`compile=True`) against `torch.compile(model)`, `eager` is the hooked model against "
+        "the plain one, both eager. The CPU is shared with other jobs; timings are noisy.",
+        "",
+    ]
+    if not cfg.timing:
+        lines += ["Timing was skipped in this run (`--no-timing`).", ""]
+    elif cfg.timing_scope != "all":
+        lines += ["Only the full model and dit-opt's cpsat rows were timed in this run (`--timing-scope dit-opt`).", ""]
+    for model in dict.fromkeys(r.model for r in rows):
+        lines += [f"## {model}", ""] + table([r for r in rows if r.model == model]) + [""]
+    if figure:
+        lines += [f"![PSNR against FLOP fraction]({figure})", ""]
+    lines += ["## Does dit-opt at budget 0.5 beat every method at a FLOP fraction <= 0.5?", ""]
+    lines += verdict(rows, 0.5) + [""]
+    if discussion:
+        lines += [discussion.rstrip(), ""]
+    path = Path(path)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    """Command-line entry point (``python examples/benchmark.py --help``)."""
+    import argparse
+    import shlex
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["digits-dit", "digits-mmdit"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.35, 0.25])
+    parser.add_argument("--samples", type=int, default=None, help="images per row (default 20, --quick 10)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=SOLVERS)
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)
+    parser.add_argument("--quick", action="store_true", help="10 samples and every other peer setting")
+    parser.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
+    parser.add_argument("--timing-scope", choices=["all", "dit-opt"], default="all",
+                        help="time every row, or only dit-opt's cpsat rows")
+    parser.add_argument("--timing-samples", type=int, default=4)
+    parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing shared CPUs)")
+    parser.add_argument("--out", default="BENCHMARKS.md", help="markdown report to write")
+    parser.add_argument("--figure", default="docs/pareto.png", help="PSNR-vs-FLOP figure to write")
+    parser.add_argument("--discussion", default=None, help="markdown file appended to the report (analysis)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        cfg = BenchConfig(models=tuple(args.models), budgets=tuple(args.budgets),
+                          samples=args.samples or (10 if args.quick else 20), steps=args.steps,
+                          solvers=tuple(args.solvers), peers=tuple(args.peers), quick=args.quick,
+                          timing=not args.no_timing, timing_scope=args.timing_scope, timing_samples=args.timing_samples,
+                          timing_repeats=args.timing_repeats, progress=not args.no_progress)
+    except ValueError as e:
+        parser.error(str(e))
+    start = time.time()
+    rows = run(cfg)
+    figure = plot_pareto(rows, args.figure)
+    try:
+        rel = os.path.relpath(figure, Path(args.out).resolve().parent)
+    except ValueError:
+        rel = str(figure)
+    command = "python examples/benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                                   else sys.argv[1:]))
+    discussion = Path(args.discussion).read_text() if args.discussion else ""
+    write_report(rows, cfg, args.out, command.strip(), time.time() - start, figure=rel, discussion=discussion)
+    for model in dict.fromkeys(r.model for r in rows):
+        print(f"\n{model}")
+        print("\n".join(table([r for r in rows if r.model == model])))
+    print("\n".join(verdict(rows, 0.5)))
+    print(f"wrote {args.out} and {figure}")
+    return rows
