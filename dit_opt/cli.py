@@ -1,9 +1,24 @@
-"""The ``dit-opt`` command line."""
+"""The ``dit-opt`` command line.
+
+Commands::
+
+    dit-opt demo                                   # optimise digits-dit at 0.5, save a before/after grid
+    dit-opt capture dit                            # capture a model, print its blocks and FLOPs
+    dit-opt profile digits-dit --out prof/         # measure the sensitivity profile, save it
+    dit-opt optimize digits-dit --budget 0.5 --out opt/ [--profile prof/]
+    dit-opt inspect opt/ --step 10 --heatmap plan.png
+    dit-opt bench --quick --no-timing              # examples/benchmark.py (BENCHMARKS.md, docs/pareto.png)
+
+Bad arguments (an unknown model, a budget outside (0, 1], a missing directory) exit with code 2 and
+a message; a failure inside dit-opt (a :class:`dit_opt.DitOptError`) is printed in red and exits 1.
+"""
 
 from __future__ import annotations
 
+import json
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,6 +32,12 @@ app = typer.Typer(
     add_completion=False,
 )
 _console = Console()
+_err = Console(stderr=True)
+#: Seed of the calibration generations: other noise than the evaluation's (seed 0), so that the
+#: plan is not judged on the trajectories it was fitted to.
+_CALIBRATION_SEED = 1000
+#: Key under which ``optimize --out`` records the reference model's zoo name in ``dit_opt.json``.
+_ZOO_KEY = "zoo_model"
 
 
 @app.callback()
@@ -24,6 +45,7 @@ def _root() -> None:
     """Make Diffusion Transformers cheaper to sample from under an explicit FLOP budget."""
 
 
+# ---- helpers ---------------------------------------------------------------------------------------
 def _load_model(name: str) -> tuple[Any, dict[str, Any]]:
     """A built-in model by name: a tiny test config or a shipped reference model."""
     from dit_opt.testing import tiny_model, tiny_names
@@ -41,6 +63,63 @@ def _load_model(name: str) -> tuple[Any, dict[str, Any]]:
     raise typer.BadParameter(f"unknown model {name!r}; choose one of {', '.join(known)}", param_hint="MODEL")
 
 
+def _load_sampler(name: str) -> Any:
+    """A shipped reference model's sampler (only these can generate images and calibrate themselves)."""
+    from dit_opt import zoo
+
+    if name not in zoo.available():
+        raise typer.BadParameter(f"unknown reference model {name!r}; choose one of {', '.join(zoo.available())} "
+                                 f"(tiny configs have no sampler; use `dit-opt capture` for those)",
+                                 param_hint="MODEL")
+    return zoo.load(name)
+
+
+def _check_budget(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value} is outside (0, 1]; the budget is a FLOP fraction, e.g. 0.5")
+    return value
+
+
+def _check_positive(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise typer.BadParameter(f"{value} must be at least 1")
+    return value
+
+
+def _labels(samples: int) -> list[int]:
+    return [i % 10 for i in range(samples)]
+
+
+def _calibration(sampler: Any, samples: int, steps: int | None):
+    """Complete denoising loops with the module given, on the calibration seed."""
+    from dit_opt.bench import with_transformer
+
+    def run(module):
+        return with_transformer(sampler, module, class_labels=_labels(samples), seed=_CALIBRATION_SEED,
+                                num_inference_steps=steps)
+
+    return run
+
+
+def _fail(error: Exception) -> typer.Exit:
+    """Print a dit-opt failure in red; the caller raises the returned ``Exit(1)``."""
+    _err.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+_STEPS = typer.Option(None, "--steps", callback=_check_positive,
+                      help="Denoising steps of calibration and generation (default: the model's own).")
+_THREADS = typer.Option(None, "--threads", help="torch threads (default: torch's choice).")
+
+
+# ---- commands ----------------------------------------------------------------------------------------
 @app.command()
 def capture(
     model: str = typer.Argument("dit", help="A built-in model: a tiny config (dit, pixart, sd3, flux, sana, "
@@ -57,6 +136,228 @@ def capture(
         annotate_flops(graph)
     typer.echo(graph.summary())
     typer.echo(f"captured in {graph.capture_seconds:.1f} s; FLOPs per forward: {graph.flops:,}")
+
+
+@app.command()
+def demo(
+    model: str = typer.Option("digits-dit", "--model", help="Shipped reference model: digits-dit or digits-mmdit."),
+    budget: float = typer.Option(0.5, "--budget", callback=_check_budget, help="FLOP fraction in (0, 1]."),
+    out: Annotated[Path, typer.Option("--out", help="Before/after image grid to write (PNG).")] = Path(
+        "dit-opt-demo.png"),
+    samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Images to generate (digits in turn)."),
+    steps: int | None = _STEPS,
+    compile: bool = typer.Option(True, "--compile/--no-compile",
+                                 help="Time compiled (torch.compile both sides) or eager models."),
+    repeats: int = typer.Option(3, "--repeats", callback=_check_positive, help="Timed runs per side (median)."),
+    threads: int | None = _THREADS,
+) -> None:
+    """The main job: optimise a reference model at a budget, generate before/after, report the gain.
+
+    Profiles the model on calibration noise (seed 1000), solves a plan with CP-SAT, generates the
+    same digits (seed 0) with the full and the optimised model, saves both rows as one PNG grid,
+    and prints the plan, the counted FLOP fraction, PSNR/SSIM against the full output and the
+    measured wall-clock speedup (alternating runs, median).
+    """
+    import torch
+
+    import dit_opt
+    from dit_opt import metrics
+    from dit_opt.bench import flop_fraction, time_alternating, with_transformer
+    from dit_opt.errors import DitOptError
+    from dit_opt.runtime import OptimizedTransformer
+
+    _set_threads(threads)
+    sampler = _load_sampler(model)
+    base = sampler.transformer
+    labels = _labels(samples)
+
+    def generate(module):
+        if hasattr(module, "reset"):
+            module.reset()
+        return with_transformer(sampler, module, class_labels=labels, seed=0, num_inference_steps=steps)
+
+    try:
+        with _console.status(f"profiling and solving {model} at budget {budget} ..."), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = dit_opt.optimize(base, budget, calibration=_calibration(sampler, 10, steps), compile=False,
+                                   example_inputs=sampler.example_inputs(batch_size=2 * samples), progress=False)
+        with _console.status("generating (full and optimised) ..."):
+            full, fast = generate(base), generate(opt)
+            fraction = flop_fraction(generate, base, opt)
+        with _console.status(f"timing ({'compiled' if compile else 'eager'}, {repeats} runs per side) ..."), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a, b = base, opt
+            if compile:
+                # The plan is replayed compiled; the reference is torch.compile of the same model.
+                a = torch.compile(base)
+                b = OptimizedTransformer(base, opt.plan, profile=opt.profile, compile=True)
+            timing = time_alternating(lambda: generate(a), lambda: generate(b), repeats=repeats)
+    except DitOptError as e:
+        raise _fail(e) from e
+
+    _save_grid(full, fast, out, f"{model}: full (top) vs dit-opt at budget {budget} (bottom)")
+    typer.echo(opt.plan.summary())
+    typer.echo(f"FLOP fraction (counted): {fraction:.3f}   PSNR {metrics.psnr(fast, full):.2f} dB   "
+               f"SSIM {metrics.ssim(fast, full):.4f}")
+    kind = "compiled vs compiled" if compile else "eager vs eager"
+    typer.echo(f"speedup ({kind}, median of {repeats}): {timing['speedup']:.2f}x "
+               f"({timing['a_s']:.2f} s -> {timing['b_s']:.2f} s per generation of {samples})")
+    typer.echo(f"wrote {out}")
+
+
+def _save_grid(top: Any, bottom: Any, path: Path, title: str) -> None:
+    """Two rows of digits (full model above, optimised below) as one PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = top.shape[0]
+    fig = Figure(figsize=(max(4.0, 0.8 * n), 2.2))
+    FigureCanvasAgg(fig)
+    for row, images in enumerate((top, bottom)):
+        for i in range(n):
+            ax = fig.add_subplot(2, n, row * n + i + 1)
+            ax.imshow(images[i, 0].cpu().numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+
+
+@app.command()
+def profile(
+    model: Annotated[str, typer.Argument(help="Shipped reference model: digits-dit or digits-mmdit.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the profile to (profile.json + "
+                                      ".safetensors).")],
+    samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Calibration images (digits in turn)."),
+    steps: int | None = _STEPS,
+    probes: int = typer.Option(0, "--probes", min=0,
+                               help="Single actions whose real error is checked against the model (1 run each)."),
+    threads: int | None = _THREADS,
+) -> None:
+    """Measure a reference model's sensitivity profile on calibration noise and save it (reused across budgets)."""
+    import dit_opt
+    from dit_opt.errors import DitOptError
+
+    _set_threads(threads)
+    sampler = _load_sampler(model)
+    try:
+        with _console.status(f"profiling {model} ..."), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prof = dit_opt.profile(sampler.transformer, _calibration(sampler, samples, steps), probes=probes,
+                                   progress=False)
+    except DitOptError as e:
+        raise _fail(e) from e
+    prof.save(out)
+    (Path(out) / "zoo.json").write_text(json.dumps({_ZOO_KEY: model, "samples": samples, "steps": steps}))
+    seconds = prof.report.get("profile_seconds")
+    typer.echo(f"profiled {model} in {seconds:.1f} s; wrote {out}" if seconds is not None else f"wrote {out}")
+
+
+@app.command()
+def optimize(
+    model: Annotated[str, typer.Argument(help="Shipped reference model: digits-dit or digits-mmdit.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to save the optimised model to (opt.save).")],
+    budget: float = typer.Option(0.5, "--budget", callback=_check_budget, help="FLOP fraction in (0, 1]."),
+    profile_dir: Annotated[Path | None, typer.Option("--profile", help="A profile saved by `dit-opt profile` "
+                                                     "(default: profile now).")] = None,
+    solver: str = typer.Option("cpsat", "--solver", help="cpsat, dp, or a baseline schedule: fora, delta_dit, toca."),
+    samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Calibration images (digits in turn)."),
+    steps: int | None = _STEPS,
+    threads: int | None = _THREADS,
+) -> None:
+    """Optimise a reference model to a FLOP budget and save the plan, profile and metadata to a directory."""
+    import dit_opt
+    from dit_opt.errors import DitOptError
+
+    _set_threads(threads)
+    sampler = _load_sampler(model)
+    if profile_dir is not None and not (profile_dir / "profile.json").is_file():
+        raise typer.BadParameter(f"{profile_dir} holds no profile.json; write one with `dit-opt profile MODEL "
+                                 f"--out DIR`", param_hint="--profile")
+    calibration = str(profile_dir) if profile_dir is not None else _calibration(sampler, samples, steps)
+    try:
+        with _console.status(f"optimising {model} at budget {budget} ({solver}) ..."), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = dit_opt.optimize(sampler.transformer, budget, calibration=calibration, solver=solver,
+                                   compile=False, example_inputs=sampler.example_inputs(), progress=False)
+        opt.save(out)
+    except DitOptError as e:
+        raise _fail(e) from e
+    # Record the zoo name next to the artifact's own metadata so that `inspect` can load the model.
+    meta_file = Path(out) / "dit_opt.json"
+    meta = json.loads(meta_file.read_text())
+    meta[_ZOO_KEY] = model
+    meta_file.write_text(json.dumps(meta, indent=1))
+    typer.echo(opt.plan.summary())
+    times = ", ".join(f"{k} {v:.1f} s" for k, v in opt.step_times.items())
+    typer.echo(f"steps: {times}\nwrote {out}")
+
+
+def _zoo_name_for(directory: Path) -> str:
+    """The reference model a saved optimisation was made for: recorded by ``optimize``, else recognised."""
+    from dit_opt import zoo
+
+    meta = json.loads((directory / "dit_opt.json").read_text())
+    if meta.get(_ZOO_KEY) in zoo.available():
+        return meta[_ZOO_KEY]
+    # Saved by the Python API: recognise the model by class and config among the shipped ones.
+    saved = meta.get("model", {})
+    for name in zoo.available():
+        cfg = zoo.info(name)["transformer_config"]
+        if all(saved.get("config", {}).get(k) == v for k, v in cfg.items()):
+            return name
+    raise typer.BadParameter(f"{directory} was made for a {saved.get('class', 'unknown model')}, not one of the "
+                             f"shipped reference models ({', '.join(zoo.available())}); load it in Python with "
+                             f"dit_opt.load(dir, model)", param_hint="DIR")
+
+
+@app.command()
+def inspect(
+    directory: Annotated[Path, typer.Argument(help="A directory written by `dit-opt optimize` or opt.save().")],
+    step: int = typer.Option(0, "--step", min=0, help="Step whose rewritten graph code is printed."),
+    heatmap: Annotated[Path | None, typer.Option("--heatmap", help="Write the plan's steps x units heat map "
+                                                 "(PNG).")] = None,
+) -> None:
+    """Print a saved optimisation's plan table and one step's rewritten graph code; draw the heat map."""
+    import dit_opt
+    from dit_opt.errors import DitOptError
+
+    if not (directory / "dit_opt.json").is_file():
+        raise typer.BadParameter(f"{directory} is not a saved dit-opt model (no dit_opt.json); write one with "
+                                 f"`dit-opt optimize MODEL --out DIR`", param_hint="DIR")
+    name = _zoo_name_for(directory)
+    sampler = _load_sampler(name)
+    try:
+        opt = dit_opt.load(directory, sampler.transformer, compile=False)
+        if step >= opt.plan.num_steps:
+            raise typer.BadParameter(f"step {step} is outside the plan's {opt.plan.num_steps} steps "
+                                     f"(0..{opt.plan.num_steps - 1})", param_hint="--step")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt(**sampler.example_inputs())  # one call at step 0 captures the graph and builds the variants
+        code = opt.graph(step).code
+    except DitOptError as e:
+        raise _fail(e) from e
+    typer.echo(f"{directory}: {name}, solver {opt.solver}")
+    typer.echo(opt.plan.summary())
+    if heatmap is not None:
+        opt.plan.heatmap(heatmap)
+        typer.echo(f"wrote {heatmap}")
+    typer.echo(f"--- step {step}: rewritten graph ---")
+    typer.echo(code)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def bench(ctx: typer.Context) -> None:
+    """Benchmark dit-opt against its baselines and diffusers' cache hooks (examples/benchmark.py).
+
+    Every option is passed on: `dit-opt bench --help` lists them (--quick, --no-timing, --models,
+    --budgets, --samples, --steps, --peers, --solvers, --out, --figure, ...).
+    """
+    from dit_opt.benchmark import main as bench_main
+
+    bench_main(list(ctx.args))
 
 
 def main() -> None:  # pragma: no cover - entry point
