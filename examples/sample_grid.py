@@ -26,7 +26,7 @@ def make_grid(images: torch.Tensor, rows: int, scale: int = 4, pad: int = 2) -> 
         images: The images, row-major.
         rows: Number of rows.
         scale: Nearest-neighbour upscaling factor, so 16x16 digits stay visible.
-        pad: White pixels between tiles (after scaling).
+        pad: Background (0) pixels between tiles, after scaling.
 
     Returns:
         A 2-D float tensor in ``[0, 1]``.
@@ -34,10 +34,10 @@ def make_grid(images: torch.Tensor, rows: int, scale: int = 4, pad: int = 2) -> 
     n, _, h, w = images.shape
     cols = n // rows
     big = F.interpolate(images.float().cpu(), scale_factor=scale, mode="nearest")[:, 0]
-    big = F.pad(big, (pad, 0, pad, 0), value=1.0)
+    big = F.pad(big, (pad, 0, pad, 0), value=0.0)
     hh, ww = big.shape[1:]
     grid = big.view(rows, cols, hh, ww).permute(0, 2, 1, 3).reshape(rows * hh, cols * ww)
-    return F.pad(grid, (0, pad, 0, pad), value=1.0)
+    return F.pad(grid, (0, pad, 0, pad), value=0.0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,13 +52,15 @@ from dit_opt.zoo.sampler import DigitsSampler  # noqa: E402
 
 # Scheduler configs saved with the weights; the DDIM one shares the DDPM training betas (DiT's
 # linear schedule). "trailing" spacing starts the loop at t = 999, which keeps short loops sound.
+# No x0 clipping (as DiT): at t = 999, x0 = (x - sqrt(1 - a) eps) / sqrt(a) amplifies the guided
+# eps ~160 times and clipping it to [-1, 1] saturates the first steps; measured on the trained
+# model, 4 samples per digit: clipped 10 % class accuracy at guidance 3.0, unclipped 100 %.
 DDIM_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
     "beta_end": 0.02,
     "beta_schedule": "linear",
-    "clip_sample": True,
-    "clip_sample_range": 1.0,
+    "clip_sample": False,
     "set_alpha_to_one": True,
     "timestep_spacing": "trailing",
     "prediction_type": "epsilon",
@@ -93,6 +95,8 @@ def _record(args, name: str, steps: int, wall: float, extra: dict) -> dict:
         "seed": args.seed,
         "steps": steps,
         "wall_time_s": round(wall, 1),
+        # CPU seconds of this process: with other jobs on the machine, wall time overstates cost.
+        "process_cpu_time_s": round(time.process_time(), 1),
         "threads": args.threads,
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
