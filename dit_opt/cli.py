@@ -153,7 +153,7 @@ def demo(
 ) -> None:
     """The main job: optimise a reference model at a budget, generate before/after, report the gain.
 
-    Profiles the model on calibration noise (seed 1000), solves a plan with CP-SAT, generates the
+    Profiles the model on calibration noise (seed 1000, as many samples), solves a plan with CP-SAT, generates the
     same digits (seed 0) with the full and the optimised model, saves both rows as one PNG grid,
     and prints the plan, the counted FLOP fraction, PSNR/SSIM against the full output and the
     measured wall-clock speedup (alternating runs, median).
@@ -179,7 +179,7 @@ def demo(
     try:
         with _console.status(f"profiling and solving {model} at budget {budget} ..."), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = dit_opt.optimize(base, budget, calibration=_calibration(sampler, 10, steps), compile=False,
+            opt = dit_opt.optimize(base, budget, calibration=_calibration(sampler, samples, steps), compile=False,
                                    example_inputs=sampler.example_inputs(batch_size=2 * samples), progress=False)
         with _console.status("generating (full and optimised) ..."):
             full, fast = generate(base), generate(opt)
