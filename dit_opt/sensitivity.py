@@ -50,6 +50,9 @@ class SensitivityProfile:
         flops_*: FLOPs of one call per unit (from the cost model), shapes ``(U,)`` or ``(U, K)``/``(U, J)``.
         flops_fixed: FLOPs outside the blocks, per call.
         channel_order: per ``"<block>.<mlp>"``, hidden channels from most to least important.
+        step_gain: ``(T,)`` how much a local error at each step grows into the final output
+            (``passes.validate_sensitivity.measure_step_gains``); the errors handed to the
+            solver are multiplied by it. ``None``: all steps weigh the same.
         model: class name, config and weight fingerprint of the profiled model.
         report: how the profile was made (cost, samples, rank correlation, ...).
     """
@@ -69,6 +72,7 @@ class SensitivityProfile:
     flops_width: np.ndarray
     flops_fixed: float
     channel_order: dict[str, torch.Tensor] = field(default_factory=dict)
+    step_gain: np.ndarray | None = None
     model: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -92,8 +96,13 @@ class SensitivityProfile:
         """
         from solvers.problem import Problem
 
-        e_reuse, e_prune, e_width, e_skip, ts = self._errors_for(num_steps, timesteps)
+        e_reuse, e_prune, e_width, e_skip, ts, gain = self._errors_for(num_steps, timesteps)
         T, U = e_skip.shape
+        if gain is not None:
+            e_reuse = e_reuse * gain[:, None, None]
+            e_prune = e_prune * gain[:, None, None, None]
+            e_width = e_width * gain[:, None, None]
+            e_skip = e_skip * gain[:, None]
         A = {"reuse", "prune", "width", "skip"}
         unknown = set(actions) - A
         if unknown:
@@ -129,8 +138,9 @@ class SensitivityProfile:
 
     def _errors_for(self, num_steps: int | None, timesteps: Any):
         cal = np.asarray(self.timesteps, dtype=np.float64)
+        gain = None if self.step_gain is None else np.asarray(self.step_gain, dtype=np.float64)
         if timesteps is None and (num_steps is None or num_steps == len(cal)):
-            return self.e_reuse, self.e_prune, self.e_width, self.e_skip, cal
+            return self.e_reuse, self.e_prune, self.e_width, self.e_skip, cal, gain
         if timesteps is None:
             ts = np.linspace(cal[0], cal[-1], int(num_steps))
         else:
@@ -148,7 +158,7 @@ class SensitivityProfile:
                 e_reuse[:, :, n] = self.e_reuse[near, :, src]
                 e_prune[:, :, n] = self.e_prune[near, :, src]
         e_prune[np.isnan(self.e_prune[near])] = np.nan
-        return e_reuse, e_prune, self.e_width[near], self.e_skip[near], ts
+        return e_reuse, e_prune, self.e_width[near], self.e_skip[near], ts, None if gain is None else gain[near]
 
     # ---- artifact --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -158,6 +168,8 @@ class SensitivityProfile:
         tensors = {name: np.ascontiguousarray(getattr(self, name), dtype=np.float64) for name in _ARRAYS}
         for k, v in self.channel_order.items():
             tensors[f"order/{k}"] = v.cpu().numpy().astype(np.int64)
+        if self.step_gain is not None:
+            tensors["step_gain"] = np.asarray(self.step_gain, dtype=np.float64)
         save_np(tensors, str(path / "profile.safetensors"))
         meta = {
             "version": PROFILE_VERSION,
@@ -202,6 +214,7 @@ class SensitivityProfile:
                 widths=tuple(meta["widths"]),
                 flops_fixed=float(meta["flops_fixed"]),
                 channel_order={k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("order/")},
+                step_gain=arrays.get("step_gain"),
                 model=meta.get("model", {}),
                 report=meta.get("report", {}),
                 **{name: arrays[name] for name in _ARRAYS},

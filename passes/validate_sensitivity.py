@@ -23,7 +23,7 @@ from dit_opt.ir import DiTGraph
 from dit_opt.plan import COMPUTE, Action
 from dit_opt.sensitivity import SensitivityProfile
 
-__all__ = ["validate_sensitivity", "final_output"]
+__all__ = ["validate_sensitivity", "measure_step_gains", "final_output"]
 
 
 def final_output(result: Any) -> torch.Tensor:
@@ -37,6 +37,80 @@ def final_output(result: Any) -> torch.Tensor:
         f"the calibration returned a {type(result).__name__}; to validate the profile it must return the "
         f"generated samples (a tensor, or a pipeline output with .images)"
     )
+
+
+class _SingleActions:
+    """Runs complete calibrations in which one unit deviates from ``COMPUTE`` at one step."""
+
+    def __init__(self, graph: DiTGraph, profile: SensitivityProfile, calibration: Callable[[torch.nn.Module], Any]):
+        from dit_opt.runtime import OptimizedTransformer
+
+        self.graph, self.calibration = graph, calibration
+        self.problem = profile.to_problem(1.0)
+        T, U = self.problem.num_steps, len(self.problem.units)
+        self.errors = profile_errors(self.problem)
+        allowed = self.problem.allowed
+        self.allowed = np.broadcast_to(allowed, (T, *allowed.shape)) if allowed.ndim == 2 else allowed
+        with torch.no_grad():
+            self.reference = final_output(calibration(graph.model))
+        self.base = [[COMPUTE] * U for _ in range(T)]
+        plan = self.problem.to_plan([tuple(r) for r in self.base], solver="probe", status="PROBE", wall_time_s=0.0)
+        self.opt = OptimizedTransformer(graph.model, plan, profile=profile, graph=graph, compile=False)
+
+    def measured(self, t: int, u: int, a: int) -> float:
+        """Relative squared error of the final output when unit ``u`` takes action ``a`` at step ``t``."""
+        grid = [list(r) for r in self.base]
+        grid[t][u] = self.problem.actions[a]
+        opt = self.opt
+        opt.plan = self.problem.to_plan([tuple(r) for r in grid], solver="probe", status="PROBE", wall_time_s=0.0)
+        opt._runners.clear()
+        opt._runners[opt._signature(self.graph.example_inputs)] = opt._make_runner(self.graph)
+        opt.reset()
+        with torch.no_grad():
+            out = final_output(self.calibration(opt))
+        return float((out - self.reference).pow(2).sum() / self.reference.pow(2).sum().clamp_min(1e-30))
+
+
+def profile_errors(problem: Any) -> np.ndarray:
+    """``(T, U, A)`` modelled error of each action, cache actions at age 1."""
+    return problem.error_table[..., 1]
+
+
+def measure_step_gains(
+    graph: DiTGraph, profile: SensitivityProfile, calibration: Callable[[torch.nn.Module], Any], *, points: int = 6
+) -> np.ndarray:
+    """How much a local error at each step grows into the final output: ``(T,)`` gains.
+
+    A block's output error at an early step is carried (and often amplified) by every later
+    step; at a late step it is mostly damped. The local errors the profile measures do not
+    see that, so the solver would spread work evenly over the steps. This runs ``points``
+    single ``SKIP``s of the middle block at steps spread over the schedule, takes
+    ``measured / modelled`` at each, and interpolates ``log(gain)`` over all steps. The
+    profile's errors are multiplied by these gains (``SensitivityProfile.step_gain``).
+    """
+    runs = _SingleActions(graph, profile, calibration)
+    problem = runs.problem
+    T, U = problem.num_steps, len(problem.units)
+    if T < 3 or points < 2:
+        return np.ones(T)
+    kinds = [a for a, act in enumerate(problem.actions) if act.kind.value == "skip"]
+    if not kinds:
+        kinds = [a for a, act in enumerate(problem.actions) if act.kind.value == "reuse"]
+    a = kinds[0]
+    u = U // 2
+    steps = sorted({int(round(x)) for x in np.linspace(1, T - 1, points)})
+    xs, ys = [], []
+    for t in steps:
+        modelled = float(runs.errors[t, u, a])
+        if modelled <= 0 or not runs.allowed[t, u, a]:
+            continue
+        measured = max(runs.measured(t, u, a), 1e-30)
+        xs.append(t)
+        ys.append(np.log(measured / modelled))
+    if len(xs) < 2:
+        return np.ones(T)
+    gains = np.exp(np.interp(np.arange(T), xs, ys))
+    return gains / gains.max()
 
 
 def validate_sensitivity(
@@ -60,53 +134,34 @@ def validate_sensitivity(
         ``{"spearman": rho, "pvalue": p, "probes": [{"step", "unit", "action", "modelled",
         "measured"}, ...], "seconds": s}``; ``spearman`` is ``None`` with fewer than 3 probes.
     """
-    from dit_opt.runtime import OptimizedTransformer
-
     if probes <= 0:
         return {"spearman": None, "pvalue": None, "probes": [], "seconds": 0.0}
     t0 = time.perf_counter()
-    problem = profile.to_problem(1.0)
+    runs = _SingleActions(graph, profile, calibration)
+    problem = runs.problem
     T, U = problem.num_steps, len(problem.units)
-    menu = [(a, act) for a, act in enumerate(problem.actions) if act != COMPUTE]
-    errors = problem.error_table[..., 1]  # (T, U, A): cache actions at age 1 (the step before computed)
-    allowed = problem.allowed
-    if allowed.ndim == 2:
-        allowed = np.broadcast_to(allowed, (T, *allowed.shape))
     rng = random.Random(seed)
-    candidates = [(t, u, a) for t in range(1, T) for u in range(U) for a, _ in menu if allowed[t, u, a]]
+    candidates = [
+        (t, u, a)
+        for t in range(1, T)
+        for u in range(U)
+        for a, act in enumerate(problem.actions)
+        if act != COMPUTE and runs.allowed[t, u, a]
+    ]
     # Spread the probes over action kinds, then over steps and units.
     by_kind: dict[str, list] = {}
     for c in candidates:
         by_kind.setdefault(problem.actions[c[2]].kind.value, []).append(c)
     picks: list[tuple[int, int, int]] = []
-    kinds = sorted(by_kind)
     while len(picks) < probes and any(by_kind.values()):
-        for k in kinds:
+        for k in sorted(by_kind):
             if by_kind[k] and len(picks) < probes:
                 picks.append(by_kind[k].pop(rng.randrange(len(by_kind[k]))))
-    model = graph.model
-    with torch.no_grad():
-        reference = final_output(calibration(model))
-    base = [[COMPUTE] * U for _ in range(T)]
     rows = []
-    opt = None
     for t, u, a in picks:
-        grid = [list(r) for r in base]
-        grid[t][u] = problem.actions[a]
-        plan = problem.to_plan([tuple(r) for r in grid], solver="probe", status="PROBE", wall_time_s=0.0)
-        if opt is None:
-            opt = OptimizedTransformer(model, plan, profile=profile, graph=graph, compile=False)
-        else:
-            opt.plan = plan
-            opt._runners.clear()
-            opt._runners[opt._signature(graph.example_inputs)] = opt._make_runner(graph)
-        opt.reset()
-        with torch.no_grad():
-            out = final_output(calibration(opt))
-        measured = float((out - reference).pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30))
         action: Action = problem.actions[a]
         rows.append({"step": t, "unit": str(problem.units[u]), "action": str(action),
-                     "modelled": float(errors[t, u, a]), "measured": measured})
+                     "modelled": float(runs.errors[t, u, a]), "measured": runs.measured(t, u, a)})
     rho, p = (None, None)
     if len(rows) >= 3:
         res = spearmanr([r["modelled"] for r in rows], [r["measured"] for r in rows])
