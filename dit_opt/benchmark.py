@@ -34,11 +34,12 @@ import contextlib
 import copy
 import datetime
 import io
+import json
 import os
 import platform
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +50,19 @@ __all__ = ["BenchConfig", "Row", "PeerModule", "PEERS", "SOLVERS", "run", "write
 
 #: dit-opt's own solver and its baseline schedules, all solved from the same profile.
 SOLVERS = ("cpsat", "fora", "delta_dit", "toca")
-#: Peer names (diffusers hooks) in report order.
-PEERS = ("fbc", "pab", "fastercache", "taylorseer", "magcache")
+#: Peer names in report order: diffusers hooks, then the optional ``cache-dit`` package.
+PEERS = ("fbc", "pab", "fastercache", "taylorseer", "magcache", "cachedit_dbcache", "cachedit_taylorseer",
+         "cachedit_scm")
+_CACHE_DIT_PEERS = ("cachedit_dbcache", "cachedit_taylorseer", "cachedit_scm")
 _PEER_TITLES = {
     "fbc": "diffusers FirstBlockCache",
     "pab": "diffusers PyramidAttentionBroadcast",
     "fastercache": "diffusers FasterCache",
     "taylorseer": "diffusers TaylorSeer",
     "magcache": "diffusers MagCache",
+    "cachedit_dbcache": "cache-dit DBCache",
+    "cachedit_taylorseer": "cache-dit DBCache + TaylorSeer",
+    "cachedit_scm": "cache-dit SCM step mask",
 }
 #: The swept parameter of each peer (full sweep; ``--quick`` takes every other value). Chosen by
 #: trial runs so that the FLOP fractions they reach bracket the target budgets where the method can.
@@ -66,9 +72,13 @@ _SWEEPS: dict[str, tuple[float, ...]] = {
     "fastercache": (2, 3, 4, 6),
     "taylorseer": (2, 3, 4, 6, 8),
     "magcache": (0.02, 0.06, 0.15, 0.3, 0.6, 1.0),
+    "cachedit_dbcache": (0.1, 0.25, 0.5, 0.8, 1.2, 2.0),
+    "cachedit_taylorseer": (0.1, 0.25, 0.5, 0.8, 1.2, 2.0),
+    "cachedit_scm": ("slow", "medium", "fast", "ultra"),
 }
 _SWEEP_PARAM = {"fbc": "threshold", "pab": "skip_range", "fastercache": "skip_range", "taylorseer": "cache_interval",
-                "magcache": "threshold"}
+                "magcache": "threshold", "cachedit_dbcache": "residual_diff_threshold",
+                "cachedit_taylorseer": "residual_diff_threshold", "cachedit_scm": "mask_policy"}
 _EVAL_SEED = 0
 _CALIBRATION_SEED = 1000
 
@@ -290,6 +300,41 @@ def peer_module(model: nn.Module, peer: str, value: float, steps: int,
     return wrapper
 
 
+def cache_dit_module(model: nn.Module, peer: str, value: Any, steps: int) -> nn.Module:
+    """A copy of ``model`` accelerated by the ``cache-dit`` package (DBCache F1B0, 2 warm-up steps).
+
+    ``cachedit_dbcache``: DBCache at residual threshold ``value``; ``cachedit_taylorseer``: the same
+    with cache-dit's first-order TaylorSeer calibrator; ``cachedit_scm``: a predefined step
+    computation mask (``cache_dit.steps_mask(mask_policy=value)``) with static caching on masked steps.
+
+    Raises:
+        ImportError: cache-dit is not installed (``pip install cache-dit --no-deps``; its requirements
+            are dit-opt's own plus transformers).
+        NotImplementedError: the model is a ``DiTTransformer2DModel``: cache-dit replaces its block list
+            with a ``CachedBlocks`` wrapper, and DiT's forward reads ``transformer_blocks[0].norm1.emb``
+            through the list, which the wrapper does not have (AttributeError).
+    """
+    import cache_dit
+
+    if not model.__class__.__name__.startswith("Flux"):
+        raise NotImplementedError(
+            "cache-dit wraps transformer_blocks in CachedBlocks, but DiTTransformer2DModel.forward reads "
+            "transformer_blocks[0].norm1.emb through the list (AttributeError on the wrapper)")
+    copy_ = copy.deepcopy(model)
+    common = dict(max_warmup_steps=2, num_inference_steps=steps, Fn_compute_blocks=1, Bn_compute_blocks=0)
+    calibrator = None
+    if peer == "cachedit_scm":
+        mask = cache_dit.steps_mask(mask_policy=str(value), total_steps=steps)
+        config = cache_dit.DBCacheConfig(steps_computation_mask=mask, steps_computation_policy="static", **common)
+    else:
+        config = cache_dit.DBCacheConfig(residual_diff_threshold=float(value), **common)
+        if peer == "cachedit_taylorseer":
+            calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        cache_dit.enable_cache(copy_, cache_config=config, calibrator_config=calibrator)
+    return copy_
+
+
 def _mag_ratios(model: nn.Module, generate: Callable[[nn.Module], Any], steps: int) -> list[float]:
     """MagCache's per-step magnitude ratios for this model, from its calibration mode.
 
@@ -350,8 +395,14 @@ def _time(sampler: Any, base: nn.Module, other: nn.Module, labels: list[int], st
     return result["speedup"]
 
 
-def _fmt(value: float) -> str:
-    return f"{value:g}"
+def _log(progress: Any, row: Row) -> None:
+    """One line per measured row, above the progress bar (or alone, with --no-progress)."""
+    progress.console.print(f"{row.model} | {row.method} | {row.setting} | FLOPs {row.flop_fraction:.3f} | "
+                           f"PSNR {row.psnr:.2f} | speedup {row.speedup} {row.note}", highlight=False, markup=False)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 
 def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
@@ -373,6 +424,7 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
     images_full, flops_full = _counted(sampler, model, labels, cfg.steps)
     q = _quality(images_full, images_full, labels, real)
     rows.append(Row(name, "full model", f"{steps} steps", 1.0, 1.0, **q, speedup=1.0 if cfg.timing else None))
+    _log(progress, rows[-1])
     progress.advance(task)
 
     def calibration(module: nn.Module) -> Any:
@@ -398,6 +450,7 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
             except DitOptError as e:
                 rows.append(Row(name, method, f"budget {budget}", budget, float("nan"), float("nan"), float("nan"),
                                 float("nan"), float("nan"), note=str(e).splitlines()[0][:160]))
+                _log(progress, rows[-1])
                 progress.advance(task)
                 continue
             row = Row(name, method, f"budget {budget}", budget, flops / flops_full,
@@ -412,6 +465,7 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
                     row.speedup = _time(sampler, compiled_full, compiled, timing_labels, cfg.steps, cfg.timing_repeats)
                 row.timing = "compiled"
             rows.append(row)
+            _log(progress, rows[-1])
             progress.advance(task)
 
     first_t = float(sampler.timesteps(steps)[0])
@@ -426,12 +480,20 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    module = peer_module(model, peer, value, steps, mag_ratios, first_t)
+                    if peer in _CACHE_DIT_PEERS:
+                        module = cache_dit_module(model, peer, value, steps)
+                    else:
+                        module = peer_module(model, peer, value, steps, mag_ratios, first_t)
                     images, flops = _counted(sampler, module, labels, cfg.steps)
             except Exception as e:  # a peer that does not support this model is reported, not fatal
-                rows.append(Row(name, _PEER_TITLES[peer], setting, None, float("nan"), float("nan"), float("nan"),
-                                float("nan"), float("nan"), note=f"{type(e).__name__}: {str(e).splitlines()[0][:140]}"))
-                progress.advance(task)
+                unsupported = isinstance(e, ImportError | NotImplementedError)
+                rows.append(Row(name, _PEER_TITLES[peer], "-" if unsupported else setting, None, float("nan"),
+                                float("nan"), float("nan"), float("nan"), float("nan"),
+                                note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+                _log(progress, rows[-1])
+                progress.advance(task, advance=len(values) if unsupported else 1)
+                if unsupported:  # the same for every setting: one row says it
+                    break
                 continue
             row = Row(name, _PEER_TITLES[peer], setting, None, flops / flops_full,
                       **_quality(images, images_full, labels, real))
@@ -439,6 +501,7 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
                 row.speedup = _time(sampler, model, module, timing_labels, cfg.steps, cfg.timing_repeats)
                 row.timing = "eager"
             rows.append(row)
+            _log(progress, rows[-1])
             progress.advance(task)
     progress.update(task, description=f"{name}: done")
     return rows
@@ -623,6 +686,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--figure", default="docs/pareto.png", help="PSNR-vs-FLOP figure to write")
     parser.add_argument("--discussion", default=None, help="markdown file appended to the report (analysis)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the measured rows as JSON (for --merge)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="measure nothing: write the report from rows saved by earlier runs' --json "
+                             "(e.g. one run per model, in parallel)")
+    parser.add_argument("--commands", default=None,
+                        help="with --merge: the commands that measured the rows, for the report")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -634,7 +703,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
     except ValueError as e:
         parser.error(str(e))
     start = time.time()
-    rows = run(cfg)
+    if args.merge:
+        rows, seconds = [], 0.0
+        for f in args.merge:
+            data = json.loads(Path(f).read_text())
+            rows += [Row(**r) for r in data["rows"]]
+            seconds = max(seconds, data["seconds"])
+    else:
+        rows = run(cfg)
+        seconds = time.time() - start
+    if args.json:
+        Path(args.json).write_text(json.dumps({"seconds": seconds, "rows": [asdict(r) for r in rows]}, indent=1))
     figure = plot_pareto(rows, args.figure)
     try:
         rel = os.path.relpath(figure, Path(args.out).resolve().parent)
@@ -642,8 +721,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
         rel = str(figure)
     command = "python examples/benchmark.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                    else sys.argv[1:]))
+    if args.merge and args.commands:
+        command = Path(args.commands).read_text().strip() + "\n" + command
     discussion = Path(args.discussion).read_text() if args.discussion else ""
-    write_report(rows, cfg, args.out, command.strip(), time.time() - start, figure=rel, discussion=discussion)
+    write_report(rows, cfg, args.out, command.strip(), seconds, figure=rel, discussion=discussion)
     for model in dict.fromkeys(r.model for r in rows):
         print(f"\n{model}")
         print("\n".join(table([r for r in rows if r.model == model])))
