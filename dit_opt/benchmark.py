@@ -661,31 +661,34 @@ def write_report(rows: Sequence[Row], cfg: BenchConfig, path: str | Path, comman
     return path
 
 
-def main(argv: list[str] | None = None) -> list[Row]:
-    """Command-line entry point (``python examples/benchmark.py --help``)."""
+def main(argv: list[str] | None = None, prog: str = "benchmark.py") -> list[Row]:
+    """Command-line entry point (``python examples/benchmark.py --help``, ``dit-opt bench --help``)."""
     import argparse
     import shlex
     import sys
     import time
 
-    parser = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["digits-dit", "digits-mmdit"])
-    parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.35, 0.25])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["digits-dit", "digits-mmdit"], help="reference models")
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.35, 0.25],
+                        help="target FLOP fractions of the dit-opt and baseline rows")
     parser.add_argument("--samples", type=int, default=None, help="images per row (default 20, --quick 10)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=SOLVERS)
-    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)
+    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=SOLVERS,
+                        help="dit-opt's solver and baseline schedules to run")
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS,
+                        help="peer methods to sweep (none: --peers with no value)")
     parser.add_argument("--quick", action="store_true", help="10 samples and every other peer setting")
     parser.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
     parser.add_argument("--timing-scope", choices=["all", "dit-opt"], default="all",
                         help="time every row, or only dit-opt's cpsat rows")
-    parser.add_argument("--timing-samples", type=int, default=4)
-    parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--timing-samples", type=int, default=4, help="images per timed generation")
+    parser.add_argument("--timing-repeats", type=int, default=3, help="timed runs per side (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing shared CPUs)")
     parser.add_argument("--out", default="BENCHMARKS.md", help="markdown report to write")
     parser.add_argument("--figure", default="docs/pareto.png", help="PSNR-vs-FLOP figure to write")
     parser.add_argument("--discussion", default=None, help="markdown file appended to the report (analysis)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (one line per row still)")
     parser.add_argument("--json", default=None, help="also write the measured rows as JSON (for --merge)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="measure nothing: write the report from rows saved by earlier runs' --json "

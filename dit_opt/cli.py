@@ -357,7 +357,7 @@ def bench(ctx: typer.Context) -> None:
     """
     from dit_opt.benchmark import main as bench_main
 
-    bench_main(list(ctx.args))
+    bench_main(list(ctx.args), prog="dit-opt bench")
 
 
 def main() -> None:  # pragma: no cover - entry point
