@@ -75,14 +75,7 @@ def measure_channel_order(graph: DiTGraph, calibration: Callable[[torch.nn.Modul
                 stats[key] = stats.get(key, 0) + s
 
             handles.append(act.register_forward_hook(hook))
-    t0 = time.perf_counter()
-    try:
-        with torch.no_grad():
-            calibration(model)
-    finally:
-        for h in handles:
-            h.remove()
-    seconds = time.perf_counter() - t0
+    seconds = run_hooked(calibration, model, handles)
     order = {}
     for spec in graph.blocks:
         block = model.get_submodule(spec.name)
@@ -92,6 +85,18 @@ def measure_channel_order(graph: DiTGraph, calibration: Callable[[torch.nn.Modul
                 imp = stats[key].cpu() * last.weight.detach().float().norm(dim=0).cpu()
                 order[key] = imp.argsort(descending=True)
     return order, seconds
+
+
+def run_hooked(calibration: Callable[[torch.nn.Module], Any], model: torch.nn.Module, handles: list) -> float:
+    """Run ``calibration(model)`` without grad, then remove the hook ``handles``; return the seconds."""
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            calibration(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return time.perf_counter() - t0
 
 
 def action_flops(graph: DiTGraph, prune_rates: tuple[float, ...], widths: tuple[float, ...]) -> dict[str, np.ndarray]:
@@ -283,12 +288,7 @@ def annotate_sensitivity(
             bar.update(task, advance=1, description=f"profiling sensitivity: step {probe.step}")
 
         handles.append(model.register_forward_pre_hook(tick, with_kwargs=True))
-        try:
-            with torch.no_grad():
-                calibration(model)
-        finally:
-            for h in handles:
-                h.remove()
+        run_hooked(calibration, model, handles)
     if not probe.sums:
         raise ValueError(
             f"{type(model).__name__}: the calibration never called the model; it must run complete "
