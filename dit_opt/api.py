@@ -68,6 +68,10 @@ def _prepare(model, calibration, example_inputs):
 
     if isinstance(calibration, str | Path):
         calibration = SensitivityProfile.load(calibration)
+    if isinstance(calibration, list):
+        from dit_opt.calibration import calibration_from_trajectories
+
+        calibration = calibration_from_trajectories(calibration)
     if calibration is None:
         calibration = synthetic_calibration(model)
     if example_inputs is None:
@@ -174,7 +178,7 @@ def optimize(
     model: nn.Module,
     budget: float = 0.5,
     *,
-    calibration: Callable[[nn.Module], Any] | SensitivityProfile | str | Path | None = None,
+    calibration: Callable[[nn.Module], Any] | list[dict] | SensitivityProfile | str | Path | None = None,
     example_inputs: dict[str, Any] | None = None,
     solver: str = "cpsat",
     compile: bool = True,
@@ -194,7 +198,9 @@ def optimize(
         budget: FLOP fraction in (0, 1]; ``1.0`` computes everything (exact).
         calibration: a callable that runs complete denoising loops with the module it is
             given (``lambda m: (setattr(sampler, "transformer", m), sampler(class_labels=[0, 1]))``),
-            a profile saved earlier (object or directory), or ``None`` to self-calibrate on
+            recorded trajectories (a list of per-call keyword dicts, see
+            ``dit_opt.calibration.record_trajectories``), a profile saved earlier (object or
+            directory), or ``None`` to self-calibrate on
             synthetic inputs (known diffusers classes; warns).
         example_inputs: inputs of one forward; default: the calibration's first call.
         solver: ``"cpsat"`` (joint choice of all actions), ``"dp"`` (SODA interval DP, reuse

@@ -5,6 +5,9 @@ is what makes caching work. A calibration is any ``callable(module)`` that sampl
 ``module`` as the transformer, e.g. ``lambda m: sample(m, seeds=range(8))``.
 
 * :func:`calibration_from_pipeline` makes one from a diffusers pipeline and its call kwargs.
+* :func:`record_trajectories` records the transformer's inputs of every call of a loop, and
+  :func:`calibration_from_trajectories` replays recorded inputs (a list of keyword dicts, one
+  per call, in call order): profiling only needs the true inputs of each step.
 * :func:`synthetic_calibration` makes one for a known diffusers class with no pipeline at
   hand: random inputs of the right shapes and the default schedule of its family. Random
   latents and conditioning are far from real use; it exists so that
@@ -22,7 +25,13 @@ from torch import nn
 
 from dit_opt.synthetic import example_inputs
 
-__all__ = ["calibration_from_pipeline", "synthetic_calibration", "SCHEDULE_FAMILIES"]
+__all__ = [
+    "calibration_from_pipeline",
+    "synthetic_calibration",
+    "record_trajectories",
+    "calibration_from_trajectories",
+    "SCHEDULE_FAMILIES",
+]
 
 #: class name -> schedule family used by :func:`synthetic_calibration`.
 SCHEDULE_FAMILIES = {
@@ -105,5 +114,40 @@ def synthetic_calibration(
             pred = pred[:, : latents.shape[1]] if pred.shape != latents.shape else pred
             latents = sched.step(pred, t, latents).prev_sample
         return latents
+
+    return run
+
+
+def record_trajectories(model: nn.Module, calibration: Callable[[nn.Module], Any]) -> list[dict[str, Any]]:
+    """Run ``calibration(model)`` and return the keyword inputs of every model call, in order."""
+    import inspect
+
+    calls: list[dict[str, Any]] = []
+
+    def hook(module, args, kwargs):
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+        calls.append({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in bound.items()})
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            calibration(model)
+    finally:
+        handle.remove()
+    return calls
+
+
+def calibration_from_trajectories(calls: list[dict[str, Any]]) -> Callable[[nn.Module], Any]:
+    """A calibration that replays recorded transformer inputs (see :func:`record_trajectories`).
+
+    Raises:
+        ValueError: ``calls`` is empty or not a list of keyword dicts.
+    """
+    if not calls or not all(isinstance(c, dict) for c in calls):
+        raise ValueError("recorded trajectories must be a non-empty list of keyword-argument dicts, one per call")
+
+    def run(module: nn.Module) -> None:
+        for kwargs in calls:
+            module(**kwargs)
 
     return run

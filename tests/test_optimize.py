@@ -217,3 +217,15 @@ def test_every_tiny_config_optimizes(name):
     opt = _quiet_optimize(model, 0.5, calibration=cal)
     full, got = count_flops(cal, model), count_flops(cal, opt)
     assert got <= 0.51 * full, f"{name}: counted {got / full:.4f} of the full FLOPs"
+
+
+def test_recorded_trajectories_as_calibration(dit_setup):
+    from dit_opt.calibration import record_trajectories
+
+    model, cal, _, _ = dit_setup
+    calls = record_trajectories(model, cal)
+    assert len(calls) == STEPS
+    opt = _quiet_optimize(model, 0.5, calibration=calls)
+    assert opt.plan.num_steps == STEPS and opt.plan.flop_fraction <= 0.5
+    with pytest.raises(dit_opt.DitOptError, match="keyword-argument dicts"):
+        _quiet_optimize(model, 0.5, calibration=[1, 2])
