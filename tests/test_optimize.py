@@ -229,3 +229,26 @@ def test_recorded_trajectories_as_calibration(dit_setup):
     assert opt.plan.num_steps == STEPS and opt.plan.flop_fraction <= 0.5
     with pytest.raises(dit_opt.DitOptError, match="keyword-argument dicts"):
         _quiet_optimize(model, 0.5, calibration=[1, 2])
+
+
+def _bf16_roundtrip(device: str) -> None:
+    model, _ = tiny_model("dit")
+    model = model.to(device=device, dtype=torch.bfloat16)
+    cal = synthetic_calibration(model, num_inference_steps=6, warn=False)
+    for budget in (1.0, 0.5):
+        opt = _quiet_optimize(model, budget, calibration=cal)
+        with torch.no_grad():
+            ref, got = cal(model), cal(opt)
+        assert got.dtype == torch.bfloat16 and got.device.type == device
+        if budget == 1.0:
+            assert torch.equal(ref, got)
+        assert opt.plan.flop_fraction <= budget
+
+
+def test_bfloat16_on_cpu():
+    _bf16_roundtrip("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bfloat16_on_cuda():
+    _bf16_roundtrip("cuda")
