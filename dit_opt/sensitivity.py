@@ -32,6 +32,9 @@ __all__ = ["PROFILE_VERSION", "SensitivityProfile"]
 #: Version of the saved profile format.
 PROFILE_VERSION = 1
 
+_OPTIONAL = ("step_gain", "e_module_reuse", "flops_module")
+#: Module roles of the module-level units, in the order of ``e_module_reuse``'s third axis.
+MODULE_ROLES = ("attn", "cross_attn", "mlp")
 _ARRAYS = ("e_reuse", "e_prune", "e_width", "e_skip", "flops_compute", "flops_reuse", "flops_prune", "flops_width")
 
 
@@ -47,6 +50,9 @@ class SensitivityProfile:
         e_reuse: ``(T, U, max_age + 1)``; ``e_prune``: ``(T, U, max_age + 1, K)`` (NaN where
             the block cannot be pruned); ``e_width``: ``(T, U, J)`` (NaN where no MLP can be
             narrowed); ``e_skip``: ``(T, U)``.
+        e_module_reuse: ``(T, U, 3, max_age + 1)``: ``REUSE`` of each block's attention,
+            cross-attention and MLP outputs (``MODULE_ROLES``; NaN where a block has no such
+            module); ``flops_module``: ``(U, 3)`` their FLOPs.
         flops_*: FLOPs of one call per unit (from the cost model), shapes ``(U,)`` or ``(U, K)``/``(U, J)``.
         flops_fixed: FLOPs outside the blocks, per call.
         channel_order: per ``"<block>.<mlp>"``, hidden channels from most to least important.
@@ -71,6 +77,8 @@ class SensitivityProfile:
     flops_prune: np.ndarray
     flops_width: np.ndarray
     flops_fixed: float
+    e_module_reuse: np.ndarray | None = None
+    flops_module: np.ndarray | None = None
     channel_order: dict[str, torch.Tensor] = field(default_factory=dict)
     step_gain: np.ndarray | None = None
     model: dict[str, Any] = field(default_factory=dict)
@@ -82,7 +90,8 @@ class SensitivityProfile:
 
     # ---- to a solver problem ---------------------------------------------------------------
     def to_problem(self, budget: float, *, num_steps: int | None = None, timesteps: Any = None,
-                   actions: tuple[str, ...] = ("reuse", "prune", "width", "skip")) -> Any:
+                   actions: tuple[str, ...] = ("reuse", "prune", "width", "skip"),
+                   granularity: str = "block") -> Any:
         """The solver :class:`~solvers.problem.Problem` at ``budget``.
 
         Args:
@@ -93,8 +102,16 @@ class SensitivityProfile:
             num_steps: shorthand when only the count differs: the calibrated range is
                 resampled evenly to ``num_steps`` steps.
             actions: action families offered to the solver besides ``compute``.
+            granularity: ``"block"`` (units are blocks) or ``"module"`` (units are each block's
+                attention, cross-attention and MLP; ``REUSE`` of their outputs, and ``WIDTH``
+                for MLPs; the rest of each block is always computed).
         """
         from solvers.problem import Problem
+
+        if granularity == "module":
+            return self._module_problem(budget, num_steps, timesteps, actions)
+        if granularity != "block":
+            raise ValueError(f"granularity must be 'block' or 'module', got {granularity!r}")
 
         e_reuse, e_prune, e_width, e_skip, ts, gain = self._errors_for(num_steps, timesteps)
         T, U = e_skip.shape
@@ -136,6 +153,46 @@ class SensitivityProfile:
                 allowed[..., a] &= narrowable if allowed.ndim == 2 else narrowable[None, :]
         return dataclasses.replace(problem, allowed=allowed)
 
+    def _module_problem(self, budget: float, num_steps: int | None, timesteps: Any, actions: tuple[str, ...]) -> Any:
+        from solvers.problem import Problem
+
+        if self.e_module_reuse is None or self.flops_module is None:
+            raise ValueError("this profile has no module-level errors; profile the model again")
+        block = self.to_problem(1.0, num_steps=num_steps, timesteps=timesteps, actions=("reuse", "width"))
+        T, M = block.num_steps, self.max_age
+        cal = np.asarray(self.timesteps, dtype=np.float64)
+        near = np.abs(cal[None, :] - np.asarray(block.timesteps)[:, None]).argmin(axis=1)
+        pairs = [(u, r) for u in range(len(self.units)) for r in range(len(MODULE_ROLES))
+                 if not np.isnan(self.flops_module[u, r])]
+        units = tuple(Unit(self.units[u].list_name, self.units[u].index, MODULE_ROLES[r]) for u, r in pairs)
+        fm = np.array([self.flops_module[u, r] for u, r in pairs])
+        rest = float(self.flops_compute.sum() - fm.sum())  # norms, modulation, ... always computed
+        e_reuse = np.stack([self.e_module_reuse[near][:, u, r] for u, r in pairs], axis=1)
+        if block.num_steps != len(cal):  # ages rescaled like the block problem does
+            e_reuse = np.where(np.isfinite(block.e_reuse[:, :1, :]), e_reuse, 1e6)
+        kw: dict[str, Any] = {}
+        if "reuse" in actions:
+            # a module REUSE returns the cached output: no arithmetic at all
+            kw.update(e_reuse=np.nan_to_num(e_reuse, nan=1e6), flops_reuse=np.zeros((T, len(pairs))))
+        mlp = [i for i, (u, r) in enumerate(pairs) if MODULE_ROLES[r] == "mlp"]
+        if "width" in actions and block.e_width is not None and mlp:
+            J = len(self.widths)
+            e_width = np.full((T, len(pairs), J), 1e6)
+            flops_width = np.broadcast_to(fm[None, :, None], (T, len(pairs), J)).copy()
+            for i in mlp:
+                e_width[:, i] = np.nan_to_num(block.e_width[:, pairs[i][0]], nan=1e6)
+                flops_width[:, i] = fm[i] * np.asarray(self.widths)[None, :]
+            kw.update(widths=self.widths, e_width=e_width, flops_width=flops_width)
+        problem = Problem(units=units, num_steps=T, max_age=M, budget=budget,
+                          flops_compute=np.broadcast_to(fm, (T, len(pairs))).copy(),
+                          flops_fixed=(float(self.flops_fixed) + rest) * T, timesteps=block.timesteps, **kw)
+        allowed = problem.allowed.copy()
+        for a, act in enumerate(problem.actions):
+            if str(act).startswith("W"):
+                ok = np.array([MODULE_ROLES[r] == "mlp" for _, r in pairs])
+                allowed[..., a] &= ok if allowed.ndim == 2 else ok[None, :]
+        return dataclasses.replace(problem, allowed=allowed)
+
     def _errors_for(self, num_steps: int | None, timesteps: Any):
         cal = np.asarray(self.timesteps, dtype=np.float64)
         gain = None if self.step_gain is None else np.asarray(self.step_gain, dtype=np.float64)
@@ -168,8 +225,9 @@ class SensitivityProfile:
         tensors = {name: np.ascontiguousarray(getattr(self, name), dtype=np.float64) for name in _ARRAYS}
         for k, v in self.channel_order.items():
             tensors[f"order/{k}"] = v.cpu().numpy().astype(np.int64)
-        if self.step_gain is not None:
-            tensors["step_gain"] = np.asarray(self.step_gain, dtype=np.float64)
+        for name in _OPTIONAL:
+            if getattr(self, name) is not None:
+                tensors[name] = np.asarray(getattr(self, name), dtype=np.float64)
         save_np(tensors, str(path / "profile.safetensors"))
         meta = {
             "version": PROFILE_VERSION,
@@ -214,7 +272,7 @@ class SensitivityProfile:
                 widths=tuple(meta["widths"]),
                 flops_fixed=float(meta["flops_fixed"]),
                 channel_order={k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("order/")},
-                step_gain=arrays.get("step_gain"),
+                **{name: arrays.get(name) for name in _OPTIONAL},
                 model=meta.get("model", {}),
                 report=meta.get("report", {}),
                 **{name: arrays[name] for name in _ARRAYS},

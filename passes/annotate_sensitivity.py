@@ -87,6 +87,31 @@ def measure_channel_order(graph: DiTGraph, calibration: Callable[[torch.nn.Modul
     return order, seconds
 
 
+#: Sub-module roles whose outputs module-level REUSE can serve from a cache (norms are cheap).
+MODULE_ROLES = ("attn", "cross_attn", "mlp")
+
+
+def _detach(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, tuple | list):
+        return type(out)(_detach(o) for o in out)
+    return out
+
+
+def _returning(value: Any) -> Callable:
+    """A forward hook that replaces the module's output by ``value``."""
+    return lambda module, args, out: value
+
+
+def _rows(out: Any, sl: slice) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out[sl] if out.dim() else out
+    if isinstance(out, tuple | list):
+        return type(out)(_rows(o, sl) for o in out)
+    return out
+
+
 def run_hooked(calibration: Callable[[torch.nn.Module], Any], model: torch.nn.Module, handles: list) -> float:
     """Run ``calibration(model)`` without grad, then remove the hook ``handles``; return the seconds."""
     t0 = time.perf_counter()
@@ -138,7 +163,18 @@ class _Probe:
         U, M, K, J = len(graph.blocks), max_age, len(prune_rates), len(widths)
         self.sums: dict[int, dict[str, np.ndarray]] = {}
         self.counts: dict[int, int] = {}
-        self.shape = {"e_reuse": (U, M + 1), "e_prune": (U, M + 1, K), "e_width": (U, J), "e_skip": (U,)}
+        R = len(MODULE_ROLES)
+        self.shape = {"e_reuse": (U, M + 1), "e_prune": (U, M + 1, K), "e_width": (U, J), "e_skip": (U,),
+                      "e_module_reuse": (U, R, M + 1)}
+        # Module-level REUSE: the outputs of each role's sub-modules are recorded during the
+        # true block call, and the block is re-run with them replaced by older ones.
+        self.role_modules = [
+            {role: [(name, graph.model.get_submodule(f"{spec.name}.{name}")) for name in spec.role_modules(role)]
+             for role in MODULE_ROLES if spec.role_modules(role)}
+            for spec in graph.blocks
+        ]
+        self.current: dict[tuple[int, str, str], Any] = {}
+        self.mod_history: dict[tuple[int, Any], dict[int, dict]] = {}
         self.history: dict[tuple[int, int], dict[int, tuple]] = {}
         self.timesteps: dict[int, float] = {}
         self.prunable = [prunable(s) for s in graph.blocks]
@@ -150,6 +186,18 @@ class _Probe:
             self.narrow.append([narrow_block(block, spec, w, prefix) for w in widths] if ok else None)
 
     # -- hooks --------------------------------------------------------------------------------
+    def module_hooks(self) -> list:
+        """Forward hooks that record each role sub-module's output during true block calls."""
+        handles = []
+        for u, roles in enumerate(self.role_modules):
+            for role, mods in roles.items():
+                for name, mod in mods:
+                    def hook(m, args, out, key=(u, role, name)):
+                        if not self.busy:
+                            self.current[key] = _detach(out)
+                    handles.append(mod.register_forward_hook(hook))
+        return handles
+
     def pre_model(self, module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         step, branch = self.tracker.observe(timestep_value(t))
@@ -232,9 +280,35 @@ class _Probe:
                     got = split_outputs(module(**sub_named))[i]
                     approx = scatter_tokens(base, idx, got)
                     acc["e_prune"][u, n, k] += float((approx.float() - y[sl].float()).pow(2).sum()) / p_norm
+        self._module_reuse(u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc)
         hist[t] = ({i: r for i, r in res.items()}, {i: x.detach() for i, x, _ in pairs})
         for old_t in [s for s in hist if s < t - self.max_age]:
             del hist[old_t]
+
+    def _module_reuse(self, u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc) -> None:
+        """REUSE of one role's sub-modules: re-run the block with their outputs from ``t - n``."""
+        roles = self.role_modules[u]
+        mhist = self.mod_history.setdefault(key, {})
+        mhist[t] = {(role, name): self.current.get((u, role, name)) for role, mods in roles.items()
+                    for name, _ in mods}
+        for r, role in enumerate(MODULE_ROLES):
+            mods = roles.get(role)
+            if not mods:
+                continue
+            for n in range(1, self.max_age + 1):
+                old = mhist.get(t - n)
+                if old is None or any(old.get((role, name)) is None for name, _ in mods):
+                    continue
+                handles = [mod.register_forward_hook(_returning(_rows(old[(role, name)], sl))) for name, mod in mods]
+                try:
+                    got = split_outputs(module(*p_args, **p_kwargs))
+                finally:
+                    for h in handles:
+                        h.remove()
+                err = sum(float((got[i].float() - y[sl].float()).pow(2).sum()) for i, _, y in pairs)
+                acc["e_module_reuse"][u, r, n] += err / p_norm
+        for old_t in [s for s in mhist if s < t - self.max_age]:
+            del mhist[old_t]
 
     def arrays(self) -> tuple[list[float], dict[str, np.ndarray]]:
         steps = sorted(self.sums)
@@ -277,6 +351,7 @@ def annotate_sensitivity(
     order, plain_seconds = measure_channel_order(graph, calibration)
     probe = _Probe(graph, max_age, prune_rates, widths, order, probe_rows)
     handles = [model.register_forward_pre_hook(probe.pre_model, with_kwargs=True)]
+    handles += probe.module_hooks()
     for u, spec in enumerate(graph.blocks):
         handles.append(model.get_submodule(spec.name).register_forward_hook(probe.block_hook(u), with_kwargs=True))
     calls = [0]
@@ -304,6 +379,14 @@ def annotate_sensitivity(
         if probe.narrow[u] is None:
             errs["e_width"][:, u] = np.nan
     flops = action_flops(graph, prune_rates, widths)
+    for u, spec in enumerate(graph.blocks):
+        for r, role in enumerate(MODULE_ROLES):
+            if not spec.role_modules(role):
+                errs["e_module_reuse"][:, u, r] = np.nan
+    flops["flops_module"] = np.array(
+        [[graph.costs.flops(spec.name, role) if spec.role_modules(role) else np.nan for role in MODULE_ROLES]
+         for spec in graph.blocks]
+    )
     prof = SensitivityProfile(
         units=tuple(Unit(s.list_name, s.index) for s in graph.blocks),
         timesteps=tuple(timesteps),

@@ -252,3 +252,22 @@ def test_bfloat16_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bfloat16_on_cuda():
     _bf16_roundtrip("cuda")
+
+
+def test_module_level_profile_and_plan(dit_setup):
+    """The profile measures REUSE of each block's attention and MLP; the solver plans per module."""
+    from solvers import solve
+
+    model, _, prof, _ = dit_setup
+    e = prof.e_module_reuse
+    assert e.shape == (STEPS, len(prof.units), 3, prof.max_age + 1)
+    attn, cross, mlp = e[2:, :, 0, 1], e[2:, :, 1, 1], e[2:, :, 2, 1]
+    assert (attn > 0).all() and (mlp > 0).all() and torch.isnan(torch.as_tensor(cross)).all()
+    assert (e[4:, :, 0, 3] >= e[4:, :, 0, 1]).mean() > 0.5  # older caches are worse, mostly
+    problem = prof.to_problem(0.5, granularity="module")
+    assert {u.role.value for u in problem.units} == {"attn", "mlp"}
+    plan = solve(problem, "cpsat", relative_gap=0.005, time_limit_s=5)
+    assert plan.flop_fraction <= 0.5 and plan.counts()[dit_opt.ActionKind.REUSE] > 0
+    with pytest.raises(dit_opt.DitOptError, match="module-level unit"):
+        dit_opt.OptimizedTransformer(model, plan, compile=False)._build(dit_setup[3][0.5]._runners[
+            next(iter(dit_setup[3][0.5]._runners))].graph, plan)
