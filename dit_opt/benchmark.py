@@ -454,7 +454,8 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
                 progress.advance(task)
                 continue
             row = Row(name, method, f"budget {budget}", budget, flops / flops_full,
-                      **_quality(images, images_full, labels, real), extra={"plan": opt.plan.counts()})
+                      **_quality(images, images_full, labels, real),
+                      extra={"plan": {k.value: n for k, n in opt.plan.counts().items()}})
             if cfg.timing and (cfg.timing_scope == "all" or solver == "cpsat"):
                 from dit_opt.runtime import OptimizedTransformer
 
@@ -568,7 +569,8 @@ def verdict(rows: Sequence[Row], budget: float = 0.5) -> list[str]:
             lines.append(f"* `{model}`: no dit-opt row at budget {budget} was measured.")
             continue
         me = mine[0]
-        others = [r for r in rows if r.model == model and r is not me and r.method not in ("full model",)
+        # Peers and baselines only: dit-opt's own rows at smaller budgets are not competitors.
+        others = [r for r in rows if r.model == model and r.method not in ("full model", me.method)
                   and r.flop_fraction == r.flop_fraction and r.flop_fraction <= budget + 1e-9]
         better = [r for r in others if r.psnr >= me.psnr]
         head = (f"* `{model}`: dit-opt at budget {budget} reaches FLOP fraction {me.flop_fraction:.3f}, "
@@ -596,12 +598,15 @@ def plot_pareto(rows: Sequence[Row], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.8), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         methods = [m for m in dict.fromkeys(r.method for r in rows if r.model == model) if m != "full model"]
-        for method in methods:
+        # tab20 gives every method its own colour (the default cycle repeats after 10 lines)
+        colours = plt.cm.tab20.colors
+        for i, method in enumerate(methods):
             pts = sorted((r.flop_fraction, r.psnr) for r in rows if r.model == model and r.method == method
                          and r.flop_fraction == r.flop_fraction and r.psnr == r.psnr and r.psnr != float("inf"))
             if not pts:
                 continue
-            style = dict(lw=2.5, marker="o", color="black") if method == "dit-opt (cpsat)" else dict(lw=1.2, marker=".")
+            style = dict(lw=2.5, marker="o", color="black") if method == "dit-opt (cpsat)" else dict(
+                lw=1.2, marker=".", color=colours[i % len(colours)])
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, **style)
         ax.set_title(model)
         ax.set_xlabel("FLOP fraction of the full generation (counted)")
@@ -716,7 +721,8 @@ def main(argv: list[str] | None = None, prog: str = "benchmark.py") -> list[Row]
         rows = run(cfg)
         seconds = time.time() - start
     if args.json:
-        Path(args.json).write_text(json.dumps({"seconds": seconds, "rows": [asdict(r) for r in rows]}, indent=1))
+        Path(args.json).write_text(json.dumps({"seconds": seconds, "rows": [asdict(r) for r in rows]}, indent=1,
+                                              default=str))
     figure = plot_pareto(rows, args.figure)
     try:
         rel = os.path.relpath(figure, Path(args.out).resolve().parent)
