@@ -189,6 +189,7 @@ def optimize(
     widths: tuple[float, ...] = (0.25, 0.5, 0.75),
     solver_options: dict[str, Any] | None = None,
     gain_points: int = 0,
+    granularity: str = "block",
     progress: bool = True,
 ) -> OptimizedTransformer:
     """Optimise ``model`` to at most ``budget`` of its FLOPs per generation.
@@ -210,6 +211,8 @@ def optimize(
         actions: action families the solver may use besides compute.
         max_age, prune_rates, widths: the candidate actions measured by the profile.
         gain_points: see :func:`profile` (how errors at each step grow into the output).
+        granularity: ``"block"`` (one action per block and step) or ``"module"`` (one per
+            attention, cross-attention and MLP of each block; reuse and MLP width).
         solver_options: passed to the solver (e.g. ``time_limit_s``).
         progress: show progress bars.
 
@@ -257,7 +260,7 @@ def optimize(
     def do_solve() -> None:
         from solvers import solve
 
-        problem = ctx["profile"].to_problem(budget, actions=actions)
+        problem = ctx["profile"].to_problem(budget, actions=actions, granularity=granularity)
         ctx["plan"] = solve(problem, solver, **_solver_defaults(solver, solver_options))
 
     def do_rewrite_and_lower() -> None:

@@ -21,16 +21,6 @@ __all__ = ["export", "ExportedPlan"]
 INDEX_VERSION = 1
 
 
-def _cache_examples(graph: Any, keys: tuple[str, ...], device: torch.device) -> list[torch.Tensor]:
-    specs = {b.name: b for b in graph.blocks}
-    out = []
-    for key in keys:
-        block, entry = key.split("/")
-        spec = specs[block].outputs[int(entry.lstrip("resin"))].spec
-        out.append(torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype), device=device))
-    return out
-
-
 def export(opt: Any, path: str | Path) -> Path:
     """Write the step variants of ``opt`` (at its captured input shapes) as ``.pt2`` files.
 
@@ -56,7 +46,7 @@ def export(opt: Any, path: str | Path) -> Path:
         key = id(v.gm)
         if key not in files:
             files[key] = f"variant_{len(files)}.pt2"
-            caches = _cache_examples(graph, v.reads, opt.device)
+            caches = opt.example_caches(runner, step)
             with torch.no_grad():
                 ep = torch.export.export(v.gm, tuple(flat) + tuple(caches), strict=False)
             torch.export.save(ep, str(path / files[key]))

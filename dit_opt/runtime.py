@@ -184,15 +184,26 @@ class OptimizedTransformer(nn.Module):
             raise DitOptError("nothing captured yet: call the module once (or use dit_opt.optimize) first")
         graph = runner.graph
         eager = self._build(graph, self._active)[step]
-        specs = {b.name: b for b in graph.blocks}
-        caches = []
-        for key in eager.reads:
-            block, entry = key.split("/")
-            out = specs[block].outputs[int(entry.lstrip("resin"))].spec
-            caches.append(torch.zeros(out.shape, dtype=getattr(torch, out.dtype), device=self.device))
+        caches = self.example_caches(runner, step)
         flat = graph.flat_inputs(**graph.example_inputs)
         with torch.no_grad():
             return torch._dynamo.explain(eager.gm)(*flat, *caches)
+
+    def example_caches(self, runner: _Runner, step: int) -> list[torch.Tensor]:
+        """Cache tensors that ``step`` reads, made by running steps ``0 .. step - 1`` on the
+        captured example inputs (for tracing, explaining and exporting a variant)."""
+        graph = runner.graph
+        state: dict[str, torch.Tensor] = {}
+        ts = self._active.timesteps or [None] * len(runner.variants)
+        with torch.no_grad():
+            for t in range(step):
+                inputs = dict(graph.example_inputs)
+                if ts[t] is not None and isinstance(inputs.get("timestep"), torch.Tensor):
+                    inputs["timestep"] = torch.full_like(inputs["timestep"], ts[t])
+                v = runner.variants[t]
+                out = v.gm(*graph.flat_inputs(**inputs), *[state[k] for k in v.reads])
+                state.update(zip(v.writes, out[v.gm.num_model_outputs:], strict=True))
+        return [state[k] for k in runner.variants[step].reads]
 
     def cache_bytes(self) -> int:
         """Bytes of cached tensors held now, over every branch."""
@@ -352,7 +363,7 @@ class OptimizedTransformer(nn.Module):
     def _build(self, graph: DiTGraph, plan: Plan) -> list:
         from passes.rewrite_plan import build_variants
 
-        return build_variants(graph, plan, self._narrow)
+        return build_variants(graph, plan, self._narrow, self._narrow_mlp)
 
     def _narrow(self, spec: BlockSpec, width: float) -> nn.Module:
         key = (spec.name, width)
@@ -362,6 +373,15 @@ class OptimizedTransformer(nn.Module):
                 prefix = spec.name + "."
                 order = {k[len(prefix):]: v for k, v in self.profile.channel_order.items() if k.startswith(prefix)}
             self._narrowed[key] = narrow_block(self.model.get_submodule(spec.name), spec, width, order)
+        return self._narrowed[key]
+
+    def _narrow_mlp(self, spec: BlockSpec, name: str, width: float) -> nn.Module:
+        from passes.rewrite_modules import narrow_feedforward
+
+        key = (f"{spec.name}.{name}", width)
+        if key not in self._narrowed:
+            order = self.profile.channel_order.get(key[0]) if self.profile is not None else None
+            self._narrowed[key] = narrow_feedforward(self.model.get_submodule(key[0]), width, order)
         return self._narrowed[key]
 
     def _lower(self, variants: list) -> list:

@@ -18,6 +18,7 @@ from dit_opt.errors import DitOptError
 from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import Action, ActionKind, Plan
 from passes.rewrite_cache import rewrite_cache
+from passes.rewrite_modules import rewrite_modules
 from passes.rewrite_prune import rewrite_prune
 from passes.rewrite_skip import rewrite_skip
 from passes.rewrite_width import rewrite_width
@@ -61,7 +62,10 @@ def cache_needs(plan: Plan) -> list[list[tuple[bool, bool]]]:
 
 
 def build_variants(
-    graph: DiTGraph, plan: Plan, narrowed: Callable[[BlockSpec, float], nn.Module]
+    graph: DiTGraph,
+    plan: Plan,
+    narrowed: Callable[[BlockSpec, float], nn.Module],
+    narrow_mlp: Callable[[BlockSpec, str, float], nn.Module] | None = None,
 ) -> list[Variant]:
     """One :class:`Variant` per step; steps with the same actions and cache writes share one.
 
@@ -69,37 +73,46 @@ def build_variants(
         graph: the captured graph.
         plan: the plan (block-level units).
         narrowed: returns the block narrowed to a width (built once per block and width).
+        narrow_mlp: returns a block's MLP sub-module narrowed to a width (module-level plans).
 
     Raises:
         DitOptError: the plan's units are not the graph's blocks.
     """
     specs = {b.name: b for b in graph.blocks}
-    order = []
-    for unit in plan.units:
-        if unit.role is not None:
-            raise DitOptError(
-                f"plan unit {unit} is a module-level unit; the runtime executes block-level plans "
-                f"(units 'list.index'). Solve with block units, as dit_opt.optimize does."
-            )
+    groups: dict[str, list[int]] = {}
+    for u, unit in enumerate(plan.units):
         name = f"{unit.list_name}.{unit.index}"
         if name not in specs:
             raise DitOptError(f"plan unit {unit} is not a block of {type(graph.model).__name__} "
                               f"(blocks: {list(specs)[:4]}...); the plan was made for another model")
-        order.append(specs[name])
+        groups.setdefault(name, []).append(u)
+    order = []
+    for name, units in groups.items():
+        roles = [plan.units[u].role for u in units]
+        if None in roles and len(units) > 1:
+            raise DitOptError(f"plan has both block-level and module-level units for block {name}; use one granularity")
+        order.append((specs[name], units))
     needs = cache_needs(plan)
     shared: dict[tuple, Variant] = {}
     out = []
     for t in range(plan.num_steps):
         key = (tuple(str(a) for a in plan.actions[t]), tuple(needs[t]))
         if key not in shared:
-            shared[key] = _build(graph, order, plan.actions[t], needs[t], narrowed, len(shared))
+            shared[key] = _build(graph, order, plan, t, needs[t], narrowed, narrow_mlp, len(shared))
         out.append(shared[key])
     return out
 
 
-def _build(graph, specs, actions, needs, narrowed, n) -> Variant:
+def _build(graph, order, plan, t, needs, narrowed, narrow_mlp, n) -> Variant:
     sg = StepGraph(graph)
-    for spec, action, (res, inp) in zip(specs, actions, needs, strict=True):
+    actions = plan.actions[t]
+    for spec, units in order:
+        if plan.units[units[0]].role is not None:
+            rewrite_modules(sg, spec, {plan.units[u].role.value: actions[u] for u in units},
+                            {plan.units[u].role.value: needs[u][0] for u in units}, narrow_mlp)
+            continue
+        (u,) = units
+        action, (res, inp) = actions[u], needs[u]
         kind = action.kind
         if kind is ActionKind.COMPUTE or kind is ActionKind.REUSE:
             rewrite_cache(sg, spec, action, write_residual=res, write_input=inp)
