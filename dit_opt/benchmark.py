@@ -10,7 +10,9 @@
   evaluation);
 * diffusers' cache hooks (FirstBlockCache, PyramidAttentionBroadcast, FasterCache, TaylorSeer,
   MagCache), each swept over its threshold or skip parameter so that some settings land near
-  each target fraction.
+  each target fraction;
+* the optional ``cache-dit`` package (DBCache, DBCache + TaylorSeer, SCM step masks) where it
+  applies (Flux; not DiT, see :func:`cache_dit_module`), skipped with a note when not installed.
 
 Per row: the FLOP fraction (counted with ``FlopCounterMode`` over the whole generation, eager),
 PSNR and SSIM against the full output of the same seeds, class accuracy and Frechet distance of
