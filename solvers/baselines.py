@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -120,6 +121,9 @@ def toca_like(problem: Problem, interval: int | None = None, rate: float | None 
     if not problem.prune_rates:
         if rate is not None:
             raise ValueError(f"rate={rate!r} given but the problem has no PRUNE family")
+        # Said out loud: a ToCa row equal to the FORA row must not pass for a measurement of ToCa.
+        warnings.warn("toca: the problem has no PRUNE family (no prunable block), so ToCa falls back to "
+                      "FORA's schedule", UserWarning, stacklevel=2)
         return fora(problem, interval)
     if rate is not None and rate not in problem.prune_rates:
         raise ValueError(f"rate={rate!r} is not one of the problem's prune_rates {problem.prune_rates}")
