@@ -501,8 +501,11 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
             row = Row(name, _PEER_TITLES[peer], setting, None, flops / flops_full,
                       **_quality(images, images_full, labels, real))
             if cfg.timing and cfg.timing_scope == "all":
-                row.speedup = _time(sampler, model, module, timing_labels, cfg.steps, cfg.timing_repeats)
-                row.timing = "eager"
+                try:
+                    row.speedup = _time(sampler, model, module, timing_labels, cfg.steps, cfg.timing_repeats)
+                    row.timing = "eager"
+                except Exception as e:  # e.g. a peer whose cached state cannot change batch size
+                    row.note = f"not timed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
             rows.append(row)
             _log(progress, rows[-1])
             progress.advance(task)
