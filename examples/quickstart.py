@@ -9,7 +9,6 @@ import argparse
 import warnings
 from pathlib import Path
 
-
 import dit_opt
 from dit_opt import zoo
 from dit_opt.bench import with_transformer
@@ -49,7 +48,8 @@ def main() -> None:
     labels = list(range(10))
     full = with_transformer(sampler, model, class_labels=labels, seed=0)
     fast = with_transformer(sampler, loaded, class_labels=labels, seed=0)
-    print(f"PSNR against the full model: {psnr(fast, full):.2f} dB; FLOPs: {100 * loaded.stats()['flop_fraction']:.1f} %")
+    flops = 100 * loaded.stats()["flop_fraction"]
+    print(f"PSNR against the full model: {psnr(fast, full):.2f} dB; FLOPs: {flops:.1f} %")
     print(f"saved to {args.out}: {sorted(p.name for p in args.out.iterdir())}")
 
 
