@@ -10,7 +10,7 @@ that start with ``dit_opt.`` (see :data:`META_BLOCK` and friends).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
@@ -144,7 +144,6 @@ class DiTGraph:
     flops: int | None = None
     costs: Any = None
     capture_seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     # ---- calling -------------------------------------------------------------------------
     def flat_inputs(self, *args: Any, **kwargs: Any) -> list[Any]:

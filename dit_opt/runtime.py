@@ -23,7 +23,7 @@ from torch import nn
 from dit_opt.errors import DitOptError
 from dit_opt.executor import narrow_block
 from dit_opt.ir import BlockSpec, DiTGraph
-from dit_opt.plan import ActionKind, Plan
+from dit_opt.plan import Plan
 from dit_opt.steps import StepTracker, timestep_value
 
 __all__ = ["OptimizedTransformer"]
@@ -35,7 +35,7 @@ class _Runner:
 
     graph: DiTGraph
     variants: list
-    default_keys: tuple[str, ...]
+    by_plan: dict[int, list] = field(default_factory=dict)  # variants of re-solved plans
 
 
 @dataclass
@@ -309,11 +309,10 @@ class OptimizedTransformer(nn.Module):
         return plan
 
     def _variants_for(self, runner: _Runner, plan: Plan) -> list:
-        cache = runner.__dict__.setdefault("_by_plan", {})
         key = id(plan)
-        if key not in cache:
-            cache[key] = self._lower(self._build(runner.graph, plan))
-        return cache[key]
+        if key not in runner.by_plan:
+            runner.by_plan[key] = self._lower(self._build(runner.graph, plan))
+        return runner.by_plan[key]
 
     def _record(self, step: int, plan: Plan, variant: Any) -> None:
         if variant is None:
@@ -358,7 +357,7 @@ class OptimizedTransformer(nn.Module):
 
     def _make_runner(self, graph: DiTGraph) -> _Runner:
         variants = self._lower(self._build(graph, self.plan))
-        return _Runner(graph=graph, variants=variants, default_keys=())
+        return _Runner(graph=graph, variants=variants)
 
     def _build(self, graph: DiTGraph, plan: Plan) -> list:
         from passes.rewrite_plan import build_variants
@@ -413,7 +412,3 @@ def _estimate_schedule(t0: float, t1: float, calibrated: np.ndarray) -> tuple[fl
     n = max(2, int(round(abs(t0 - end) / stride)) + 1)
     return tuple(float(x) for x in np.linspace(t0, end, n))
 
-
-def kinds_in(plan: Plan) -> set[ActionKind]:
-    """The action kinds a plan uses."""
-    return {a.kind for row in plan.actions for a in row}

@@ -63,7 +63,6 @@ class StepGraph:
         self.fx = torch.fx.Graph()
         val_map: dict[torch.fx.Node, torch.fx.Node] = {}
         out = self.fx.graph_copy(self.graph.gm.graph, val_map)
-        self._orig_out = out
         self.fx.output(out)
         for old, new in val_map.items():
             new.meta = dict(old.meta)
