@@ -183,7 +183,7 @@ def optimize(
     solver: str = "cpsat",
     compile: bool = True,
     blocks: list[str] | None = None,
-    actions: tuple[str, ...] = ("reuse", "prune", "width", "skip"),
+    actions: tuple[str, ...] = ("reuse", "forecast", "prune", "width", "skip"),
     max_age: int = 4,
     prune_rates: tuple[float, ...] = (0.25, 0.5, 0.75),
     widths: tuple[float, ...] = (0.25, 0.5, 0.75),
@@ -208,7 +208,9 @@ def optimize(
             only) or a baseline schedule (``"fora"``, ``"delta_dit"``, ``"toca"``).
         compile: lower the blocks with ``torch.compile`` (Inductor); ``False`` keeps eager code.
         blocks: block list names, when discovery picks the wrong ones.
-        actions: action families the solver may use besides compute.
+        actions: action families the solver may use besides compute: ``reuse``, ``forecast``
+            (reuse extrapolated from the last two computes, where measured to be better),
+            ``prune``, ``width``, ``skip``.
         max_age, prune_rates, widths: the candidate actions measured by the profile.
         gain_points: see :func:`profile` (how errors at each step grow into the output).
         granularity: ``"block"`` (one action per block and step) or ``"module"`` (one per
@@ -231,7 +233,7 @@ def optimize(
     """
     budget = check_budget(budget)
     if solver == "dp":
-        actions = ("reuse",)
+        actions = tuple(a for a in actions if a in ("reuse", "forecast"))
     ctx: dict[str, Any] = {}
 
     def do_capture() -> None:

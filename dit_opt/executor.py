@@ -27,6 +27,7 @@ __all__ = [
     "pack_outputs",
     "split_outputs",
     "reuse",
+    "forecast",
     "token_scores",
     "topk_tokens",
     "gather_tokens",
@@ -60,6 +61,17 @@ def split_outputs(out: Any) -> list[torch.Tensor | None]:
 def reuse(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``REUSE``: the block's output is its input plus the cached residual."""
     return x + residual
+
+
+def forecast(x: torch.Tensor, residual: torch.Tensor, previous: torch.Tensor, slope: float) -> torch.Tensor:
+    """``FORECAST``: the input plus the cached residual extrapolated to first order.
+
+    ``residual`` and ``previous`` are the residuals of the unit's last two ``COMPUTE`` steps, ``d``
+    steps apart; ``n`` steps after the last one the residual is predicted as
+    ``residual + (n / d) * (residual - previous)`` (TaylorSeer's first-order forecast, with the
+    finite difference taken over the actual spacing). ``slope`` is ``n / d``, a constant of the step.
+    """
+    return x + (residual + slope * (residual - previous))
 
 
 def token_scores(x: torch.Tensor, cached_x: torch.Tensor) -> torch.Tensor:

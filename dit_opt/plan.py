@@ -9,8 +9,10 @@ solving again.
 Rules every plan obeys (re-checked by :meth:`Plan.validate`):
 
 * step 0 computes every unit (there is no cache yet);
-* ``REUSE`` and ``PRUNE`` read the unit's cache, written by its last ``COMPUTE`` at most
-  ``max_age`` steps earlier (``PRUNE``, ``WIDTH`` and ``SKIP`` do not refresh the cache);
+* ``REUSE``, ``FORECAST`` and ``PRUNE`` read the unit's cache, written by its last ``COMPUTE``
+  at most ``max_age`` steps earlier (``PRUNE``, ``WIDTH`` and ``SKIP`` do not refresh the cache);
+* ``FORECAST`` extrapolates from the unit's last two ``COMPUTE`` steps, so it needs two of them,
+  at most ``max_age`` steps apart;
 * ``WIDTH`` applies only to an MLP (role ``mlp``) or a whole block (role ``None``);
 * the predicted FLOPs are within ``budget * full_flops``.
 
@@ -43,6 +45,7 @@ __all__ = [
     "Plan",
     "COMPUTE",
     "REUSE",
+    "FORECAST",
     "SKIP",
     "check_budget",
 ]
@@ -78,6 +81,7 @@ class ActionKind(Enum):
 
     COMPUTE = "compute"
     REUSE = "reuse"
+    FORECAST = "forecast"
     PRUNE = "prune"
     WIDTH = "width"
     SKIP = "skip"
@@ -91,6 +95,7 @@ class ActionKind(Enum):
 _KIND_CODE = {
     ActionKind.COMPUTE: "C",
     ActionKind.REUSE: "R",
+    ActionKind.FORECAST: "F",
     ActionKind.PRUNE: "P",
     ActionKind.WIDTH: "W",
     ActionKind.SKIP: "S",
@@ -135,8 +140,8 @@ class Action:
 
     @property
     def needs_cache(self) -> bool:
-        """Whether the action reads the unit's cached residual (``REUSE``, ``PRUNE``)."""
-        return self.kind in (ActionKind.REUSE, ActionKind.PRUNE)
+        """Whether the action reads the unit's cached residual (``REUSE``, ``FORECAST``, ``PRUNE``)."""
+        return self.kind in (ActionKind.REUSE, ActionKind.FORECAST, ActionKind.PRUNE)
 
     def __str__(self) -> str:
         # repr() of a float is its shortest exact spelling, so parse(str(a)) == a.
@@ -148,7 +153,7 @@ class Action:
 
     @classmethod
     def parse(cls, text: str) -> Action:
-        """Parse the short form written by ``str``: ``C``, ``R``, ``P0.25``, ``W0.5``, ``S``.
+        """Parse the short form written by ``str``: ``C``, ``R``, ``F``, ``P0.25``, ``W0.5``, ``S``.
 
         Raises:
             ValueError: the text is not an action.
@@ -156,7 +161,7 @@ class Action:
         text = text.strip()
         kind = _CODE_KIND.get(text[:1])
         if kind is None:
-            raise ValueError(f"unknown action {text!r}; expected one of C, R, P<rate>, W<width>, S")
+            raise ValueError(f"unknown action {text!r}; expected one of C, R, F, P<rate>, W<width>, S")
         arg = text[1:]
         if kind in (ActionKind.PRUNE, ActionKind.WIDTH):
             try:
@@ -172,6 +177,7 @@ class Action:
 #: The parameterless actions, shared instances.
 COMPUTE = Action(ActionKind.COMPUTE)
 REUSE = Action(ActionKind.REUSE)
+FORECAST = Action(ActionKind.FORECAST)
 SKIP = Action(ActionKind.SKIP)
 
 
@@ -324,7 +330,7 @@ class Plan:
         if self.timesteps is not None and len(self.timesteps) != T:
             raise ValueError(f"Plan.timesteps must have {T} entries, got {len(self.timesteps)}")
         for u, unit in enumerate(self.units):
-            last_compute = None
+            last_compute, previous_compute = None, None
             for t in range(T):
                 action = self.actions[t][u]
                 if not isinstance(action, Action):
@@ -337,10 +343,16 @@ class Plan:
                         f"{where} reads a cache {t - last_compute} steps old (last COMPUTE at step "
                         f"{last_compute}), more than max_age={self.max_age}"
                     )
+                if action.kind is ActionKind.FORECAST and (
+                        previous_compute is None or last_compute - previous_compute > self.max_age):
+                    raise ValueError(
+                        f"{where} extrapolates from the last two COMPUTE steps, which must be at most "
+                        f"max_age={self.max_age} apart (they are {previous_compute} and {last_compute})"
+                    )
                 if action.kind is ActionKind.WIDTH and not unit.allows_width:
                     raise ValueError(f"{where}: WIDTH applies only to an MLP or a whole block")
                 if action.kind is ActionKind.COMPUTE:
-                    last_compute = t
+                    last_compute, previous_compute = t, last_compute
         total = math.fsum(self.step_flops) + self.flops_fixed
         if not math.isclose(total, self.predicted_flops, rel_tol=1e-9, abs_tol=1e-9):
             raise ValueError(
@@ -454,7 +466,7 @@ class Plan:
 
         # A bare Figure with the Agg canvas: no pyplot global state, no display needed.
         kinds = list(ActionKind)
-        colours = ["#3b6ea5", "#59a14f", "#f28e2b", "#b07aa1", "#e15759"]
+        colours = ["#3b6ea5", "#59a14f", "#9ad17f", "#f28e2b", "#b07aa1", "#e15759"]
         grid = np.array([[kinds.index(a.kind) for a in row] for row in self.actions]).T
         fig = Figure(figsize=(max(6.0, 0.16 * self.num_steps + 3), max(3.0, 0.12 * len(self.units) + 1.5)))
         FigureCanvasAgg(fig)

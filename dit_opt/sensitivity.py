@@ -32,7 +32,7 @@ __all__ = ["PROFILE_VERSION", "SensitivityProfile"]
 #: Version of the saved profile format.
 PROFILE_VERSION = 1
 
-_OPTIONAL = ("step_gain", "e_module_reuse", "flops_module")
+_OPTIONAL = ("step_gain", "e_module_reuse", "flops_module", "e_forecast")
 #: Module roles of the module-level units, in the order of ``e_module_reuse``'s third axis.
 MODULE_ROLES = ("attn", "cross_attn", "mlp")
 _ARRAYS = ("e_reuse", "e_prune", "e_width", "e_skip", "flops_compute", "flops_reuse", "flops_prune", "flops_width")
@@ -50,6 +50,9 @@ class SensitivityProfile:
         e_reuse: ``(T, U, max_age + 1)``; ``e_prune``: ``(T, U, max_age + 1, K)`` (NaN where
             the block cannot be pruned); ``e_width``: ``(T, U, J)`` (NaN where no MLP can be
             narrowed); ``e_skip``: ``(T, U)``.
+        e_forecast: ``(T, U, max_age + 1, max_age + 1)``: ``FORECAST`` at age ``n`` (third axis)
+            extrapolating from two computes ``d`` steps apart (fourth axis); NaN where step
+            ``t - n - d`` would precede the first step. ``None`` in profiles made before it existed.
         e_module_reuse: ``(T, U, 3, max_age + 1)``: ``REUSE`` of each block's attention,
             cross-attention and MLP outputs (``MODULE_ROLES``; NaN where a block has no such
             module); ``flops_module``: ``(U, 3)`` their FLOPs.
@@ -78,6 +81,7 @@ class SensitivityProfile:
     flops_width: np.ndarray
     flops_fixed: float
     e_module_reuse: np.ndarray | None = None
+    e_forecast: np.ndarray | None = None
     flops_module: np.ndarray | None = None
     channel_order: dict[str, torch.Tensor] = field(default_factory=dict)
     step_gain: np.ndarray | None = None
@@ -90,7 +94,7 @@ class SensitivityProfile:
 
     # ---- to a solver problem ---------------------------------------------------------------
     def to_problem(self, budget: float, *, num_steps: int | None = None, timesteps: Any = None,
-                   actions: tuple[str, ...] = ("reuse", "prune", "width", "skip"),
+                   actions: tuple[str, ...] = ("reuse", "forecast", "prune", "width", "skip"),
                    granularity: str = "block") -> Any:
         """The solver :class:`~solvers.problem.Problem` at ``budget``.
 
@@ -101,7 +105,9 @@ class SensitivityProfile:
                 are rescaled by the ratio of step sizes (no re-profiling).
             num_steps: shorthand when only the count differs: the calibrated range is
                 resampled evenly to ``num_steps`` steps.
-            actions: action families offered to the solver besides ``compute``.
+            actions: action families offered to the solver besides ``compute``; ``forecast``
+                (with ``reuse``) lets a plan's ``REUSE`` steps extrapolate from the last two
+                computes where that is measured to be better (block granularity only).
             granularity: ``"block"`` (units are blocks) or ``"module"`` (units are each block's
                 attention, cross-attention and MLP; ``REUSE`` of their outputs, and ``WIDTH``
                 for MLPs; the rest of each block is always computed).
@@ -113,14 +119,15 @@ class SensitivityProfile:
         if granularity != "block":
             raise ValueError(f"granularity must be 'block' or 'module', got {granularity!r}")
 
-        e_reuse, e_prune, e_width, e_skip, ts, gain = self._errors_for(num_steps, timesteps)
+        e_reuse, e_prune, e_width, e_skip, ts, gain, e_forecast = self._errors_for(num_steps, timesteps)
         T, U = e_skip.shape
         if gain is not None:
             e_reuse = e_reuse * gain[:, None, None]
+            e_forecast = None if e_forecast is None else e_forecast * gain[:, None, None, None]
             e_prune = e_prune * gain[:, None, None, None]
             e_width = e_width * gain[:, None, None]
             e_skip = e_skip * gain[:, None]
-        A = {"reuse", "prune", "width", "skip"}
+        A = {"reuse", "forecast", "prune", "width", "skip"}
         unknown = set(actions) - A
         if unknown:
             raise ValueError(f"unknown action families {sorted(unknown)}; choose from {sorted(A)}")
@@ -133,6 +140,8 @@ class SensitivityProfile:
         tile = lambda a: np.broadcast_to(a, (T, *a.shape)).copy()  # noqa: E731
         if "reuse" in actions:
             kw.update(e_reuse=e_reuse, flops_reuse=tile(self.flops_reuse))
+            if "forecast" in actions and e_forecast is not None:
+                kw.update(e_forecast=np.nan_to_num(e_forecast, nan=np.inf))
         if use_prune:
             kw.update(prune_rates=self.prune_rates, e_prune=np.nan_to_num(e_prune, nan=inf_safe),
                       flops_prune=tile(self.flops_prune))
@@ -197,7 +206,7 @@ class SensitivityProfile:
         cal = np.asarray(self.timesteps, dtype=np.float64)
         gain = None if self.step_gain is None else np.asarray(self.step_gain, dtype=np.float64)
         if timesteps is None and (num_steps is None or num_steps == len(cal)):
-            return self.e_reuse, self.e_prune, self.e_width, self.e_skip, cal, gain
+            return self.e_reuse, self.e_prune, self.e_width, self.e_skip, cal, gain, self.e_forecast
         if timesteps is None:
             ts = np.linspace(cal[0], cal[-1], int(num_steps))
         else:
@@ -215,7 +224,18 @@ class SensitivityProfile:
                 e_reuse[:, :, n] = self.e_reuse[near, :, src]
                 e_prune[:, :, n] = self.e_prune[near, :, src]
         e_prune[np.isnan(self.e_prune[near])] = np.nan
-        return e_reuse, e_prune, self.e_width[near], self.e_skip[near], ts, None if gain is None else gain[near]
+        e_forecast = None
+        if self.e_forecast is not None:
+            # ages and spacings rescaled alike; a step too early for two computes stays NaN
+            e_forecast = np.full((T, self.e_reuse.shape[1], M + 1, M + 1), np.nan)
+            for n in range(1, M + 1):
+                for d in range(1, M + 1):
+                    sn, sd = int(round(n * ratio)), int(round(d * ratio))
+                    if 1 <= sn <= M and 1 <= sd <= M:
+                        ok = np.arange(T) - n - d >= 0
+                        e_forecast[ok, :, n, d] = self.e_forecast[near[ok], :, sn, sd]
+        return (e_reuse, e_prune, self.e_width[near], self.e_skip[near], ts, None if gain is None else gain[near],
+                e_forecast)
 
     # ---- artifact --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

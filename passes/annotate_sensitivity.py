@@ -6,7 +6,9 @@ true inputs and outputs at every step and evaluate, on those same inputs, what e
 candidate action would have produced:
 
 * ``REUSE`` at age ``n``: input plus the residual cached ``n`` steps earlier (free: the
-  residuals of the last ``max_age`` steps are kept);
+  residuals of the last ``2 max_age`` steps are kept);
+* ``FORECAST`` at age ``n`` with spacing ``d``: input plus the residual of ``n`` steps earlier,
+  extrapolated to first order from the one ``d`` steps before that (free as well);
 * ``PRUNE(r)`` at age ``n``: the block recomputes the top ``r`` of tokens (by input drift
   since the cache) and the rest comes from the cache (one extra block call on ``r N`` tokens);
 * ``WIDTH(w)``: the block with its MLP narrowed to the ``w`` most important hidden channels
@@ -164,7 +166,8 @@ class _Probe:
         self.sums: dict[int, dict[str, np.ndarray]] = {}
         self.counts: dict[int, int] = {}
         R = len(MODULE_ROLES)
-        self.shape = {"e_reuse": (U, M + 1), "e_prune": (U, M + 1, K), "e_width": (U, J), "e_skip": (U,),
+        self.shape = {"e_reuse": (U, M + 1), "e_forecast": (U, M + 1, M + 1),
+                      "e_prune": (U, M + 1, K), "e_width": (U, J), "e_skip": (U,),
                       "e_module_reuse": (U, R, M + 1)}
         # Module-level REUSE: the outputs of each role's sub-modules are recorded during the
         # true block call, and the block is re-run with them replaced by older ones.
@@ -250,6 +253,15 @@ class _Probe:
             if old is not None:
                 err = sum(float((old[0][i] - res[i]).pow(2).sum()) for i, _, _ in pairs)
                 acc["e_reuse"][u, n] += err / norm
+                # FORECAST from the computes at t - n and t - n - d (both observed: measured).
+                for d in range(1, self.max_age + 1):
+                    older = hist.get(t - n - d)
+                    if older is None:
+                        continue
+                    slope = n / d
+                    err = sum(float((old[0][i] + slope * (old[0][i] - older[0][i]) - res[i]).pow(2).sum())
+                              for i, _, _ in pairs)
+                    acc["e_forecast"][u, n, d] += err / norm
         acc["e_skip"][u] += sum(float(r.pow(2).sum()) for r in res.values()) / norm
         batch = pairs[0][1].shape[0]
         p_args, p_kwargs, sl = self._rows(args, kwargs, batch)
@@ -282,7 +294,7 @@ class _Probe:
                     acc["e_prune"][u, n, k] += float((approx.float() - y[sl].float()).pow(2).sum()) / p_norm
         self._module_reuse(u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc)
         hist[t] = ({i: r for i, r in res.items()}, {i: x.detach() for i, x, _ in pairs})
-        for old_t in [s for s in hist if s < t - self.max_age]:
+        for old_t in [s for s in hist if s < t - 2 * self.max_age]:
             del hist[old_t]
 
     def _module_reuse(self, u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc) -> None:
@@ -372,6 +384,13 @@ def annotate_sensitivity(
     timesteps, errs = probe.arrays()
     # Ages never observed (e.g. the first steps) stay at 0; the solver's validity rules keep
     # the plan from reading a cache older than the step itself, so they are never used.
+    # FORECAST needs two computes before the step: where the older one would precede step 0
+    # there is nothing to extrapolate from, marked NaN (not offered to the solver).
+    for t in range(len(timesteps)):
+        for n in range(1, max_age + 1):
+            errs["e_forecast"][t, :, n, max(1, t - n + 1):] = np.nan
+    errs["e_forecast"][:, :, 0, :] = np.nan
+    errs["e_forecast"][:, :, :, 0] = np.nan
     U = len(graph.blocks)
     for u in range(U):
         if not probe.prunable[u]:

@@ -1,8 +1,11 @@
-"""rewrite_cache: ``COMPUTE`` refreshes a block's cache; ``REUSE`` serves the block from it.
+"""rewrite_cache: ``COMPUTE`` refreshes a block's cache; ``REUSE``/``FORECAST`` serve the block from it.
 
 ``REUSE`` replaces the block call by ``input + cached residual`` for each output stream (the
-residual ``out - in`` written by the block's last ``COMPUTE``). ``COMPUTE`` keeps the call and
-returns ``out - in`` (and, for later ``PRUNE`` steps, the input itself) as cache writes.
+residual ``out - in`` written by the block's last ``COMPUTE``). ``FORECAST`` replaces it by
+``input + residual + slope * (residual - previous residual)``, a first-order extrapolation from
+the block's last two computes. ``COMPUTE`` keeps the call and returns ``out - in`` (and, for
+later ``PRUNE`` steps, the input itself; for later ``FORECAST`` steps, the residual it replaces)
+as cache writes.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from dit_opt.errors import DitOptError
-from dit_opt.executor import reuse
+from dit_opt.executor import forecast, reuse
 from dit_opt.ir import BlockSpec
 from dit_opt.plan import Action, ActionKind
 from passes.infra import PassResult
@@ -20,16 +23,21 @@ __all__ = ["rewrite_cache"]
 
 
 def rewrite_cache(
-    sg: StepGraph, spec: BlockSpec, action: Action, *, write_residual: bool = True, write_input: bool = False
+    sg: StepGraph, spec: BlockSpec, action: Action, *, write_residual: bool = True, write_input: bool = False,
+    keep_previous: bool = False, slope: float | None = None,
 ) -> PassResult:
-    """Rewrite ``spec``'s block node for ``COMPUTE`` (cache writes) or ``REUSE`` (cache reads).
+    """Rewrite ``spec``'s block node for ``COMPUTE`` (cache writes) or ``REUSE``/``FORECAST`` (reads).
 
     Args:
         sg: the step graph being built.
         spec: the block.
-        action: ``COMPUTE`` or ``REUSE``.
+        action: ``COMPUTE``, ``REUSE`` or ``FORECAST``.
         write_residual: on ``COMPUTE``, write the residuals (a later step reuses them).
         write_input: on ``COMPUTE``, write the inputs too (a later ``PRUNE`` scores tokens by drift).
+        keep_previous: on ``COMPUTE``, move the residuals being replaced to ``prev`` entries (a
+            later ``FORECAST`` extrapolates from both).
+        slope: on ``FORECAST``, ``n / d`` (steps since the last compute over the spacing of the
+            last two).
 
     Raises:
         DitOptError: ``REUSE`` of a block whose output does not continue an input stream.
@@ -37,7 +45,7 @@ def rewrite_cache(
     node = sg.node(spec)
     ins = sg.stream_nodes(spec)
     if action.kind is ActionKind.COMPUTE:
-        if not (write_residual or write_input):
+        if not (write_residual or write_input or keep_previous):
             return PassResult(sg, False)
         outs = sg.output_nodes(spec, node)
         last = max((n for n in outs if n is not None), key=_order)
@@ -45,13 +53,17 @@ def rewrite_cache(
             for o, x, y in zip(spec.outputs, ins, outs, strict=True):
                 if x is None or y is None:
                     continue
+                if keep_previous:
+                    sg.write(cache_key(spec.name, "prev", o.position), sg.read(cache_key(spec.name, "res", o.position)))
                 if write_residual:
                     sg.write(cache_key(spec.name, "res", o.position), sg.fx.call_function(torch.sub, (y, x)))
                 if write_input:
                     sg.write(cache_key(spec.name, "in", o.position), x)
         return PassResult(sg, True)
-    if action.kind is not ActionKind.REUSE:
-        raise ValueError(f"rewrite_cache handles COMPUTE and REUSE, not {action}")
+    if action.kind not in (ActionKind.REUSE, ActionKind.FORECAST):
+        raise ValueError(f"rewrite_cache handles COMPUTE, REUSE and FORECAST, not {action}")
+    if action.kind is ActionKind.FORECAST and slope is None:
+        raise ValueError(f"block {spec.name}: FORECAST needs its slope n / d")
     outs = []
     with sg.fx.inserting_before(node):
         for o, x in zip(spec.outputs, ins, strict=True):
@@ -63,7 +75,12 @@ def rewrite_cache(
                     f"block {spec.name}: output {o.position} does not continue an input stream, so it cannot be "
                     f"served from a residual cache; plan COMPUTE for this block (or exclude it from REUSE)"
                 )
-            outs.append(sg.fx.call_function(reuse, (x, sg.read(cache_key(spec.name, "res", o.position)))))
+            res = sg.read(cache_key(spec.name, "res", o.position))
+            if action.kind is ActionKind.FORECAST:
+                prev = sg.read(cache_key(spec.name, "prev", o.position))
+                outs.append(sg.fx.call_function(forecast, (x, res, prev, float(slope))))
+            else:
+                outs.append(sg.fx.call_function(reuse, (x, res)))
     packed = sg.pack(spec, outs, after=max((n for n in outs if n is not None), key=_order))
     sg.replace_block(spec, packed)
     return PassResult(sg, True)

@@ -3,7 +3,9 @@
 The plan is the only input besides the captured graph: for each step, each block node goes
 through the rewrite pass of its action (``rewrite_cache``, ``rewrite_prune``,
 ``rewrite_width``, ``rewrite_skip``). A ``COMPUTE`` writes the cache entries that a later
-step of the same block reads before its next ``COMPUTE``.
+step of the same block reads before its next ``COMPUTE``; before a ``FORECAST`` it also keeps
+the residual of the compute before it (``prev``), and the forecast's slope ``n / d`` is a
+constant of the step's graph.
 """
 
 from __future__ import annotations
@@ -37,28 +39,50 @@ class Variant:
     actions: tuple[Action, ...]
 
 
-def cache_needs(plan: Plan) -> list[list[tuple[bool, bool]]]:
-    """Per step and unit, whether a ``COMPUTE`` must write (residual, input) for later steps.
+def cache_needs(plan: Plan) -> list[list[tuple[bool, bool, bool]]]:
+    """Per step and unit, whether a ``COMPUTE`` must write (residual, input, previous residual)
+    for later steps.
 
     Example:
-        >>> cache_needs(plan)[0][3]   # step 0, unit 3: (write residual, write input)
-        (True, True)
+        >>> cache_needs(plan)[0][3]   # step 0, unit 3: (residual, input, previous residual)
+        (True, True, False)
     """
     T, U = plan.num_steps, len(plan.units)
-    needs = [[(False, False)] * U for _ in range(T)]
+    needs = [[(False, False, False)] * U for _ in range(T)]
     # Step 0 writes every entry: the runtime may switch to a plan re-solved for another
     # schedule after seeing the second timestep, and that plan reads what step 0 wrote.
-    needs[0] = [(True, True)] * U
+    needs[0] = [(True, True, False)] * U
     for u in range(U):
-        last = None
+        last = previous = None
         for t in range(T):
             kind = plan.actions[t][u].kind
             if kind is ActionKind.COMPUTE:
-                last = t
-            elif kind in (ActionKind.REUSE, ActionKind.PRUNE) and last is not None:
-                res, inp = needs[last][u]
-                needs[last][u] = (True, inp or kind is ActionKind.PRUNE)
+                last, previous = t, last
+            elif kind in (ActionKind.REUSE, ActionKind.FORECAST, ActionKind.PRUNE) and last is not None:
+                res, inp, prev = needs[last][u]
+                needs[last][u] = (True, inp or kind is ActionKind.PRUNE, prev or kind is ActionKind.FORECAST)
+                if kind is ActionKind.FORECAST and previous is not None:
+                    # the compute at `last` keeps the residual that the one at `previous` wrote
+                    needs[previous][u] = (True, *needs[previous][u][1:])
     return needs
+
+
+def forecast_slopes(plan: Plan) -> list[list[float | None]]:
+    """Per step and unit, the slope ``n / d`` of a ``FORECAST`` (``None`` elsewhere): ``n`` steps
+    since the last compute, ``d`` between the last two."""
+    T, U = plan.num_steps, len(plan.units)
+    slopes: list[list[float | None]] = [[None] * U for _ in range(T)]
+    for u in range(U):
+        last = previous = None
+        for t in range(T):
+            kind = plan.actions[t][u].kind
+            if kind is ActionKind.COMPUTE:
+                last, previous = t, last
+            elif kind is ActionKind.FORECAST:
+                if previous is None:
+                    raise DitOptError(f"step {t}, unit {plan.units[u]}: FORECAST needs two earlier COMPUTE steps")
+                slopes[t][u] = (t - last) / (last - previous)
+    return slopes
 
 
 def build_variants(
@@ -93,17 +117,18 @@ def build_variants(
             raise DitOptError(f"plan has both block-level and module-level units for block {name}; use one granularity")
         order.append((specs[name], units))
     needs = cache_needs(plan)
+    slopes = forecast_slopes(plan)
     shared: dict[tuple, Variant] = {}
     out = []
     for t in range(plan.num_steps):
-        key = (tuple(str(a) for a in plan.actions[t]), tuple(needs[t]))
+        key = (tuple(str(a) for a in plan.actions[t]), tuple(needs[t]), tuple(slopes[t]))
         if key not in shared:
-            shared[key] = _build(graph, order, plan, t, needs[t], narrowed, narrow_mlp, len(shared))
+            shared[key] = _build(graph, order, plan, t, needs[t], slopes[t], narrowed, narrow_mlp, len(shared))
         out.append(shared[key])
     return out
 
 
-def _build(graph, order, plan, t, needs, narrowed, narrow_mlp, n) -> Variant:
+def _build(graph, order, plan, t, needs, slopes, narrowed, narrow_mlp, n) -> Variant:
     sg = StepGraph(graph)
     actions = plan.actions[t]
     for spec, units in order:
@@ -112,10 +137,11 @@ def _build(graph, order, plan, t, needs, narrowed, narrow_mlp, n) -> Variant:
                             {plan.units[u].role.value: needs[u][0] for u in units}, narrow_mlp)
             continue
         (u,) = units
-        action, (res, inp) = actions[u], needs[u]
+        action, (res, inp, prev) = actions[u], needs[u]
         kind = action.kind
-        if kind is ActionKind.COMPUTE or kind is ActionKind.REUSE:
-            rewrite_cache(sg, spec, action, write_residual=res, write_input=inp)
+        if kind in (ActionKind.COMPUTE, ActionKind.REUSE, ActionKind.FORECAST):
+            rewrite_cache(sg, spec, action, write_residual=res, write_input=inp, keep_previous=prev,
+                          slope=slopes[u])
         elif kind is ActionKind.PRUNE:
             rewrite_prune(sg, spec, action.rate)
         elif kind is ActionKind.WIDTH:

@@ -30,7 +30,7 @@ __all__ = ["StepGraph", "cache_key"]
 
 
 def cache_key(block: str, kind: str, position: int) -> str:
-    """Name of a cache entry: ``<block>/<kind><output position>``, kind ``res`` or ``in``."""
+    """Name of a cache entry: ``<block>/<kind><output position>``, kind ``res``, ``in`` or ``prev``."""
     return f"{block}/{kind}{position}"
 
 

@@ -48,6 +48,7 @@ def fora(problem: Problem, interval: int | None = None) -> Plan:
         ConfigError: the problem has no REUSE family.
     """
     start = time.perf_counter()
+    problem = problem.without_forecasts()
     reuse = _menu_index(problem, ActionKind.REUSE)
     intervals = [interval] if interval is not None else range(1, problem.max_age + 2)
     candidates = [(n, _periodic(problem, n, _all_units(problem), reuse)) for n in intervals]
@@ -81,6 +82,7 @@ def delta_dit(problem: Problem, interval: int | None = None, cached_blocks: int 
     start = time.perf_counter()
     if not 0.0 <= boundary <= 1.0:
         raise ValueError(f"boundary must be a fraction of the steps in [0, 1], got {boundary!r}")
+    problem = problem.without_forecasts()
     reuse = _menu_index(problem, ActionKind.REUSE)
     blocks = list(dict.fromkeys(u.block for u in problem.units))
     block_of = np.array([blocks.index(u.block) for u in problem.units])
@@ -118,6 +120,7 @@ def toca_like(problem: Problem, interval: int | None = None, rate: float | None 
         ValueError: ``rate`` is not one of the problem's prune rates.
     """
     start = time.perf_counter()
+    problem = problem.without_forecasts()
     if not problem.prune_rates:
         if rate is not None:
             raise ValueError(f"rate={rate!r} given but the problem has no PRUNE family")

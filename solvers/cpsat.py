@@ -101,7 +101,7 @@ def solve(
     if warm_start and all(a.kind in (ActionKind.COMPUTE, ActionKind.REUSE) for a in menu):
         # SODA's exact DP solves this restriction in well under a second: start from its optimum.
         optimum = dp.solve(problem)
-        hint = np.array([[menu.index(a) for a in row] for row in optimum.actions], dtype=np.int64)
+        hint = np.array([[problem.menu_index(a) for a in row] for row in optimum.actions], dtype=np.int64)
         hint_ages = _ages(problem, hint)
 
     # Variables ---------------------------------------------------------------------------

@@ -8,10 +8,19 @@ action                  error                            FLOPs
 ======================  ===============================  ======================================
 ``COMPUTE``             0                                ``flops_compute[t, u]``
 ``REUSE`` (age n)       ``e_reuse[t, u, n]``             ``flops_reuse[t, u]``
+``FORECAST`` (n, d)     ``e_forecast[t, u, n, d]``       ``flops_reuse[t, u]``
 ``PRUNE(rate k)`` (n)   ``e_prune[t, u, n, k]``          ``flops_prune[t, u, k]``
 ``WIDTH(width j)``      ``e_width[t, u, j]``             ``flops_width[t, u, j]``
 ``SKIP``                ``e_skip[t, u]``                 0
 ======================  ===============================  ======================================
+
+``FORECAST`` is ``REUSE`` with the residual extrapolated from the unit's last two computes,
+``d`` steps apart; it is not a menu entry. Solvers see, in the ``REUSE`` column of
+:attr:`Problem.error_table`, the smaller of the reuse error and the forecast error for a typical
+spacing (the mean over ``d`` in ``n + 1 .. max_age``: spacings as long as the interval itself),
+and :meth:`Problem.to_plan` then turns each ``REUSE`` into ``FORECAST`` where, with the plan's
+actual spacing, the measured forecast error is smaller. Plans with forecasts are therefore never
+worse in modelled error than the same plan without.
 
 The age ``n`` of a cache is the number of steps since the unit's last ``COMPUTE``
 (``1 <= n <= max_age``); column 0 of ``e_reuse``/``e_prune`` is unused. Errors add up over
@@ -47,7 +56,7 @@ from functools import cached_property, reduce
 import numpy as np
 
 from dit_opt.errors import InfeasibleBudgetError
-from dit_opt.plan import COMPUTE, REUSE, SKIP, Action, ActionKind, Plan, Unit, check_budget
+from dit_opt.plan import COMPUTE, FORECAST, REUSE, SKIP, Action, ActionKind, Plan, Unit, check_budget
 
 __all__ = ["Problem", "min_cost_sequences", "infeasible_error"]
 
@@ -72,6 +81,9 @@ class Problem:
         widths: MLP prefix widths of ``WIDTH``, one per index ``j``.
         e_width, flops_width: ``(T, U, J)`` each, or ``None``.
         e_skip: ``(T, U)`` or ``None`` (no SKIP).
+        e_forecast: ``(T, U, max_age + 1, max_age + 1)`` error of ``FORECAST`` at age ``n`` from
+            computes ``d`` steps apart (``inf`` where not available), or ``None`` (no forecasts).
+            Needs ``e_reuse``.
         allowed: ``(U, A)`` or ``(T, U, A)`` booleans over :attr:`actions`, or ``None``: all
             allowed except ``WIDTH`` on units that are not an MLP or a whole block.
         timesteps: scheduler timestep value of each step, if known.
@@ -97,6 +109,7 @@ class Problem:
     e_width: np.ndarray | None = None
     flops_width: np.ndarray | None = None
     e_skip: np.ndarray | None = None
+    e_forecast: np.ndarray | None = None
     allowed: np.ndarray | None = None
     timesteps: tuple[float, ...] | None = None
 
@@ -126,6 +139,7 @@ class Problem:
             "e_width": ((T, U, J), "(num_steps, num_units, len(widths))"),
             "flops_width": ((T, U, J), "(num_steps, num_units, len(widths))"),
             "e_skip": ((T, U), "(num_steps, num_units)"),
+            "e_forecast": ((T, U, M + 1, M + 1), "(num_steps, num_units, max_age + 1, max_age + 1)"),
         }
         for name, (shape, spelled) in shapes.items():
             value = getattr(self, name)
@@ -138,6 +152,8 @@ class Problem:
                 raise ValueError(f"Problem.{name} has shape {array.shape}, expected {spelled} = {shape}")
             # Column 0 (age 0) of the cache errors is unused, so it may hold anything.
             checked = array[:, :, 1:] if name in ("e_reuse", "e_prune") else array
+            if name == "e_forecast":  # inf marks a forecast that is not available
+                checked = np.where(np.isposinf(array), 0.0, array)[:, :, 1:, 1:]
             if not np.all(np.isfinite(checked)) or np.any(checked < 0):
                 raise ValueError(f"Problem.{name} must be finite and >= 0 (ages 1..max_age for errors)")
         for family, arrays in (
@@ -148,6 +164,8 @@ class Problem:
             given = [getattr(self, a) is not None for a in arrays]
             if any(given) != all(given):
                 raise ValueError(f"{family} needs both {arrays[0]} and {arrays[1]} (or neither)")
+        if self.e_forecast is not None and self.e_reuse is None:
+            raise ValueError("e_forecast needs e_reuse: FORECAST is a form of REUSE")
         if (self.e_prune is None) != (K == 0) or (self.e_width is None) != (J == 0):
             raise ValueError("prune_rates/widths must be given exactly when e_prune/e_width are")
         if self.timesteps is not None:
@@ -195,6 +213,14 @@ class Problem:
             out.append(SKIP)
         return tuple(out)
 
+    def menu_index(self, action: Action) -> int:
+        """Index of ``action`` in :attr:`actions` (``FORECAST`` is the ``REUSE`` entry).
+
+        Raises:
+            ValueError: the action is not in the menu.
+        """
+        return self.actions.index(REUSE if action.kind is ActionKind.FORECAST else action)
+
     @cached_property
     def needs_cache(self) -> np.ndarray:
         """``(A,)`` booleans: which menu actions read the cache."""
@@ -221,7 +247,10 @@ class Problem:
         T, U, M = self.num_steps, len(self.units), self.max_age
         parts = [np.zeros((T, U, 1, M + 1))]
         if self.e_reuse is not None:
-            parts.append(self.e_reuse[:, :, None, :].copy())
+            reuse = self.e_reuse.copy()
+            if self.e_forecast is not None:
+                reuse = np.minimum(reuse, self.forecast_estimate)
+            parts.append(reuse[:, :, None, :])
         if self.e_prune is not None:
             parts.append(np.moveaxis(self.e_prune, 3, 2).copy())
         if self.e_width is not None:
@@ -231,6 +260,42 @@ class Problem:
         table = np.concatenate(parts, axis=2)
         table[:, :, self.needs_cache, 0] = np.nan
         return table
+
+    @cached_property
+    def forecast_estimate(self) -> np.ndarray:
+        """``(T, U, max_age + 1)`` forecast error at each age for a typical spacing: the mean of
+        ``e_forecast`` over the available spacings ``d`` in ``n + 1 .. max_age`` (``d = max_age``
+        for the oldest age); ``inf`` where none is available."""
+        T, U, M = self.num_steps, len(self.units), self.max_age
+        out = np.full((T, U, M + 1), np.inf)
+        if self.e_forecast is None:
+            return out
+        for n in range(1, M + 1):
+            block = self.e_forecast[:, :, n, min(n + 1, M):]
+            finite = np.isfinite(block)
+            count = finite.sum(axis=2)
+            mean = np.where(finite, block, 0.0).sum(axis=2) / np.maximum(count, 1)
+            out[:, :, n] = np.where(count > 0, mean, np.inf)
+        return out
+
+    def with_forecasts(self, actions: Sequence[Sequence[Action]]) -> tuple[tuple[Action, ...], ...]:
+        """The grid with each ``REUSE`` turned into ``FORECAST`` where, with the grid's actual
+        spacing of the unit's last two computes, the measured forecast error is smaller."""
+        grid = [list(row) for row in actions]
+        if self.e_forecast is None:
+            return tuple(tuple(row) for row in grid)
+        M = self.max_age
+        for u in range(len(self.units)):
+            last = previous = None
+            for t, row in enumerate(grid):
+                kind = row[u].kind
+                if kind is ActionKind.COMPUTE:
+                    last, previous = t, last
+                elif kind is ActionKind.REUSE and previous is not None and last - previous <= M:
+                    n, d = t - last, last - previous
+                    if n <= M and self.e_forecast[t, u, n, d] < self.e_reuse[t, u, n]:
+                        row[u] = FORECAST
+        return tuple(tuple(row) for row in grid)
 
     @cached_property
     def full_flops(self) -> float:
@@ -300,7 +365,9 @@ class Problem:
         if len(actions) != T or any(len(row) != U for row in actions):
             raise ValueError(f"actions must be {T} rows (steps) of {U} actions (units)")
         index = {a: i for i, a in enumerate(self.actions)}
-        last = [0] * U
+        if self.e_forecast is not None:
+            index[FORECAST] = index[REUSE]  # same FLOPs and rules as REUSE, its own error
+        last, previous = [0] * U, [None] * U
         steps, errors, every = [], [], [self.flops_fixed]
         for t, row in enumerate(actions):
             flops = []
@@ -315,9 +382,16 @@ class Problem:
                 if self.needs_cache[a] and age > self.max_age:
                     raise ValueError(f"{where} reads a cache {age} steps old > max_age={self.max_age}")
                 flops.append(self.flops_table[t, u, a])
-                errors.append(self.error_table[t, u, a, age if self.needs_cache[a] else 0])
-                if a == 0:
-                    last[u] = t
+                if action.kind is ActionKind.FORECAST:
+                    spacing = None if previous[u] is None else last[u] - previous[u]
+                    error = self.e_forecast[t, u, age, spacing] if spacing and spacing <= self.max_age else np.inf
+                    if not np.isfinite(error):
+                        raise ValueError(f"{where}: no forecast from computes {previous[u]} and {last[u]}")
+                    errors.append(float(error))
+                else:
+                    errors.append(self.error_table[t, u, a, age if self.needs_cache[a] else 0])
+                if a == 0 and action.kind is ActionKind.COMPUTE:
+                    last[u], previous[u] = t, last[u]
             steps.append(math.fsum(flops))
             every += flops
         return steps, math.fsum(every), math.fsum(errors)
@@ -328,7 +402,12 @@ class Problem:
 
     def to_plan(self, actions: Sequence[Sequence[Action]], solver: str, status: str,
                 wall_time_s: float, gap: float | None = None) -> Plan:
-        """Wrap an action grid in a :class:`Plan`, with FLOPs and error from :meth:`evaluate`."""
+        """Wrap an action grid in a :class:`Plan`, with FLOPs and error from :meth:`evaluate`.
+
+        ``REUSE`` steps become ``FORECAST`` where that is measured to be better
+        (:meth:`with_forecasts`); solvers that must not forecast drop ``e_forecast`` first.
+        """
+        actions = self.with_forecasts(actions)
         steps, total, error = self._evaluate(actions)
         return Plan(
             num_steps=self.num_steps, units=self.units, actions=actions, budget=self.budget,
@@ -381,12 +460,19 @@ class Problem:
             raise infeasible_error(self, budget)
 
     # ------------------------------------------------------------------------- variants
+    def without_forecasts(self) -> Problem:
+        """The same problem with plain ``REUSE`` only (for schedules that, as published, do not
+        extrapolate: the baselines)."""
+        return self if self.e_forecast is None else replace(self, e_forecast=None)
+
     def with_budget(self, budget: float) -> Problem:
         """The same problem with another budget."""
         return replace(self, budget=budget)
 
-    def restrict(self, actions: Iterable[ActionKind] = (ActionKind.COMPUTE, ActionKind.REUSE)) -> Problem:
-        """The same problem with only the given action families (``COMPUTE`` is always kept).
+    def restrict(self, actions: Iterable[ActionKind] = (ActionKind.COMPUTE, ActionKind.REUSE,
+                                                        ActionKind.FORECAST)) -> Problem:
+        """The same problem with only the given action families (``COMPUTE`` is always kept;
+        ``FORECAST`` needs ``REUSE``).
 
         Example:
             >>> cr = problem.restrict()            # doctest: +SKIP  (COMPUTE/REUSE only, for solvers.dp)
@@ -398,7 +484,10 @@ class Problem:
             ActionKind.PRUNE: {"e_prune": None, "flops_prune": None, "prune_rates": ()},
             ActionKind.WIDTH: {"e_width": None, "flops_width": None, "widths": ()},
             ActionKind.SKIP: {"e_skip": None},
+            ActionKind.FORECAST: {"e_forecast": None},
         }
+        if ActionKind.REUSE not in keep:
+            keep.discard(ActionKind.FORECAST)
         changes: dict[str, object] = {"allowed": self.allowed[:, :, cols]}
         for kind, fields_ in drop.items():
             if kind not in keep:
