@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dit_opt.errors import ArtifactError, DitOptError, InputMismatchError
+from dit_opt.errors import ArtifactError, ConfigError, DitOptError, InputMismatchError
 from dit_opt.plan import Plan, check_budget
 from dit_opt.runtime import OptimizedTransformer
 from dit_opt.sensitivity import SensitivityProfile
@@ -190,6 +190,7 @@ def optimize(
     solver_options: dict[str, Any] | None = None,
     gain_points: int = 0,
     granularity: str = "block",
+    select: bool | Callable[[nn.Module], Any] | None = None,
     progress: bool = True,
 ) -> OptimizedTransformer:
     """Optimise ``model`` to at most ``budget`` of its FLOPs per generation.
@@ -216,6 +217,12 @@ def optimize(
         granularity: ``"block"`` (one action per block and step) or ``"module"`` (one per
             attention, cross-attention and MLP of each block; reuse and MLP width).
         solver_options: passed to the solver (e.g. ``time_limit_s``).
+        select: also make the periodic and uniform plans (:func:`dit_opt.selection.candidate_plans`)
+            and keep whichever gives outputs closest to the full model's on a calibration run
+            (the solver's error model is optimistic at low budgets; :mod:`dit_opt.selection`). Only for the
+            ``cpsat`` and ``dp`` solvers at block granularity. ``None``: on when the calibration
+            is a callable; a callable: the calibration to measure on (e.g. when ``calibration``
+            is a saved profile); ``False``: keep the solver's plan. Costs up to five calibration runs.
         progress: show progress bars.
 
     Returns:
@@ -264,6 +271,25 @@ def optimize(
 
         problem = ctx["profile"].to_problem(budget, actions=actions, granularity=granularity)
         ctx["plan"] = solve(problem, solver, **_solver_defaults(solver, solver_options))
+        ctx["candidates"] = [ctx["plan"]]
+        if _selection_calibration(select, ctx["calibration"], solver, granularity) is not None:
+            from dit_opt.selection import candidate_plans
+
+            ctx["candidates"] = candidate_plans(problem, ctx["plan"])
+
+    def do_select() -> None:
+        from dit_opt.selection import select_plan
+
+        cal = _selection_calibration(select, ctx["calibration"], solver, granularity)
+        ctx["selection"] = []
+        if cal is None or len(ctx["candidates"]) < 2:
+            return
+
+        def build(plan: Plan) -> OptimizedTransformer:
+            return OptimizedTransformer(model, plan, profile=ctx["profile"], graph=ctx["graph"], compile=False,
+                                        solver=solver, solver_options=solver_options, blocks=blocks)
+
+        ctx["plan"], ctx["selection"] = select_plan(model, ctx["candidates"], cal, build)
 
     def do_rewrite_and_lower() -> None:
         ctx["opt"] = OptimizedTransformer(model, ctx["plan"], profile=ctx["profile"], graph=ctx["graph"],
@@ -275,11 +301,27 @@ def optimize(
         ("annotate_flops", do_flops),
         ("profile", do_profile),
         ("solve", do_solve),
+        ("select", do_select),
         ("rewrite+lower", do_rewrite_and_lower),
     ])
     opt = ctx["opt"]
     opt.step_times = times
+    opt.selection = ctx["selection"]
     return opt
+
+
+def _selection_calibration(select: Any, calibration: Any, solver: str, granularity: str) -> Any:
+    """The calibration on which candidate plans are compared, or ``None`` (no selection: turned
+    off, or a baseline schedule or module granularity, which keep their own plan)."""
+    if select is False or solver not in ("cpsat", "dp") or granularity != "block":
+        return None
+    if callable(select) and not isinstance(select, bool):
+        return select
+    usable = callable(calibration) and not isinstance(calibration, SensitivityProfile)
+    if select is True and not usable:
+        raise ConfigError("select=True needs a calibration callable to measure plans on, but the calibration "
+                          "is a saved profile; pass select=<a callable that samples with the module it is given>")
+    return calibration if usable else None
 
 
 def _solver_defaults(solver: str, options: dict[str, Any] | None) -> dict[str, Any]:

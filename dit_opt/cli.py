@@ -279,8 +279,10 @@ def optimize(
     try:
         with _console.status(f"optimising {model} at budget {budget} ({solver}) ..."), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # plans are compared on calibration noise even when the profile was saved earlier
             opt = dit_opt.optimize(sampler.transformer, budget, calibration=calibration, solver=solver,
-                                   compile=False, example_inputs=sampler.example_inputs(), progress=False)
+                                   compile=False, example_inputs=sampler.example_inputs(), progress=False,
+                                   select=_calibration(sampler, samples, steps))
         opt.save(out)
     except DitOptError as e:
         raise _fail(e) from e
@@ -290,6 +292,8 @@ def optimize(
     meta[_ZOO_KEY] = model
     meta_file.write_text(json.dumps(meta, indent=1))
     typer.echo(opt.plan.summary())
+    for cand in opt.selection:
+        typer.echo(f"candidate {cand.describe()}{' (kept)' if cand.plan is opt.plan else ''}")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in opt.step_times.items())
     typer.echo(f"steps: {times}\nwrote {out}")
 

@@ -51,6 +51,9 @@ class OptimizedTransformer(nn.Module):
         model: the wrapped model (its weights are shared, not copied).
         plan: the plan for the calibrated schedule.
         profile: the sensitivity profile the plan was solved from (``None`` if replayed without).
+        step_times: seconds of each step of :func:`dit_opt.optimize` (empty when built directly).
+        selection: the candidate plans ``optimize`` compared on the calibration, with their
+            measured errors (:class:`dit_opt.selection.Candidate`; empty when none were compared).
     """
 
     def __init__(
@@ -73,6 +76,8 @@ class OptimizedTransformer(nn.Module):
         self.solver = solver
         self.solver_options = dict(solver_options or {})
         self.blocks_arg = blocks
+        self.step_times: dict[str, float] = {}
+        self.selection: list = []
         self._plans: dict[tuple[float, ...], Plan] = {}
         if plan.timesteps is not None:
             self._plans[tuple(plan.timesteps)] = plan

@@ -6,6 +6,7 @@ the CLI and configs can name them:
 ==============  ===========================================================================
 ``cpsat``       joint choice of all actions under the budget, OR-Tools CP-SAT (default)
 ``dp``          SODA's interval dynamic programme, exact, COMPUTE/REUSE-only problems
+``periodic``    one compute interval per unit, chosen under the budget (exact knapsack)
 ``fora``        FORA: uniform reuse interval
 ``delta_dit``   Delta-DiT: rear blocks cached early, front blocks late
 ``toca``        ToCa-like: uniform token pruning between full computes
@@ -32,6 +33,7 @@ __all__ = ["Problem", "SOLVERS", "get_solver", "solve"]
 SOLVERS: dict[str, tuple[str, str]] = {
     "cpsat": ("solvers.cpsat", "solve"),
     "dp": ("solvers.dp", "solve"),
+    "periodic": ("solvers.periodic", "solve"),
     "fora": ("solvers.baselines", "fora"),
     "delta_dit": ("solvers.baselines", "delta_dit"),
     "toca": ("solvers.baselines", "toca_like"),

@@ -1,0 +1,133 @@
+"""Choose among candidate plans by the error they cause, measured on the calibration.
+
+The solver's objective is a model: the sum of each action's error measured alone. Where that
+model is optimistic (low budgets, long runs of reuse in many blocks at once), a plan that is
+worse in the model can be better in the real output. So ``dit_opt.optimize`` makes more than
+one candidate at the same budget (:func:`candidate_plans`: the main solver's plan, the periodic
+one of :mod:`solvers.periodic`, and one uniform interval for every block, with and without
+forecasts), runs each through the calibration next to the full model, and keeps the one whose
+outputs are closest to the full model's.
+
+What is compared: the calibration's return value when it is a tensor (or a tuple/list of
+tensors, or an object with an ``images`` tensor), e.g. the images a sampler returns: the
+closed-loop error of whole generations. Otherwise the transformer's outputs at every call are
+compared (for replayed trajectories this is open loop: each call sees the recorded inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dit_opt.plan import Plan
+
+__all__ = ["Candidate", "candidate_plans", "measure_outputs", "relative_error", "select_plan"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate plan and its measured error (relative squared error against the full model)."""
+
+    plan: Plan
+    error: float
+
+    def describe(self) -> str:
+        return f"{self.plan.solver}: FLOP fraction {self.plan.flop_fraction:.3f}, measured error {self.error:.3e}"
+
+
+def candidate_plans(problem: Any, main: Plan) -> list[Plan]:
+    """``main`` and the other plans worth measuring at ``problem``'s budget, without duplicates.
+
+    The others: :mod:`solvers.periodic` (one interval per block, chosen by the model), and the
+    uniform interval of FORA for every block, as published (plain reuse) and with forecasts
+    where measured better. A family that cannot meet the budget is left out.
+    """
+    from dit_opt.errors import DitOptError
+    from solvers import solve
+
+    plans = [main]
+    for make in (lambda: solve(problem, "periodic"), lambda: solve(problem, "fora")):
+        try:
+            plans.append(make())
+        except DitOptError:
+            continue
+    fora = next((p for p in plans if p.solver == "fora"), None)
+    if fora is not None and problem.e_forecast is not None:
+        plans.append(problem.to_plan(fora.actions, "fora+forecast", "HEURISTIC", 0.0))
+    unique: dict[tuple, Plan] = {}
+    for plan in plans:
+        unique.setdefault(plan.actions, plan)
+    return list(unique.values())
+
+
+def measure_outputs(calibration: Callable[[nn.Module], Any], module: nn.Module) -> list[torch.Tensor]:
+    """Run ``calibration(module)`` once without grad; the tensors to compare (see the module docstring)."""
+    calls: list[torch.Tensor] = []
+
+    def hook(mod, args, out):
+        sample = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple | list) else out
+        calls.append(sample.detach().float().cpu())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            result = calibration(module)
+    finally:
+        handle.remove()
+    returned = _tensors(result)
+    return returned if returned else calls
+
+
+def relative_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    """``sum ||got - ref||^2 / sum ||ref||^2`` over matching tensors.
+
+    Raises:
+        ValueError: the two runs produced different numbers or shapes of outputs.
+    """
+    if len(got) != len(ref) or any(g.shape != r.shape for g, r in zip(got, ref, strict=False)):
+        raise ValueError(f"the calibration returned {len(got)} outputs for the candidate and {len(ref)} for the "
+                         "full model (or other shapes); it must be deterministic to compare plans")
+    num = sum(float((g.float() - r.float()).pow(2).sum()) for g, r in zip(got, ref, strict=True))
+    den = sum(float(r.float().pow(2).sum()) for r in ref)
+    return num / max(den, 1e-30)
+
+
+def select_plan(
+    model: nn.Module,
+    plans: Sequence[Plan],
+    calibration: Callable[[nn.Module], Any],
+    build: Callable[[Plan], nn.Module],
+) -> tuple[Plan, list[Candidate]]:
+    """The plan among ``plans`` whose outputs on ``calibration`` are closest to ``model``'s.
+
+    Args:
+        model: the full model (the reference).
+        plans: candidates at the same budget (the first one wins ties).
+        calibration: runs complete denoising loops with the module it is given (deterministic).
+        build: makes the module that runs a plan (eager, so measuring costs no compile).
+
+    Returns:
+        ``(best plan, every candidate with its error)``.
+    """
+    ref = measure_outputs(calibration, model)
+    scored = [Candidate(plan, relative_error(measure_outputs(calibration, build(plan)), ref)) for plan in plans]
+    best = min(scored, key=lambda c: c.error)
+    return best.plan, scored
+
+
+def _tensors(result: Any) -> list[torch.Tensor]:
+    images = getattr(result, "images", None)
+    if images is not None:
+        result = images
+    if isinstance(result, torch.Tensor):
+        return [result.detach().float().cpu()]
+    if isinstance(result, tuple | list) and result and all(isinstance(r, torch.Tensor) for r in result):
+        return [r.detach().float().cpu() for r in result]
+    if isinstance(result, np.ndarray):
+        return [torch.from_numpy(np.asarray(result, dtype=np.float32))]
+    return []

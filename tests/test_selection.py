@@ -1,0 +1,84 @@
+"""Periodic plans (solvers.periodic) and choosing among candidate plans by measured error."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import dit_opt
+from dit_opt.calibration import synthetic_calibration
+from dit_opt.errors import ConfigError
+from dit_opt.plan import ActionKind
+from dit_opt.selection import relative_error, select_plan
+from dit_opt.testing import tiny_model
+from solvers import solve
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, _ = tiny_model("dit")
+    cal = synthetic_calibration(model, num_inference_steps=STEPS, warn=False)
+    prof = dit_opt.profile(model, cal, progress=False)
+    return model, cal, prof
+
+
+@pytest.mark.parametrize("budget", [0.7, 0.5, 0.35])
+def test_periodic_plans_are_periodic_within_budget_and_beat_fora(tiny, budget):
+    _, _, prof = tiny
+    problem = prof.to_problem(budget)
+    plan = solve(problem, "periodic")
+    assert plan.flop_fraction <= budget
+    for u in range(len(plan.units)):
+        computes = [t for t in range(STEPS) if plan.actions[t][u].kind is ActionKind.COMPUTE]
+        gaps = set(np.diff(computes + [STEPS]).tolist()[:-1])
+        assert len(gaps) <= 1, f"unit {u} computes at {computes}: not periodic"
+    # FORA (one interval for all units, plain reuse) is in the family without forecasts
+    plain = solve(problem.without_forecasts(), "periodic")
+    assert plain.predicted_error <= solve(problem, "fora").predicted_error + 1e-12
+
+
+def test_select_plan_keeps_the_measured_best(tiny):
+    model, cal, prof = tiny
+    low = solve(prof.to_problem(0.35), "fora")
+    full = solve(prof.to_problem(1.0), "cpsat", time_limit_s=5)
+
+    def build(plan):
+        return dit_opt.OptimizedTransformer(model, plan, profile=prof, compile=False)
+
+    best, scored = select_plan(model, [low, full], cal, build)
+    assert best is full and scored[1].error <= 1e-10 < scored[0].error
+
+
+def test_optimize_compares_candidates_on_a_callable_calibration(tiny):
+    model, cal, prof = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dit_opt.optimize(model, budget=0.4, calibration=cal, compile=False, progress=False)
+    assert {"cpsat", "periodic", "fora"} <= {c.plan.solver for c in opt.selection}
+    assert len({c.plan.actions for c in opt.selection}) == len(opt.selection)  # no plan measured twice
+    assert opt.plan is min(opt.selection, key=lambda c: c.error).plan
+    assert "select" in opt.step_times
+    # a saved profile alone cannot measure; select= names the calibration to measure on
+    again = dit_opt.optimize(model, budget=0.4, calibration=prof, compile=False, progress=False)
+    assert again.selection == []
+    measured = dit_opt.optimize(model, budget=0.4, calibration=prof, compile=False, progress=False, select=cal)
+    assert len(measured.selection) >= 2
+    with pytest.raises(ConfigError, match="select=True needs a calibration callable"):
+        dit_opt.optimize(model, budget=0.4, calibration=prof, compile=False, progress=False, select=True)
+    # baselines keep their own schedule
+    fora = dit_opt.optimize(model, budget=0.4, calibration=prof, compile=False, progress=False, solver="fora",
+                            select=cal)
+    assert fora.plan.solver == "fora" and fora.selection == []
+
+
+def test_relative_error_needs_matching_outputs():
+    a = [torch.ones(2, 3)]
+    assert relative_error(a, a) == 0.0
+    assert relative_error([torch.zeros(2, 3)], a) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="deterministic"):
+        relative_error(a, [torch.ones(2, 4)])
