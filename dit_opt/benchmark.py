@@ -16,8 +16,13 @@
 
 Per row: the FLOP fraction (counted with ``FlopCounterMode`` over the whole generation, eager),
 PSNR and SSIM against the full output of the same seeds, class accuracy and Frechet distance of
-the classifier features against the held-out real digits, and optionally a wall-clock ratio.
-It writes a markdown report and a PSNR-vs-FLOP-fraction figure.
+the classifier features against the held-out real digits, and optionally a wall-clock ratio:
+compiled, alternating, median, every row against the same ``torch.compile(model)``. dit-opt replays
+its plan with ``compile=True``; the diffusers hooks run with their blocks compiled around them
+(:func:`compile_hooked_blocks`); cache-dit's transformer is compiled whole after
+``cache_dit.set_compile_configs()``, as cache-dit documents. A peer that fails to compile is timed
+eager against the eager model, and its row says so. It writes a markdown report and a
+PSNR-vs-FLOP-fraction figure.
 
 Peers and cache contexts: the diffusers hooks keep their state per *cache context* and raise
 "No cache context is set" without one. ``FluxTransformer2DModel`` has ``cache_context``;
@@ -35,6 +40,7 @@ import ast
 import contextlib
 import copy
 import datetime
+import functools
 import io
 import json
 import os
@@ -48,7 +54,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BenchConfig", "Row", "PeerModule", "PEERS", "SOLVERS", "run", "write_report", "plot_pareto", "main"]
+__all__ = ["BenchConfig", "Row", "PeerModule", "CacheDitModule", "compile_hooked_blocks", "PEERS", "SOLVERS", "run",
+           "write_report", "plot_pareto", "main"]
 
 #: dit-opt's own solver and its baseline schedules, all solved from the same profile.
 SOLVERS = ("cpsat", "fora", "delta_dit", "toca")
@@ -295,19 +302,122 @@ def _apply_peer(model: nn.Module, config: Any) -> None:
 
 
 def peer_module(model: nn.Module, peer: str, value: float, steps: int,
-                mag_ratios: list[float] | None = None, first_t: float = 1000.0) -> PeerModule:
-    """A hooked copy of ``model`` (the original is left untouched) wrapped in a :class:`PeerModule`."""
+                mag_ratios: list[float] | None = None, first_t: float = 1000.0, compile: bool = False) -> PeerModule:
+    """A hooked copy of ``model`` (the original is left untouched) wrapped in a :class:`PeerModule`.
+
+    With ``compile=True`` its blocks are compiled around the hooks (:func:`compile_hooked_blocks`).
+    """
     wrapper = PeerModule(copy.deepcopy(model), steps, uncond_first=peer == "fastercache")
     _apply_peer(wrapper.model, _peer_config(peer, value, wrapper, steps, mag_ratios, first_t))
+    if compile:
+        compile_hooked_blocks(wrapper.model)
     return wrapper
 
 
-def cache_dit_module(model: nn.Module, peer: str, value: Any, steps: int) -> nn.Module:
+_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry is not None and bool(registry.hooks)
+
+
+def _compile_under_hooks(module: nn.Module) -> None:
+    """Compile the forward that the innermost diffusers hook of ``module`` calls to compute."""
+    ref = module._diffusers_hook._fn_refs[0]
+    if ref.original_forward is not None:  # a hook with its own new_forward calls fn_ref.original_forward
+        ref.original_forward = torch.compile(ref.original_forward)
+    else:  # pre/post-forward hooks only: the registry calls fn_ref.forward
+        ref.forward = torch.compile(ref.forward)
+
+
+def compile_hooked_blocks(model: nn.Module) -> int:
+    """Regional ``torch.compile`` of a transformer carrying diffusers cache hooks; the hooks stay in Python.
+
+    This is diffusers' regional compilation (``compile_repeated_blocks``: each repeated block is
+    compiled) arranged around the hooks. The hooks keep Python state (step counters, cached
+    tensors, skip decisions); traced by Dynamo they would be specialised on and recompiled at
+    every step, so Dynamo never sees them:
+
+    * a block with no hook on it or below it is compiled whole (``block.compile()``);
+    * on a hooked module (a block for FirstBlockCache and MagCache, an attention or MLP module for
+      PyramidAttentionBroadcast, FasterCache and TaylorSeer) the forward that the innermost hook
+      calls to compute is compiled, and the hooks around it run eagerly;
+    * a block with hooked modules inside is compiled with those modules left out of its graph
+      (``torch.compiler.disable`` on their hooked forward: a graph break there).
+
+    Hooks on the transformer itself (FasterCache's guidance hook) and the code outside the
+    blocks (embeddings, final norm) stay eager.
+
+    Args:
+        model: the hooked transformer (compiled in place).
+
+    Returns:
+        The number of compiled regions.
+
+    Raises:
+        ValueError: the model has no ``transformer_blocks`` / ``single_transformer_blocks`` list.
+    """
+    blocks = [b for name in _BLOCK_LISTS for b in getattr(model, name, None) or ()]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has none of the block lists {_BLOCK_LISTS}")
+    regions = 0
+    for block in blocks:
+        hooked = [m for m in block.modules() if _has_hooks(m)]
+        for m in hooked:
+            _compile_under_hooks(m)
+            if m is not block:  # inside a compiled region: keep Dynamo out of the hook
+                m.forward = torch.compiler.disable(m.forward)
+        if not _has_hooks(block):
+            block.compile()
+            regions += 1
+        regions += len(hooked)
+    return regions
+
+
+class CacheDitModule(nn.Module):
+    """A transformer accelerated by ``cache-dit``, its cache context refreshed before every generation.
+
+    Used on a transformer alone (no pipeline), cache-dit keeps one persistent cache context and
+    refreshes it by itself only when a call starts past ``num_inference_steps``, one call late: the
+    first call of the next generation still reads the cached residuals of the previous one (of
+    another batch: "The size of tensor a (40) must match the size of tensor b (8)"; of the same
+    batch: a different output). :meth:`reset` rebuilds the context with
+    ``cache_dit.refresh_context``, cache-dit's API for transformer-only flows.
+
+    Args:
+        model: the transformer, after ``cache_dit.enable_cache`` (and ``.compile()``, if compiled).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def reset(self) -> None:
+        """Forget the cached state: the next call starts a generation."""
+        import cache_dit
+
+        cache_dit.refresh_context(self.model)
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.model(**inputs)
+
+
+def cache_dit_module(model: nn.Module, peer: str, value: Any, steps: int, compile: bool = False) -> CacheDitModule:
     """A copy of ``model`` accelerated by the ``cache-dit`` package (DBCache F1B0, 2 warm-up steps).
 
     ``cachedit_dbcache``: DBCache at residual threshold ``value``; ``cachedit_taylorseer``: the same
     with cache-dit's first-order TaylorSeer calibrator; ``cachedit_scm``: a predefined step
     computation mask (``cache_dit.steps_mask(mask_policy=value)``) with static caching on masked steps.
+
+    With ``compile=True`` the cached transformer is compiled whole, as cache-dit documents
+    (``torch.compile(transformer)`` after ``enable_cache``); its cache logic is excluded from the
+    graphs by cache-dit itself (``torch.compiler.disable``). Run it under :func:`compile_configs`,
+    which applies ``cache_dit.set_compile_configs()`` for the time of the run.
 
     Raises:
         ImportError: cache-dit is not installed (``pip install cache-dit --no-deps``; its requirements
@@ -334,7 +444,40 @@ def cache_dit_module(model: nn.Module, peer: str, value: Any, steps: int) -> nn.
             calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1)
     with contextlib.redirect_stdout(io.StringIO()):
         cache_dit.enable_cache(copy_, cache_config=config, calibrator_config=calibrator)
-    return copy_
+    if compile:
+        copy_.compile()
+    return CacheDitModule(copy_)
+
+
+@contextlib.contextmanager
+def compile_configs(peer: str):
+    """The ``torch.compile`` settings to time ``peer`` compiled under; the previous ones come back after.
+
+    cache-dit peers: ``cache_dit.set_compile_configs()``, as cache-dit documents (higher Dynamo
+    recompile limits, its Inductor tuning). Every peer: a Dynamo recompile limit of at least 64
+    (what dit-opt's runtime sets) and ``fail_on_recompile_limit_hit``, so that a region Dynamo
+    gives up on raises instead of running eagerly unnoticed. The settings are global and read when
+    a graph is compiled, so they hold only here: the reference ``torch.compile(model)`` (compiled
+    before) and dit-opt keep PyTorch's defaults.
+    """
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    saved = {config: config.get_config_copy() for config in (dynamo_config, inductor_config)}
+    try:
+        if peer in _CACHE_DIT_PEERS:
+            import cache_dit
+
+            cache_dit.set_compile_configs()
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        dynamo_config.fail_on_recompile_limit_hit = True
+        yield
+    finally:
+        for config, before in saved.items():  # only what changed (setting a deprecated key warns)
+            now = config.get_config_copy()
+            for key, value in before.items():
+                if now.get(key) != value:
+                    setattr(config, key, value)
 
 
 def _mag_ratios(model: nn.Module, generate: Callable[[nn.Module], Any], steps: int) -> list[float]:
@@ -395,6 +538,38 @@ def _time(sampler: Any, base: nn.Module, other: nn.Module, labels: list[int], st
                               lambda: _generate(sampler, other, labels, _EVAL_SEED, steps),
                               repeats=repeats, warmup=1)
     return result["speedup"]
+
+
+def _why(e: BaseException, limit: int = 120) -> str:
+    """``Type: first line of the message`` of an exception, cut to ``limit`` characters."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__
+
+
+def time_peer(sampler: Any, model: nn.Module, compiled_full: nn.Module, build: Callable[[bool], nn.Module],
+              peer: str, labels: list[int], steps: int | None, repeats: int,
+              eager: nn.Module | None = None) -> tuple[float, str, str]:
+    """Wall-clock ratio of a peer, compiled against ``compiled_full`` (``torch.compile(model)``).
+
+    ``build(True)`` makes a fresh compiled module (regional compile around the diffusers hooks,
+    or cache-dit's whole-transformer compile), timed under :func:`compile_configs`. If compiling
+    or running it fails, the peer is timed eager (``eager``, or ``build(False)``) against the eager
+    ``model``, and the label and note say so.
+
+    Returns:
+        ``(speedup, timing label, note)``: ``"compiled"`` and ``""``, or ``"eager (compile failed)"``
+        and the reason.
+
+    Raises:
+        Exception: whatever the eager timing raises (the compiled one's failure is reported).
+    """
+    try:
+        with compile_configs(peer):
+            return _time(sampler, compiled_full, build(True), labels, steps, repeats), "compiled", ""
+    except Exception as e:  # a peer Dynamo/Inductor cannot compile: timed eager, and the row says so
+        reason = _why(e, 100)
+    speedup = _time(sampler, model, eager if eager is not None else build(False), labels, steps, repeats)
+    return speedup, "eager (compile failed)", f"compile failed ({reason}); timed eager against the eager model"
 
 
 def _log(progress: Any, row: Row) -> None:
@@ -472,6 +647,11 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
             progress.advance(task)
 
     first_t = float(sampler.timesteps(steps)[0])
+    time_peers = cfg.timing and cfg.timing_scope == "all" and bool(peers)
+    if time_peers:  # compiled now, with PyTorch's defaults (a cache-dit peer is timed under other settings)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _generate(sampler, compiled_full, timing_labels, _EVAL_SEED, cfg.steps)
     for peer, values in peers.items():
         mag_ratios = None
         if peer == "magcache":
@@ -484,15 +664,16 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     if peer in _CACHE_DIT_PEERS:
-                        module = cache_dit_module(model, peer, value, steps)
+                        build = functools.partial(cache_dit_module, model, peer, value, steps)
                     else:
-                        module = peer_module(model, peer, value, steps, mag_ratios, first_t)
+                        build = functools.partial(peer_module, model, peer, value, steps, mag_ratios, first_t)
+                    module = build(False)
                     images, flops = _counted(sampler, module, labels, cfg.steps)
             except Exception as e:  # a peer that does not support this model is reported, not fatal
                 unsupported = isinstance(e, ImportError | NotImplementedError)
                 rows.append(Row(name, _PEER_TITLES[peer], "-" if unsupported else setting, None, float("nan"),
                                 float("nan"), float("nan"), float("nan"), float("nan"),
-                                note=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+                                note=_why(e, 160)))
                 _log(progress, rows[-1])
                 progress.advance(task, advance=len(values) if unsupported else 1)
                 if unsupported:  # the same for every setting: one row says it
@@ -500,12 +681,16 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
                 continue
             row = Row(name, _PEER_TITLES[peer], setting, None, flops / flops_full,
                       **_quality(images, images_full, labels, real))
-            if cfg.timing and cfg.timing_scope == "all":
+            if time_peers:
+                # Compiled against the same torch.compile(model) as dit-opt; FLOPs above were counted eager.
                 try:
-                    row.speedup = _time(sampler, model, module, timing_labels, cfg.steps, cfg.timing_repeats)
-                    row.timing = "eager"
-                except Exception as e:  # e.g. a peer whose cached state cannot change batch size
-                    row.note = f"not timed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        row.speedup, row.timing, row.note = time_peer(
+                            sampler, model, compiled_full, build, peer, timing_labels, cfg.steps,
+                            cfg.timing_repeats, eager=module)
+                except Exception as e:  # even the eager timing failed: the row keeps its quality figures
+                    row.note = f"not timed: {_why(e)}"
             rows.append(row)
             _log(progress, rows[-1])
             progress.advance(task)
@@ -649,9 +834,15 @@ def write_report(rows: Sequence[Row], cfg: BenchConfig, path: str | Path, comman
         "for the same noise. Class accuracy: the shipped digit classifier against the conditioning labels. "
         "Frechet distance: classifier features against the 450 held-out real digits (with this few samples it "
         "is biased upwards and noisy; compare rows with each other only). Speedup: median wall-clock ratio of "
-        f"whole generations ({cfg.timing_samples} samples, {cfg.timing_repeats} alternating runs per side): "
-        "`compiled` is dit-opt (`compile=True`) against `torch.compile(model)`, `eager` is the hooked model against "
-        "the plain one, both eager. The CPU is shared with other jobs; timings are noisy.",
+        f"whole generations ({cfg.timing_samples} samples, {cfg.timing_repeats} alternating runs per side, after "
+        "one warm-up generation each), every row `compiled` against the same `torch.compile(model)`: dit-opt "
+        "with `compile=True` (its blocks compiled); the diffusers hooks with each transformer block compiled "
+        "around them (regional compilation as `compile_repeated_blocks`; where a hook sits on a block or on an "
+        "attention or MLP module, the forward it wraps is compiled and the hook itself runs in Python); cache-dit "
+        "with `torch.compile` of the whole cached transformer under `cache_dit.set_compile_configs()`, its cache "
+        "context refreshed before every generation. A row marked `eager (compile failed)` could not be compiled "
+        "and was timed eager against the eager model (its note says why). The CPU is shared with other jobs; "
+        "timings are noisy.",
         "",
     ]
     if not cfg.timing:
