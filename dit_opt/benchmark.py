@@ -621,8 +621,10 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
+                    # dit-opt's candidate plans are compared on the calibration generation (seed 1000),
+                    # never on the evaluation's noise
                     opt = dit_opt.optimize(model, budget, calibration=prof, solver=solver, compile=False,
-                                           example_inputs=example, progress=False)
+                                           example_inputs=example, progress=False, select=calibration)
                     images, flops = _counted(sampler, opt, labels, cfg.steps)
             except DitOptError as e:
                 rows.append(Row(name, method, f"budget {budget}", budget, float("nan"), float("nan"), float("nan"),
@@ -632,7 +634,8 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
                 continue
             row = Row(name, method, f"budget {budget}", budget, flops / flops_full,
                       **_quality(images, images_full, labels, real),
-                      extra={"plan": {k.value: n for k, n in opt.plan.counts().items()}})
+                      extra={"plan": {k.value: n for k, n in opt.plan.counts().items()}},
+                      note=f"kept the {opt.plan.solver} plan of {len(opt.selection)} measured" if opt.selection else "")
             if cfg.timing and (cfg.timing_scope == "all" or solver == "cpsat"):
                 from dit_opt.runtime import OptimizedTransformer
 
