@@ -215,7 +215,8 @@ def optimize(
         max_age, prune_rates, widths: the candidate actions measured by the profile.
         gain_points: see :func:`profile` (how errors at each step grow into the output).
         granularity: ``"block"`` (one action per block and step) or ``"module"`` (one per
-            attention, cross-attention and MLP of each block; reuse and MLP width).
+            attention, cross-attention and MLP of each block; reuse, skip, prune where the
+            module can be pruned, and MLP width).
         solver_options: passed to the solver (e.g. ``time_limit_s``).
         select: also make the periodic and uniform plans (:func:`dit_opt.selection.candidate_plans`)
             and keep whichever gives outputs closest to the full model's on a calibration run

@@ -32,7 +32,8 @@ __all__ = ["PROFILE_VERSION", "SensitivityProfile"]
 #: Version of the saved profile format.
 PROFILE_VERSION = 1
 
-_OPTIONAL = ("step_gain", "e_module_reuse", "flops_module", "e_forecast")
+_OPTIONAL = ("step_gain", "e_module_reuse", "flops_module", "e_forecast", "e_module_skip", "e_module_prune",
+             "flops_module_prune")
 #: Module roles of the module-level units, in the order of ``e_module_reuse``'s third axis.
 MODULE_ROLES = ("attn", "cross_attn", "mlp")
 _ARRAYS = ("e_reuse", "e_prune", "e_width", "e_skip", "flops_compute", "flops_reuse", "flops_prune", "flops_width")
@@ -56,6 +57,12 @@ class SensitivityProfile:
         e_module_reuse: ``(T, U, 3, max_age + 1)``: ``REUSE`` of each block's attention,
             cross-attention and MLP outputs (``MODULE_ROLES``; NaN where a block has no such
             module); ``flops_module``: ``(U, 3)`` their FLOPs.
+        e_module_skip: ``(T, U, 3)``: ``SKIP`` of each role's sub-modules (outputs replaced by
+            zeros). ``None`` in profiles made before module ``SKIP`` existed.
+        e_module_prune: ``(T, U, 3, max_age + 1, K)``: ``PRUNE`` of each role's sub-modules at
+            each age and rate (NaN where the role cannot be pruned, see
+            ``passes.rewrite_modules.module_token_input``); ``flops_module_prune``: ``(U, 3, K)``
+            their FLOPs. ``None`` in profiles made before module ``PRUNE`` existed.
         flops_*: FLOPs of one call per unit (from the cost model), shapes ``(U,)`` or ``(U, K)``/``(U, J)``.
         flops_fixed: FLOPs outside the blocks, per call.
         channel_order: per ``"<block>.<mlp>"``, hidden channels from most to least important.
@@ -83,6 +90,9 @@ class SensitivityProfile:
     e_module_reuse: np.ndarray | None = None
     e_forecast: np.ndarray | None = None
     flops_module: np.ndarray | None = None
+    e_module_skip: np.ndarray | None = None
+    e_module_prune: np.ndarray | None = None
+    flops_module_prune: np.ndarray | None = None
     channel_order: dict[str, torch.Tensor] = field(default_factory=dict)
     step_gain: np.ndarray | None = None
     model: dict[str, Any] = field(default_factory=dict)
@@ -109,8 +119,10 @@ class SensitivityProfile:
                 (with ``reuse``) lets a plan's ``REUSE`` steps extrapolate from the last two
                 computes where that is measured to be better (block granularity only).
             granularity: ``"block"`` (units are blocks) or ``"module"`` (units are each block's
-                attention, cross-attention and MLP; ``REUSE`` of their outputs, and ``WIDTH``
-                for MLPs; the rest of each block is always computed).
+                attention, cross-attention and MLP: ``REUSE`` of their outputs, ``SKIP`` (zeros),
+                ``PRUNE`` where the module can be pruned and ``WIDTH`` for MLPs; the rest of each
+                block is always computed; profiles made before module ``SKIP``/``PRUNE`` existed
+                offer only ``REUSE`` and ``WIDTH``).
         """
         from solvers.problem import Problem
 
@@ -183,6 +195,24 @@ class SensitivityProfile:
         if "reuse" in actions:
             # a module REUSE returns the cached output: no arithmetic at all
             kw.update(e_reuse=np.nan_to_num(e_reuse, nan=1e6), flops_reuse=np.zeros((T, len(pairs))))
+        if "skip" in actions and self.e_module_skip is not None:
+            kw.update(e_skip=np.nan_to_num(np.stack([self.e_module_skip[near][:, u, r] for u, r in pairs], axis=1),
+                                           nan=1e6))
+        prunable = np.zeros(len(pairs), bool)
+        if "prune" in actions and self.e_module_prune is not None and self.flops_module_prune is not None:
+            prunable = np.array([not np.isnan(self.flops_module_prune[u, r]).any() for u, r in pairs])
+        if prunable.any() and self.prune_rates:
+            e_prune = np.stack([self.e_module_prune[near][:, u, r] for u, r in pairs], axis=1)
+            # a module that cannot be pruned: any finite FLOPs and error (PRUNE is not allowed there)
+            fp = np.stack([self.flops_module_prune[u, r] if ok else np.full(len(self.prune_rates), fm[i])
+                           for i, ((u, r), ok) in enumerate(zip(pairs, prunable, strict=True))])
+            kw.update(prune_rates=self.prune_rates, e_prune=np.nan_to_num(e_prune, nan=1e6),
+                      flops_prune=np.broadcast_to(fp, (T, *fp.shape)).copy())
+        gain = None if self.step_gain is None else np.asarray(self.step_gain, dtype=np.float64)[near]
+        if gain is not None:  # as in the block problem (WIDTH's errors come from it already scaled)
+            for name in ("e_reuse", "e_skip", "e_prune"):
+                if name in kw:
+                    kw[name] = kw[name] * gain.reshape(-1, *[1] * (kw[name].ndim - 1))
         mlp = [i for i, (u, r) in enumerate(pairs) if MODULE_ROLES[r] == "mlp"]
         if "width" in actions and block.e_width is not None and mlp:
             J = len(self.widths)
@@ -200,6 +230,8 @@ class SensitivityProfile:
             if str(act).startswith("W"):
                 ok = np.array([MODULE_ROLES[r] == "mlp" for _, r in pairs])
                 allowed[..., a] &= ok if allowed.ndim == 2 else ok[None, :]
+            if str(act).startswith("P"):
+                allowed[..., a] &= prunable if allowed.ndim == 2 else prunable[None, :]
         return dataclasses.replace(problem, allowed=allowed)
 
     def _errors_for(self, num_steps: int | None, timesteps: Any):

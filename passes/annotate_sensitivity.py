@@ -15,6 +15,17 @@ candidate action would have produced:
   (importance calibrated in a first, plain pass: ``E|h_j| * ||W_out[:, j]||``);
 * ``SKIP``: the block returns its input (free).
 
+For module-level units (each block's attention, cross-attention and MLP, ``MODULE_ROLES``), the
+outputs of the role's sub-modules are recorded during the true block call and the block is
+re-run with them replaced:
+
+* ``REUSE`` at age ``n``: by their outputs ``n`` steps earlier;
+* ``SKIP``: by zeros (the block's residual add then leaves the stream unchanged);
+* ``PRUNE(r)`` at age ``n``: by their outputs ``n`` steps earlier, except on the top ``r`` of
+  the tokens of their token input (by drift since ``n`` steps earlier), on which they are
+  recomputed; only for sub-modules ``passes.rewrite_modules.module_token_input`` accepts
+  (MLPs, cross-attention, self-attention with no rotary embeddings or mask).
+
 The error of an action is ``||out_action - out||^2 / ||out||^2`` over the block's output
 streams, averaged over samples and generations. Extra block calls run on a subset of the
 batch (``probe_rows``) to keep the cost a small multiple of one generation.
@@ -25,6 +36,7 @@ statistics: its wall time is the unit in which the profile's cost is reported.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -45,11 +57,12 @@ from dit_opt.executor import (
     token_scores,
     topk_tokens,
 )
-from dit_opt.ir import DiTGraph
+from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import Unit
 from dit_opt.sensitivity import SensitivityProfile
 from dit_opt.steps import StepTracker, timestep_value
 from passes.infra import PassResult
+from passes.rewrite_modules import module_token_input
 
 __all__ = ["annotate_sensitivity", "measure_channel_order", "action_flops"]
 
@@ -102,8 +115,56 @@ def _detach(out: Any) -> Any:
 
 
 def _returning(value: Any) -> Callable:
-    """A forward hook that replaces the module's output by ``value``."""
-    return lambda module, args, out: value
+    """A forward hook (``with_kwargs``) that replaces the module's output by ``value``."""
+    return lambda module, args, kwargs, out: value
+
+
+def _zeros(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+    """A forward hook (``with_kwargs``) that replaces the module's output by zeros: module ``SKIP``."""
+    if isinstance(out, torch.Tensor):
+        return torch.zeros_like(out)
+    if isinstance(out, tuple | list):
+        return type(out)(_zeros(module, args, kwargs, o) for o in out)
+    return out
+
+
+def _token_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Any, Callable | None]:
+    """A sub-module call's token input (its first argument, ``hidden_states`` for diffusers
+    attention and MLPs) and a function rebuilding ``(args, kwargs)`` with it replaced."""
+    if args:
+        return args[0], lambda x: ((x, *args[1:]), kwargs)
+    name = next(iter(inspect.signature(module.forward).parameters), None)
+    if name in kwargs:
+        return kwargs[name], lambda x: (args, {**kwargs, name: x})
+    return None, None
+
+
+def _pruning(rate: float, cached_in: torch.Tensor, cached_out: torch.Tensor) -> Callable:
+    """A forward hook (``with_kwargs``) that recomputes the module on the top ``rate`` of its
+    tokens (by drift from ``cached_in``) and serves the rest from ``cached_out``: module ``PRUNE``
+    as ``passes.rewrite_modules`` builds it."""
+
+    def hook(module, args, kwargs, out):
+        x, rebuild = _token_input(module, args, kwargs)
+        idx = topk_tokens(token_scores(x, cached_in), max(1, round(rate * x.shape[1])))
+        sub_args, sub_kwargs = rebuild(gather_tokens(x, idx))
+        return scatter_tokens(cached_out, idx, module.forward(*sub_args, **sub_kwargs))  # forward: no hooks again
+
+    return hook
+
+
+def _module_prune_inputs(graph: DiTGraph, spec: BlockSpec, role: str) -> dict[str, tuple[int, ...]] | None:
+    """Per sub-module of ``spec``'s ``role``, the recorded shape of the token input a module
+    ``PRUNE`` gathers; ``None`` if the role has none or one of them cannot be pruned."""
+    interp = graph.module.get_submodule(spec.name)
+    out = {}
+    for name in spec.role_modules(role):
+        pos, _ = module_token_input(graph, spec, name)
+        if pos is None:
+            return None
+        node = next(n for n in interp.graph.nodes if n.op == "call_module" and n.target == name)
+        out[name] = tuple(int(d) for d in node.args[pos].meta["val"].shape)
+    return out or None
 
 
 def _rows(out: Any, sl: slice) -> Any:
@@ -168,15 +229,22 @@ class _Probe:
         R = len(MODULE_ROLES)
         self.shape = {"e_reuse": (U, M + 1), "e_forecast": (U, M + 1, M + 1),
                       "e_prune": (U, M + 1, K), "e_width": (U, J), "e_skip": (U,),
-                      "e_module_reuse": (U, R, M + 1)}
-        # Module-level REUSE: the outputs of each role's sub-modules are recorded during the
-        # true block call, and the block is re-run with them replaced by older ones.
+                      "e_module_reuse": (U, R, M + 1), "e_module_skip": (U, R),
+                      "e_module_prune": (U, R, M + 1, K)}
+        # Module-level actions: the outputs of each role's sub-modules (and, where they can be
+        # pruned, their token inputs) are recorded during the true block call, and the block is
+        # re-run with the outputs replaced.
         self.role_modules = [
             {role: [(name, graph.model.get_submodule(f"{spec.name}.{name}")) for name in spec.role_modules(role)]
              for role in MODULE_ROLES if spec.role_modules(role)}
             for spec in graph.blocks
         ]
+        self.module_prune = [{role: shapes for role in MODULE_ROLES
+                              if (shapes := _module_prune_inputs(graph, spec, role)) is not None}
+                             for spec in graph.blocks]
+        self.unprunable: set[tuple[int, str]] = set()  # token input not as captured: not measured
         self.current: dict[tuple[int, str, str], Any] = {}
+        self.current_in: dict[tuple[int, str, str], torch.Tensor] = {}
         self.mod_history: dict[tuple[int, Any], dict[int, dict]] = {}
         self.history: dict[tuple[int, int], dict[int, tuple]] = {}
         self.timesteps: dict[int, float] = {}
@@ -190,15 +258,25 @@ class _Probe:
 
     # -- hooks --------------------------------------------------------------------------------
     def module_hooks(self) -> list:
-        """Forward hooks that record each role sub-module's output during true block calls."""
+        """Forward hooks that record each role sub-module's output (and token input, where it can
+        be pruned) during true block calls."""
         handles = []
         for u, roles in enumerate(self.role_modules):
             for role, mods in roles.items():
                 for name, mod in mods:
-                    def hook(m, args, out, key=(u, role, name)):
-                        if not self.busy:
-                            self.current[key] = _detach(out)
-                    handles.append(mod.register_forward_hook(hook))
+                    def hook(m, args, kwargs, out, key=(u, role, name)):
+                        if self.busy:
+                            return
+                        self.current[key] = _detach(out)
+                        shape = self.module_prune[key[0]].get(key[1], {}).get(key[2])
+                        if shape is not None:
+                            x, _ = _token_input(m, args, kwargs)
+                            # the first argument must be the input the rewrite gathers (same shape)
+                            if isinstance(x, torch.Tensor) and tuple(x.shape[1:]) == shape[1:]:
+                                self.current_in[key] = x.detach()
+                            else:
+                                self.unprunable.add(key[:2])
+                    handles.append(mod.register_forward_hook(hook, with_kwargs=True))
         return handles
 
     def pre_model(self, module, args, kwargs):
@@ -292,33 +370,47 @@ class _Probe:
                     got = split_outputs(module(**sub_named))[i]
                     approx = scatter_tokens(base, idx, got)
                     acc["e_prune"][u, n, k] += float((approx.float() - y[sl].float()).pow(2).sum()) / p_norm
-        self._module_reuse(u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc)
+        self._module_actions(u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc)
         hist[t] = ({i: r for i, r in res.items()}, {i: x.detach() for i, x, _ in pairs})
         for old_t in [s for s in hist if s < t - 2 * self.max_age]:
             del hist[old_t]
 
-    def _module_reuse(self, u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc) -> None:
-        """REUSE of one role's sub-modules: re-run the block with their outputs from ``t - n``."""
+    def _module_actions(self, u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc) -> None:
+        """Module-level actions of each role's sub-modules, by re-running the block with their
+        outputs replaced: ``SKIP`` (zeros), ``REUSE`` (outputs from ``t - n``), ``PRUNE`` (outputs
+        from ``t - n`` except on the tokens that drifted most since then, recomputed)."""
         roles = self.role_modules[u]
         mhist = self.mod_history.setdefault(key, {})
-        mhist[t] = {(role, name): self.current.get((u, role, name)) for role, mods in roles.items()
-                    for name, _ in mods}
+        mhist[t] = {(role, name): (self.current.get((u, role, name)), self.current_in.get((u, role, name)))
+                    for role, mods in roles.items() for name, _ in mods}
+
+        def error(hooks: list[tuple[torch.nn.Module, Callable]]) -> float:
+            handles = [mod.register_forward_hook(fn, with_kwargs=True) for mod, fn in hooks]
+            try:
+                got = split_outputs(module(*p_args, **p_kwargs))
+            finally:
+                for h in handles:
+                    h.remove()
+            return sum(float((got[i].float() - y[sl].float()).pow(2).sum()) for i, _, y in pairs) / p_norm
+
         for r, role in enumerate(MODULE_ROLES):
             mods = roles.get(role)
             if not mods:
                 continue
+            acc["e_module_skip"][u, r] += error([(mod, _zeros) for _, mod in mods])
+            prune = role in self.module_prune[u] and (u, role) not in self.unprunable
             for n in range(1, self.max_age + 1):
                 old = mhist.get(t - n)
-                if old is None or any(old.get((role, name)) is None for name, _ in mods):
+                if old is None or any(old[(role, name)][0] is None for name, _ in mods):
                     continue
-                handles = [mod.register_forward_hook(_returning(_rows(old[(role, name)], sl))) for name, mod in mods]
-                try:
-                    got = split_outputs(module(*p_args, **p_kwargs))
-                finally:
-                    for h in handles:
-                        h.remove()
-                err = sum(float((got[i].float() - y[sl].float()).pow(2).sum()) for i, _, y in pairs)
-                acc["e_module_reuse"][u, r, n] += err / p_norm
+                acc["e_module_reuse"][u, r, n] += error(
+                    [(mod, _returning(_rows(old[(role, name)][0], sl))) for name, mod in mods])
+                if not prune or any(old[(role, name)][1] is None for name, _ in mods):
+                    continue
+                for k, rate in enumerate(self.prune_rates):
+                    acc["e_module_prune"][u, r, n, k] += error(
+                        [(mod, _pruning(rate, _rows(old[(role, name)][1], sl), _rows(old[(role, name)][0], sl)))
+                         for name, mod in mods])
         for old_t in [s for s in mhist if s < t - self.max_age]:
             del mhist[old_t]
 
@@ -398,14 +490,23 @@ def annotate_sensitivity(
         if probe.narrow[u] is None:
             errs["e_width"][:, u] = np.nan
     flops = action_flops(graph, prune_rates, widths)
+    flops["flops_module"] = np.full((U, len(MODULE_ROLES)), np.nan)
+    flops["flops_module_prune"] = np.full((U, len(MODULE_ROLES), len(prune_rates)), np.nan)
     for u, spec in enumerate(graph.blocks):
         for r, role in enumerate(MODULE_ROLES):
             if not spec.role_modules(role):
                 errs["e_module_reuse"][:, u, r] = np.nan
-    flops["flops_module"] = np.array(
-        [[graph.costs.flops(spec.name, role) if spec.role_modules(role) else np.nan for role in MODULE_ROLES]
-         for spec in graph.blocks]
-    )
+                errs["e_module_skip"][:, u, r] = np.nan
+            else:
+                flops["flops_module"][u, r] = graph.costs.flops(spec.name, role)
+            shapes = probe.module_prune[u].get(role)
+            if shapes is None or (u, role) in probe.unprunable:
+                errs["e_module_prune"][:, u, r] = np.nan
+                continue
+            # like a block PRUNE: scoring, gather and scatter modelled as elementwise work
+            elems = sum(int(np.prod(s)) for s in shapes.values())
+            for k, rate in enumerate(prune_rates):
+                flops["flops_module_prune"][u, r, k] = graph.costs.flops(spec.name, role, tokens=rate) + 4 * elems
     prof = SensitivityProfile(
         units=tuple(Unit(s.list_name, s.index) for s in graph.blocks),
         timesteps=tuple(timesteps),

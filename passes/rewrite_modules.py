@@ -3,19 +3,34 @@
 The block runs as a copy of its captured graph (``torch.export``'s unflattened block, whose
 sub-modules are ``call_module`` nodes). For each role the plan gives an action:
 
-* ``COMPUTE``: the sub-module runs; its output is also returned as a cache write when a later
-  step reuses it;
+* ``COMPUTE``: the sub-module runs; its output (and, for a later ``PRUNE``, its token input) is
+  also returned as a cache write when a later step reads it;
 * ``REUSE``: the sub-module call is replaced by a cache read (an extra input of the block);
-* ``WIDTH(w)``: an MLP sub-module is replaced by a copy at prefix width ``w``.
+* ``WIDTH(w)``: an MLP sub-module is replaced by a copy at prefix width ``w``;
+* ``SKIP``: the sub-module's output is replaced by zeros (its recorded shape, the dtype and
+  device of its runtime input), so the block's residual add leaves the stream unchanged;
+* ``PRUNE(r)``: the sub-module runs on the ``round(r N)`` tokens of its token input that moved
+  most since the cache was written (``dit_opt.executor.token_scores``), and its output for
+  them is scattered into its cached output (the entry ``REUSE`` reads).
+
+``PRUNE`` needs a sub-module that is token-wise in one input (:func:`module_token_input`): an
+MLP; a cross-attention, whose queries come from the stream and whose keys and values come from
+other inputs (e.g. text embeddings) that stay whole; or a self-attention with no input but the
+tokens, which then attends among the kept tokens only (what a block-level ``PRUNE`` does
+too). A self-attention that also takes rotary embeddings or a mask (they are indexed by token
+and would have to be gathered in step), or a joint attention over two streams (Flux, SD3),
+cannot be pruned.
 
 The rest of the block (norms, modulation, residual adds) always runs. Cache traffic stays
 functional: reads are extra inputs of the block graph and of the step graph, writes extra
-outputs.
+outputs. Graphs are specialised to the captured shapes (the runtime captures again for new
+ones), so ``SKIP``'s zeros and ``PRUNE``'s token count are constants of the graph.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 from typing import Any
 
@@ -24,17 +39,118 @@ import torch.fx
 from torch import nn
 
 from dit_opt.errors import DitOptError
-from dit_opt.ir import BlockSpec
+from dit_opt.executor import gather_tokens, scatter_tokens, token_scores, topk_tokens
+from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import Action, ActionKind
 from passes.infra import PassResult
 from passes.step_graph import StepGraph
 
-__all__ = ["rewrite_modules", "module_key"]
+__all__ = ["rewrite_modules", "module_key", "module_token_input"]
 
 
-def module_key(block: str, module: str, index: int | None = None) -> str:
-    """Cache entry of a sub-module's output: ``<block>.<module>/out`` (``/out<i>`` for tuple outputs)."""
-    return f"{block}.{module}/out" + ("" if index is None else str(index))
+def module_key(block: str, module: str, index: int | None = None, kind: str = "out") -> str:
+    """Cache entry of a sub-module's output: ``<block>.<module>/out`` (``/out<i>`` for tuple
+    outputs); ``kind="in"``: of its token input, ``<block>.<module>/in`` (read by ``PRUNE``)."""
+    return f"{block}.{module}/{kind}" + ("" if index is None else str(index))
+
+
+def module_token_input(graph: DiTGraph, spec: BlockSpec, module: str) -> tuple[int | None, str]:
+    """Which argument of ``module``'s call in ``spec``'s block graph ``PRUNE`` gathers tokens of.
+
+    Args:
+        graph: the captured graph.
+        spec: the block.
+        module: a role sub-module's name, relative to the block (e.g. ``"attn2"``).
+
+    Returns:
+        ``(index, reason)``: the position of the token input among the call's arguments, or
+        ``None`` and why the sub-module cannot be pruned (see the module docstring).
+    """
+    interp = graph.module.get_submodule(spec.name)
+    calls = [n for n in interp.graph.nodes if n.op == "call_module" and n.target == module]
+    if len(calls) != 1:
+        return None, f"it is called {len(calls)} times in the block"
+    (node,) = calls
+    role = next((r for r in ("attn", "cross_attn", "mlp") if module in spec.role_modules(r)), None)
+    if role is None:
+        return None, "it is not an attention, cross-attention or MLP"
+    out = node.meta.get("val")
+    if not isinstance(out, torch.Tensor) or out.dim() != 3:
+        return None, "its output is not one (batch, tokens, channels) tensor"
+    tensors = [(i, a) for i, a in enumerate(node.args)
+               if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)]
+    if node.kwargs:
+        return None, "its call passes keyword arguments the rewrite does not handle"
+    streamed = _stream_dependent(interp, spec, graph.model.get_submodule(spec.name))
+    on_stream = [(i, a) for i, a in tensors if a in streamed]
+    if not on_stream:
+        return None, "none of its inputs comes from the block's streams"
+    if len(on_stream) > 1:
+        return None, (f"{len(on_stream)} of its inputs come from the block's streams (a joint attention "
+                      f"would have to prune every stream in step)")
+    (i, x), = on_stream
+    if tuple(x.meta["val"].shape[:2]) != tuple(out.shape[:2]):
+        return None, "its output does not have one row per token of its input"
+    if role in ("attn", "mlp") and len(tensors) > 1:
+        # a self-attention's rotary embeddings or mask are indexed by token: they would have
+        # to be gathered in step with the tokens (and an MLP taking them is not token-wise)
+        return None, "it takes other tensor inputs (rotary embeddings, masks) that would need gathering too"
+    return i, ""
+
+
+def _stream_dependent(interp: torch.fx.GraphModule, spec: BlockSpec, block: nn.Module) -> set[torch.fx.Node]:
+    """Nodes of a block graph whose value depends on one of the block's stream inputs."""
+    params = [p.name for p in inspect.signature(block.forward).parameters.values() if p.kind != p.VAR_KEYWORD]
+    streams = {o.input_name for o in spec.outputs if o.input_name}
+
+    def is_stream(ph: torch.fx.Node) -> bool:
+        name = str(ph.target)
+        if name.startswith("_positional_arg_"):
+            pos = int(name.rsplit("_", 1)[1])
+            name = params[pos] if pos < len(params) else name
+        return name in streams
+
+    dep: set[torch.fx.Node] = set()
+    flat: dict[torch.fx.Node, list[Any] | None] = {}  # tree_flatten_spec node -> the input behind each leaf
+    for n in interp.graph.nodes:
+        if n.op == "placeholder":
+            if is_stream(n):
+                dep.add(n)
+        elif n.op == "call_function" and "tree_flatten_spec" in str(n.target):
+            # The block graph flattens all its inputs at once: follow each leaf to its own input
+            # (or, if the structure is not understood, to all of them).
+            flat[n] = _leaf_sources(n.args[0], getattr(interp, str(n.args[1].target), None))
+        elif n.op == "call_function" and n.target is operator.getitem and n.args[0] in flat:
+            leaves = flat[n.args[0]]
+            src = leaves[n.args[1]] if leaves is not None and n.args[1] < len(leaves) else None
+            if (src in dep) if isinstance(src, torch.fx.Node) else any(a in dep for a in n.args[0].all_input_nodes):
+                dep.add(n)
+        elif any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
+def _leaf_sources(tree: Any, spec: Any) -> list[Any] | None:
+    """Per leaf of ``spec``, the graph value of ``tree`` it comes from (``None``: not understood)."""
+    try:
+        if spec.is_leaf() or isinstance(tree, torch.fx.Node):
+            return [tree] * spec.num_leaves  # a placeholder may hold a whole tuple (rotary (cos, sin))
+        if isinstance(tree, dict):
+            children = [tree[k] for k in spec.context]
+        elif isinstance(tree, list | tuple):
+            children = list(tree)
+        else:
+            return None
+        subs = spec.children() if hasattr(spec, "children") else spec.children_specs  # renamed in torch 2.9
+        out: list[Any] = []
+        for child, sub in zip(children, subs, strict=True):
+            leaves = _leaf_sources(child, sub)
+            if leaves is None:
+                return None
+            out += leaves
+        return out
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def rewrite_modules(
@@ -43,61 +159,84 @@ def rewrite_modules(
     actions: dict[str, Action],
     writes: dict[str, bool],
     narrow_mlp: Any = None,
+    *,
+    write_inputs: dict[str, bool] | None = None,
 ) -> PassResult:
     """Rewrite ``spec``'s block call with per-role actions.
 
     Args:
         sg: the step graph.
         spec: the block.
-        actions: role -> action (``COMPUTE``, ``REUSE`` or ``WIDTH``).
-        writes: role -> whether a ``COMPUTE`` must write the outputs for a later ``REUSE``.
+        actions: role -> action (``COMPUTE``, ``REUSE``, ``WIDTH``, ``SKIP`` or ``PRUNE``).
+        writes: role -> whether a ``COMPUTE`` must write the outputs for a later ``REUSE`` or ``PRUNE``.
         narrow_mlp: ``(module, width) -> module`` for ``WIDTH``.
+        write_inputs: role -> whether a ``COMPUTE`` must also write the token inputs for a later
+            ``PRUNE`` (sub-modules that cannot be pruned write none).
 
     Raises:
-        DitOptError: an action that has no module-level form here (``PRUNE``, ``SKIP``).
+        DitOptError: an action that has no module-level form here (``FORECAST``), or ``PRUNE`` of a
+            sub-module that cannot be pruned (the message says why).
     """
     interp = sg.graph.module.get_submodule(spec.name)
     g = torch.fx.Graph()
     val_map: dict[torch.fx.Node, torch.fx.Node] = {}
-    out = g.graph_copy(interp.graph, val_map)
+    out = g.graph_copy(interp.graph, val_map)  # node meta copied: the recorded shapes SKIP and PRUNE use
     modules: dict[str, Any] = {}
     for n in g.nodes:
         if n.op in ("call_module", "get_attr"):
             modules[n.target] = _lookup(interp, n.target)
     role_of = {m: role for role in actions for m in spec.role_modules(role)}
-    reads: list[tuple[str, torch.fx.Node]] = []  # (key, placeholder in the block graph)
+    reads: dict[str, torch.fx.Node] = {}  # key -> placeholder in the block graph
     extra: list[tuple[str, torch.fx.Node]] = []  # (key, value returned by the block graph)
-    last_ph = [n for n in g.nodes if n.op == "placeholder"][-1]
+    last_ph = [[n for n in g.nodes if n.op == "placeholder"][-1]]
+
+    def read(key: str) -> torch.fx.Node:
+        if key not in reads:
+            with g.inserting_after(last_ph[0]):
+                reads[key] = last_ph[0] = g.placeholder("cache_" + key.replace("/", "_").replace(".", "_"))
+        return reads[key]
+
     for n in list(g.nodes):
         if n.op != "call_module" or n.target not in role_of:
             continue
-        action = actions[role_of[n.target]]
+        role = role_of[n.target]
+        action = actions[role]
         users = list(n.users)
         tuple_out = bool(users) and all(u.op == "call_function" and u.target is operator.getitem for u in users)
         keys = ([(module_key(spec.name, n.target, u.args[1]), u) for u in users] if tuple_out
                 else [(module_key(spec.name, n.target), n)])
         if action.kind is ActionKind.REUSE:
             for key, value in keys:
-                with g.inserting_after(last_ph):
-                    ph = g.placeholder("cache_" + key.replace("/", "_").replace(".", "_"))
-                last_ph = ph
-                value.replace_all_uses_with(ph)
-                reads.append((key, ph))
+                value.replace_all_uses_with(read(key))
             for u in users if tuple_out else []:
                 g.erase_node(u)
             g.erase_node(n)
         elif action.kind is ActionKind.COMPUTE:
-            if writes.get(role_of[n.target]):
+            if writes.get(role):
                 extra.extend(keys)
+            if (write_inputs or {}).get(role):
+                pos, _ = module_token_input(sg.graph, spec, n.target)
+                if pos is not None:
+                    extra.append((module_key(spec.name, n.target, kind="in"), n.args[pos]))
         elif action.kind is ActionKind.WIDTH:
             if narrow_mlp is None:
                 raise DitOptError(f"block {spec.name}: WIDTH of {n.target} needs a narrowing function")
             target = f"{n.target}_width{round(action.width * 100)}"
             modules[target] = narrow_mlp(spec, n.target, action.width)
             n.target = target
+        elif action.kind is ActionKind.SKIP:
+            _skip(g, n, [v for _, v in keys], spec)
+        elif action.kind is ActionKind.PRUNE:
+            pos, why = module_token_input(sg.graph, spec, n.target)
+            if pos is None:
+                raise DitOptError(f"block {spec.name}: {n.target} ({role}) cannot be pruned: {why}; "
+                                  f"plan another action for it (profiles offer PRUNE only where it applies)")
+            _prune(g, n, pos, action.rate, read(module_key(spec.name, n.target, kind="in")),
+                   read(module_key(spec.name, n.target)))
         else:
             raise DitOptError(
-                f"block {spec.name}: {action} has no module-level form (module units take COMPUTE, REUSE or WIDTH)"
+                f"block {spec.name}: {action} has no module-level form "
+                f"(module units take COMPUTE, REUSE, WIDTH, SKIP or PRUNE)"
             )
     g.output((out, *[v for _, v in extra]))
     g.lint()
@@ -109,7 +248,7 @@ def rewrite_modules(
     target = sg.add_module(f"{spec.name.replace('.', '_')}_modules_{len(sg.modules)}", gm)
     with sg.fx.inserting_before(node):
         kwargs = dict(node.kwargs)
-        for key, ph in reads:
+        for key, ph in reads.items():
             kwargs[ph.target] = sg.read(key)
         call = sg.fx.call_module(target, node.args, kwargs)
         result = sg.fx.call_function(operator.getitem, (call, 0))
@@ -118,6 +257,45 @@ def rewrite_modules(
         with sg.fx.inserting_after(result):
             sg.write(key, sg.fx.call_function(operator.getitem, (call, i + 1)))
     return PassResult(sg, True)
+
+
+def _skip(g: torch.fx.Graph, node: torch.fx.Node, values: list[torch.fx.Node], spec: BlockSpec) -> None:
+    """Replace the sub-module call ``node`` (its outputs ``values``) by zeros of the recorded shapes."""
+    ref = next((a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)), None)
+    if ref is None:
+        raise DitOptError(f"block {spec.name}: {node.target} takes no tensor input to build SKIP's zeros from")
+    for value in values:
+        val = value.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            if value.users:
+                raise DitOptError(f"block {spec.name}: {node.target}'s output has no recorded shape, so it "
+                                  f"cannot be replaced by zeros; plan another action for it")
+            continue
+        # new_zeros: the device (and, unless the module changes it, the dtype) of the runtime input
+        kwargs = {} if val.dtype == ref.meta["val"].dtype else {"dtype": val.dtype}
+        with g.inserting_before(node):
+            zeros = g.call_method("new_zeros", (ref, tuple(int(s) for s in val.shape)), kwargs)
+        zeros.meta["val"] = val
+        value.replace_all_uses_with(zeros)
+    for u in list(node.users):
+        g.erase_node(u)
+    g.erase_node(node)
+
+
+def _prune(g: torch.fx.Graph, node: torch.fx.Node, pos: int, rate: float, cached_in: torch.fx.Node,
+           cached_out: torch.fx.Node) -> None:
+    """Run the sub-module call ``node`` on the top ``rate`` of the tokens of its argument ``pos``
+    (by drift from ``cached_in``) and scatter its output into ``cached_out``."""
+    x = node.args[pos]
+    k = max(1, round(rate * int(x.meta["val"].shape[1])))
+    with g.inserting_before(node):
+        scores = g.call_function(token_scores, (x, cached_in))
+        idx = g.call_function(topk_tokens, (scores, k))
+        picked = g.call_function(gather_tokens, (x, idx))
+    node.args = tuple(picked if i == pos else a for i, a in enumerate(node.args))
+    with g.inserting_after(node):
+        merged = g.call_function(scatter_tokens, (cached_out, idx, node))
+    node.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
 
 
 def narrow_feedforward(module: nn.Module, width: float, order: torch.Tensor | None = None) -> nn.Module:

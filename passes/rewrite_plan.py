@@ -2,10 +2,12 @@
 
 The plan is the only input besides the captured graph: for each step, each block node goes
 through the rewrite pass of its action (``rewrite_cache``, ``rewrite_prune``,
-``rewrite_width``, ``rewrite_skip``). A ``COMPUTE`` writes the cache entries that a later
-step of the same block reads before its next ``COMPUTE``; before a ``FORECAST`` it also keeps
-the residual of the compute before it (``prev``), and the forecast's slope ``n / d`` is a
-constant of the step's graph.
+``rewrite_width``, ``rewrite_skip``), or, for module-level units, each block through
+``rewrite_modules`` with the actions of its roles. A ``COMPUTE`` writes the cache entries that a
+later step of the same unit reads before its next ``COMPUTE``; before a ``FORECAST`` it also
+keeps the residual of the compute before it (``prev``), and the forecast's slope ``n / d`` is a
+constant of the step's graph. For a module unit the "residual" entry is the module's output and
+the "input" entry its token input (read by a module ``PRUNE``).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def build_variants(
 
     Args:
         graph: the captured graph.
-        plan: the plan (block-level units).
+        plan: the plan (block-level or module-level units).
         narrowed: returns the block narrowed to a width (built once per block and width).
         narrow_mlp: returns a block's MLP sub-module narrowed to a width (module-level plans).
 
@@ -134,7 +136,8 @@ def _build(graph, order, plan, t, needs, slopes, narrowed, narrow_mlp, n) -> Var
     for spec, units in order:
         if plan.units[units[0]].role is not None:
             rewrite_modules(sg, spec, {plan.units[u].role.value: actions[u] for u in units},
-                            {plan.units[u].role.value: needs[u][0] for u in units}, narrow_mlp)
+                            {plan.units[u].role.value: needs[u][0] for u in units}, narrow_mlp,
+                            write_inputs={plan.units[u].role.value: needs[u][1] for u in units})
             continue
         (u,) = units
         action, (res, inp, prev) = actions[u], needs[u]
