@@ -115,42 +115,42 @@ def _detach(out: Any) -> Any:
 
 
 def _returning(value: Any) -> Callable:
-    """A forward hook (``with_kwargs``) that replaces the module's output by ``value``."""
-    return lambda module, args, kwargs, out: value
+    """A replacement forward (see ``_Probe._module_actions``) that returns ``value``."""
+    return lambda forward, args, kwargs: value
 
 
-def _zeros(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-    """A forward hook (``with_kwargs``) that replaces the module's output by zeros: module ``SKIP``."""
+def _zeros(out: Any) -> Any:
+    """``out`` with every tensor replaced by zeros (module ``SKIP``)."""
     if isinstance(out, torch.Tensor):
         return torch.zeros_like(out)
     if isinstance(out, tuple | list):
-        return type(out)(_zeros(module, args, kwargs, o) for o in out)
+        return type(out)(_zeros(o) for o in out)
     return out
 
 
-def _token_input(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Any, Callable | None]:
+def _token_input(forward: Callable, args: tuple, kwargs: dict) -> tuple[Any, Callable | None]:
     """A sub-module call's token input (its first argument, ``hidden_states`` for diffusers
     attention and MLPs) and a function rebuilding ``(args, kwargs)`` with it replaced."""
     if args:
         return args[0], lambda x: ((x, *args[1:]), kwargs)
-    name = next(iter(inspect.signature(module.forward).parameters), None)
+    name = next(iter(inspect.signature(forward).parameters), None)
     if name in kwargs:
         return kwargs[name], lambda x: (args, {**kwargs, name: x})
     return None, None
 
 
 def _pruning(rate: float, cached_in: torch.Tensor, cached_out: torch.Tensor) -> Callable:
-    """A forward hook (``with_kwargs``) that recomputes the module on the top ``rate`` of its
-    tokens (by drift from ``cached_in``) and serves the rest from ``cached_out``: module ``PRUNE``
-    as ``passes.rewrite_modules`` builds it."""
+    """A replacement forward that recomputes the module on the top ``rate`` of its tokens (by
+    drift from ``cached_in``) and serves the rest from ``cached_out``: module ``PRUNE`` as
+    ``passes.rewrite_modules`` builds it."""
 
-    def hook(module, args, kwargs, out):
-        x, rebuild = _token_input(module, args, kwargs)
+    def run(forward, args, kwargs):
+        x, rebuild = _token_input(forward, args, kwargs)
         idx = topk_tokens(token_scores(x, cached_in), max(1, round(rate * x.shape[1])))
         sub_args, sub_kwargs = rebuild(gather_tokens(x, idx))
-        return scatter_tokens(cached_out, idx, module.forward(*sub_args, **sub_kwargs))  # forward: no hooks again
+        return scatter_tokens(cached_out, idx, forward(*sub_args, **sub_kwargs))
 
-    return hook
+    return run
 
 
 def _module_prune_inputs(graph: DiTGraph, spec: BlockSpec, role: str) -> dict[str, tuple[int, ...]] | None:
@@ -270,7 +270,7 @@ class _Probe:
                         self.current[key] = _detach(out)
                         shape = self.module_prune[key[0]].get(key[1], {}).get(key[2])
                         if shape is not None:
-                            x, _ = _token_input(m, args, kwargs)
+                            x, _ = _token_input(m.forward, args, kwargs)
                             # the first argument must be the input the rewrite gathers (same shape)
                             if isinstance(x, torch.Tensor) and tuple(x.shape[1:]) == shape[1:]:
                                 self.current_in[key] = x.detach()
@@ -384,20 +384,33 @@ class _Probe:
         mhist[t] = {(role, name): (self.current.get((u, role, name)), self.current_in.get((u, role, name)))
                     for role, mods in roles.items() for name, _ in mods}
 
-        def error(hooks: list[tuple[torch.nn.Module, Callable]]) -> float:
-            handles = [mod.register_forward_hook(fn, with_kwargs=True) for mod, fn in hooks]
+        def error(replace: list[tuple[torch.nn.Module, Callable]]) -> float:
+            """Re-run the block with each sub-module's forward replaced by ``fn(forward, args, kwargs)``.
+
+            An instance attribute shadows the method (hooks still run), so the outputs being
+            replaced are not computed at all: the re-runs cost what the rewritten block costs.
+            """
+            saved = [(mod, mod.__dict__.get("forward")) for mod, _ in replace]
+            for mod, fn in replace:
+                mod.forward = lambda *a, _fn=fn, _fwd=mod.forward, **kw: _fn(_fwd, a, kw)
             try:
                 got = split_outputs(module(*p_args, **p_kwargs))
             finally:
-                for h in handles:
-                    h.remove()
+                for mod, forward in saved:
+                    if forward is None:
+                        del mod.forward
+                    else:
+                        mod.forward = forward
             return sum(float((got[i].float() - y[sl].float()).pow(2).sum()) for i, _, y in pairs) / p_norm
 
         for r, role in enumerate(MODULE_ROLES):
             mods = roles.get(role)
             if not mods:
                 continue
-            acc["e_module_skip"][u, r] += error([(mod, _zeros) for _, mod in mods])
+            now = mhist[t]
+            if all(now[(role, name)][0] is not None for name, _ in mods):
+                acc["e_module_skip"][u, r] += error(
+                    [(mod, _returning(_zeros(_rows(now[(role, name)][0], sl)))) for name, mod in mods])
             prune = role in self.module_prune[u] and (u, role) not in self.unprunable
             for n in range(1, self.max_age + 1):
                 old = mhist.get(t - n)
