@@ -295,6 +295,8 @@ def _prune(g: torch.fx.Graph, node: torch.fx.Node, pos: int, rate: float, cached
     node.args = tuple(picked if i == pos else a for i, a in enumerate(node.args))
     with g.inserting_after(node):
         merged = g.call_function(scatter_tokens, (cached_out, idx, node))
+    # the full output's shape, for a later sub-module of the role that takes it (Flux's act_mlp)
+    merged.meta["val"] = node.meta.get("val")
     node.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
 
 

@@ -130,6 +130,29 @@ def test_runtime_error_matches_the_profile(tiny, name, role, action):
                if k % STEPS != t)
 
 
+@pytest.mark.parametrize("unit, action, norms", [
+    # a single-stream block whose MLP role is two chained modules (proj_mlp, act_mlp)
+    (Unit("single_transformer_blocks", 0, "mlp"), P50, ("norm",)),
+    # a two-stream block: ff and ff_context each prune their own stream; the error covers both
+    (Unit("transformer_blocks", 0, "mlp"), P25, ("norm1", "norm1_context")),
+])
+def test_flux_module_prune_matches_the_profile(tiny, unit, action, norms):
+    model, cal, prof = tiny("flux")
+    t, u = STEPS - 1, prof.units.index(Unit(unit.list_name, unit.index))
+    opt = dit_opt.OptimizedTransformer(model, _plan(prof, {(t, unit): action}), profile=prof, compile=False)
+    with torch.no_grad():
+        cal(opt)
+    captured = next(iter(opt._runners.values())).graph.module
+    num = den = 0.0
+    for norm in norms:
+        name = f"{unit.list_name}.{unit.index + 1}.{norm}"
+        ref = _stream_inputs(cal, model, model.get_submodule(name))[t]
+        got = _stream_inputs(cal, opt, captured.get_submodule(name))[t]
+        num, den = num + float((got - ref).pow(2).sum()), den + float(ref.pow(2).sum())
+    expected = prof.e_module_prune[t, u, MODULE_ROLES.index("mlp"), 1, prof.prune_rates.index(action.rate)]
+    assert expected > 0 and num / den == pytest.approx(expected, rel=1e-3)
+
+
 def test_rewritten_graph_shows_the_actions_and_lowers_as_one_graph(tiny):
     model, cal, prof = tiny("pixart")
     t = STEPS - 1
