@@ -308,7 +308,9 @@ class OptimizedTransformer(nn.Module):
         from dit_opt.api import _solver_defaults
         from solvers import solve
 
-        problem = self.profile.to_problem(self.plan.budget, timesteps=ts)
+        # the same granularity as the plan: the caches step 0 wrote are the plan's units'
+        granularity = "module" if any(u.role is not None for u in self.plan.units) else "block"
+        problem = self.profile.to_problem(self.plan.budget, timesteps=ts, granularity=granularity)
         plan = solve(problem, self.solver, **_solver_defaults(self.solver, self.solver_options))
         self._plans[ts] = plan
         return plan

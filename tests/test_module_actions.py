@@ -219,3 +219,18 @@ def test_profile_without_module_skip_and_prune_still_plans(tiny, tmp_path):
                                progress=False)
     assert opt.plan.counts()[ActionKind.SKIP] == opt.plan.counts()[ActionKind.PRUNE] == 0
     assert count_flops(cal, opt) <= 0.5 * count_flops(cal, model)
+
+
+def test_module_plan_is_resolved_at_module_granularity_for_another_step_count(tiny):
+    """A loop with more steps than calibrated gets a module-level plan re-solved from the profile."""
+    model, _, prof = tiny("dit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dit_opt.optimize(model, budget=0.6, calibration=prof, granularity="module", compile=False,
+                               progress=False)
+        longer = synthetic_calibration(model, num_inference_steps=STEPS + 2, warn=False)
+        with torch.no_grad():
+            out = longer(opt)
+    assert torch.isfinite(out).all()
+    resolved = [p for p in opt._plans.values() if p.num_steps == STEPS + 2]
+    assert resolved and all(u.role is not None for u in resolved[0].units)
