@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dit_opt.errors import ArtifactError
+from dit_opt.errors import ArtifactError, DitOptError
 
 __all__ = ["export", "ExportedPlan"]
 
@@ -25,16 +25,17 @@ def export(opt: Any, path: str | Path) -> Path:
     """Write the step variants of ``opt`` (at its captured input shapes) as ``.pt2`` files.
 
     Args:
-        opt: an :class:`~dit_opt.runtime.OptimizedTransformer` that has captured its inputs
-            (``dit_opt.optimize`` does; a loaded one after its first call).
+        opt: an :class:`~dit_opt.runtime.OptimizedTransformer`; one that has not captured its
+            inputs yet (a loaded one before its first call) captures synthetic ones for its class.
         path: the output directory (``index.json`` and ``variant_<k>.pt2``).
 
     Returns:
         ``path``.
     """
-    runner = next(iter(opt._runners.values()), None)
-    if runner is None:
-        raise ArtifactError("nothing to export yet: call the optimised module once so that it captures its inputs")
+    try:
+        runner = opt.captured()
+    except DitOptError as e:
+        raise ArtifactError(f"nothing to export yet: {e}") from e
     graph = runner.graph
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -154,11 +154,35 @@ class OptimizedTransformer(nn.Module):
         return export(self, path)
 
     # ---- inspection --------------------------------------------------------------------------
-    def graph(self, step: int) -> torch.fx.GraphModule:
-        """The rewritten ``GraphModule`` that ``step`` runs (at the captured input shapes)."""
+    def captured(self, example_inputs: dict[str, Any] | None = None) -> _Runner:
+        """The first captured input shapes and their step variants; captures now if none are.
+
+        A module made by ``dit_opt.optimize`` has captured its calibration's shapes; a loaded one
+        captures on its first call, or here from ``example_inputs`` (default: synthetic inputs
+        for a known diffusers class).
+
+        Raises:
+            DitOptError: nothing is captured and no example inputs are known for this class.
+        """
         runner = next(iter(self._runners.values()), None)
-        if runner is None:
-            raise DitOptError("nothing captured yet: call the module once (or use dit_opt.optimize) first")
+        if runner is not None:
+            return runner
+        if example_inputs is None:
+            from dit_opt.errors import InputMismatchError
+            from dit_opt.synthetic import example_inputs as synthetic_inputs
+
+            try:
+                example_inputs = synthetic_inputs(self.model)
+            except InputMismatchError as e:
+                raise DitOptError(f"nothing captured yet and no synthetic inputs for {type(self.model).__name__}: "
+                                  f"call the module once, or pass example_inputs=... ({e})") from e
+        runner = self._runners[self._signature(example_inputs)] = self._make_runner(self._capture(example_inputs))
+        return runner
+
+    def graph(self, step: int, example_inputs: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+        """The rewritten ``GraphModule`` that ``step`` runs (at the captured input shapes; see
+        :meth:`captured` for a module that has not run yet)."""
+        runner = self.captured(example_inputs)
         if not 0 <= step < len(runner.variants):
             raise IndexError(f"step {step} is outside the plan's {len(runner.variants)} steps")
         return runner.variants[step].gm
@@ -184,9 +208,7 @@ class OptimizedTransformer(nn.Module):
         """
         import torch._dynamo
 
-        runner = next(iter(self._runners.values()), None)
-        if runner is None:
-            raise DitOptError("nothing captured yet: call the module once (or use dit_opt.optimize) first")
+        runner = self.captured()
         graph = runner.graph
         eager = self._build(graph, self._active)[step]
         caches = self.example_caches(runner, step)

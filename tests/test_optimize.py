@@ -164,6 +164,8 @@ def test_save_and_load_replays_the_plan(dit_setup, tmp_path):
     opt.save(tmp_path / "opt")
     loaded = dit_opt.load(tmp_path / "opt", model, compile=False)
     assert loaded.plan == opt.plan
+    # before its first call a loaded module shows its graphs (captured from synthetic inputs)
+    assert loaded.graph(STEPS - 1).code == opt.graph(STEPS - 1).code
     with torch.no_grad():
         assert torch.equal(cal(loaded), cal(opt))
     files = {p.name for p in (tmp_path / "opt").iterdir()}
