@@ -218,12 +218,13 @@ def optimize(
             attention, cross-attention and MLP of each block; reuse, skip, prune where the
             module can be pruned, and MLP width).
         solver_options: passed to the solver (e.g. ``time_limit_s``).
-        select: also make the periodic and uniform plans (:func:`dit_opt.selection.candidate_plans`)
-            and keep whichever gives outputs closest to the full model's on a calibration run
+        select: also make the solver's plans with late steps weighted more, and the periodic and
+            uniform plans (:func:`dit_opt.selection.candidate_plans`), and keep whichever gives
+            outputs closest to the full model's on a calibration run
             (the solver's error model is optimistic at low budgets; :mod:`dit_opt.selection`). Only for the
             ``cpsat`` and ``dp`` solvers at block granularity. ``None``: on when the calibration
             is a callable; a callable: the calibration to measure on (e.g. when ``calibration``
-            is a saved profile); ``False``: keep the solver's plan. Costs up to five calibration runs.
+            is a saved profile); ``False``: keep the solver's plan. Costs up to seven calibration runs.
         progress: show progress bars.
 
     Returns:
@@ -276,7 +277,8 @@ def optimize(
         if _selection_calibration(select, ctx["calibration"], solver, granularity) is not None:
             from dit_opt.selection import candidate_plans
 
-            ctx["candidates"] = candidate_plans(problem, ctx["plan"])
+            ctx["candidates"] = candidate_plans(
+                problem, ctx["plan"], lambda p: solve(p, solver, **_solver_defaults(solver, solver_options)))
 
     def do_select() -> None:
         from dit_opt.selection import select_plan

@@ -3,8 +3,9 @@
 The solver's objective is a model: the sum of each action's error measured alone. Where that
 model is optimistic (low budgets, long runs of reuse in many blocks at once), a plan that is
 worse in the model can be better in the real output. So ``dit_opt.optimize`` makes more than
-one candidate at the same budget (:func:`candidate_plans`: the main solver's plan, the periodic
-one of :mod:`solvers.periodic`, and one uniform interval for every block, with and without
+one candidate at the same budget (:func:`candidate_plans`: the main solver's plan, the same
+solver's plans with the errors of late steps weighted more, the periodic one of
+:mod:`solvers.periodic`, and one uniform interval for every block, with and without
 forecasts), runs each through the calibration next to the full model, and keeps the one whose
 outputs are closest to the full model's.
 
@@ -40,18 +41,36 @@ class Candidate:
         return f"{self.plan.solver}: FLOP fraction {self.plan.flop_fraction:.3f}, measured error {self.error:.3e}"
 
 
-def candidate_plans(problem: Any, main: Plan) -> list[Plan]:
+#: Step weightings of the extra solver candidates: the errors of step ``t`` weigh
+#: ``k ** (t / (T - 1))`` (1 at the first step, ``k`` at the last). Late errors have fewer steps
+#: left to be corrected, which errors measured one action at a time do not see; how much more
+#: they count depends on the model and schedule, so a few ``k`` are tried and measured.
+LATE_WEIGHTS = (4.0, 16.0)
+
+
+def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] | None = None) -> list[Plan]:
     """``main`` and the other plans worth measuring at ``problem``'s budget, without duplicates.
 
-    The others: :mod:`solvers.periodic` (one interval per block, chosen by the model), and the
+    The others: the main solver's plans with late steps weighted more (:data:`LATE_WEIGHTS`,
+    if ``solve_main`` is given), :mod:`solvers.periodic` (one interval per block), and the
     uniform interval of FORA for every block, as published (plain reuse) and with forecasts
-    where measured better. A family that cannot meet the budget is left out.
+    where measured better. A family that cannot meet the budget is left out. Every plan's
+    predicted error is that of ``problem`` (unweighted).
     """
     from dit_opt.errors import DitOptError
     from solvers import solve
 
     plans = [main]
-    for make in (lambda: solve(problem, "periodic"), lambda: solve(problem, "fora")):
+    makers: list[Callable[[], Plan]] = []
+    if solve_main is not None:
+        for k in LATE_WEIGHTS:
+            def weighted(k: float = k) -> Plan:
+                w = k ** (np.arange(problem.num_steps) / max(1, problem.num_steps - 1))
+                p = solve_main(problem.weighted(w))
+                return problem.to_plan(p.actions, f"{main.solver}+late{k:g}", p.status, p.wall_time_s)
+            makers.append(weighted)
+    makers += [lambda: solve(problem, "periodic"), lambda: solve(problem, "fora")]
+    for make in makers:
         try:
             plans.append(make())
         except DitOptError:

@@ -460,6 +460,22 @@ class Problem:
             raise infeasible_error(self, budget)
 
     # ------------------------------------------------------------------------- variants
+    def weighted(self, weights: Sequence[float]) -> Problem:
+        """The same problem with every error at step ``t`` multiplied by ``weights[t]`` (> 0).
+
+        Raises:
+            ValueError: not one positive finite weight per step.
+        """
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (self.num_steps,) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+            raise ValueError(f"weights must be {self.num_steps} positive finite numbers, one per step")
+        changes = {}
+        for name in ("e_reuse", "e_prune", "e_width", "e_skip", "e_forecast"):
+            value = getattr(self, name)
+            if value is not None:
+                changes[name] = value * w.reshape((-1,) + (1,) * (value.ndim - 1))
+        return replace(self, **changes)
+
     def without_forecasts(self) -> Problem:
         """The same problem with plain ``REUSE`` only (for schedules that, as published, do not
         extrapolate: the baselines)."""

@@ -60,6 +60,7 @@ def test_optimize_compares_candidates_on_a_callable_calibration(tiny):
         warnings.simplefilter("ignore")
         opt = dit_opt.optimize(model, budget=0.4, calibration=cal, compile=False, progress=False)
     assert {"cpsat", "periodic", "fora"} <= {c.plan.solver for c in opt.selection}
+    assert any(c.plan.solver.startswith("cpsat+late") for c in opt.selection)
     assert len({c.plan.actions for c in opt.selection}) == len(opt.selection)  # no plan measured twice
     assert opt.plan is min(opt.selection, key=lambda c: c.error).plan
     assert "select" in opt.step_times
@@ -82,3 +83,16 @@ def test_relative_error_needs_matching_outputs():
     assert relative_error([torch.zeros(2, 3)], a) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="deterministic"):
         relative_error(a, [torch.ones(2, 4)])
+
+
+def test_weighted_problem_scales_errors_per_step(tiny):
+    _, _, prof = tiny
+    problem = prof.to_problem(0.5)
+    w = np.linspace(1.0, 3.0, STEPS)
+    heavy = problem.weighted(w)
+    assert np.allclose(heavy.e_reuse[:, :, 1:], problem.e_reuse[:, :, 1:] * w[:, None, None])
+    assert np.array_equal(np.isinf(heavy.e_forecast), np.isinf(problem.e_forecast))
+    plan = solve(heavy, "cpsat", time_limit_s=5)
+    assert plan.flop_fraction <= 0.5
+    with pytest.raises(ValueError, match="positive finite"):
+        problem.weighted(np.zeros(STEPS))
