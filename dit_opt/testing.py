@@ -14,7 +14,7 @@ from torch import nn
 
 from dit_opt.synthetic import example_inputs
 
-__all__ = ["TINY_CONFIGS", "tiny_model", "tiny_names"]
+__all__ = ["TINY_CONFIGS", "record_inputs", "tiny_model", "tiny_names"]
 
 #: name -> (diffusers class name, config kwargs, expected block counts per list)
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, int]]] = {
@@ -101,3 +101,21 @@ def tiny_model(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
             if p.dim() >= 1 and float(p.abs().max()) == 0.0:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
     return model, example_inputs(model, batch_size=2, seed=seed)
+
+
+def record_inputs(calibration: Any, module: Any, hooked: Any) -> list:
+    """The first 3-D tensor input (batch, tokens, channels) of ``hooked`` at every call, over one
+    run of ``calibration(module)``: what a block (or its first norm) received, for comparing a
+    rewritten run with the original one."""
+    seen: list = []
+
+    def grab(m: Any, args: tuple, kwargs: dict) -> None:
+        seen.append(next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() == 3).clone())
+
+    handle = hooked.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            calibration(module)
+    finally:
+        handle.remove()
+    return seen

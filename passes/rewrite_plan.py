@@ -55,12 +55,8 @@ def cache_needs(plan: Plan) -> list[list[tuple[bool, bool, bool]]]:
     # schedule after seeing the second timestep, and that plan reads what step 0 wrote.
     needs[0] = [(True, True, False)] * U
     for u in range(U):
-        last = previous = None
-        for t in range(T):
-            kind = plan.actions[t][u].kind
-            if kind is ActionKind.COMPUTE:
-                last, previous = t, last
-            elif kind in (ActionKind.REUSE, ActionKind.FORECAST, ActionKind.PRUNE) and last is not None:
+        for _, kind, last, previous in _computes_along(plan, u):
+            if kind in (ActionKind.REUSE, ActionKind.FORECAST, ActionKind.PRUNE) and last is not None:
                 res, inp, prev = needs[last][u]
                 needs[last][u] = (True, inp or kind is ActionKind.PRUNE, prev or kind is ActionKind.FORECAST)
                 if kind is ActionKind.FORECAST and previous is not None:
@@ -69,18 +65,25 @@ def cache_needs(plan: Plan) -> list[list[tuple[bool, bool, bool]]]:
     return needs
 
 
+def _computes_along(plan: Plan, u: int):
+    """Along unit ``u``'s row: ``(step, kind, last COMPUTE, the COMPUTE before it)``, the step
+    itself counted when it computes."""
+    last = previous = None
+    for t in range(plan.num_steps):
+        kind = plan.actions[t][u].kind
+        if kind is ActionKind.COMPUTE:
+            last, previous = t, last
+        yield t, kind, last, previous
+
+
 def forecast_slopes(plan: Plan) -> list[list[float | None]]:
     """Per step and unit, the slope ``n / d`` of a ``FORECAST`` (``None`` elsewhere): ``n`` steps
     since the last compute, ``d`` between the last two."""
     T, U = plan.num_steps, len(plan.units)
     slopes: list[list[float | None]] = [[None] * U for _ in range(T)]
     for u in range(U):
-        last = previous = None
-        for t in range(T):
-            kind = plan.actions[t][u].kind
-            if kind is ActionKind.COMPUTE:
-                last, previous = t, last
-            elif kind is ActionKind.FORECAST:
+        for t, kind, last, previous in _computes_along(plan, u):
+            if kind is ActionKind.FORECAST:
                 if previous is None:
                     raise DitOptError(f"step {t}, unit {plan.units[u]}: FORECAST needs two earlier COMPUTE steps")
                 slopes[t][u] = (t - last) / (last - previous)

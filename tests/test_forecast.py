@@ -11,7 +11,7 @@ import torch
 import dit_opt
 from dit_opt.calibration import synthetic_calibration
 from dit_opt.plan import COMPUTE, FORECAST, REUSE, Action, ActionKind, Plan, Unit
-from dit_opt.testing import tiny_model
+from dit_opt.testing import record_inputs, tiny_model
 from passes.rewrite_plan import cache_needs, forecast_slopes
 from solvers import solve
 from solvers.problem import Problem
@@ -94,20 +94,6 @@ def tiny_dit():
     return model, cal, prof
 
 
-def _block_inputs(model, cal, module, block):
-    """hidden_states entering ``block`` at every call, over one calibration run of ``module``."""
-    seen = []
-    h = block.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append((kwargs.get("hidden_states", args[0] if args else None)).clone()),
-        with_kwargs=True)
-    try:
-        with torch.no_grad():
-            cal(module)
-    finally:
-        h.remove()
-    return seen
-
-
 @pytest.mark.parametrize("kind", [ActionKind.FORECAST, ActionKind.REUSE])
 def test_runtime_error_matches_the_profile(tiny_dit, kind):
     """One block forecasts (or reuses) at the last step, all else computes: the error of its output,
@@ -126,7 +112,7 @@ def test_runtime_error_matches_the_profile(tiny_dit, kind):
     with torch.no_grad():
         cal(opt)  # the first call captures the model (which runs its blocks): not observed
     nxt = model.transformer_blocks[u + 1]
-    ref, got = _block_inputs(model, cal, model, nxt), _block_inputs(model, cal, opt, nxt)
+    ref, got = record_inputs(cal, model, nxt), record_inputs(cal, opt, nxt)
     errs = [float((g - r).pow(2).sum() / r.pow(2).sum()) for k, (g, r) in enumerate(zip(got, ref, strict=True))
             if k % STEPS == t]
     expected = prof.e_forecast[t, u, 1, 1] if kind is ActionKind.FORECAST else prof.e_reuse[t, u, 1]

@@ -14,7 +14,7 @@ from dit_opt.calibration import synthetic_calibration
 from dit_opt.flops import count_flops
 from dit_opt.plan import COMPUTE, REUSE, SKIP, Action, ActionKind, Unit
 from dit_opt.sensitivity import MODULE_ROLES, SensitivityProfile
-from dit_opt.testing import tiny_model
+from dit_opt.testing import record_inputs, tiny_model
 from passes.rewrite_modules import module_token_input
 
 STEPS = 6
@@ -41,23 +41,6 @@ def _plan(prof, actions: dict[tuple[int, Unit], Action]):
     problem = prof.to_problem(1.0, granularity="module")
     grid = [[actions.get((t, u), COMPUTE) for u in problem.units] for t in range(STEPS)]
     return problem.to_plan(grid, "test", "HEURISTIC", 0.0)
-
-
-def _stream_inputs(cal, module, hooked):
-    """The (batch, tokens, channels) input of ``hooked`` at every call, over one calibration run of
-    ``module``."""
-    seen = []
-
-    def grab(m, args, kwargs):
-        seen.append(next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() == 3).clone())
-
-    h = hooked.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            cal(module)
-    finally:
-        h.remove()
-    return seen
 
 
 def test_profile_measures_module_skip_and_prune(tiny):
@@ -115,8 +98,8 @@ def test_runtime_error_matches_the_profile(tiny, name, role, action):
     # Module-level variants run each block as a rewritten copy of its captured graph, which calls
     # the captured sub-modules: the next block's input is what its first norm receives.
     captured = next(iter(opt._runners.values())).graph.module
-    ref = _stream_inputs(cal, model, model.transformer_blocks[u + 1].norm1)
-    got = _stream_inputs(cal, opt, captured.get_submodule(f"transformer_blocks.{u + 1}.norm1"))
+    ref = record_inputs(cal, model, model.transformer_blocks[u + 1].norm1)
+    got = record_inputs(cal, opt, captured.get_submodule(f"transformer_blocks.{u + 1}.norm1"))
     errs = [float((g - r).pow(2).sum() / r.pow(2).sum()) for k, (g, r) in enumerate(zip(got, ref, strict=True))
             if k % STEPS == t]
     r = MODULE_ROLES.index(role)
@@ -146,8 +129,8 @@ def test_flux_module_prune_matches_the_profile(tiny, unit, action, norms):
     num = den = 0.0
     for norm in norms:
         name = f"{unit.list_name}.{unit.index + 1}.{norm}"
-        ref = _stream_inputs(cal, model, model.get_submodule(name))[t]
-        got = _stream_inputs(cal, opt, captured.get_submodule(name))[t]
+        ref = record_inputs(cal, model, model.get_submodule(name))[t]
+        got = record_inputs(cal, opt, captured.get_submodule(name))[t]
         num, den = num + float((got - ref).pow(2).sum()), den + float(ref.pow(2).sum())
     expected = prof.e_module_prune[t, u, MODULE_ROLES.index("mlp"), 1, prof.prune_rates.index(action.rate)]
     assert expected > 0 and num / den == pytest.approx(expected, rel=1e-3)
