@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models captured once per session (capture costs seconds)."""
+"""Shared fixtures: tiny models captured and profiled once per session (each costs seconds)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,21 @@ def captured():
 
     return get
 
+
+
+@pytest.fixture(scope="session")
+def profiled():
+    """(name, steps) -> (model, synthetic calibration of ``steps`` steps, its profile), shared."""
+    import dit_opt
+    from dit_opt.calibration import synthetic_calibration
+
+    cache: dict = {}
+
+    def get(name: str, steps: int):
+        if (name, steps) not in cache:
+            model, _ = tiny_model(name)
+            cal = synthetic_calibration(model, num_inference_steps=steps, warn=False)
+            cache[name, steps] = (model, cal, dit_opt.profile(model, cal, progress=False))
+        return cache[name, steps]
+
+    return get

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import dit_opt
-from dit_opt.calibration import synthetic_calibration
 from dit_opt.plan import COMPUTE, FORECAST, REUSE, Action, ActionKind, Plan, Unit
-from dit_opt.testing import record_inputs, tiny_model
+from dit_opt.testing import record_inputs
 from passes.rewrite_plan import cache_needs, forecast_slopes
 from solvers import solve
 from solvers.problem import Problem
@@ -87,11 +86,8 @@ def test_cache_needs_and_slopes():
 
 
 @pytest.fixture(scope="module")
-def tiny_dit():
-    model, _ = tiny_model("dit")
-    cal = synthetic_calibration(model, num_inference_steps=STEPS, warn=False)
-    prof = dit_opt.profile(model, cal, progress=False)
-    return model, cal, prof
+def tiny_dit(profiled):
+    return profiled("dit", STEPS)
 
 
 @pytest.mark.parametrize("kind", [ActionKind.FORECAST, ActionKind.REUSE])

@@ -14,7 +14,7 @@ from dit_opt.calibration import synthetic_calibration
 from dit_opt.flops import count_flops
 from dit_opt.plan import COMPUTE, REUSE, SKIP, Action, ActionKind, Unit
 from dit_opt.sensitivity import MODULE_ROLES, SensitivityProfile
-from dit_opt.testing import record_inputs, tiny_model
+from dit_opt.testing import record_inputs
 from passes.rewrite_modules import module_token_input
 
 STEPS = 6
@@ -22,18 +22,9 @@ P25, P50 = Action(ActionKind.PRUNE, rate=0.25), Action(ActionKind.PRUNE, rate=0.
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(profiled):
     """name -> (model, calibration, profile), profiled once per model on first use."""
-    cache: dict = {}
-
-    def get(name: str):
-        if name not in cache:
-            model, _ = tiny_model(name)
-            cal = synthetic_calibration(model, num_inference_steps=STEPS, warn=False)
-            cache[name] = (model, cal, dit_opt.profile(model, cal, progress=False))
-        return cache[name]
-
-    return get
+    return lambda name: profiled(name, STEPS)
 
 
 def _plan(prof, actions: dict[tuple[int, Unit], Action]):

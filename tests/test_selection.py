@@ -9,22 +9,17 @@ import pytest
 import torch
 
 import dit_opt
-from dit_opt.calibration import synthetic_calibration
 from dit_opt.errors import ConfigError
 from dit_opt.plan import ActionKind
 from dit_opt.selection import relative_error, select_plan
-from dit_opt.testing import tiny_model
 from solvers import solve
 
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model, _ = tiny_model("dit")
-    cal = synthetic_calibration(model, num_inference_steps=STEPS, warn=False)
-    prof = dit_opt.profile(model, cal, progress=False)
-    return model, cal, prof
+def tiny(profiled):
+    return profiled("dit", STEPS)
 
 
 @pytest.mark.parametrize("budget", [0.7, 0.5, 0.35])
