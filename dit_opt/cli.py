@@ -198,12 +198,19 @@ def demo(
 
     _save_grid(full, fast, out, f"{model}: full (top) vs dit-opt at budget {budget} (bottom)")
     typer.echo(opt.plan.summary())
+    _echo_selection(opt)
     typer.echo(f"FLOP fraction (counted): {fraction:.3f}   PSNR {metrics.psnr(fast, full):.2f} dB   "
                f"SSIM {metrics.ssim(fast, full):.4f}")
     kind = "compiled vs compiled" if compile else "eager vs eager"
     typer.echo(f"speedup ({kind}, median of {repeats}): {timing['speedup']:.2f}x "
                f"({timing['a_s']:.2f} s -> {timing['b_s']:.2f} s per generation of {samples})")
     typer.echo(f"wrote {out}")
+
+
+def _echo_selection(opt: Any) -> None:
+    """The candidate plans ``optimize`` measured on the calibration, the kept one marked."""
+    for cand in opt.selection:
+        typer.echo(f"candidate {cand.describe()}{' (kept)' if cand.plan is opt.plan else ''}")
 
 
 def _save_grid(top: Any, bottom: Any, path: Path, title: str) -> None:
@@ -292,8 +299,7 @@ def optimize(
     meta[_ZOO_KEY] = model
     meta_file.write_text(json.dumps(meta, indent=1))
     typer.echo(opt.plan.summary())
-    for cand in opt.selection:
-        typer.echo(f"candidate {cand.describe()}{' (kept)' if cand.plan is opt.plan else ''}")
+    _echo_selection(opt)
     times = ", ".join(f"{k} {v:.1f} s" for k, v in opt.step_times.items())
     typer.echo(f"steps: {times}\nwrote {out}")
 

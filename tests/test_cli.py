@@ -56,6 +56,7 @@ def test_demo_writes_grid_and_reports(tmp_path):
                    "--out", str(png), *TINY))
     assert png.is_file() and png.stat().st_size > 0
     assert "FLOP fraction (counted)" in out and "speedup (eager vs eager" in out, out
+    assert "candidate cpsat" in out and out.count("(kept)") == 1, out  # plans compared on the calibration
 
 
 def test_demo_rejects_budget_outside_unit_interval():
