@@ -423,8 +423,8 @@ class Plan:
         lines = [
             "units: " + ", ".join(str(u) for u in self.units[:6]) + (" ..." if len(self.units) > 6 else ""),
             "counts: " + ", ".join(f"{k.value} {n} ({100.0 * n / total:.1f} %)" for k, n in counts.items()),
-            "letters: C compute, R reuse, P prune, W width, S skip; "
-            f"parameters used: {', '.join(params) or '-'}",
+            "letters: " + ", ".join(f"{k.code} {k.value}" for k in ActionKind)
+            + f"; parameters used: {', '.join(params) or '-'}",
             f"FLOPs: {self.predicted_flops:.4g} of {self.full_flops:.4g} = {100 * self.flop_fraction:.2f} % "
             f"(budget {100 * self.budget:.2f} %)",
             f"predicted error: {self.predicted_error:.6g}; max_age {self.max_age}; "
