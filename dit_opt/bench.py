@@ -7,6 +7,8 @@ included) over whole generations, in eager mode.
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -16,7 +18,7 @@ import torch
 
 from dit_opt.flops import count_flops
 
-__all__ = ["flop_fraction", "time_alternating", "with_transformer"]
+__all__ = ["digit_labels", "flop_fraction", "machine", "sampling", "time_alternating", "with_transformer"]
 
 
 def with_transformer(sampler: Any, module: torch.nn.Module, **call: Any) -> Any:
@@ -28,6 +30,47 @@ def with_transformer(sampler: Any, module: torch.nn.Module, **call: Any) -> Any:
             return sampler(**call)
     finally:
         sampler.transformer = original
+
+
+def digit_labels(samples: int) -> list[int]:
+    """Class labels of ``samples`` images of the reference models: digits 0..9 in turn."""
+    return [i % 10 for i in range(samples)]
+
+
+def sampling(sampler: Any, samples: int, seed: int, steps: int | None = None, *,
+             reset: bool = False) -> Callable[[torch.nn.Module], torch.Tensor]:
+    """``module -> images``: one whole generation of ``samples`` digits (0..9 in turn) on ``seed``
+    with ``module`` as the sampler's transformer; a calibration for ``dit_opt.optimize``.
+
+    Args:
+        reset: call ``module.reset()`` first where it has one (a timed or evaluated generation).
+    """
+    labels = digit_labels(samples)
+
+    def run(module: torch.nn.Module) -> torch.Tensor:
+        if reset and hasattr(module, "reset"):
+            module.reset()
+        return with_transformer(sampler, module, class_labels=labels, seed=seed, num_inference_steps=steps)
+
+    return run
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line describing where the numbers were measured."""
+    return (f"{cpu_name()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)")
 
 
 def flop_fraction(generate: Callable[[torch.nn.Module], Any], model: torch.nn.Module, other: torch.nn.Module) -> float:

@@ -44,7 +44,6 @@ import functools
 import io
 import json
 import os
-import platform
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -53,6 +52,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from dit_opt.bench import machine, time_alternating, with_transformer
 
 __all__ = ["BenchConfig", "Row", "PeerModule", "CacheDitModule", "compile_hooked_blocks", "PEERS", "SOLVERS", "run",
            "write_report", "plot_pareto", "main"]
@@ -502,8 +503,6 @@ def _mag_ratios(model: nn.Module, generate: Callable[[nn.Module], Any], steps: i
 
 # ---- measuring -------------------------------------------------------------------------------------
 def _generate(sampler: Any, module: nn.Module, labels: list[int], seed: int, steps: int | None) -> torch.Tensor:
-    from dit_opt.bench import with_transformer
-
     if hasattr(module, "reset"):
         module.reset()
     return with_transformer(sampler, module, class_labels=labels, seed=seed, num_inference_steps=steps)
@@ -532,8 +531,6 @@ def _quality(images: torch.Tensor, full: torch.Tensor, labels: list[int], real: 
 def _time(sampler: Any, base: nn.Module, other: nn.Module, labels: list[int], steps: int | None,
           repeats: int) -> float:
     """Wall-clock ratio base/other of whole generations, alternating, median (dit_opt.bench)."""
-    from dit_opt.bench import time_alternating
-
     result = time_alternating(lambda: _generate(sampler, base, labels, _EVAL_SEED, steps),
                               lambda: _generate(sampler, other, labels, _EVAL_SEED, steps),
                               repeats=repeats, warmup=1)
@@ -718,22 +715,6 @@ def run(cfg: BenchConfig) -> list[Row]:
 
 
 # ---- reporting -------------------------------------------------------------------------------------
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    """One line describing where the numbers were measured."""
-    return (f"{_cpu_name()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)")
-
-
 def _num(x: float | None, spec: str) -> str:
     if x is None or x != x:  # None or NaN
         return "-"

@@ -86,19 +86,11 @@ def _check_positive(value: int | None) -> int | None:
     return value
 
 
-def _labels(samples: int) -> list[int]:
-    return [i % 10 for i in range(samples)]
-
-
 def _calibration(sampler: Any, samples: int, steps: int | None):
     """Complete denoising loops with the module given, on the calibration seed."""
-    from dit_opt.bench import with_transformer
+    from dit_opt.bench import sampling
 
-    def run(module):
-        return with_transformer(sampler, module, class_labels=_labels(samples), seed=_CALIBRATION_SEED,
-                                num_inference_steps=steps)
-
-    return run
+    return sampling(sampler, samples, _CALIBRATION_SEED, steps)
 
 
 def _fail(error: Exception) -> typer.Exit:
@@ -162,19 +154,14 @@ def demo(
 
     import dit_opt
     from dit_opt import metrics
-    from dit_opt.bench import flop_fraction, time_alternating, with_transformer
+    from dit_opt.bench import flop_fraction, sampling, time_alternating
     from dit_opt.errors import DitOptError
     from dit_opt.runtime import OptimizedTransformer
 
     _set_threads(threads)
     sampler = _load_sampler(model)
     base = sampler.transformer
-    labels = _labels(samples)
-
-    def generate(module):
-        if hasattr(module, "reset"):
-            module.reset()
-        return with_transformer(sampler, module, class_labels=labels, seed=0, num_inference_steps=steps)
+    generate = sampling(sampler, samples, 0, steps, reset=True)
 
     try:
         with _console.status(f"profiling and solving {model} at budget {budget} ..."), warnings.catch_warnings():

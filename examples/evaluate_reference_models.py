@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import re
 import sys
 import time
@@ -23,18 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_opt import metrics, zoo  # noqa: E402
+from dit_opt.bench import cpu_name  # noqa: E402
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     table = [
         START,
-        f"Measured {date} on {_cpu_name()} ({args.threads} threads), torch {torch.__version__}, "
+        f"Measured {date} on {cpu_name()} ({args.threads} threads), torch {torch.__version__}, "
         f"seed {args.seed}, {len(labels)} samples ({args.per_class} per digit), with",
         "`python examples/evaluate_reference_models.py`:",
         "",

@@ -19,7 +19,7 @@ import torch
 
 import dit_opt
 from dit_opt import zoo
-from dit_opt.bench import with_transformer
+from dit_opt.bench import sampling
 from dit_opt.plan import ActionKind
 from solvers import solve
 
@@ -38,11 +38,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     sampler = zoo.load(args.model)
     model = sampler.transformer
-    labels = [i % 10 for i in range(args.labels)]
-
-    def calibration(m):
-        return with_transformer(sampler, m, class_labels=labels, seed=1)
-
+    calibration = sampling(sampler, args.labels, seed=1)
     prof = dit_opt.profile(model, calibration, probes=args.probes)
     args.out.mkdir(parents=True, exist_ok=True)
     rep = prof.report

@@ -17,7 +17,7 @@ import torch
 
 import dit_opt
 from dit_opt import zoo
-from dit_opt.bench import flop_fraction, time_alternating, with_transformer
+from dit_opt.bench import flop_fraction, sampling, time_alternating
 
 
 def main() -> None:
@@ -34,11 +34,8 @@ def main() -> None:
     warnings.simplefilter("ignore")
     sampler = zoo.load(args.model)
     model = sampler.transformer
-    labels = [i % 10 for i in range(args.samples)]
-
-    def calibration(m):
-        return with_transformer(sampler, m, class_labels=labels, seed=1)
-
+    calibration = sampling(sampler, args.samples, seed=1)
+    gen = sampling(sampler, args.samples, seed=0)
     prof = dit_opt.profile(model, calibration, probes=0, progress=False)
     baseline = model if args.no_compile else torch.compile(model)
     print(f"{args.model}, {args.samples} samples, {platform.machine()} CPU, {torch.get_num_threads()} threads, "
@@ -48,10 +45,6 @@ def main() -> None:
     for b in args.budgets:
         eager = dit_opt.optimize(model, b, calibration=prof, compile=False, progress=False,
                                  example_inputs=sampler.example_inputs(batch_size=2 * args.samples))
-
-        def gen(m):
-            return with_transformer(sampler, m, class_labels=labels, seed=0)
-
         frac = flop_fraction(gen, model, eager)
         opt = eager if args.no_compile else dit_opt.optimize(
             model, b, calibration=prof, compile=True, progress=False,
