@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
@@ -48,6 +48,7 @@ __all__ = [
     "FORECAST",
     "SKIP",
     "check_budget",
+    "computes_along",
 ]
 
 #: Version of the serialised plan format; bumped on any incompatible change.
@@ -172,6 +173,18 @@ class Action:
         if arg:
             raise ValueError(f"action {text!r}: {kind.name} takes no argument")
         return cls(kind)
+
+
+def computes_along(actions: Sequence[Sequence[Action]], u: int) -> Iterator[tuple[int, ActionKind, int | None,
+                                                                                 int | None]]:
+    """Along unit ``u`` of an action grid: ``(step, kind, last COMPUTE, the COMPUTE before it)``,
+    the step itself counted when it computes (what a cache read at that step sees otherwise)."""
+    last = previous = None
+    for t, row in enumerate(actions):
+        kind = row[u].kind
+        if kind is ActionKind.COMPUTE:
+            last, previous = t, last
+        yield t, kind, last, previous
 
 
 #: The parameterless actions, shared instances.

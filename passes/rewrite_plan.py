@@ -20,7 +20,7 @@ from torch import nn
 
 from dit_opt.errors import DitOptError
 from dit_opt.ir import BlockSpec, DiTGraph
-from dit_opt.plan import Action, ActionKind, Plan
+from dit_opt.plan import Action, ActionKind, Plan, computes_along
 from passes.rewrite_cache import rewrite_cache
 from passes.rewrite_modules import rewrite_modules
 from passes.rewrite_prune import rewrite_prune
@@ -55,7 +55,7 @@ def cache_needs(plan: Plan) -> list[list[tuple[bool, bool, bool]]]:
     # schedule after seeing the second timestep, and that plan reads what step 0 wrote.
     needs[0] = [(True, True, False)] * U
     for u in range(U):
-        for _, kind, last, previous in _computes_along(plan, u):
+        for _, kind, last, previous in computes_along(plan.actions, u):
             if kind in (ActionKind.REUSE, ActionKind.FORECAST, ActionKind.PRUNE) and last is not None:
                 res, inp, prev = needs[last][u]
                 needs[last][u] = (True, inp or kind is ActionKind.PRUNE, prev or kind is ActionKind.FORECAST)
@@ -65,24 +65,13 @@ def cache_needs(plan: Plan) -> list[list[tuple[bool, bool, bool]]]:
     return needs
 
 
-def _computes_along(plan: Plan, u: int):
-    """Along unit ``u``'s row: ``(step, kind, last COMPUTE, the COMPUTE before it)``, the step
-    itself counted when it computes."""
-    last = previous = None
-    for t in range(plan.num_steps):
-        kind = plan.actions[t][u].kind
-        if kind is ActionKind.COMPUTE:
-            last, previous = t, last
-        yield t, kind, last, previous
-
-
 def forecast_slopes(plan: Plan) -> list[list[float | None]]:
     """Per step and unit, the slope ``n / d`` of a ``FORECAST`` (``None`` elsewhere): ``n`` steps
     since the last compute, ``d`` between the last two."""
     T, U = plan.num_steps, len(plan.units)
     slopes: list[list[float | None]] = [[None] * U for _ in range(T)]
     for u in range(U):
-        for t, kind, last, previous in _computes_along(plan, u):
+        for t, kind, last, previous in computes_along(plan.actions, u):
             if kind is ActionKind.FORECAST:
                 if previous is None:
                     raise DitOptError(f"step {t}, unit {plan.units[u]}: FORECAST needs two earlier COMPUTE steps")

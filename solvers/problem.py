@@ -56,7 +56,7 @@ from functools import cached_property, reduce
 import numpy as np
 
 from dit_opt.errors import InfeasibleBudgetError
-from dit_opt.plan import COMPUTE, FORECAST, REUSE, SKIP, Action, ActionKind, Plan, Unit, check_budget
+from dit_opt.plan import COMPUTE, FORECAST, REUSE, SKIP, Action, ActionKind, Plan, Unit, check_budget, computes_along
 
 __all__ = ["Problem", "min_cost_sequences", "infeasible_error"]
 
@@ -247,10 +247,8 @@ class Problem:
         T, U, M = self.num_steps, len(self.units), self.max_age
         parts = [np.zeros((T, U, 1, M + 1))]
         if self.e_reuse is not None:
-            reuse = self.e_reuse.copy()
-            if self.e_forecast is not None:
-                reuse = np.minimum(reuse, self.forecast_estimate)
-            parts.append(reuse[:, :, None, :])
+            reuse = self.e_reuse if self.e_forecast is None else np.minimum(self.e_reuse, self.forecast_estimate)
+            parts.append(reuse[:, :, None, :])  # np.concatenate below copies
         if self.e_prune is not None:
             parts.append(np.moveaxis(self.e_prune, 3, 2).copy())
         if self.e_width is not None:
@@ -286,15 +284,12 @@ class Problem:
             return tuple(tuple(row) for row in grid)
         M = self.max_age
         for u in range(len(self.units)):
-            last = previous = None
-            for t, row in enumerate(grid):
-                kind = row[u].kind
-                if kind is ActionKind.COMPUTE:
-                    last, previous = t, last
-                elif kind is ActionKind.REUSE and previous is not None and last - previous <= M:
+            # only COMPUTE moves the walk, so turning a REUSE into FORECAST on the way is safe
+            for t, kind, last, previous in computes_along(grid, u):
+                if kind is ActionKind.REUSE and previous is not None and last - previous <= M:
                     n, d = t - last, last - previous
                     if n <= M and self.e_forecast[t, u, n, d] < self.e_reuse[t, u, n]:
-                        row[u] = FORECAST
+                        grid[t][u] = FORECAST
         return tuple(tuple(row) for row in grid)
 
     @cached_property
@@ -390,7 +385,7 @@ class Problem:
                     errors.append(float(error))
                 else:
                     errors.append(self.error_table[t, u, a, age if self.needs_cache[a] else 0])
-                if a == 0 and action.kind is ActionKind.COMPUTE:
+                if a == 0:
                     last[u], previous[u] = t, last[u]
             steps.append(math.fsum(flops))
             every += flops
