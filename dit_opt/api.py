@@ -271,28 +271,30 @@ def optimize(
     def do_solve() -> None:
         from solvers import solve
 
+        def run_solver(problem: Any) -> Plan:
+            return solve(problem, solver, **_solver_defaults(solver, solver_options))
+
         problem = ctx["profile"].to_problem(budget, actions=actions, granularity=granularity)
-        ctx["plan"] = solve(problem, solver, **_solver_defaults(solver, solver_options))
+        ctx["plan"] = run_solver(problem)
         ctx["candidates"] = [ctx["plan"]]
-        if _selection_calibration(select, ctx["calibration"], solver, granularity) is not None:
+        ctx["select_with"] = _selection_calibration(select, ctx["calibration"], solver, granularity)
+        if ctx["select_with"] is not None:
             from dit_opt.selection import candidate_plans
 
-            ctx["candidates"] = candidate_plans(
-                problem, ctx["plan"], lambda p: solve(p, solver, **_solver_defaults(solver, solver_options)))
+            ctx["candidates"] = candidate_plans(problem, ctx["plan"], run_solver)
 
     def do_select() -> None:
         from dit_opt.selection import select_plan
 
-        cal = _selection_calibration(select, ctx["calibration"], solver, granularity)
         ctx["selection"] = []
-        if cal is None or len(ctx["candidates"]) < 2:
+        if ctx["select_with"] is None or len(ctx["candidates"]) < 2:
             return
 
         def build(plan: Plan) -> OptimizedTransformer:
             return OptimizedTransformer(model, plan, profile=ctx["profile"], graph=ctx["graph"], compile=False,
                                         solver=solver, solver_options=solver_options, blocks=blocks)
 
-        ctx["plan"], ctx["selection"] = select_plan(model, ctx["candidates"], cal, build)
+        ctx["plan"], ctx["selection"] = select_plan(model, ctx["candidates"], ctx["select_with"], build)
 
     def do_rewrite_and_lower() -> None:
         ctx["opt"] = OptimizedTransformer(model, ctx["plan"], profile=ctx["profile"], graph=ctx["graph"],
