@@ -18,7 +18,7 @@ import torch
 
 from dit_opt.flops import count_flops
 
-__all__ = ["digit_labels", "flop_fraction", "machine", "sampling", "time_alternating", "with_transformer"]
+__all__ = ["flop_fraction", "machine", "sampling", "time_alternating", "with_transformer"]
 
 
 def with_transformer(sampler: Any, module: torch.nn.Module, **call: Any) -> Any:
@@ -32,20 +32,16 @@ def with_transformer(sampler: Any, module: torch.nn.Module, **call: Any) -> Any:
         sampler.transformer = original
 
 
-def digit_labels(samples: int) -> list[int]:
-    """Class labels of ``samples`` images of the reference models: digits 0..9 in turn."""
-    return [i % 10 for i in range(samples)]
-
-
 def sampling(sampler: Any, samples: int, seed: int, steps: int | None = None, *,
              reset: bool = False) -> Callable[[torch.nn.Module], torch.Tensor]:
-    """``module -> images``: one whole generation of ``samples`` digits (0..9 in turn) on ``seed``
-    with ``module`` as the sampler's transformer; a calibration for ``dit_opt.optimize``.
+    """``module -> images``: one whole generation of ``samples`` images (the sampler's classes in
+    turn, ``sampler.labels``) on ``seed`` with ``module`` as the sampler's transformer; a
+    calibration for ``dit_opt.optimize``.
 
     Args:
         reset: call ``module.reset()`` first where it has one (a timed or evaluated generation).
     """
-    labels = digit_labels(samples)
+    labels = sampler.labels(samples)
 
     def run(module: torch.nn.Module) -> torch.Tensor:
         if reset and hasattr(module, "reset"):

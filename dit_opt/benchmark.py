@@ -1,7 +1,8 @@
 """dit-opt against its baselines and its peers, on the shipped reference models.
 
-``python examples/benchmark.py`` (or ``dit-opt bench``) runs, on ``digits-dit`` and
-``digits-mmdit``, with the same seeds and class labels for every row:
+``python examples/benchmark.py`` (or ``dit-opt bench``) runs, on the shipped reference models
+(``digits-dit``, ``digits-mmdit`` and ``crops-pixart``), with the same seeds and class labels for
+every row:
 
 * the full model;
 * dit-opt (solver ``cpsat``) at each target FLOP budget;
@@ -12,11 +13,11 @@
   MagCache), each swept over its threshold or skip parameter so that some settings land near
   each target fraction;
 * the optional ``cache-dit`` package (DBCache, DBCache + TaylorSeer, SCM step masks) where it
-  applies (Flux; not DiT, see :func:`cache_dit_module`), skipped with a note when not installed.
+  applies (Flux, PixArt; not DiT, see :func:`cache_dit_module`), skipped with a note when not installed.
 
 Per row: the FLOP fraction (counted with ``FlopCounterMode`` over the whole generation, eager),
 PSNR and SSIM against the full output of the same seeds, class accuracy and Frechet distance of
-the classifier features against the held-out real digits, and optionally a wall-clock ratio:
+the classifier features against the model's held-out real images, and optionally a wall-clock ratio:
 compiled, alternating, median, every row against the same ``torch.compile(model)``. dit-opt replays
 its plan with ``compile=True``; the diffusers hooks run with their blocks compiled around them
 (:func:`compile_hooked_blocks`); cache-dit's transformer is compiled whole after
@@ -100,7 +101,7 @@ class BenchConfig:
     Args:
         models: reference model names (``dit_opt.zoo.available()``).
         budgets: target FLOP fractions in (0, 1].
-        samples: generated images per row (labels cycle through the digits).
+        samples: generated images per row (labels cycle through the model's classes).
         steps: denoising steps (``None``: each model's default).
         solvers: dit-opt solvers to run (a subset of :data:`SOLVERS`).
         peers: peer methods to run (a subset of :data:`PEERS`).
@@ -113,7 +114,7 @@ class BenchConfig:
         progress: show rich progress bars.
     """
 
-    models: tuple[str, ...] = ("digits-dit", "digits-mmdit")
+    models: tuple[str, ...] = ("digits-dit", "digits-mmdit", "crops-pixart")
     budgets: tuple[float, ...] = (0.7, 0.5, 0.35, 0.25)
     samples: int = 20
     steps: int | None = None
@@ -255,8 +256,11 @@ def _peer_config(peer: str, value: float, peer_module: PeerModule, steps: int, m
     if peer == "fbc":
         return FirstBlockCacheConfig(threshold=float(value))
     if peer == "pab":
+        # Cross-attention (PixArt's attn2) is broadcast at the same range; DiT and Flux have none.
         return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=int(value),
                                                spatial_attention_timestep_skip_range=everywhere,
+                                               cross_attention_block_skip_range=int(value),
+                                               cross_attention_timestep_skip_range=everywhere,
                                                current_timestep_callback=now)
     if peer == "fastercache":
         # FasterCache's CFG cache splits the output into frequency bands with a 2-D FFT, which needs
@@ -278,7 +282,7 @@ def _peer_config(peer: str, value: float, peer_module: PeerModule, steps: int, m
         # nothing there, silently; name the attention and MLP modules of both block kinds instead.
         return TaylorSeerCacheConfig(cache_interval=int(value), disable_cache_before_step=2, max_order=1,
                                      taylor_factors_dtype=torch.float32,
-                                     cache_identifiers=[r"(single_)?transformer_blocks\.\d+\.(attn1?|ff|ff_context|proj_mlp|proj_out)"])
+                                     cache_identifiers=[r"(single_)?transformer_blocks\.\d+\.(attn[12]?|ff|ff_context|proj_mlp|proj_out)"])
     if peer == "magcache":
         return MagCacheConfig(threshold=float(value), max_skip_steps=4, retention_ratio=0.1,
                               num_inference_steps=steps, mag_ratios=mag_ratios)
@@ -303,12 +307,16 @@ def _apply_peer(model: nn.Module, config: Any) -> None:
 
 
 def peer_module(model: nn.Module, peer: str, value: float, steps: int,
-                mag_ratios: list[float] | None = None, first_t: float = 1000.0, compile: bool = False) -> PeerModule:
+                mag_ratios: list[float] | None = None, first_t: float = 1000.0, compile: bool = False,
+                uncond_first: bool = False) -> PeerModule:
     """A hooked copy of ``model`` (the original is left untouched) wrapped in a :class:`PeerModule`.
 
     With ``compile=True`` its blocks are compiled around the hooks (:func:`compile_hooked_blocks`).
+    ``uncond_first`` says how the caller batches the guidance halves (``sampler.uncond_first``):
+    FasterCache takes the second half as the conditional one, so cond-first batches are swapped
+    around its call.
     """
-    wrapper = PeerModule(copy.deepcopy(model), steps, uncond_first=peer == "fastercache")
+    wrapper = PeerModule(copy.deepcopy(model), steps, uncond_first=peer == "fastercache" and not uncond_first)
     _apply_peer(wrapper.model, _peer_config(peer, value, wrapper, steps, mag_ratios, first_t))
     if compile:
         compile_hooked_blocks(wrapper.model)
@@ -429,7 +437,7 @@ def cache_dit_module(model: nn.Module, peer: str, value: Any, steps: int, compil
     """
     import cache_dit
 
-    if not model.__class__.__name__.startswith("Flux"):
+    if type(model).__name__ == "DiTTransformer2DModel":
         raise NotImplementedError(
             "cache-dit wraps transformer_blocks in CachedBlocks, but DiTTransformer2DModel.forward reads "
             "transformer_blocks[0].norm1.emb through the list (AttributeError on the wrapper)")
@@ -581,15 +589,15 @@ def _fmt(value: Any) -> str:
 
 def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
     import dit_opt
-    from dit_opt import metrics, zoo
+    from dit_opt import zoo
     from dit_opt.errors import DitOptError
 
     sampler = zoo.load(name)
     model = sampler.transformer
     steps = cfg.steps or sampler.num_inference_steps
-    labels = [i % 10 for i in range(cfg.samples)]
+    labels = sampler.labels(cfg.samples)
     timing_labels = labels[: cfg.timing_samples]
-    real, _ = metrics.real_digits("test")
+    real, _ = sampler.reference_images("test")
     peers = {p: _SWEEPS[p][::2] if cfg.quick else _SWEEPS[p] for p in cfg.peers}
     n_rows = 1 + len(cfg.solvers) * len(cfg.budgets) + sum(len(v) for v in peers.values())
     task = progress.add_task(f"{name}: profile", total=n_rows)
@@ -602,7 +610,7 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
     progress.advance(task)
 
     def calibration(module: nn.Module) -> Any:
-        cal_labels = [i % 10 for i in range(cfg.calibration_samples)]
+        cal_labels = sampler.labels(cfg.calibration_samples)
         return _generate(sampler, module, cal_labels, _CALIBRATION_SEED, cfg.steps)
 
     with warnings.catch_warnings():
@@ -666,7 +674,8 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
                     if peer in _CACHE_DIT_PEERS:
                         build = functools.partial(cache_dit_module, model, peer, value, steps)
                     else:
-                        build = functools.partial(peer_module, model, peer, value, steps, mag_ratios, first_t)
+                        build = functools.partial(peer_module, model, peer, value, steps, mag_ratios, first_t,
+                                                  uncond_first=sampler.uncond_first)
                     module = build(False)
                     images, flops = _counted(sampler, module, labels, cfg.steps)
             except Exception as e:  # a peer that does not support this model is reported, not fatal
@@ -811,12 +820,14 @@ def write_report(rows: Sequence[Row], cfg: BenchConfig, path: str | Path, comman
         command,
         "```",
         "",
-        f"Same class labels ({cfg.samples} samples, digits 0..9 in turn) and seed ({_EVAL_SEED}) for every row; "
+        f"Same class labels ({cfg.samples} samples, the model's classes in turn) and seed ({_EVAL_SEED}) for "
+        "every row; "
         f"the dit-opt and baseline rows share one sensitivity profile per model, calibrated on seed "
         f"{_CALIBRATION_SEED} ({cfg.calibration_samples} samples, `probes=0`). FLOP fraction: `FlopCounterMode` "
         "over the whole generation, eager, attention included. PSNR and SSIM: against the full model's output "
-        "for the same noise. Class accuracy: the shipped digit classifier against the conditioning labels. "
-        "Frechet distance: classifier features against the 450 held-out real digits (with this few samples it "
+        "for the same noise. Class accuracy: the shipped classifier of the model's data (digits or crops) against "
+        "the conditioning labels. Frechet distance: classifier features against the held-out real images (450 "
+        "digits; 640 crops for crops-pixart; with this few samples it "
         "is biased upwards and noisy; compare rows with each other only). Speedup: median wall-clock ratio of "
         f"whole generations ({cfg.timing_samples} samples, {cfg.timing_repeats} alternating runs per side, after "
         "one warm-up generation each), every row `compiled` against the same `torch.compile(model)`: dit-opt "
@@ -854,7 +865,8 @@ def main(argv: list[str] | None = None, prog: str = "benchmark.py") -> list[Row]
     import time
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["digits-dit", "digits-mmdit"], help="reference models")
+    parser.add_argument("--models", nargs="+", default=["digits-dit", "digits-mmdit", "crops-pixart"],
+                        help="reference models")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.35, 0.25],
                         help="target FLOP fractions of the dit-opt and baseline rows")
     parser.add_argument("--samples", type=int, default=None, help="images per row (default 20, --quick 10)")

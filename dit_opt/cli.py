@@ -38,6 +38,7 @@ _err = Console(stderr=True)
 _CALIBRATION_SEED = 1000
 #: Key under which ``optimize --out`` records the reference model's zoo name in ``dit_opt.json``.
 _ZOO_KEY = "zoo_model"
+_ZOO_HELP = "Shipped reference model: digits-dit, digits-mmdit or crops-pixart."
 
 
 @app.callback()
@@ -115,7 +116,7 @@ _THREADS = typer.Option(None, "--threads", help="torch threads (default: torch's
 @app.command()
 def capture(
     model: str = typer.Argument("dit", help="A built-in model: a tiny config (dit, pixart, sd3, flux, sana, "
-                                "wan) or a shipped reference model (digits-dit, digits-mmdit)."),
+                                "wan) or a shipped reference model (digits-dit, digits-mmdit, crops-pixart)."),
 ) -> None:
     """Capture a built-in model as an FX graph and print its block table and FLOPs."""
     from dit_opt.capture import capture as do_capture
@@ -132,11 +133,11 @@ def capture(
 
 @app.command()
 def demo(
-    model: str = typer.Option("digits-dit", "--model", help="Shipped reference model: digits-dit or digits-mmdit."),
+    model: str = typer.Option("digits-dit", "--model", help=_ZOO_HELP),
     budget: float = typer.Option(0.5, "--budget", callback=_check_budget, help="FLOP fraction in (0, 1]."),
     out: Annotated[Path, typer.Option("--out", help="Before/after image grid to write (PNG).")] = Path(
         "dit-opt-demo.png"),
-    samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Images to generate (digits in turn)."),
+    samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Images to generate (classes cycle)."),
     steps: int | None = _STEPS,
     compile: bool = typer.Option(True, "--compile/--no-compile",
                                  help="Time compiled (torch.compile both sides) or eager models."),
@@ -146,7 +147,7 @@ def demo(
     """The main job: optimise a reference model at a budget, generate before/after, report the gain.
 
     Profiles the model on calibration noise (seed 1000, as many samples), solves a plan with CP-SAT, generates the
-    same digits (seed 0) with the full and the optimised model, saves both rows as one PNG grid,
+    same images (seed 0) with the full and the optimised model, saves both rows as one PNG grid,
     and prints the plan, the counted FLOP fraction, PSNR/SSIM against the full output and the
     measured wall-clock speedup (alternating runs, median).
     """
@@ -201,7 +202,7 @@ def _echo_selection(opt: Any) -> None:
 
 
 def _save_grid(top: Any, bottom: Any, path: Path, title: str) -> None:
-    """Two rows of digits (full model above, optimised below) as one PNG."""
+    """Two rows of images (full model above, optimised below) as one PNG; grey or RGB."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -211,7 +212,11 @@ def _save_grid(top: Any, bottom: Any, path: Path, title: str) -> None:
     for row, images in enumerate((top, bottom)):
         for i in range(n):
             ax = fig.add_subplot(2, n, row * n + i + 1)
-            ax.imshow(images[i, 0].cpu().numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+            image = images[i].float().cpu()
+            if image.shape[0] == 1:
+                ax.imshow(image[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+            else:
+                ax.imshow(image.permute(1, 2, 0).clamp(0.0, 1.0).numpy())
             ax.axis("off")
     fig.suptitle(title, fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,10 +225,10 @@ def _save_grid(top: Any, bottom: Any, path: Path, title: str) -> None:
 
 @app.command()
 def profile(
-    model: Annotated[str, typer.Argument(help="Shipped reference model: digits-dit or digits-mmdit.")],
+    model: Annotated[str, typer.Argument(help=_ZOO_HELP)],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the profile to (profile.json + "
                                       ".safetensors).")],
-    samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Calibration images (digits in turn)."),
+    samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Calibration images (classes cycle)."),
     steps: int | None = _STEPS,
     probes: int = typer.Option(0, "--probes", min=0,
                                help="Single actions whose real error is checked against the model (1 run each)."),
@@ -250,13 +255,13 @@ def profile(
 
 @app.command()
 def optimize(
-    model: Annotated[str, typer.Argument(help="Shipped reference model: digits-dit or digits-mmdit.")],
+    model: Annotated[str, typer.Argument(help=_ZOO_HELP)],
     out: Annotated[Path, typer.Option("--out", help="Directory to save the optimised model to (opt.save).")],
     budget: float = typer.Option(0.5, "--budget", callback=_check_budget, help="FLOP fraction in (0, 1]."),
     profile_dir: Annotated[Path | None, typer.Option("--profile", help="A profile saved by `dit-opt profile` "
                                                      "(default: profile now).")] = None,
     solver: str = typer.Option("cpsat", "--solver", help="cpsat, dp, or a baseline schedule: fora, delta_dit, toca."),
-    samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Calibration images (digits in turn)."),
+    samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Calibration images (classes cycle)."),
     steps: int | None = _STEPS,
     threads: int | None = _THREADS,
 ) -> None:

@@ -1,14 +1,16 @@
-"""Fidelity and sample-quality metrics for 16x16 digit images.
+"""Fidelity and sample-quality metrics for the reference models' images.
 
 Two families, following the project's measuring protocol (``docs/reference_models.md``):
 
 * **Fidelity** of an optimised model's output against the full-compute output from the same
   noise: :func:`psnr` and :func:`ssim`, on batches ``(N, C, H, W)``, averaged over the batch.
-* **Sample quality** of generated digits: :func:`class_accuracy` (does a small trained digit
+* **Sample quality** of generated images: :func:`class_accuracy` (does a small trained
   classifier agree with the conditioning class?) and :func:`frechet_distance` between the
   classifier's penultimate features of two image sets (an FID-like score; not comparable with
-  Inception FIDs). :func:`real_digits` gives the real digits, upsampled to 16x16, with a fixed
-  train/test split, as the reference set.
+  Inception FIDs). The classifier is chosen by the image shape: 1x16x16 digits are judged by
+  ``digits-classifier``, 3x32x32 crops (``crops-pixart``) by ``crops-classifier``.
+  :func:`real_digits` gives the real digits, upsampled to 16x16, with a fixed train/test split,
+  as the reference set; :func:`dit_opt.zoo.crops.real_crops` the crops.
 
 Example:
     >>> from dit_opt import metrics
@@ -31,13 +33,16 @@ import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from dit_opt.zoo.classifier import DigitClassifier
+from dit_opt.zoo.classifier import CropClassifier, DigitClassifier
 
 __all__ = [
     "psnr",
     "ssim",
     "real_digits",
+    "CLASSIFIERS",
+    "classifier_for",
     "load_classifier",
     "classifier_info",
     "classifier_features",
@@ -56,7 +61,11 @@ _SSIM_K1 = 0.01
 _SSIM_K2 = 0.03
 
 _WEIGHTS_DIR = Path(__file__).resolve().parent / "zoo" / "weights"
-_CLASSIFIER_NAME = "digits-classifier"
+#: The shipped judges: name -> (image shape (C, H, W) they classify, architecture).
+CLASSIFIERS: dict[str, tuple[tuple[int, int, int], type[nn.Module]]] = {
+    "digits-classifier": ((1, 16, 16), DigitClassifier),
+    "crops-classifier": ((3, 32, 32), CropClassifier),
+}
 # The split is a property of the data set, fixed here so that every caller (training, tests,
 # evaluation) sees the same held-out digits.
 _TEST_FRACTION = 0.25
@@ -196,25 +205,31 @@ def real_digits(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     return images[idx_t], labels[idx_t]
 
 
-@functools.lru_cache(maxsize=1)
-def load_classifier() -> DigitClassifier:
-    """The shipped digit classifier, on CPU, in eval mode (loaded once, then cached).
+@functools.cache
+def load_classifier(name: str = "digits-classifier") -> nn.Module:
+    """A shipped classifier, on CPU, in eval mode (loaded once, then cached).
+
+    Args:
+        name: A key of :data:`CLASSIFIERS` (``"digits-classifier"``, ``"crops-classifier"``).
 
     Returns:
-        A :class:`~dit_opt.zoo.classifier.DigitClassifier`; its held-out accuracy is in
-        ``dit_opt/zoo/weights/digits-classifier.json``.
+        The model; its held-out accuracy is in ``dit_opt/zoo/weights/<name>.json``.
 
     Raises:
+        ValueError: Unknown name.
         FileNotFoundError: The weights are missing; regenerate them with
-            ``python examples/train_reference_models.py --model classifier``.
+            ``python examples/train_reference_models.py --model <classifier|crops-classifier>``.
     """
     from safetensors.torch import load_file
 
-    path = _WEIGHTS_DIR / f"{_CLASSIFIER_NAME}.safetensors"
+    if name not in CLASSIFIERS:
+        raise ValueError(f"unknown classifier {name!r}; shipped: {', '.join(CLASSIFIERS)}.")
+    path = _WEIGHTS_DIR / f"{name}.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"digit classifier weights not found at {path}; regenerate them with "
-                                "`python examples/train_reference_models.py --model classifier`.")
-    model = DigitClassifier()
+        flag = "classifier" if name == "digits-classifier" else name
+        raise FileNotFoundError(f"{name} weights not found at {path}; regenerate them with "
+                                f"`python examples/train_reference_models.py --model {flag}`.")
+    model = CLASSIFIERS[name][1]()
     model.load_state_dict(load_file(str(path)))
     model.eval()
     for p in model.parameters():
@@ -222,28 +237,53 @@ def load_classifier() -> DigitClassifier:
     return model
 
 
-def classifier_info() -> dict:
-    """Training metadata of the shipped classifier.
+def classifier_info(name: str = "digits-classifier") -> dict:
+    """Training metadata of a shipped classifier.
+
+    Args:
+        name: A key of :data:`CLASSIFIERS`.
 
     Returns:
-        The contents of ``digits-classifier.json``: held-out accuracy, seed, steps, command.
+        The contents of ``<name>.json``: held-out accuracy, seed, steps, command.
     """
-    return json.loads((_WEIGHTS_DIR / f"{_CLASSIFIER_NAME}.json").read_text())
+    return json.loads((_WEIGHTS_DIR / f"{name}.json").read_text())
 
 
-def _check_images(images: torch.Tensor, fn: str) -> torch.Tensor:
-    if images.dim() != 4 or tuple(images.shape[1:]) != (1, 16, 16):
-        raise ValueError(f"{fn}: expected digit images of shape (N, 1, 16, 16) in [0, 1], got "
-                         f"{tuple(images.shape)}; resize with F.interpolate and keep one channel.")
-    return images.detach().to("cpu", torch.float32)
+def classifier_for(images: torch.Tensor, fn: str = "classifier_for") -> str:
+    """The name of the classifier that judges images of this shape.
+
+    Args:
+        images: ``(N, C, H, W)``: ``(N, 1, 16, 16)`` digits or ``(N, 3, 32, 32)`` crops.
+        fn: The caller, named in the error.
+
+    Returns:
+        A key of :data:`CLASSIFIERS`.
+
+    Raises:
+        ValueError: No shipped classifier takes this shape.
+    """
+    shape = tuple(images.shape[1:]) if images.dim() == 4 else None
+    for name, (want, _) in CLASSIFIERS.items():
+        if shape == want:
+            return name
+    shapes = ", ".join(f"(N, {c}, {h}, {w}) for {n}" for n, ((c, h, w), _) in CLASSIFIERS.items())
+    raise ValueError(f"{fn}: expected images of shape {shapes}, in [0, 1]; got {tuple(images.shape)}. "
+                     "Resize with F.interpolate to the reference model's image size.")
+
+
+def _judge(images: torch.Tensor, fn: str) -> tuple[torch.Tensor, nn.Module]:
+    """The images on CPU in float32, and the classifier of their shape."""
+    model = load_classifier(classifier_for(images, fn))
+    return images.detach().to("cpu", torch.float32), model
 
 
 @torch.no_grad()
 def classifier_features(images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Penultimate features of the shipped digit classifier.
+    """Penultimate features of the shipped classifier of the images' shape.
 
     Args:
-        images: ``(N, 1, 16, 16)`` in ``[0, 1]`` (any device or dtype; computed on CPU in float32).
+        images: ``(N, 1, 16, 16)`` digits or ``(N, 3, 32, 32)`` crops in ``[0, 1]`` (any device
+            or dtype; computed on CPU in float32).
         batch_size: Images per forward pass.
 
     Returns:
@@ -252,18 +292,17 @@ def classifier_features(images: torch.Tensor, batch_size: int = 512) -> torch.Te
     Raises:
         ValueError: Wrong image shape.
     """
-    images = _check_images(images, "classifier_features")
-    model = load_classifier()
+    images, model = _judge(images, "classifier_features")
     return torch.cat([model.features(chunk) for chunk in images.split(batch_size)])
 
 
 @torch.no_grad()
 def class_accuracy(images: torch.Tensor, labels: torch.Tensor | list[int]) -> float:
-    """Fraction of images that the shipped classifier assigns to the given labels.
+    """Fraction of images that the shipped classifier (of their shape) assigns to the given labels.
 
     Args:
-        images: ``(N, 1, 16, 16)`` in ``[0, 1]``.
-        labels: ``N`` class indices (0..9), e.g. the conditioning classes of generated samples.
+        images: ``(N, 1, 16, 16)`` digits or ``(N, 3, 32, 32)`` crops in ``[0, 1]``.
+        labels: ``N`` class indices, e.g. the conditioning classes of generated samples.
 
     Returns:
         Accuracy in ``[0, 1]``.
@@ -271,12 +310,11 @@ def class_accuracy(images: torch.Tensor, labels: torch.Tensor | list[int]) -> fl
     Raises:
         ValueError: Wrong image shape, or a number of labels different from the number of images.
     """
-    images = _check_images(images, "class_accuracy")
+    images, model = _judge(images, "class_accuracy")
     labels = torch.as_tensor(labels, dtype=torch.long).cpu()
     if labels.shape != (images.shape[0],):
         raise ValueError(f"class_accuracy: {images.shape[0]} images but labels of shape "
                          f"{tuple(labels.shape)}; pass one label per image.")
-    model = load_classifier()
     pred = torch.cat([model(chunk).argmax(dim=1) for chunk in images.split(512)])
     return float((pred == labels).double().mean())
 
@@ -285,20 +323,24 @@ def frechet_distance(images: torch.Tensor, reference_images: torch.Tensor) -> fl
     """Frechet distance between Gaussians fitted to the classifier features of two image sets.
 
     ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))`` with the matrix square root from
-    ``scipy.linalg.sqrtm``, as in FID, but on the 64-dimensional features of the small digit
-    classifier. Small sets bias the estimate upwards; compare numbers obtained with the same set
-    sizes.
+    ``scipy.linalg.sqrtm``, as in FID, but on the 64-dimensional features of the small
+    classifier of the images' shape. Small sets bias the estimate upwards; compare numbers
+    obtained with the same set sizes.
 
     Args:
-        images: ``(N, 1, 16, 16)`` in ``[0, 1]``, ``N >= 2``.
-        reference_images: ``(M, 1, 16, 16)`` in ``[0, 1]``, ``M >= 2``.
+        images: ``(N, C, H, W)`` in ``[0, 1]`` (digits or crops), ``N >= 2``.
+        reference_images: ``(M, C, H, W)`` in ``[0, 1]``, the same shape, ``M >= 2``.
 
     Returns:
         The distance (``>= 0``, about 0 for a set against itself).
 
     Raises:
-        ValueError: Wrong image shape or fewer than two images in a set.
+        ValueError: Wrong image shape, two sets of different shapes, or fewer than two images in a set.
     """
+    if tuple(images.shape[1:]) != tuple(reference_images.shape[1:]):
+        raise ValueError(f"frechet_distance: the sets hold images of different shapes, {tuple(images.shape[1:])} "
+                         f"vs {tuple(reference_images.shape[1:])}; compare samples with the real images of the "
+                         "same model (sampler.reference_images()).")
     feats = []
     for name, x in (("images", images), ("reference_images", reference_images)):
         if x.shape[0] < 2:

@@ -1,6 +1,6 @@
-"""Draw a grid of samples of each reference model: one row per digit, 8 samples per row.
+"""Draw a grid of samples of each reference model: one row per class, 8 samples per row.
 
-    python examples/sample_grid.py            # writes docs/samples_digits-dit.png and docs/samples_digits-mmdit.png
+    python examples/sample_grid.py            # writes docs/samples_<model>.png for every shipped model
 
 Each model uses its default sampler (steps and guidance scale from its JSON) unless overridden.
 """
@@ -12,32 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_opt import zoo  # noqa: E402
-
-
-def make_grid(images: torch.Tensor, rows: int, scale: int = 4, pad: int = 2) -> torch.Tensor:
-    """Tile ``(rows * cols, 1, H, W)`` images in ``[0, 1]`` into one ``(H', W')`` array.
-
-    Args:
-        images: The images, row-major.
-        rows: Number of rows.
-        scale: Nearest-neighbour upscaling factor, so 16x16 digits stay visible.
-        pad: Background (0) pixels between tiles, after scaling.
-
-    Returns:
-        A 2-D float tensor in ``[0, 1]``.
-    """
-    n, _, h, w = images.shape
-    cols = n // rows
-    big = F.interpolate(images.float().cpu(), scale_factor=scale, mode="nearest")[:, 0]
-    big = F.pad(big, (pad, 0, pad, 0), value=0.0)
-    hh, ww = big.shape[1:]
-    grid = big.view(rows, cols, hh, ww).permute(0, 2, 1, 3).reshape(rows * hh, cols * ww)
-    return F.pad(grid, (0, pad, 0, pad), value=0.0)
+from dit_opt.images import save_grid  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,18 +31,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import matplotlib.pyplot as plt
-
     for name in args.models:
         sampler = zoo.load(name)
-        labels = [c for c in range(10) for _ in range(args.per_class)]
+        labels = [c for c in range(sampler.num_classes) for _ in range(args.per_class)]
         images = sampler(labels, seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
-        # Digits are drawn dark on light, as on paper.
-        grid = 1.0 - make_grid(images, rows=10)
-        path = Path(args.out_dir) / f"samples_{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        plt.imsave(path, grid.numpy(), cmap="gray", vmin=0.0, vmax=1.0)
-        print(f"{name}: wrote {path} (rows = digits 0..9, seed {args.seed})")
+        # Digits are drawn dark on light, as on paper; RGB crops as they are.
+        path = save_grid(images, sampler.num_classes, Path(args.out_dir) / f"samples_{name}.png",
+                         invert=sampler.channels == 1)
+        print(f"{name}: wrote {path} (one row per class, seed {args.seed})")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,13 @@ Reproduces, for a given ``--seed`` and ``--steps``, the shipped weights:
 * ``digits-dit`` - DiTTransformer2DModel, DDPM epsilon objective, labels dropped 10 % of the time
   to the null class 10 for classifier-free guidance;
 * ``digits-mmdit`` - FluxTransformer2DModel + ClassPrompt, rectified-flow (flow-matching)
-  objective with logit-normal timesteps, prompts dropped 10 % of the time to the null class.
+  objective with logit-normal timesteps, prompts dropped 10 % of the time to the null class;
+* ``crops-classifier`` - the small CNN that judges ``crops-pixart`` (8 classes of 32x32 RGB crops);
+* ``crops-pixart`` - PixArtTransformer2DModel + ClassPrompt (no pooled vector), DDPM epsilon
+  objective, trained on random crops of the training region of :mod:`dit_opt.zoo.crops`, in
+  bfloat16 autocast (float32 master weights), prompts dropped 10 % of the time to class 8.
 
-All models train on the ``"train"`` split of :func:`dit_opt.metrics.real_digits` only. The
+The digits models train on the ``"train"`` split of :func:`dit_opt.metrics.real_digits` only. The
 generators keep an exponential moving average (EMA) of their weights; the EMA is what ships, in
 float16 to keep the files small. Each JSON records the command, seed, steps, wall time and a
 quick check of class accuracy (100 samples, by the shipped classifier).
@@ -37,18 +41,21 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_opt import metrics  # noqa: E402
-from dit_opt.zoo.classifier import DigitClassifier  # noqa: E402
+from dit_opt.zoo import crops  # noqa: E402
+from dit_opt.zoo.classifier import CropClassifier, DigitClassifier  # noqa: E402
 from dit_opt.zoo.models import (  # noqa: E402
     DIT_CONFIG,
     MMDIT_CONFIG,
     NULL_CLASS,
+    PIXART_CONFIG,
+    PIXART_PROMPT_CONFIG,
     PROMPT_CONFIG,
     ClassPrompt,
     build_transformer,
     image_ids,
     pack_images,
 )
-from dit_opt.zoo.sampler import DigitsSampler  # noqa: E402
+from dit_opt.zoo.sampler import ReferenceSampler  # noqa: E402
 
 # Scheduler configs saved with the weights; the DDIM one shares the DDPM training betas (DiT's
 # linear schedule). "trailing" spacing starts the loop at t = 999, which keeps short loops sound.
@@ -67,10 +74,32 @@ DDIM_CONFIG = {
 }
 FLOW_CONFIG = {"num_train_timesteps": 1000, "shift": 1.0}
 
-DEFAULT_STEPS = {"classifier": 3000, "digits-dit": 1500, "digits-mmdit": 1500}
+# PixArt's own pipeline samples with DPM-Solver++ (2nd order, multistep); same training betas.
+DPM_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "algorithm_type": "dpmsolver++",
+    "solver_order": 2,
+    "timestep_spacing": "trailing",
+}
+
+DEFAULT_STEPS = {"classifier": 3000, "digits-dit": 1500, "digits-mmdit": 1500, "crops-classifier": 2000,
+                 "crops-pixart": 1500}
 SAMPLER_DEFAULTS = {
     "digits-dit": {"num_inference_steps": 50, "guidance_scale": 3.0, "null_class": NULL_CLASS},
     "digits-mmdit": {"num_inference_steps": 28, "guidance_scale": 3.0, "null_class": NULL_CLASS},
+    "crops-pixart": {"num_inference_steps": 20, "guidance_scale": 4.5, "null_class": len(crops.CLASSES)},
+}
+DEFAULT_BATCH = {"digits-dit": 64, "digits-mmdit": 64, "crops-pixart": 32}
+DEFAULT_LR = {"digits-dit": 1e-3, "digits-mmdit": 1e-3, "crops-pixart": 3e-4}
+KINDS = {"digits-dit": "dit", "digits-mmdit": "mmdit", "crops-pixart": "pixart"}
+IMAGES = {
+    "digits-dit": {"channels": 1, "size": 16},
+    "digits-mmdit": {"channels": 1, "size": 16},
+    "crops-pixart": {"channels": 3, "size": crops.CROP_SIZE},
 }
 
 
@@ -108,22 +137,47 @@ def _record(args, name: str, steps: int, wall: float, extra: dict) -> dict:
     }
 
 
-def train_classifier(args) -> None:
-    """Train the digit classifier; shift augmentation makes it robust to off-centre samples."""
-    steps = args.steps or DEFAULT_STEPS["classifier"]
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+def _digit_batches(gen: torch.Generator):
+    """Training digits with random shifts of up to 1 pixel and mild noise, so that generated
+    digits that are slightly off-centre or grainy are judged by shape."""
     images, labels = metrics.real_digits("train")
-    model = DigitClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    start = time.time()
-    for step, (x, y) in zip(range(steps), _batches(images, labels, 64, gen), strict=False):
-        # Random shifts of up to 1 pixel and mild noise, so generated digits that are slightly
-        # off-centre or grainy are judged by shape.
+    for x, y in _batches(images, labels, 64, gen):
         pad = F.pad(x, (1, 1, 1, 1))
         dx, dy = torch.randint(0, 3, (2,), generator=gen).tolist()
         x = pad[:, :, dy:dy + 16, dx:dx + 16]
-        x = (x + 0.03 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+        yield (x + 0.03 * torch.randn(x.shape, generator=gen)).clamp(0, 1), y
+
+
+def _crop_batches(gen: torch.Generator):
+    """Random training crops, flipped left-right half of the time, with mild noise and a
+    brightness jitter, so that generated crops are judged by texture and colour, not by pixels."""
+    while True:
+        x, y = crops.random_crops(64, gen, "train")
+        flip = torch.rand(64, generator=gen) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        x = x * (1 + 0.1 * (torch.rand(64, 1, 1, 1, generator=gen) - 0.5))
+        yield (x + 0.03 * torch.randn(x.shape, generator=gen)).clamp(0, 1), y
+
+
+# name -> (architecture, batches, held-out set, what the held-out set is)
+CLASSIFIERS = {
+    "classifier": ("digits-classifier", DigitClassifier, _digit_batches, lambda: metrics.real_digits("test"),
+                   "dit_opt.metrics.real_digits('train')"),
+    "crops-classifier": ("crops-classifier", CropClassifier, _crop_batches, lambda: crops.real_crops("test"),
+                         "dit_opt.zoo.crops.random_crops(split='train')"),
+}
+
+
+def train_classifier(args, flag: str = "classifier") -> None:
+    """Train a judge of sample quality (``classifier``: digits, ``crops-classifier``: crops)."""
+    name, arch, batches, held_out, split = CLASSIFIERS[flag]
+    steps = args.steps or DEFAULT_STEPS[flag]
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    model = arch()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    start = time.time()
+    for step, (x, y) in zip(range(steps), batches(gen), strict=False):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, 2e-3, 100)
         loss = F.cross_entropy(model(x), y)
@@ -132,18 +186,18 @@ def train_classifier(args) -> None:
         opt.step()
     wall = time.time() - start
     model.eval()
-    test_x, test_y = metrics.real_digits("test")
+    test_x, test_y = held_out()
     with torch.no_grad():
         acc = float((model(test_x).argmax(1) == test_y).double().mean())
     out = Path(args.out)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "digits-classifier.safetensors"))
-    meta = {"name": "digits-classifier", "architecture": "dit_opt.zoo.classifier.DigitClassifier",
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / f"{name}.safetensors"))
+    meta = {"name": name, "architecture": f"dit_opt.zoo.classifier.{arch.__name__}",
             "test_accuracy": round(acc, 4), "test_size": len(test_y),
-            "training": _record(args, "classifier", steps, wall, {"batch_size": 64, "lr": 2e-3,
-                                                                  "final_loss": round(loss.item(), 4)})}
-    (out / "digits-classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
+            "training": _record(args, flag, steps, wall, {"batch_size": 64, "lr": 2e-3, "train_split": split,
+                                                          "final_loss": round(loss.item(), 4)})}
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
     metrics.load_classifier.cache_clear()
-    print(f"classifier: held-out accuracy {acc:.4f} ({len(test_y)} digits), {wall:.0f} s")
+    print(f"{name}: held-out accuracy {acc:.4f} ({len(test_y)} images), {wall:.0f} s")
 
 
 def _zero_init_modulation(model: torch.nn.Module) -> None:
@@ -158,59 +212,132 @@ def _zero_init_modulation(model: torch.nn.Module) -> None:
                 torch.nn.init.zeros_(module.bias)
 
 
+def _data_stream(name: str, batch_size: int, gen: torch.Generator):
+    """Endless ``(x0 in [-1, 1], labels)`` training batches of a generator's data set."""
+    if KINDS[name] == "pixart":
+        while True:
+            x, y = crops.random_crops(batch_size, gen, "train")
+            yield x * 2 - 1, y
+    images, labels = metrics.real_digits("train")
+    yield from ((x * 2 - 1, y) for x, y in _batches(images, labels, batch_size, gen))
+
+
+def _loss(kind: str, modules: dict, x0: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+          alphas_cumprod: torch.Tensor | None) -> torch.Tensor:
+    """The training loss of one batch: DDPM epsilon (dit, pixart) or rectified-flow velocity (mmdit)."""
+    b = x0.shape[0]
+    transformer = modules["transformer"]
+    noise = torch.randn(x0.shape, generator=gen)
+    if kind in ("dit", "pixart"):
+        t = torch.randint(0, 1000, (b,), generator=gen)
+        a = alphas_cumprod[t].view(b, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if kind == "dit":
+            pred = transformer(hidden_states=xt, timestep=t, class_labels=y).sample
+        else:
+            tokens, _ = modules["prompt_encoder"](y)
+            pred = transformer(hidden_states=xt, encoder_hidden_states=tokens, timestep=t,
+                               added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        return F.mse_loss(pred.float(), noise)
+    # Logit-normal sigmas (SD3) weight the middle of the path, where the class is decided.
+    sigma = torch.sigmoid(torch.randn(b, generator=gen))
+    s = sigma.view(b, 1, 1, 1)
+    xt = pack_images((1 - s) * x0 + s * noise)
+    target = pack_images(noise - x0)
+    tokens, pooled = modules["prompt_encoder"](y)
+    pred = transformer(hidden_states=xt, encoder_hidden_states=tokens, pooled_projections=pooled,
+                       timestep=sigma, img_ids=image_ids(), txt_ids=torch.zeros(tokens.shape[1], 3)).sample
+    return F.mse_loss(pred.float(), target)
+
+
+def _save_generator(out: Path, name: str, ema: dict, config: dict, n_params: int, record: dict) -> None:
+    """Write ``<name>.safetensors`` (the EMA weights in float16) and ``<name>.json``."""
+    kind = KINDS[name]
+    state = {}
+    for k, m in ema.items():
+        for pk, v in m.state_dict().items():
+            state[f"{k}.{pk}"] = v.detach().to(torch.float16).contiguous()
+    save_file(state, str(out / f"{name}.safetensors"))
+    scheduler = {"dit": ("DDIMScheduler", DDIM_CONFIG), "mmdit": ("FlowMatchEulerDiscreteScheduler", FLOW_CONFIG),
+                 "pixart": ("DPMSolverMultistepScheduler", DPM_CONFIG)}[kind]
+    meta = {
+        "name": name,
+        "kind": kind,
+        "format_version": 1,
+        "transformer_class": type(ema["transformer"]).__name__,
+        "transformer_config": config,
+        "scheduler_class": scheduler[0],
+        "scheduler_config": scheduler[1],
+        "sampler_defaults": SAMPLER_DEFAULTS[name],
+        "image": {**IMAGES[name], "model_range": [-1, 1], "output_range": [0, 1]},
+        "weights_dtype": "float16",
+        "num_parameters": n_params,
+        "training": record,
+    }
+    if kind == "mmdit":
+        meta["prompt_config"] = PROMPT_CONFIG
+    if kind == "pixart":
+        meta["prompt_config"] = PIXART_PROMPT_CONFIG
+        meta["classes"] = list(crops.CLASSES)
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def train_generator(args, name: str) -> None:
-    """Train ``digits-dit`` or ``digits-mmdit`` and write its safetensors and JSON."""
-    kind = "dit" if name == "digits-dit" else "mmdit"
+    """Train ``digits-dit``, ``digits-mmdit`` or ``crops-pixart`` and write its safetensors and JSON."""
+    kind = KINDS[name]
     steps = args.steps or DEFAULT_STEPS[name]
+    batch_size = args.batch_size or DEFAULT_BATCH[name]
+    lr = args.lr or DEFAULT_LR[name]
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    images, labels = metrics.real_digits("train")
-    images = images * 2 - 1  # the generators work in [-1, 1]
-
-    config = DIT_CONFIG if kind == "dit" else MMDIT_CONFIG
+    config = {"dit": DIT_CONFIG, "mmdit": MMDIT_CONFIG, "pixart": PIXART_CONFIG}[kind]
     transformer = build_transformer(kind, config)
     _zero_init_modulation(transformer)
     modules = {"transformer": transformer}
+    alphas_cumprod = None
     if kind == "dit":
         # diffusers' LabelEmbedding drops labels by itself in train mode, independently in every
         # block; the loop below drops them once per sample instead, consistently for all blocks.
         for m in transformer.modules():
             if type(m).__name__ == "LabelEmbedding":
                 m.dropout_prob = 0.0
+    if kind in ("dit", "pixart"):
         alphas_cumprod = diffusers.DDPMScheduler.from_config(DDIM_CONFIG).alphas_cumprod
-    else:
+    if kind == "mmdit":
         modules["prompt_encoder"] = ClassPrompt(**PROMPT_CONFIG)
-        img_ids = image_ids()
+    if kind == "pixart":
+        modules["prompt_encoder"] = ClassPrompt(**PIXART_PROMPT_CONFIG)
+        # Cross-attention starts closed (its output projection at zero), as PixArt initialises it.
+        for block in transformer.transformer_blocks:
+            torch.nn.init.zeros_(block.attn2.to_out[0].weight)
+            torch.nn.init.zeros_(block.attn2.to_out[0].bias)
+    null_class = SAMPLER_DEFAULTS[name]["null_class"]
+    # bfloat16 autocast is about 1.5x faster on CPUs with AMX; the digits models were trained
+    # without it and keep that default so that their shipped weights stay reproducible.
+    autocast = args.autocast if args.autocast != "auto" else ("bf16" if kind == "pixart" else "none")
     params = [p for m in modules.values() for p in m.parameters()]
     ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in modules.items()}
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     n_params = sum(p.numel() for p in params)
-    print(f"{name}: {n_params / 1e6:.2f} M parameters, {steps} steps, batch {args.batch_size}")
+    print(f"{name}: {n_params / 1e6:.2f} M parameters, {steps} steps, batch {batch_size}, autocast {autocast}")
+    out = Path(args.out)
+
+    def record(done: int) -> dict:
+        return _record(args, name, done, time.time() - start, {
+            "objective": "rectified-flow-velocity" if kind == "mmdit" else "ddpm-epsilon",
+            "train_split": "dit_opt.zoo.crops.random_crops(split='train')" if kind == "pixart"
+            else "dit_opt.metrics.real_digits('train')",
+            "batch_size": batch_size, "lr": lr, "ema_decay": args.ema, "autocast": autocast,
+            "label_dropout": 0.1, "final_loss_ema": round(running, 4)})
 
     start, running = time.time(), None
-    for step, (x0, y) in zip(range(steps), _batches(images, labels, args.batch_size, gen), strict=False):
-        b = x0.shape[0]
-        drop = torch.rand(b, generator=gen) < 0.1
-        y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
-        noise = torch.randn(x0.shape, generator=gen)
-        if kind == "dit":
-            t = torch.randint(0, 1000, (b,), generator=gen)
-            a = alphas_cumprod[t].view(b, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            pred = transformer(hidden_states=xt, timestep=t, class_labels=y).sample
-            loss = F.mse_loss(pred, noise)
-        else:
-            # Logit-normal sigmas (SD3) weight the middle of the path, where the class is decided.
-            sigma = torch.sigmoid(torch.randn(b, generator=gen))
-            s = sigma.view(b, 1, 1, 1)
-            xt = pack_images((1 - s) * x0 + s * noise)
-            target = pack_images(noise - x0)
-            tokens, pooled = modules["prompt_encoder"](y)
-            pred = transformer(hidden_states=xt, encoder_hidden_states=tokens, pooled_projections=pooled,
-                               timestep=sigma, img_ids=img_ids, txt_ids=torch.zeros(tokens.shape[1], 3)).sample
-            loss = F.mse_loss(pred, target)
+    for step, (x0, y) in zip(range(steps), _data_stream(name, batch_size, gen), strict=False):
+        drop = torch.rand(x0.shape[0], generator=gen) < 0.1
+        y = torch.where(drop, torch.full_like(y, null_class), y)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, args.lr, 200)
+            group["lr"] = _lr_at(step, steps, lr, 200)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == "bf16"):
+            loss = _loss(kind, modules, x0, y, gen, alphas_cumprod)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -221,43 +348,23 @@ def train_generator(args, name: str) -> None:
                 for pe, p in zip(ema[k].parameters(), m.parameters(), strict=True):
                     pe.lerp_(p, 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 100 == 0 or step == steps - 1:
+        if step % 50 == 0 or step == steps - 1:
             print(f"  step {step:5d}  loss {running:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
                   f"{time.time() - start:6.0f} s", flush=True)
+        if args.checkpoint_every and step and step % args.checkpoint_every == 0:
+            # A usable model mid-run (same files as the final one, overwritten at the end).
+            _save_generator(out, name, ema, config, n_params, record(step))
     wall = time.time() - start
-
-    out = Path(args.out)
-    state = {}
-    for k, m in ema.items():
-        for pk, v in m.state_dict().items():
-            state[f"{k}.{pk}"] = v.detach().to(torch.float16).contiguous()
-    save_file(state, str(out / f"{name}.safetensors"))
-    scheduler_class = "DDIMScheduler" if kind == "dit" else "FlowMatchEulerDiscreteScheduler"
-    meta = {
-        "name": name,
-        "kind": kind,
-        "format_version": 1,
-        "transformer_class": type(transformer).__name__,
-        "transformer_config": config,
-        "scheduler_class": scheduler_class,
-        "scheduler_config": DDIM_CONFIG if kind == "dit" else FLOW_CONFIG,
-        "sampler_defaults": SAMPLER_DEFAULTS[name],
-        "image": {"channels": 1, "size": 16, "model_range": [-1, 1], "output_range": [0, 1]},
-        "weights_dtype": "float16",
-        "num_parameters": n_params,
-        "training": _record(args, name, steps, wall, {
-            "objective": "ddpm-epsilon" if kind == "dit" else "rectified-flow-velocity",
-            "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema,
-            "label_dropout": 0.1, "final_loss_ema": round(running, 4)}),
-    }
-    if kind == "mmdit":
-        meta["prompt_config"] = PROMPT_CONFIG
-    (out / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _save_generator(out, name, ema, config, n_params, record(steps))
+    if kind == "pixart":
+        print(f"{name}: trained in {wall:.0f} s; evaluate with examples/evaluate_reference_models.py")
+        return
 
     # Quick check with the weights as shipped (float16 -> float32).
     from dit_opt import zoo
 
-    sampler: DigitsSampler = zoo.load_path(out / f"{name}.safetensors")
+    meta = json.loads((out / f"{name}.json").read_text())
+    sampler: ReferenceSampler = zoo.load_path(out / f"{name}.safetensors")
     want = [c for c in range(10) for _ in range(10)]
     samples = sampler(want, seed=args.seed)
     acc = metrics.class_accuracy(samples, want)
@@ -268,22 +375,28 @@ def train_generator(args, name: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["digits-dit", "digits-mmdit", "classifier", "all"], default="all")
+    parser.add_argument("--model", choices=["digits-dit", "digits-mmdit", "classifier", "crops-classifier",
+                                            "crops-pixart", "all"], default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS})")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"default {DEFAULT_BATCH} (the classifiers: 64)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"peak learning rate of the generators (default {DEFAULT_LR})")
     parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--autocast", choices=["auto", "none", "bf16"], default="auto",
+                        help="training precision (auto: bf16 for crops-pixart, none for the digits models)")
+    parser.add_argument("--checkpoint-every", type=int, default=250, help="write the EMA weights every N steps")
     parser.add_argument("--out", default="dit_opt/zoo/weights")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
-    names = ["classifier", "digits-dit", "digits-mmdit"] if args.model == "all" else [args.model]
+    names = list(CLASSIFIERS) + list(KINDS) if args.model == "all" else [args.model]
     for name in names:
-        if name == "classifier":
-            train_classifier(args)
+        if name in CLASSIFIERS:
+            train_classifier(args, name)
         else:
             train_generator(args, name)
 

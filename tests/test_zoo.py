@@ -12,7 +12,8 @@ import torch
 from dit_opt import zoo
 from dit_opt.zoo.models import image_ids, pack_images, unpack_tokens
 
-NAMES = ["digits-dit", "digits-mmdit"]
+NAMES = ["crops-pixart", "digits-dit", "digits-mmdit"]
+GEOMETRY = {"digits-dit": (1, 16, 16), "digits-mmdit": (1, 16, 16), "crops-pixart": (3, 32, 32)}
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -33,7 +34,7 @@ class CountingWrapper(torch.nn.Module):
         return self.inner(**kwargs)
 
 
-def test_available_lists_both_models():
+def test_available_lists_every_model():
     assert zoo.available() == NAMES
 
 
@@ -53,8 +54,8 @@ def test_metadata_records_training(sampler):
 
 
 def test_shapes_and_range(sampler):
-    images = sampler([0, 7, 9], seed=1, num_inference_steps=3)
-    assert images.shape == (3, 1, 16, 16) and images.dtype == torch.float32
+    images = sampler([0, 7, sampler.num_classes - 1], seed=1, num_inference_steps=3)
+    assert images.shape == (3, *GEOMETRY[sampler.name]) and images.dtype == torch.float32
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
 
 
@@ -96,10 +97,39 @@ def test_timesteps_match_the_loop(sampler):
 
 
 def test_invalid_labels_are_rejected(sampler):
-    with pytest.raises(ValueError, match="digits 0..9"):
-        sampler([10], num_inference_steps=1)
-    with pytest.raises(ValueError, match="digits 0..9"):
+    last = sampler.num_classes - 1
+    with pytest.raises(ValueError, match=f"classes 0..{last}"):
+        sampler([sampler.num_classes], num_inference_steps=1)
+    with pytest.raises(ValueError, match=f"classes 0..{last}"):
         sampler([], num_inference_steps=1)
+
+
+def test_reference_images_match_the_samples(sampler):
+    real, labels = sampler.reference_images("test")
+    assert tuple(real.shape[1:]) == GEOMETRY[sampler.name]
+    assert sorted(set(labels.tolist())) == list(range(sampler.num_classes))
+    assert sampler.labels(sampler.num_classes + 1) == [*range(sampler.num_classes), 0]
+
+
+def test_guidance_halves_in_the_pipeline_order():
+    """crops-pixart batches [null; conditional] as PixArtAlphaPipeline, the digits models the other way."""
+    seen = {}
+    for name in ("crops-pixart", "digits-dit"):
+        s = zoo.load(name)
+        inner = s.transformer
+
+        def spy(name=name, inner=inner, **kwargs):
+            key = "encoder_hidden_states" if "encoder_hidden_states" in kwargs else "class_labels"
+            seen[name] = kwargs[key]
+            return inner(**kwargs)
+
+        s.transformer = spy
+        s([0], seed=0, num_inference_steps=1)
+        if name == "crops-pixart":
+            null_tokens, _ = s.prompt_encoder(torch.tensor([s.null_class]))
+            assert torch.equal(seen[name][0], null_tokens[0]), "the first half of a PixArt batch is not the null prompt"
+        else:
+            assert seen[name].tolist() == [0, s.null_class]
 
 
 def test_flux_packing_round_trip():

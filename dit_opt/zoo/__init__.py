@@ -1,18 +1,23 @@
-"""Reference models trained on scikit-learn's handwritten digits, shipped with the package.
+"""Reference models trained here and shipped with the package.
 
 Random weights do not behave like trained ones across denoising steps, so dit-opt's fidelity
-tests and examples run on two small trained models (see ``docs/reference_models.md``):
+tests and examples run on small trained models (see ``docs/reference_models.md``), two on
+scikit-learn's handwritten digits and a deeper one on crops of scikit-image's bundled images:
 
 * ``digits-dit`` - class-conditional :class:`diffusers.DiTTransformer2DModel` (adaLN-Zero,
   8 blocks, 128 wide), DDPM epsilon objective, sampled with 50 DDIM steps and guidance.
 * ``digits-mmdit`` - :class:`diffusers.FluxTransformer2DModel` (2 double-stream + 4 single-stream
   blocks), flow matching, class "prompts" of learned tokens, sampled with 28 Euler steps and
   guidance.
+* ``crops-pixart`` - :class:`diffusers.PixArtTransformer2DModel` (adaLN-single, cross-attention
+  to a class prompt), 12 blocks, 256 wide, 256 tokens (3x32x32 RGB crops of 8 source images of
+  :mod:`dit_opt.zoo.crops`), DDPM epsilon objective, sampled with 20 DPM-Solver++ steps and
+  guidance.
 
 Example:
     >>> from dit_opt import zoo
     >>> zoo.available()
-    ['digits-dit', 'digits-mmdit']
+    ['crops-pixart', 'digits-dit', 'digits-mmdit']
     >>> sampler = zoo.load("digits-dit")
     >>> images = sampler([0, 1, 2, 3], seed=0)   # (4, 1, 16, 16) in [0, 1]
 """
@@ -25,19 +30,19 @@ from pathlib import Path
 import torch
 
 from dit_opt.zoo.models import ClassPrompt, build_transformer
-from dit_opt.zoo.sampler import DigitsSampler
+from dit_opt.zoo.sampler import ReferenceSampler
 
-__all__ = ["available", "load", "load_path", "info", "weights_path", "DigitsSampler"]
+__all__ = ["available", "load", "load_path", "info", "weights_path", "ReferenceSampler"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-_MODELS = ("digits-dit", "digits-mmdit")
+_MODELS = ("digits-dit", "digits-mmdit", "crops-pixart")
 
 
 def available() -> list[str]:
     """Names of the shipped generative reference models.
 
     Returns:
-        Sorted model names, e.g. ``['digits-dit', 'digits-mmdit']``.
+        Sorted model names, e.g. ``['crops-pixart', 'digits-dit', 'digits-mmdit']``.
     """
     return sorted(n for n in _MODELS if (WEIGHTS_DIR / f"{n}.safetensors").exists())
 
@@ -87,7 +92,7 @@ def _build_scheduler(meta: dict):
     return cls.from_config(meta["scheduler_config"])
 
 
-def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DigitsSampler:
+def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ReferenceSampler:
     """Load a shipped reference model and its sampler.
 
     Args:
@@ -96,7 +101,7 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
         dtype: Parameter dtype (default float32; the weights are stored in float16).
 
     Returns:
-        A :class:`DigitsSampler` in eval mode, gradients off.
+        A :class:`ReferenceSampler` in eval mode, gradients off.
 
     Raises:
         ValueError: Unknown name (the message lists the available ones).
@@ -107,7 +112,7 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
 
 def load_path(
     path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> DigitsSampler:
+) -> ReferenceSampler:
     """Load a reference model from a ``<name>.safetensors`` file with its ``<name>.json`` beside it.
 
     Used for freshly trained weights that are not (yet) in the package; :func:`load` calls it.
@@ -118,7 +123,7 @@ def load_path(
         dtype: Parameter dtype (default float32).
 
     Returns:
-        A :class:`DigitsSampler` in eval mode, gradients off.
+        A :class:`ReferenceSampler` in eval mode, gradients off.
 
     Raises:
         FileNotFoundError: The safetensors file or its JSON is missing.
@@ -141,7 +146,7 @@ def load_path(
     transformer = build_transformer(meta["kind"], meta["transformer_config"])
     modules = {"transformer": transformer}
     prompt_encoder = None
-    if meta["kind"] == "mmdit":
+    if meta["kind"] in ("mmdit", "pixart"):
         prompt_encoder = ClassPrompt(**meta["prompt_config"])
         modules["prompt_encoder"] = prompt_encoder
     for prefix, module in modules.items():
@@ -162,7 +167,7 @@ def load_path(
         module.eval().requires_grad_(False)
 
     defaults = meta["sampler_defaults"]
-    return DigitsSampler(
+    return ReferenceSampler(
         name=name,
         kind=meta["kind"],
         transformer=transformer,

@@ -13,12 +13,17 @@ uses the JSON.
   single-stream blocks, 4 heads x 32; the 1x16x16 image is packed 2x2 into 64 tokens of 4
   channels as FLUX packs latents. The "prompt" is :class:`ClassPrompt`: 4 learned tokens per
   class plus a learned pooled vector, with class 10 as the null prompt for guidance.
+* ``crops-pixart`` - :class:`diffusers.PixArtTransformer2DModel` (adaLN-single, self-attention,
+  cross-attention to the prompt, MLP), 12 blocks, 4 heads x 64 = 256 wide, patch 2 on 3x32x32
+  RGB crops (256 tokens). The prompt is a :class:`ClassPrompt` of 4 learned tokens of 64
+  channels per class (no pooled vector; PixArt has none), which the model's caption projection
+  maps to its width; class 8 is the null prompt.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import DiTTransformer2DModel, FluxTransformer2DModel
+from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel
 from torch import nn
 
 __all__ = [
@@ -28,6 +33,8 @@ __all__ = [
     "DIT_CONFIG",
     "MMDIT_CONFIG",
     "PROMPT_CONFIG",
+    "PIXART_CONFIG",
+    "PIXART_PROMPT_CONFIG",
     "ClassPrompt",
     "build_transformer",
     "pack_images",
@@ -68,6 +75,24 @@ MMDIT_CONFIG: dict = {
 
 PROMPT_CONFIG: dict = {"num_classes": NUM_CLASSES + 1, "tokens_per_class": 4, "token_dim": 64, "pooled_dim": 64}
 
+PIXART_CONFIG: dict = {
+    "num_attention_heads": 4,
+    "attention_head_dim": 64,
+    "in_channels": 3,
+    "out_channels": 3,
+    "num_layers": 12,
+    "cross_attention_dim": 256,
+    "caption_channels": 64,
+    "sample_size": 32,
+    "patch_size": 2,
+    "norm_type": "ada_norm_single",
+    "num_embeds_ada_norm": 1000,
+    "activation_fn": "gelu-approximate",
+    "use_additional_conditions": False,
+}
+#: 8 crop classes (``dit_opt.zoo.crops.CLASSES``) plus the null prompt, class 8.
+PIXART_PROMPT_CONFIG: dict = {"num_classes": 9, "tokens_per_class": 4, "token_dim": 64, "pooled_dim": None}
+
 
 class ClassPrompt(nn.Module):
     """Learned stand-in for a text encoder: a class label becomes a short prompt.
@@ -76,7 +101,8 @@ class ClassPrompt(nn.Module):
         num_classes: Rows of the tables, the null class included (11).
         tokens_per_class: Prompt length in tokens.
         token_dim: Token width, the transformer's ``joint_attention_dim``.
-        pooled_dim: Width of the pooled embedding, the transformer's ``pooled_projection_dim``.
+        pooled_dim: Width of the pooled embedding, the transformer's ``pooled_projection_dim``;
+            ``None`` for models that take no pooled prompt (PixArt).
 
     Example:
         >>> prompt = ClassPrompt(11, 4, 64, 64)
@@ -85,34 +111,38 @@ class ClassPrompt(nn.Module):
         (torch.Size([2, 4, 64]), torch.Size([2, 64]))
     """
 
-    def __init__(self, num_classes: int, tokens_per_class: int, token_dim: int, pooled_dim: int) -> None:
+    def __init__(self, num_classes: int, tokens_per_class: int, token_dim: int, pooled_dim: int | None) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.tokens_per_class = tokens_per_class
         self.tokens = nn.Embedding(num_classes * tokens_per_class, token_dim)
-        self.pooled = nn.Embedding(num_classes, pooled_dim)
         nn.init.normal_(self.tokens.weight, std=0.5)
-        nn.init.normal_(self.pooled.weight, std=0.5)
+        self.pooled = None
+        if pooled_dim is not None:
+            self.pooled = nn.Embedding(num_classes, pooled_dim)
+            nn.init.normal_(self.pooled.weight, std=0.5)
 
-    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompt tokens and pooled embedding of each label.
 
         Args:
             labels: int64 ``(N,)`` in ``0..num_classes-1``.
 
         Returns:
-            ``(encoder_hidden_states (N, tokens_per_class, token_dim), pooled (N, pooled_dim))``.
+            ``(encoder_hidden_states (N, tokens_per_class, token_dim), pooled (N, pooled_dim))``;
+            ``pooled`` is ``None`` without a pooled table.
         """
         offsets = torch.arange(self.tokens_per_class, device=labels.device)
         idx = labels[:, None] * self.tokens_per_class + offsets[None, :]
-        return self.tokens(idx), self.pooled(labels)
+        return self.tokens(idx), (self.pooled(labels) if self.pooled is not None else None)
 
 
 def build_transformer(kind: str, config: dict) -> nn.Module:
     """A randomly initialised transformer of the given kind and configuration.
 
     Args:
-        kind: ``"dit"`` (:class:`DiTTransformer2DModel`) or ``"mmdit"`` (:class:`FluxTransformer2DModel`).
+        kind: ``"dit"`` (:class:`DiTTransformer2DModel`), ``"mmdit"`` (:class:`FluxTransformer2DModel`)
+            or ``"pixart"`` (:class:`PixArtTransformer2DModel`).
         config: Constructor arguments, e.g. :data:`DIT_CONFIG` or :data:`MMDIT_CONFIG`.
 
     Returns:
@@ -127,7 +157,9 @@ def build_transformer(kind: str, config: dict) -> nn.Module:
         cfg = dict(config)
         cfg["axes_dims_rope"] = tuple(cfg["axes_dims_rope"])
         return FluxTransformer2DModel(**cfg)
-    raise ValueError(f"unknown transformer kind {kind!r}; use 'dit' or 'mmdit'.")
+    if kind == "pixart":
+        return PixArtTransformer2DModel(**config)
+    raise ValueError(f"unknown transformer kind {kind!r}; use 'dit', 'mmdit' or 'pixart'.")
 
 
 def pack_images(images: torch.Tensor) -> torch.Tensor:
