@@ -144,6 +144,8 @@ class BenchConfig:
             raise ValueError(f"timing_scope={self.timing_scope!r}; use 'all' or 'dit-opt'")
         if self.samples < 2:
             raise ValueError(f"samples={self.samples}: the Frechet distance needs at least 2 images")
+        if self.calibration_samples < 1:
+            raise ValueError(f"calibration_samples={self.calibration_samples}: calibrate on at least 1 image")
 
 
 @dataclass
@@ -881,6 +883,8 @@ def main(argv: list[str] | None = None, prog: str = "benchmark.py") -> list[Row]
                         help="time every row, or only dit-opt's cpsat rows")
     parser.add_argument("--timing-samples", type=int, default=4, help="images per timed generation")
     parser.add_argument("--timing-repeats", type=int, default=3, help="timed runs per side (median)")
+    parser.add_argument("--calibration-samples", type=int, default=10,
+                        help="images of the calibration generation (seed 1000) that profiles and selects plans")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscribing shared CPUs)")
     parser.add_argument("--out", default="BENCHMARKS.md", help="markdown report to write")
     parser.add_argument("--figure", default="docs/pareto.png", help="PSNR-vs-FLOP figure to write")
@@ -899,7 +903,8 @@ def main(argv: list[str] | None = None, prog: str = "benchmark.py") -> list[Row]
                           samples=args.samples or (10 if args.quick else 20), steps=args.steps,
                           solvers=tuple(args.solvers), peers=tuple(args.peers), quick=args.quick,
                           timing=not args.no_timing, timing_scope=args.timing_scope, timing_samples=args.timing_samples,
-                          timing_repeats=args.timing_repeats, progress=not args.no_progress)
+                          timing_repeats=args.timing_repeats, calibration_samples=args.calibration_samples,
+                          progress=not args.no_progress)
     except ValueError as e:
         parser.error(str(e))
     start = time.time()

@@ -38,6 +38,7 @@ _err = Console(stderr=True)
 _CALIBRATION_SEED = 1000
 #: Key under which ``optimize --out`` records the reference model's zoo name in ``dit_opt.json``.
 _ZOO_KEY = "zoo_model"
+_DEMO_SAMPLES = {"crops-pixart": 4}
 _ZOO_HELP = "Shipped reference model: digits-dit, digits-mmdit or crops-pixart."
 
 
@@ -137,7 +138,8 @@ def demo(
     budget: float = typer.Option(0.5, "--budget", callback=_check_budget, help="FLOP fraction in (0, 1]."),
     out: Annotated[Path, typer.Option("--out", help="Before/after image grid to write (PNG).")] = Path(
         "dit-opt-demo.png"),
-    samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Images to generate (classes cycle)."),
+    samples: int | None = typer.Option(None, "--samples", min=1,
+                                       help="Images to generate, classes cycling (default 10; 4 for crops-pixart)."),
     steps: int | None = _STEPS,
     compile: bool = typer.Option(True, "--compile/--no-compile",
                                  help="Time compiled (torch.compile both sides) or eager models."),
@@ -161,6 +163,9 @@ def demo(
 
     _set_threads(threads)
     sampler = _load_sampler(model)
+    # A 256-token, 12-block model costs ~20x a digits model per image: fewer images keep the
+    # demo (a profile is ~35 calibration generations) within minutes.
+    samples = samples or _DEMO_SAMPLES.get(model, 10)
     base = sampler.transformer
     generate = sampling(sampler, samples, 0, steps, reset=True)
 

@@ -28,7 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="digits-dit", choices=zoo.available())
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.5, 0.35, 0.25])
-    ap.add_argument("--labels", type=int, default=10, help="calibration samples (classes 0..n-1)")
+    ap.add_argument("--labels", type=int, default=10, help="calibration samples (the classes in turn)")
     ap.add_argument("--probes", type=int, default=12, help="single actions checked end to end")
     ap.add_argument("--out", type=Path, default=Path("docs/plans"))
     ap.add_argument("--threads", type=int, default=None)

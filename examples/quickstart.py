@@ -28,7 +28,7 @@ def main() -> None:
     model = sampler.transformer
 
     def calibration(module):
-        return with_transformer(sampler, module, class_labels=list(range(10)), seed=1)
+        return with_transformer(sampler, module, class_labels=sampler.labels(sampler.num_classes), seed=1)
 
     # 2. Optimise: capture -> FLOPs -> sensitivity profile -> CP-SAT plan -> rewritten graphs.
     opt = dit_opt.optimize(model, budget=args.budget, calibration=calibration, compile=False)
@@ -45,7 +45,7 @@ def main() -> None:
     loaded = dit_opt.load(args.out, model, compile=False)
 
     # 5. Generate with the loaded module, exactly as with the original.
-    labels = list(range(10))
+    labels = sampler.labels(sampler.num_classes)   # one image per class
     full = with_transformer(sampler, model, class_labels=labels, seed=0)
     fast = with_transformer(sampler, loaded, class_labels=labels, seed=0)
     flops = 100 * loaded.stats()["flop_fraction"]

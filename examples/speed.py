@@ -24,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="digits-dit", choices=zoo.available())
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
-    ap.add_argument("--samples", type=int, default=10, help="samples per generation (classes 0..n-1)")
+    ap.add_argument("--samples", type=int, default=10, help="samples per generation (the classes in turn)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="time eager modules instead")
