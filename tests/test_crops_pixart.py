@@ -79,7 +79,9 @@ def pixart_opt():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prof = dit_opt.profile(model, calibration, progress=False, probes=0)
+        # one prune rate and width, ages up to 3: the structure is what is tested, not the plan's quality
+        prof = dit_opt.profile(model, calibration, progress=False, probes=0, max_age=3, prune_rates=(0.5,),
+                               widths=(0.5,))
         opt = dit_opt.optimize(model, 0.5, calibration=prof, example_inputs=sampler.example_inputs(),
                                compile=False, progress=False)
     return sampler, model, opt

@@ -113,23 +113,24 @@ def test_reference_images_match_the_samples(sampler):
 
 def test_guidance_halves_in_the_pipeline_order():
     """crops-pixart batches [null; conditional] as PixArtAlphaPipeline, the digits models the other way."""
-    seen = {}
-    for name in ("crops-pixart", "digits-dit"):
-        s = zoo.load(name)
-        inner = s.transformer
 
-        def spy(name=name, inner=inner, **kwargs):
+    class Spy(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.seen = inner, None
+
+        def forward(self, **kwargs):
             key = "encoder_hidden_states" if "encoder_hidden_states" in kwargs else "class_labels"
-            seen[name] = kwargs[key]
-            return inner(**kwargs)
+            self.seen = kwargs[key]
+            return self.inner(**kwargs)
 
-        s.transformer = spy
+    pixart, dit = zoo.load("crops-pixart"), zoo.load("digits-dit")
+    for s in (pixart, dit):
+        s.transformer = Spy(s.transformer)
         s([0], seed=0, num_inference_steps=1)
-        if name == "crops-pixart":
-            null_tokens, _ = s.prompt_encoder(torch.tensor([s.null_class]))
-            assert torch.equal(seen[name][0], null_tokens[0]), "the first half of a PixArt batch is not the null prompt"
-        else:
-            assert seen[name].tolist() == [0, s.null_class]
+    null_tokens, _ = pixart.prompt_encoder(torch.tensor([pixart.null_class]))
+    assert torch.equal(pixart.transformer.seen[0], null_tokens[0]), "the first half of a PixArt batch is not null"
+    assert dit.transformer.seen.tolist() == [0, dit.null_class]
 
 
 def test_flux_packing_round_trip():
