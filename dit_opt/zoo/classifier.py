@@ -19,7 +19,39 @@ __all__ = ["DigitClassifier", "CropClassifier", "FEATURE_DIM"]
 FEATURE_DIM = 64
 
 
-class DigitClassifier(nn.Module):
+def _stage(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+
+
+class _SmallCNN(nn.Module):
+    """Conv-ReLU-pool stages, then Linear(FEATURE_DIM) with ReLU (the features), then the class head."""
+
+    def __init__(self, channels: tuple[int, ...], image_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(*[m for a, b in zip(channels, channels[1:], strict=False) for m in _stage(a, b)])
+        side = image_size // 2 ** (len(channels) - 1)
+        self.fc1 = nn.Linear(channels[-1] * side * side, FEATURE_DIM)
+        self.fc2 = nn.Linear(FEATURE_DIM, num_classes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations.
+
+        Args:
+            images: ``(N, C, H, W)`` in ``[0, 1]``, the shape the classifier was built for.
+
+        Returns:
+            ``(N, FEATURE_DIM)`` non-negative features.
+        """
+        # Centre the inputs: the generators' outputs and the real images share the [0, 1] range.
+        h = self.conv(images * 2.0 - 1.0)
+        return torch.relu(self.fc1(h.flatten(1)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(N, num_classes)`` of images ``(N, C, H, W)`` in ``[0, 1]``."""
+        return self.fc2(self.features(images))
+
+
+class DigitClassifier(_SmallCNN):
     """Conv(16) - pool - Conv(32) - pool - Linear(64) - Linear(10) on 1x16x16 images in [0, 1].
 
     Example:
@@ -29,44 +61,10 @@ class DigitClassifier(nn.Module):
     """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.fc1 = nn.Linear(32 * 4 * 4, FEATURE_DIM)
-        self.fc2 = nn.Linear(FEATURE_DIM, 10)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations.
-
-        Args:
-            images: ``(N, 1, 16, 16)`` in ``[0, 1]``.
-
-        Returns:
-            ``(N, FEATURE_DIM)`` non-negative features.
-        """
-        # Centre the inputs: the generators' outputs and the real digits share the [0, 1] range.
-        h = self.conv(images * 2.0 - 1.0)
-        return torch.relu(self.fc1(h.flatten(1)))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits.
-
-        Args:
-            images: ``(N, 1, 16, 16)`` in ``[0, 1]``.
-
-        Returns:
-            ``(N, 10)`` logits.
-        """
-        return self.fc2(self.features(images))
+        super().__init__((1, 16, 32), image_size=16, num_classes=10)
 
 
-class CropClassifier(nn.Module):
+class CropClassifier(_SmallCNN):
     """Three Conv-ReLU-pool stages (32, 64, 64 channels) - Linear(64) - Linear(8) on 3x32x32 crops.
 
     Args:
@@ -79,40 +77,4 @@ class CropClassifier(nn.Module):
     """
 
     def __init__(self, num_classes: int = 8) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.fc1 = nn.Linear(64 * 4 * 4, FEATURE_DIM)
-        self.fc2 = nn.Linear(FEATURE_DIM, num_classes)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations.
-
-        Args:
-            images: ``(N, 3, 32, 32)`` in ``[0, 1]``.
-
-        Returns:
-            ``(N, FEATURE_DIM)`` non-negative features.
-        """
-        h = self.conv(images * 2.0 - 1.0)
-        return torch.relu(self.fc1(h.flatten(1)))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Class logits.
-
-        Args:
-            images: ``(N, 3, 32, 32)`` in ``[0, 1]``.
-
-        Returns:
-            ``(N, num_classes)`` logits.
-        """
-        return self.fc2(self.features(images))
+        super().__init__((3, 32, 64, 64), image_size=32, num_classes=num_classes)
