@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_opt import metrics  # noqa: E402
 from dit_opt.zoo import crops  # noqa: E402
-from dit_opt.zoo.classifier import CropClassifier, DigitClassifier  # noqa: E402
 from dit_opt.zoo.models import (  # noqa: E402
     DIT_CONFIG,
     MMDIT_CONFIG,
@@ -134,7 +133,6 @@ def _record(args, name: str, steps: int, wall: float, extra: dict) -> dict:
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
-        "train_split": "dit_opt.metrics.real_digits('train')",
         **extra,
     }
 
@@ -161,18 +159,19 @@ def _crop_batches(gen: torch.Generator):
         yield (x + 0.03 * torch.randn(x.shape, generator=gen)).clamp(0, 1), y
 
 
-# name -> (architecture, batches, held-out set, what the held-out set is)
+# --model flag -> (classifier name in dit_opt.metrics.CLASSIFIERS, batches, held-out set, training split)
 CLASSIFIERS = {
-    "classifier": ("digits-classifier", DigitClassifier, _digit_batches, lambda: metrics.real_digits("test"),
+    "classifier": ("digits-classifier", _digit_batches, lambda: metrics.real_digits("test"),
                    "dit_opt.metrics.real_digits('train')"),
-    "crops-classifier": ("crops-classifier", CropClassifier, _crop_batches, lambda: crops.real_crops("test"),
+    "crops-classifier": ("crops-classifier", _crop_batches, lambda: crops.real_crops("test"),
                          "dit_opt.zoo.crops.random_crops(split='train')"),
 }
 
 
 def train_classifier(args, flag: str = "classifier") -> None:
     """Train a judge of sample quality (``classifier``: digits, ``crops-classifier``: crops)."""
-    name, arch, batches, held_out, split = CLASSIFIERS[flag]
+    name, batches, held_out, split = CLASSIFIERS[flag]
+    arch = metrics.CLASSIFIERS[name][1]
     steps = args.steps or DEFAULT_STEPS[flag]
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
