@@ -9,8 +9,6 @@ Each step is timed; a failure is re-raised naming the step and the steps that ra
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import warnings
 from collections.abc import Callable
@@ -20,16 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from dit_opt.errors import ArtifactError, ConfigError, DitOptError, InputMismatchError
+from dit_opt.artifacts import ARTIFACT_VERSION, check_model, read, save
+from dit_opt.errors import ConfigError, DitOptError, InputMismatchError
 from dit_opt.plan import Plan, check_budget
 from dit_opt.runtime import OptimizedTransformer
 from dit_opt.sensitivity import SensitivityProfile
 
 __all__ = ["optimize", "profile", "load", "save", "ARTIFACT_VERSION"]
-
-#: Version of the saved optimised-model directory format.
-ARTIFACT_VERSION = 1
-
 
 class _Stop(Exception):
     """Raised inside a calibration to stop it once the first call's inputs are recorded."""
@@ -125,12 +120,12 @@ def profile(
         blocks, max_age, prune_rates, widths, probe_rows, progress: see
             ``passes.annotate_sensitivity.annotate_sensitivity``.
         gain_points: steps at which the growth of a local error into the final output is
-            measured (``passes.validate_sensitivity.measure_step_gains``); each costs one
+            measured (``dit_opt.validation.measure_step_gains``); each costs one
             calibration run; 0 (the default) weighs all steps the same. On ``digits-dit`` the
             gains raise the rank correlation of modelled and measured error (0.95 against 0.79)
             but the plans they lead to score about 1-2 dB lower in PSNR, so they are opt-in.
         probes: single actions whose real final-output error is compared with the modelled
-            one (``passes.validate_sensitivity``); each costs one calibration run. The rank
+            one (``dit_opt.validation``); each costs one calibration run. The rank
             correlation lands in ``profile.report["validation"]``.
 
     Example:
@@ -153,8 +148,8 @@ def profile(
 
 def _measure(graph, calibration, *, max_age, prune_rates, widths, probe_rows, gain_points, probes, progress):
     """Sensitivity profile, step gains and (optionally) end-to-end validation, with their cost."""
+    from dit_opt.validation import measure_step_gains, validate_sensitivity
     from passes.annotate_sensitivity import annotate_sensitivity
-    from passes.validate_sensitivity import measure_step_gains, validate_sensitivity
 
     _, prof = annotate_sensitivity(graph, calibration, max_age=max_age, prune_rates=prune_rates, widths=widths,
                                    probe_rows=probe_rows, progress=progress)
@@ -262,17 +257,17 @@ def optimize(
     def do_profile() -> None:
         cal = ctx["calibration"]
         if isinstance(cal, SensitivityProfile):
-            _check_model(cal.model, model, "the given profile")
+            check_model(cal.model, model, "the given profile")
             ctx["profile"] = cal
             return
         ctx["profile"] = _measure(ctx["graph"], cal, max_age=max_age, prune_rates=prune_rates, widths=widths,
                                   probe_rows=4, gain_points=gain_points, probes=0, progress=progress)
 
     def do_solve() -> None:
-        from solvers import solve
+        from solvers import solve, solver_defaults
 
         def run_solver(problem: Any) -> Plan:
-            return solve(problem, solver, **_solver_defaults(solver, solver_options))
+            return solve(problem, solver, **solver_defaults(solver, solver_options))
 
         problem = ctx["profile"].to_problem(budget, actions=actions, granularity=granularity)
         ctx["plan"] = run_solver(problem)
@@ -329,63 +324,6 @@ def _selection_calibration(select: Any, calibration: Any, solver: str, granulari
     return calibration if usable else None
 
 
-def _solver_defaults(solver: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """CP-SAT stops within 0.5 % of its proven bound unless told otherwise (exactness costs seconds)."""
-    out = dict(options or {})
-    if solver == "cpsat":
-        out.setdefault("relative_gap", 0.005)
-        out.setdefault("time_limit_s", 10.0)
-    return out
-
-
-# ---- artifacts -----------------------------------------------------------------------------------
-def _check_model(saved: dict[str, Any], model: nn.Module, what: str) -> None:
-    from passes.annotate_sensitivity import model_fingerprint
-
-    now = model_fingerprint(model)
-    if saved.get("class") != now["class"]:
-        raise ArtifactError(f"{what} was made for a {saved.get('class')}, not this {now['class']}; "
-                            f"optimise this model instead")
-    if saved.get("config") != now["config"]:
-        diff = sorted(k for k in set(saved.get("config", {})) | set(now["config"])
-                      if saved.get("config", {}).get(k) != now["config"].get(k))
-        raise ArtifactError(f"{what} was made for a {now['class']} with another config (differs in {diff[:5]}); "
-                            f"optimise this model instead")
-    if abs(float(saved.get("weights", 0.0)) - now["weights"]) > 1e-4 * max(1.0, abs(now["weights"])):
-        raise ArtifactError(f"{what} was made for other weights of {now['class']} (weight fingerprint "
-                            f"{saved.get('weights')} != {now['weights']}); optimise these weights instead")
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def save(opt: OptimizedTransformer, path: str | Path) -> Path:
-    """Write ``opt``'s plan, profile, permutations and metadata to directory ``path`` (no pickle)."""
-    from dit_opt import __version__
-    from passes.annotate_sensitivity import model_fingerprint
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "plan.json").write_text(opt.plan.to_json(indent=1))
-    files = ["plan.json"]
-    if opt.profile is not None:
-        opt.profile.save(path)
-        files += ["profile.json", "profile.safetensors"]
-    meta = {
-        "format": "dit-opt",
-        "version": ARTIFACT_VERSION,
-        "library_version": __version__,
-        "model": model_fingerprint(opt.model),
-        "solver": opt.solver,
-        "solver_options": opt.solver_options,
-        "blocks": opt.blocks_arg,
-        "files": {f: _sha(path / f) for f in files},
-    }
-    (path / "dit_opt.json").write_text(json.dumps(meta, indent=1))
-    return path
-
-
 def load(path: str | Path, model: nn.Module, *, compile: bool = True) -> OptimizedTransformer:
     """Replay a saved optimisation on ``model`` without solving again.
 
@@ -398,26 +336,6 @@ def load(path: str | Path, model: nn.Module, *, compile: bool = True) -> Optimiz
         ArtifactError: the directory is missing, corrupt (a checksum fails), of another format
             version, or was made for another model.
     """
-    path = Path(path)
-    meta_file = path / "dit_opt.json"
-    if not meta_file.is_file():
-        raise ArtifactError(f"{path}: not a saved dit-opt model (no dit_opt.json); write one with opt.save(dir)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{meta_file}: corrupt JSON ({e}); save the optimised model again") from e
-    if meta.get("format") != "dit-opt" or meta.get("version") != ARTIFACT_VERSION:
-        raise ArtifactError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; this dit-opt "
-                            f"reads dit-opt version {ARTIFACT_VERSION}; optimise and save again")
-    for name, digest in meta.get("files", {}).items():
-        f = path / name
-        if not f.is_file():
-            raise ArtifactError(f"{path}: {name} is missing; the directory is incomplete, save it again")
-        if _sha(f) != digest:
-            raise ArtifactError(f"{path}: {name} does not match its checksum (corrupt or edited); save it again")
-    _check_model(meta.get("model", {}), model, f"the optimisation saved in {path}")
-    plan = Plan.from_json((path / "plan.json").read_text())
-    prof = SensitivityProfile.load(path) if (path / "profile.json").is_file() else None
+    plan, prof, meta = read(path, model)
     return OptimizedTransformer(model, plan, profile=prof, compile=compile, solver=meta.get("solver", "cpsat"),
                                 solver_options=meta.get("solver_options") or {}, blocks=meta.get("blocks"))
-

@@ -143,7 +143,7 @@ class OptimizedTransformer(nn.Module):
 
     def save(self, path: Any) -> Any:
         """Write the plan, profile, permutations and metadata to directory ``path`` (see :func:`dit_opt.load`)."""
-        from dit_opt.api import save
+        from dit_opt.artifacts import save
 
         return save(self, path)
 
@@ -327,13 +327,12 @@ class OptimizedTransformer(nn.Module):
                 f"this loop runs {len(ts)} steps but the plan was made for {self.plan.num_steps}, and no "
                 f"sensitivity profile is stored to re-solve it; optimise again or save/load with the profile"
             )
-        from dit_opt.api import _solver_defaults
-        from solvers import solve
+        from solvers import solve, solver_defaults
 
         # the same granularity as the plan: the caches step 0 wrote are the plan's units'
         granularity = "module" if any(u.role is not None for u in self.plan.units) else "block"
         problem = self.profile.to_problem(self.plan.budget, timesteps=ts, granularity=granularity)
-        plan = solve(problem, self.solver, **_solver_defaults(self.solver, self.solver_options))
+        plan = solve(problem, self.solver, **solver_defaults(self.solver, self.solver_options))
         self._plans[ts] = plan
         return plan
 

@@ -67,7 +67,7 @@ class SensitivityProfile:
         flops_fixed: FLOPs outside the blocks, per call.
         channel_order: per ``"<block>.<mlp>"``, hidden channels from most to least important.
         step_gain: ``(T,)`` how much a local error at each step grows into the final output
-            (``passes.validate_sensitivity.measure_step_gains``); the errors handed to the
+            (``dit_opt.validation.measure_step_gains``); the errors handed to the
             solver are multiplied by it. ``None``: all steps weigh the same.
         model: class name, config and weight fingerprint of the profiled model.
         report: how the profile was made (cost, samples, rank correlation, ...).

@@ -1,9 +1,10 @@
-"""validate_sensitivity: does the additive per-action error model track the real output error?
+"""Validation of a profile: does the additive per-action error model track the real output error?
 
 The solver minimises a sum of per-action errors measured locally (at each block's output).
 What matters is the error in the final sample. For a seeded sample of single actions (one
-unit deviates from ``COMPUTE`` at one step), this pass runs a complete calibration with that
-one change through the real runtime, measures the relative squared error of the final output
+unit deviates from ``COMPUTE`` at one step), this module runs a complete calibration with that
+one change through the real runtime (which is why this lives beside the runtime, not among the
+passes), measures the relative squared error of the final output
 against the full-compute output, and reports the Spearman rank correlation between modelled
 and measured errors (plus the data, so it can be plotted).
 """
