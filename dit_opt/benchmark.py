@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from dit_opt.bench import machine, time_alternating, with_transformer
+from dit_opt.equal_flops import comparison_table
 
 __all__ = ["BenchConfig", "Row", "PeerModule", "CacheDitModule", "compile_hooked_blocks", "PEERS", "SOLVERS", "run",
            "write_report", "plot_pareto", "main"]
@@ -847,7 +848,12 @@ def write_report(rows: Sequence[Row], cfg: BenchConfig, path: str | Path, comman
     elif cfg.timing_scope != "all":
         lines += ["Only the full model and dit-opt's cpsat rows were timed in this run (`--timing-scope dit-opt`).", ""]
     for model in dict.fromkeys(r.model for r in rows):
-        lines += [f"## {model}", ""] + table([r for r in rows if r.model == model]) + [""]
+        mine = [r for r in rows if r.model == model]
+        lines += [f"## {model}", ""] + table(mine) + [""]
+        lines += [f"At equal FLOPs on `{model}`: each dit-opt row against the best any peer or baseline reaches "
+                  "at the same FLOP fraction (each one's points joined linearly, a cheaper better point counted "
+                  "as it is, no extrapolation below its cheapest; `dit_opt.equal_flops`):", ""]
+        lines += comparison_table(mine) + [""]
     if figure:
         lines += [f"![PSNR against FLOP fraction]({figure})", ""]
     lines += ["## Does dit-opt at budget 0.5 beat every method at a FLOP fraction <= 0.5?", ""]

@@ -1,0 +1,91 @@
+"""The equal-FLOPs comparison of the benchmark (dit_opt.equal_flops): pure arithmetic, no model."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dit_opt.equal_flops import compare, comparison_table, envelope_at
+
+
+def row(method, flops, psnr, setting="s", target=None):
+    return SimpleNamespace(method=method, setting=setting, flop_fraction=flops, psnr=psnr, target=target)
+
+
+def test_linear_between_neighbours_and_no_extrapolation_below():
+    rows = [row("diffusers P", 0.2, 20.0, "a"), row("diffusers P", 0.6, 28.0, "b")]
+    assert envelope_at(rows, 0.3).psnr == 22.0
+    assert envelope_at(rows, 0.3).source == "diffusers P a..b"
+    assert math.isnan(envelope_at(rows, 0.19).psnr)
+    # above the dearest point, the dearest point itself (a user takes the cheaper setting)
+    assert envelope_at(rows, 0.9).psnr == 28.0
+
+
+def test_a_cheaper_better_point_counts_and_the_best_peer_wins():
+    rows = [row("diffusers P", 0.2, 30.0), row("diffusers P", 0.6, 25.0),  # not monotone
+            row("cache-dit Q", 0.3, 26.0), row("cache-dit Q", 0.5, 34.0)]
+    assert envelope_at(rows, 0.4).psnr == 30.0  # Q's line gives 30.0, P's cheaper point too
+    assert envelope_at(rows, 0.45).psnr == 32.0
+    assert envelope_at(rows, 0.45).source.startswith("cache-dit Q")
+
+
+def test_full_model_dit_opt_and_infinite_rows_are_not_peers():
+    rows = [row("full model", 1.0, math.inf), row("dit-opt (cpsat)", 0.5, 40.0, target=0.5),
+            row("diffusers P", 0.3, 20.0), row("diffusers P", 1.0, math.inf)]
+    # the inf point cannot be joined: P is only known at 0.3
+    assert envelope_at(rows, 0.5).psnr == 20.0
+    (c,) = compare(rows)
+    assert (c.budget, c.psnr, c.margin) == (0.5, 40.0, 20.0)
+
+
+def test_baselines_count_in_the_strict_envelope_only():
+    rows = [row("dit-opt (cpsat)", 0.5, 30.0, target=0.5), row("diffusers P", 0.5, 25.0),
+            row("dit-opt baseline fora", 0.5, 29.0)]
+    (c,) = compare(rows)
+    assert c.tools_margin == 5.0 and c.margin == 1.0
+    table = comparison_table(rows)
+    assert "**+5.00**" in table[2] and "**+1.00**" in table[2]
+
+
+def test_uncovered_fraction_is_reported_not_invented():
+    rows = [row("dit-opt (cpsat)", 0.2, 30.0, target=0.2), row("diffusers P", 0.3, 25.0)]
+    assert "none at or below this fraction" in comparison_table(rows)[2]
+
+
+points = st.lists(st.tuples(st.floats(0.05, 1.0), st.floats(5.0, 60.0)), min_size=1, max_size=8)
+
+
+@settings(deadline=None)  # pure arithmetic; a loaded CPU must not fail it
+@given(points, points)
+def test_envelope_is_non_decreasing_and_above_every_point(a, b):
+    rows = [row("diffusers A", x, p) for x, p in a] + [row("cache-dit B", x, p) for x, p in b]
+    xs = sorted({x for x, _ in a + b} | {0.05, 0.5, 1.0})
+    values = [envelope_at(rows, x).psnr for x in xs]
+    finite = [v for v in values if math.isfinite(v)]
+    assert all(v2 >= v1 - 1e-9 for v1, v2 in zip(finite, finite[1:], strict=False))
+    for x, p in a + b:
+        assert envelope_at(rows, x).psnr >= p - 1e-9
+
+
+def test_benchmark_report_carries_the_equal_flops_table(tmp_path):
+    import json
+
+    from dit_opt import benchmark
+
+    keys = dict(ssim=1.0, accuracy=1.0, frechet=1.0)
+    rows = [dict(model="m", method="full model", setting="20 steps", target=None, flop_fraction=1.0,
+                 psnr=math.inf, **keys),
+            dict(model="m", method="dit-opt (cpsat)", setting="budget 0.5", target=0.5, flop_fraction=0.5,
+                 psnr=30.0, **keys),
+            dict(model="m", method="diffusers P", setting="x=1", target=None, flop_fraction=0.4, psnr=20.0, **keys),
+            dict(model="m", method="diffusers P", setting="x=2", target=None, flop_fraction=0.6, psnr=24.0, **keys)]
+    saved = tmp_path / "rows.json"
+    saved.write_text(json.dumps({"seconds": 1.0, "rows": rows}))
+    out = tmp_path / "report.md"
+    benchmark.main(["--merge", str(saved), "--out", str(out), "--figure", str(tmp_path / "f.png")])
+    text = out.read_text()
+    assert "At equal FLOPs on `m`" in text
+    assert "| 0.5 | 0.500 | 30.00 | 22.00 | **+8.00** | diffusers P x=1..x=2 |" in text
