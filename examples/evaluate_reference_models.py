@@ -42,12 +42,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--doc", default="docs/reference_models.md", help="markdown file to update ('' to skip)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: each model's)")
+    parser.add_argument("--x0-clip", choices=["default", "on", "off"], default="default",
+                        help="clip the predicted x0 to [-1, 1] or not, where the scheduler can (DDIM, "
+                             "DPM-Solver++; default: the model's setting)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     rows, real_rows = [], {}
     for name in args.models:
         sampler = zoo.load(name)
+        if args.guidance is not None:
+            sampler.guidance_scale = args.guidance
+        if args.x0_clip != "default" and "thresholding" in sampler.scheduler.config:
+            sampler.scheduler = type(sampler.scheduler).from_config(
+                sampler.scheduler.config, thresholding=args.x0_clip == "on", sample_max_value=1.0)
         real_test, real_labels = sampler.reference_images("test")
         judge = metrics.classifier_for(real_test)
         if judge not in real_rows:
