@@ -67,20 +67,17 @@ def envelope_at(rows: Iterable[Any], x: float, baselines: bool = True) -> Envelo
     for r in rows:
         if r.method not in NOT_PEERS and _finite(r) and (baselines or not r.method.startswith(BASELINE_PREFIX)):
             by_peer.setdefault(r.method, []).append(r)
-    best = EnvelopePoint(float("nan"), "")
+    cands: list[EnvelopePoint] = []
     for peer, pts in by_peer.items():
         pts = sorted(pts, key=lambda r: (r.flop_fraction, -r.psnr))
-        cands: list[EnvelopePoint] = []
         # a cheaper (or equal) point of this peer: the user takes it as it is
         cands += [EnvelopePoint(r.psnr, f"{peer} {r.setting}") for r in pts if r.flop_fraction <= x + 1e-9]
         for lo, hi in zip(pts, pts[1:], strict=False):
             if lo.flop_fraction < x < hi.flop_fraction:
                 w = (x - lo.flop_fraction) / (hi.flop_fraction - lo.flop_fraction)
                 cands.append(EnvelopePoint(lo.psnr + w * (hi.psnr - lo.psnr), f"{peer} {lo.setting}..{hi.setting}"))
-        for c in cands:
-            if not math.isfinite(best.psnr) or c.psnr > best.psnr:
-                best = c
-    return best
+    # first of the best wins ties, as before: peers in the order of their rows
+    return max(cands, key=lambda c: c.psnr, default=EnvelopePoint(float("nan"), ""))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -71,9 +72,7 @@ def test_envelope_is_non_decreasing_and_above_every_point(a, b):
 
 
 def test_benchmark_report_carries_the_equal_flops_table(tmp_path):
-    import json
-
-    from dit_opt import benchmark
+    from dit_opt import benchmark  # heavy (diffusers, cache-dit): only this test needs it
 
     keys = dict(ssim=1.0, accuracy=1.0, frechet=1.0)
     rows = [dict(model="m", method="full model", setting="20 steps", target=None, flop_fraction=1.0,
