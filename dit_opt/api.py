@@ -184,7 +184,7 @@ def optimize(
     widths: tuple[float, ...] = (0.25, 0.5, 0.75),
     solver_options: dict[str, Any] | None = None,
     gain_points: int = 0,
-    granularity: str = "block",
+    granularity: str = "auto",
     select: bool | Callable[[nn.Module], Any] | None = None,
     progress: bool = True,
 ) -> OptimizedTransformer:
@@ -205,21 +205,23 @@ def optimize(
         compile: lower the blocks with ``torch.compile`` (Inductor); ``False`` keeps eager code.
         blocks: block list names, when discovery picks the wrong ones.
         actions: action families the solver may use besides compute: ``reuse``, ``forecast``
-            (reuse extrapolated from the last two computes, where measured to be better),
-            ``prune``, ``width``, ``skip``.
+            (reuse extrapolated by the polynomial through the unit's last 2 to 4 computes, the
+            order measured best), ``prune``, ``width``, ``skip``.
         max_age, prune_rates, widths: the candidate actions measured by the profile.
         gain_points: see :func:`profile` (how errors at each step grow into the output).
-        granularity: ``"block"`` (one action per block and step) or ``"module"`` (one per
-            attention, cross-attention and MLP of each block; reuse, skip, prune where the
-            module can be pruned, and MLP width).
+        granularity: ``"block"`` (one action per block and step), ``"module"`` (one per
+            attention, cross-attention and MLP of each block; reuse, forecast, skip, prune where
+            the module can be pruned, and MLP width) or ``"auto"`` (block-level plans, and with
+            ``select`` on the module-level candidates too: whichever measures best).
         solver_options: passed to the solver (e.g. ``time_limit_s``).
         select: also make the solver's plans with late steps weighted more, and the periodic and
             uniform plans (:func:`dit_opt.selection.candidate_plans`), and keep whichever gives
             outputs closest to the full model's on a calibration run
             (the solver's error model is optimistic at low budgets; :mod:`dit_opt.selection`). Only for the
-            ``cpsat`` and ``dp`` solvers at block granularity. ``None``: on when the calibration
+            ``cpsat`` and ``dp`` solvers. ``None``: on when the calibration
             is a callable; a callable: the calibration to measure on (e.g. when ``calibration``
-            is a saved profile); ``False``: keep the solver's plan. Costs up to seven calibration runs.
+            is a saved profile); ``False``: keep the solver's plan. Costs one calibration run
+            per candidate plus one of the full model (``opt.cost()`` reports the total).
         progress: show progress bars.
 
     Returns:
@@ -236,6 +238,8 @@ def optimize(
         >>> print(opt.plan.summary())
     """
     budget = check_budget(budget)
+    if granularity not in ("auto", "block", "module"):
+        raise ConfigError(f"granularity must be 'auto', 'block' or 'module', got {granularity!r}")
     if solver == "dp":
         actions = tuple(a for a in actions if a in ("reuse", "forecast"))
     ctx: dict[str, Any] = {}
@@ -269,14 +273,19 @@ def optimize(
         def run_solver(problem: Any) -> Plan:
             return solve(problem, solver, **solver_defaults(solver, solver_options))
 
-        problem = ctx["profile"].to_problem(budget, actions=actions, granularity=granularity)
+        profile = ctx["profile"]
+        main = "block" if granularity == "auto" else granularity
+        problem = profile.to_problem(budget, actions=actions, granularity=main)
         ctx["plan"] = run_solver(problem)
         ctx["candidates"] = [ctx["plan"]]
-        ctx["select_with"] = _selection_calibration(select, ctx["calibration"], solver, granularity)
+        ctx["select_with"] = _selection_calibration(select, ctx["calibration"], solver)
         if ctx["select_with"] is not None:
             from dit_opt.selection import candidate_plans
 
-            ctx["candidates"] = candidate_plans(problem, ctx["plan"], run_solver)
+            module_problem = None
+            if granularity == "auto" and profile.e_module_reuse is not None:
+                module_problem = profile.to_problem(budget, actions=actions, granularity="module")
+            ctx["candidates"] = candidate_plans(problem, ctx["plan"], run_solver, module_problem, run_solver)
 
     def do_select() -> None:
         from dit_opt.selection import select_plan
@@ -310,10 +319,10 @@ def optimize(
     return opt
 
 
-def _selection_calibration(select: Any, calibration: Any, solver: str, granularity: str) -> Any:
+def _selection_calibration(select: Any, calibration: Any, solver: str) -> Any:
     """The calibration on which candidate plans are compared, or ``None`` (no selection: turned
-    off, or a baseline schedule or module granularity, which keep their own plan)."""
-    if select is False or solver not in ("cpsat", "dp") or granularity != "block":
+    off, or a baseline schedule, which keeps its own plan)."""
+    if select is False or solver not in ("cpsat", "dp"):
         return None
     if callable(select) and not isinstance(select, bool):
         return select

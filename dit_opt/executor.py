@@ -28,6 +28,7 @@ __all__ = [
     "split_outputs",
     "reuse",
     "forecast",
+    "combine",
     "token_scores",
     "topk_tokens",
     "gather_tokens",
@@ -63,15 +64,23 @@ def reuse(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     return x + residual
 
 
-def forecast(x: torch.Tensor, residual: torch.Tensor, previous: torch.Tensor, slope: float) -> torch.Tensor:
-    """``FORECAST``: the input plus the cached residual extrapolated to first order.
+def forecast(x: torch.Tensor, residuals: tuple[torch.Tensor, ...], weights: tuple[float, ...]) -> torch.Tensor:
+    """``FORECAST``: the input plus the residual extrapolated from the unit's last computes.
 
-    ``residual`` and ``previous`` are the residuals of the unit's last two ``COMPUTE`` steps, ``d``
-    steps apart; ``n`` steps after the last one the residual is predicted as
-    ``residual + (n / d) * (residual - previous)`` (TaylorSeer's first-order forecast, with the
-    finite difference taken over the actual spacing). ``slope`` is ``n / d``, a constant of the step.
+    ``residuals`` are the cached residuals of the unit's last ``k + 1`` ``COMPUTE`` steps, newest
+    first, and ``weights`` the Lagrange weights of the degree-``k`` polynomial through them at
+    their actual spacing (:func:`dit_opt.plan.forecast_weights`, constants of the step's graph).
+    Order 1 is TaylorSeer's first-order step ``r0 + (n / d) * (r0 - r1)``.
     """
-    return x + (residual + slope * (residual - previous))
+    return x + combine(residuals, weights)
+
+
+def combine(values: tuple[torch.Tensor, ...], weights: tuple[float, ...]) -> torch.Tensor:
+    """``sum_i weights[i] * values[i]``: a polynomial extrapolation of cached values."""
+    out = values[0] * weights[0]
+    for v, w in zip(values[1:], weights[1:], strict=True):
+        out = out + v * w
+    return out
 
 
 def token_scores(x: torch.Tensor, cached_x: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ Rules every plan obeys (re-checked by :meth:`Plan.validate`):
 * step 0 computes every unit (there is no cache yet);
 * ``REUSE``, ``FORECAST`` and ``PRUNE`` read the unit's cache, written by its last ``COMPUTE``
   at most ``max_age`` steps earlier (``PRUNE``, ``WIDTH`` and ``SKIP`` do not refresh the cache);
-* ``FORECAST`` extrapolates from the unit's last two ``COMPUTE`` steps, so it needs two of them,
-  at most ``max_age`` steps apart;
+* ``FORECAST`` of order ``k`` extrapolates from the unit's last ``k + 1`` ``COMPUTE`` steps (the
+  polynomial through them, at their actual spacing), so it needs ``k + 1`` of them, each at most
+  ``max_age`` steps after the one before;
 * ``WIDTH`` applies only to an MLP (role ``mlp``) or a whole block (role ``None``);
 * the predicted FLOPs are within ``budget * full_flops``.
 
@@ -31,6 +32,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +49,17 @@ __all__ = [
     "REUSE",
     "FORECAST",
     "SKIP",
+    "MAX_FORECAST_ORDER",
     "check_budget",
-    "computes_along",
+    "compute_history",
+    "forecast_weights",
 ]
 
 #: Version of the serialised plan format; bumped on any incompatible change.
 PLAN_VERSION = 1
+
+#: Highest polynomial order of ``FORECAST`` (TaylorSeer's published DiT results use order 3).
+MAX_FORECAST_ORDER = 3
 
 
 def check_budget(budget: float) -> float:
@@ -112,6 +119,8 @@ class Action:
         kind: the action family.
         rate: for ``PRUNE``, the fraction of tokens recomputed, in (0, 1); otherwise ``None``.
         width: for ``WIDTH``, the MLP prefix width, in (0, 1); otherwise ``None``.
+        order: for ``FORECAST``, the polynomial order ``1 .. MAX_FORECAST_ORDER`` (default 1);
+            otherwise ``None``. Written ``F`` (order 1), ``F2``, ``F3``.
 
     Raises:
         ValueError: the parameters do not fit the kind.
@@ -121,15 +130,25 @@ class Action:
         'P0.25'
         >>> Action.parse("W0.5") == Action(ActionKind.WIDTH, width=0.5)
         True
+        >>> str(Action(ActionKind.FORECAST, order=3))
+        'F3'
     """
 
     kind: ActionKind
     rate: float | None = None
     width: float | None = None
+    order: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, ActionKind):
             raise ValueError(f"Action.kind must be an ActionKind, got {self.kind!r}")
+        if self.kind is ActionKind.FORECAST:
+            order = 1 if self.order is None else self.order
+            if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_FORECAST_ORDER:
+                raise ValueError(f"FORECAST needs order in 1..{MAX_FORECAST_ORDER}, got {self.order!r}")
+            object.__setattr__(self, "order", order)
+        elif self.order is not None:
+            raise ValueError(f"{self.kind.name} takes no order, got order={self.order!r}")
         for name, needed in (("rate", ActionKind.PRUNE), ("width", ActionKind.WIDTH)):
             value = getattr(self, name)
             if self.kind is needed:
@@ -150,11 +169,13 @@ class Action:
             return f"P{self.rate!r}"
         if self.kind is ActionKind.WIDTH:
             return f"W{self.width!r}"
+        if self.kind is ActionKind.FORECAST and self.order > 1:
+            return f"F{self.order}"
         return self.kind.code
 
     @classmethod
     def parse(cls, text: str) -> Action:
-        """Parse the short form written by ``str``: ``C``, ``R``, ``F``, ``P0.25``, ``W0.5``, ``S``.
+        """Parse the short form written by ``str``: ``C``, ``R``, ``F``, ``F2``, ``F3``, ``P0.25``, ``W0.5``, ``S``.
 
         Raises:
             ValueError: the text is not an action.
@@ -162,8 +183,12 @@ class Action:
         text = text.strip()
         kind = _CODE_KIND.get(text[:1])
         if kind is None:
-            raise ValueError(f"unknown action {text!r}; expected one of C, R, F, P<rate>, W<width>, S")
+            raise ValueError(f"unknown action {text!r}; expected one of C, R, F<order>, P<rate>, W<width>, S")
         arg = text[1:]
+        if kind is ActionKind.FORECAST:
+            if arg and not arg.isdigit():
+                raise ValueError(f"action {text!r}: FORECAST takes an order 1..{MAX_FORECAST_ORDER}, e.g. F2")
+            return cls(kind, order=int(arg) if arg else 1)
         if kind in (ActionKind.PRUNE, ActionKind.WIDTH):
             try:
                 value = float(arg)
@@ -175,16 +200,44 @@ class Action:
         return cls(kind)
 
 
-def computes_along(actions: Sequence[Sequence[Action]], u: int) -> Iterator[tuple[int, ActionKind, int | None,
-                                                                                 int | None]]:
-    """Along unit ``u`` of an action grid: ``(step, kind, last COMPUTE, the COMPUTE before it)``,
-    the step itself counted when it computes (what a cache read at that step sees otherwise)."""
-    last = previous = None
+def compute_history(actions: Sequence[Sequence[Action]], u: int, depth: int = MAX_FORECAST_ORDER + 1
+                    ) -> Iterator[tuple[int, Action, tuple[int, ...]]]:
+    """Along unit ``u`` of an action grid: ``(step, action, the last COMPUTE steps, newest first)``,
+    at most ``depth`` of them, the step itself counted when it computes."""
+    computes: tuple[int, ...] = ()
     for t, row in enumerate(actions):
-        kind = row[u].kind
-        if kind is ActionKind.COMPUTE:
-            last, previous = t, last
-        yield t, kind, last, previous
+        if row[u].kind is ActionKind.COMPUTE:
+            computes = (t, *computes)[:depth]
+        yield t, row[u], computes
+
+
+def forecast_weights(step: int | float, computes: Sequence[int | float]) -> tuple[float, ...]:
+    """Weights of the polynomial extrapolation to ``step`` through the values at ``computes``.
+
+    ``FORECAST`` of order ``k`` predicts a unit's output (or residual) at ``step`` as
+    ``sum_i w_i * value(computes[i])``, the Lagrange form of the degree-``k`` polynomial through
+    the last ``k + 1`` computes at their actual spacing: exact when the output is a polynomial
+    of degree ``<= k`` in the step index. Order 1 is TaylorSeer's first-order step:
+    ``value(c0) + (n / d) * (value(c0) - value(c1))``.
+
+    Raises:
+        ValueError: two computes at the same step.
+
+    Example:
+        >>> forecast_weights(5, [4, 2])     # n = 1, d = 2: 1.5 * v(4) - 0.5 * v(2)
+        (1.5, -0.5)
+    """
+    xs = [float(c) for c in computes]
+    if len(set(xs)) != len(xs):
+        raise ValueError(f"forecast_weights needs distinct compute steps, got {list(computes)}")
+    out = []
+    for i, xi in enumerate(xs):
+        w = 1.0
+        for j, xj in enumerate(xs):
+            if j != i:
+                w *= (float(step) - xj) / (xi - xj)
+        out.append(w)
+    return tuple(out)
 
 
 #: The parameterless actions, shared instances.
@@ -342,30 +395,29 @@ class Plan:
             raise ValueError(f"Plan.step_flops must have {T} entries, got {len(self.step_flops)}")
         if self.timesteps is not None and len(self.timesteps) != T:
             raise ValueError(f"Plan.timesteps must have {T} entries, got {len(self.timesteps)}")
-        for u, unit in enumerate(self.units):
-            last_compute, previous_compute = None, None
-            for t in range(T):
-                action = self.actions[t][u]
+        for row in self.actions:
+            for action in row:
                 if not isinstance(action, Action):
-                    raise ValueError(f"step {t}, unit {unit}: {action!r} is not an Action")
+                    raise ValueError(f"{action!r} in Plan.actions is not an Action")
+        for u, unit in enumerate(self.units):
+            for t, action, computes in compute_history(self.actions, u):
                 where = f"step {t}, unit {unit}: {action}"
                 if t == 0 and action.kind is not ActionKind.COMPUTE:
                     raise ValueError(f"{where}: step 0 must COMPUTE every unit (no cache exists yet)")
-                if action.needs_cache and (t - last_compute) > self.max_age:
+                if action.needs_cache and (t - computes[0]) > self.max_age:
                     raise ValueError(
-                        f"{where} reads a cache {t - last_compute} steps old (last COMPUTE at step "
-                        f"{last_compute}), more than max_age={self.max_age}"
+                        f"{where} reads a cache {t - computes[0]} steps old (last COMPUTE at step "
+                        f"{computes[0]}), more than max_age={self.max_age}"
                     )
-                if action.kind is ActionKind.FORECAST and (
-                        previous_compute is None or last_compute - previous_compute > self.max_age):
-                    raise ValueError(
-                        f"{where} extrapolates from the last two COMPUTE steps, which must be at most "
-                        f"max_age={self.max_age} apart (they are {previous_compute} and {last_compute})"
-                    )
+                if action.kind is ActionKind.FORECAST:
+                    used = computes[:action.order + 1]
+                    if len(used) < action.order + 1 or any(a - b > self.max_age for a, b in pairwise(used)):
+                        raise ValueError(
+                            f"{where} extrapolates from the last {action.order + 1} COMPUTE steps, each at most "
+                            f"max_age={self.max_age} after the one before (they are {list(reversed(used))})"
+                        )
                 if action.kind is ActionKind.WIDTH and not unit.allows_width:
                     raise ValueError(f"{where}: WIDTH applies only to an MLP or a whole block")
-                if action.kind is ActionKind.COMPUTE:
-                    last_compute, previous_compute = t, last_compute
         total = math.fsum(self.step_flops) + self.flops_fixed
         if not math.isclose(total, self.predicted_flops, rel_tol=1e-9, abs_tol=1e-9):
             raise ValueError(
@@ -432,7 +484,7 @@ class Plan:
             table.add_row(str(t), ts, self._compact_row(row), f"{share:.1f}")
         counts = self.counts()
         total = sum(counts.values())
-        params = sorted({str(a) for row in self.actions for a in row if a.rate or a.width})
+        params = sorted({str(a) for row in self.actions for a in row if a.rate or a.width or (a.order or 1) > 1})
         lines = [
             "units: " + ", ".join(str(u) for u in self.units[:6]) + (" ..." if len(self.units) > 6 else ""),
             "counts: " + ", ".join(f"{k.value} {n} ({100.0 * n / total:.1f} %)" for k, n in counts.items()),

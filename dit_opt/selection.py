@@ -5,9 +5,11 @@ model is optimistic (low budgets, long runs of reuse in many blocks at once), a 
 worse in the model can be better in the real output. So ``dit_opt.optimize`` makes more than
 one candidate at the same budget (:func:`candidate_plans`: the main solver's plan, the same
 solver's plans with the errors of late steps weighted more, the periodic one of
-:mod:`solvers.periodic`, and one uniform interval for every block, with and without
-forecasts), runs each through the calibration next to the full model, and keeps the one whose
-outputs are closest to the full model's.
+:mod:`solvers.periodic`, TaylorSeer's rule of :mod:`solvers.uniform` (a warm-up, then one
+interval for every unit, with forecasts) and FORA's uniform interval, the schedules with their
+unspent budget filled (:mod:`solvers.fill`), and, given a module-level problem, the same at
+module granularity), runs each through the calibration next to the full model, and keeps the one
+whose outputs are closest to the full model's.
 
 What is compared: the calibration's return value when it is a tensor (or a tuple/list of
 tensors, or an object with an ``images`` tensor), e.g. the images a sampler returns: the
@@ -48,17 +50,22 @@ class Candidate:
 LATE_WEIGHTS = (4.0, 16.0)
 
 
-def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] | None = None) -> list[Plan]:
+def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] | None = None,
+                    module_problem: Any = None, solve_module: Callable[[Any], Plan] | None = None) -> list[Plan]:
     """``main`` and the other plans worth measuring at ``problem``'s budget, without duplicates.
 
     The others: the main solver's plans with late steps weighted more (:data:`LATE_WEIGHTS`,
-    if ``solve_main`` is given), :mod:`solvers.periodic` (one interval per block), and the
-    uniform interval of FORA for every block, as published (plain reuse) and with forecasts
-    where measured better. A family that cannot meet the budget is left out. Every plan's
-    predicted error is that of ``problem`` (unweighted).
+    if ``solve_main`` is given), :mod:`solvers.periodic` (one interval per unit),
+    :mod:`solvers.uniform` (TaylorSeer's warm-up and interval), and the uniform interval of
+    FORA for every unit, as published (plain reuse) and with forecasts where measured better;
+    the periodic and uniform plans also with their unspent budget filled (:func:`solvers.fill.fill`).
+    Given ``module_problem`` (the same profile at module granularity), also its solver plan
+    (``solve_module``) and its uniform plan, filled. A family that cannot meet the budget is
+    left out. Every plan's predicted error is that of its own problem (unweighted).
     """
     from dit_opt.errors import DitOptError
     from solvers import solve
+    from solvers.fill import fill
 
     plans = [main]
     makers: list[Callable[[], Plan]] = []
@@ -69,7 +76,15 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
                 p = solve_main(problem.weighted(w))
                 return problem.to_plan(p.actions, f"{main.solver}+late{k:g}", p.status, p.wall_time_s)
             makers.append(weighted)
-    makers += [lambda: solve(problem, "periodic"), lambda: solve(problem, "fora")]
+    for name in ("periodic", "uniform"):
+        makers.append(lambda name=name: solve(problem, name))
+        makers.append(lambda name=name: fill(problem, solve(problem, name)))
+    makers.append(lambda: solve(problem, "fora"))
+    if module_problem is not None:
+        if solve_module is not None:
+            makers.append(lambda: _renamed(solve_module(module_problem), "module"))
+        makers.append(lambda: _renamed(solve(module_problem, "uniform"), "module"))
+        makers.append(lambda: _renamed(fill(module_problem, solve(module_problem, "uniform")), "module"))
     for make in makers:
         try:
             plans.append(make())
@@ -80,8 +95,15 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
         plans.append(problem.to_plan(fora.actions, "fora+forecast", "HEURISTIC", 0.0))
     unique: dict[tuple, Plan] = {}
     for plan in plans:
-        unique.setdefault(plan.actions, plan)
+        unique.setdefault((plan.units, plan.actions), plan)
     return list(unique.values())
+
+
+def _renamed(plan: Plan, prefix: str) -> Plan:
+    """``plan`` with its solver named ``<prefix>:<solver>`` (the candidate's origin in reports)."""
+    from dataclasses import replace
+
+    return replace(plan, solver=f"{prefix}:{plan.solver}")
 
 
 def measure_outputs(calibration: Callable[[nn.Module], Any], module: nn.Module) -> list[torch.Tensor]:

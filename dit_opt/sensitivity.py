@@ -33,10 +33,26 @@ __all__ = ["PROFILE_VERSION", "SensitivityProfile"]
 PROFILE_VERSION = 1
 
 _OPTIONAL = ("step_gain", "e_module_reuse", "flops_module", "e_forecast", "e_module_skip", "e_module_prune",
-             "flops_module_prune")
+             "flops_module_prune", "e_module_forecast")
 #: Module roles of the module-level units, in the order of ``e_module_reuse``'s third axis.
 MODULE_ROLES = ("attn", "cross_attn", "mlp")
 _ARRAYS = ("e_reuse", "e_prune", "e_width", "e_skip", "flops_compute", "flops_reuse", "flops_prune", "flops_width")
+
+
+def _rescaled_forecasts(e_forecast: np.ndarray, near: np.ndarray, ratio: float) -> np.ndarray:
+    """``e_forecast``-shaped errors ``(T_cal, X, K, M + 1, M + 1)`` for another schedule: step
+    ``t`` takes the calibrated step ``near[t]``, ages and spacings rescaled by ``ratio``; a step
+    too early for ``k + 1`` computes stays NaN."""
+    T, K, M = len(near), e_forecast.shape[2], e_forecast.shape[-1] - 1
+    out = np.full((T, *e_forecast.shape[1:]), np.nan)
+    for k in range(1, K + 1):
+        for n in range(1, M + 1):
+            for d in range(1, M + 1):
+                sn, sd = int(round(n * ratio)), int(round(d * ratio))
+                if 1 <= sn <= M and 1 <= sd <= M:
+                    ok = np.arange(T) - n - k * d >= 0
+                    out[ok, :, k - 1, n, d] = e_forecast[near[ok], :, k - 1, sn, sd]
+    return out
 
 
 @dataclass
@@ -51,9 +67,11 @@ class SensitivityProfile:
         e_reuse: ``(T, U, max_age + 1)``; ``e_prune``: ``(T, U, max_age + 1, K)`` (NaN where
             the block cannot be pruned); ``e_width``: ``(T, U, J)`` (NaN where no MLP can be
             narrowed); ``e_skip``: ``(T, U)``.
-        e_forecast: ``(T, U, max_age + 1, max_age + 1)``: ``FORECAST`` at age ``n`` (third axis)
-            extrapolating from two computes ``d`` steps apart (fourth axis); NaN where step
-            ``t - n - d`` would precede the first step. ``None`` in profiles made before it existed.
+        e_forecast: ``(T, U, K, max_age + 1, max_age + 1)``: ``FORECAST`` of order ``k = 1 .. K``
+            (third axis) at age ``n`` (fourth axis) extrapolating from ``k + 1`` computes ``d``
+            steps apart (fifth axis); NaN where step ``t - n - k d`` would precede the first step.
+            ``None`` in profiles made before it existed; profiles made before higher orders
+            existed load with ``K = 1``.
         e_module_reuse: ``(T, U, 3, max_age + 1)``: ``REUSE`` of each block's attention,
             cross-attention and MLP outputs (``MODULE_ROLES``; NaN where a block has no such
             module); ``flops_module``: ``(U, 3)`` their FLOPs.
@@ -93,6 +111,7 @@ class SensitivityProfile:
     e_module_skip: np.ndarray | None = None
     e_module_prune: np.ndarray | None = None
     flops_module_prune: np.ndarray | None = None
+    e_module_forecast: np.ndarray | None = None
     channel_order: dict[str, torch.Tensor] = field(default_factory=dict)
     step_gain: np.ndarray | None = None
     model: dict[str, Any] = field(default_factory=dict)
@@ -116,13 +135,13 @@ class SensitivityProfile:
             num_steps: shorthand when only the count differs: the calibrated range is
                 resampled evenly to ``num_steps`` steps.
             actions: action families offered to the solver besides ``compute``; ``forecast``
-                (with ``reuse``) lets a plan's ``REUSE`` steps extrapolate from the last two
-                computes where that is measured to be better (block granularity only).
+                (with ``reuse``) lets a plan's ``REUSE`` steps extrapolate from the unit's last
+                computes (orders 1 .. 3) where that is measured to be better.
             granularity: ``"block"`` (units are blocks) or ``"module"`` (units are each block's
                 attention, cross-attention and MLP: ``REUSE`` of their outputs, ``SKIP`` (zeros),
-                ``PRUNE`` where the module can be pruned and ``WIDTH`` for MLPs; the rest of each
-                block is always computed; profiles made before module ``SKIP``/``PRUNE`` existed
-                offer only ``REUSE`` and ``WIDTH``).
+                ``FORECAST`` of their outputs, ``PRUNE`` where the module can be pruned and
+                ``WIDTH`` for MLPs; the rest of each block is always computed; profiles made
+                before module ``SKIP``/``PRUNE``/``FORECAST`` existed offer only ``REUSE`` and ``WIDTH``).
         """
         from solvers.problem import Problem
 
@@ -135,7 +154,7 @@ class SensitivityProfile:
         T, U = e_skip.shape
         if gain is not None:
             e_reuse = e_reuse * gain[:, None, None]
-            e_forecast = None if e_forecast is None else e_forecast * gain[:, None, None, None]
+            e_forecast = None if e_forecast is None else e_forecast * gain[:, None, None, None, None]
             e_prune = e_prune * gain[:, None, None, None]
             e_width = e_width * gain[:, None, None]
             e_skip = e_skip * gain[:, None]
@@ -189,12 +208,22 @@ class SensitivityProfile:
         fm = np.array([self.flops_module[u, r] for u, r in pairs])
         rest = float(self.flops_compute.sum() - fm.sum())  # norms, modulation, ... always computed
         e_reuse = np.stack([self.e_module_reuse[near][:, u, r] for u, r in pairs], axis=1)
-        if block.num_steps != len(cal):  # ages rescaled like the block problem does
-            e_reuse = np.where(np.isfinite(block.e_reuse[:, :1, :]), e_reuse, 1e6)
+        rescale = block.num_steps != len(cal) or np.any(near != np.arange(len(near)))
+        if rescale:  # ages rescaled like the block problem does
+            ratio = self._age_ratio(block.timesteps)
+            e_reuse = np.full_like(e_reuse, 1e6)
+            for n in range(1, M + 1):
+                src = int(round(n * ratio))
+                if 1 <= src <= M:
+                    e_reuse[:, :, n] = np.stack([self.e_module_reuse[near, u, r, src] for u, r in pairs], axis=1)
         kw: dict[str, Any] = {}
         if "reuse" in actions:
             # a module REUSE returns the cached output: no arithmetic at all
             kw.update(e_reuse=np.nan_to_num(e_reuse, nan=1e6), flops_reuse=np.zeros((T, len(pairs))))
+            if "forecast" in actions and self.e_module_forecast is not None:
+                e_fc = np.stack([self.e_module_forecast[:, u, r] for u, r in pairs], axis=1)
+                e_fc = _rescaled_forecasts(e_fc, near, self._age_ratio(block.timesteps)) if rescale else e_fc[near]
+                kw.update(e_forecast=np.nan_to_num(e_fc, nan=np.inf))
         if "skip" in actions and self.e_module_skip is not None:
             kw.update(e_skip=np.nan_to_num(np.stack([self.e_module_skip[near][:, u, r] for u, r in pairs], axis=1),
                                            nan=1e6))
@@ -210,7 +239,7 @@ class SensitivityProfile:
                       flops_prune=np.broadcast_to(fp, (T, *fp.shape)).copy())
         gain = None if self.step_gain is None else np.asarray(self.step_gain, dtype=np.float64)[near]
         if gain is not None:  # as in the block problem (WIDTH's errors come from it already scaled)
-            for name in ("e_reuse", "e_skip", "e_prune"):
+            for name in ("e_reuse", "e_skip", "e_prune", "e_forecast"):
                 if name in kw:
                     kw[name] = kw[name] * gain.reshape(-1, *[1] * (kw[name].ndim - 1))
         mlp = [i for i, (u, r) in enumerate(pairs) if MODULE_ROLES[r] == "mlp"]
@@ -245,9 +274,7 @@ class SensitivityProfile:
             ts = np.asarray([float(t) for t in timesteps], dtype=np.float64)
         T, M = len(ts), self.max_age
         near = np.abs(cal[None, :] - ts[:, None]).argmin(axis=1)
-        cal_step = float(np.abs(np.diff(cal)).mean()) if len(cal) > 1 else 1.0
-        new_step = float(np.abs(np.diff(ts)).mean()) if len(ts) > 1 else cal_step
-        ratio = new_step / cal_step if cal_step else 1.0
+        ratio = self._age_ratio(ts)
         e_reuse = np.full((T, self.e_reuse.shape[1], M + 1), 1e6)
         e_prune = np.full((T, *self.e_prune.shape[1:]), 1e6)
         for n in range(1, M + 1):
@@ -256,18 +283,17 @@ class SensitivityProfile:
                 e_reuse[:, :, n] = self.e_reuse[near, :, src]
                 e_prune[:, :, n] = self.e_prune[near, :, src]
         e_prune[np.isnan(self.e_prune[near])] = np.nan
-        e_forecast = None
-        if self.e_forecast is not None:
-            # ages and spacings rescaled alike; a step too early for two computes stays NaN
-            e_forecast = np.full((T, self.e_reuse.shape[1], M + 1, M + 1), np.nan)
-            for n in range(1, M + 1):
-                for d in range(1, M + 1):
-                    sn, sd = int(round(n * ratio)), int(round(d * ratio))
-                    if 1 <= sn <= M and 1 <= sd <= M:
-                        ok = np.arange(T) - n - d >= 0
-                        e_forecast[ok, :, n, d] = self.e_forecast[near[ok], :, sn, sd]
+        e_forecast = None if self.e_forecast is None else _rescaled_forecasts(self.e_forecast, near, ratio)
         return (e_reuse, e_prune, self.e_width[near], self.e_skip[near], ts, None if gain is None else gain[near],
                 e_forecast)
+
+    def _age_ratio(self, timesteps: Any) -> float:
+        """Mean step size of ``timesteps`` over the calibrated one's: cache ages scale by it."""
+        cal = np.asarray(self.timesteps, dtype=np.float64)
+        ts = np.asarray([float(t) for t in timesteps], dtype=np.float64)
+        cal_step = float(np.abs(np.diff(cal)).mean()) if len(cal) > 1 else 1.0
+        new_step = float(np.abs(np.diff(ts)).mean()) if len(ts) > 1 else cal_step
+        return new_step / cal_step if cal_step else 1.0
 
     # ---- artifact --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -332,6 +358,8 @@ class SensitivityProfile:
         except (KeyError, ValueError, TypeError) as e:
             raise ArtifactError(f"{path}: the saved profile is incomplete ({type(e).__name__}: {e}); "
                                 f"profile the model again") from e
+        if prof.e_forecast is not None and prof.e_forecast.ndim == 4:
+            prof.e_forecast = prof.e_forecast[:, :, None]  # saved before higher orders: order 1 only
         T, U = len(prof.timesteps), len(prof.units)
         if prof.e_skip.shape != (T, U) or prof.e_reuse.shape != (T, U, prof.max_age + 1):
             raise ArtifactError(f"{path}: array shapes do not match {T} steps x {U} units; profile again")

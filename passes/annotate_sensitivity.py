@@ -7,8 +7,9 @@ candidate action would have produced:
 
 * ``REUSE`` at age ``n``: input plus the residual cached ``n`` steps earlier (free: the
   residuals of the last ``2 max_age`` steps are kept);
-* ``FORECAST`` at age ``n`` with spacing ``d``: input plus the residual of ``n`` steps earlier,
-  extrapolated to first order from the one ``d`` steps before that (free as well);
+* ``FORECAST`` of order ``k`` at age ``n`` with spacing ``d``: input plus the residual
+  extrapolated by the polynomial through the residuals of ``n``, ``n + d``, ..., ``n + k d``
+  steps earlier (free as well);
 * ``PRUNE(r)`` at age ``n``: the block recomputes the top ``r`` of tokens (by input drift
   since the cache) and the rest comes from the cache (one extra block call on ``r N`` tokens);
 * ``WIDTH(w)``: the block with its MLP narrowed to the ``w`` most important hidden channels
@@ -20,6 +21,11 @@ outputs of the role's sub-modules are recorded during the true block call and th
 re-run with them replaced:
 
 * ``REUSE`` at age ``n``: by their outputs ``n`` steps earlier;
+* ``FORECAST`` of order ``k`` at age ``n`` with spacing ``d``: by the polynomial through their
+  outputs ``n``, ``n + d``, ..., ``n + k d`` steps earlier. Not re-run (that would take 48 block
+  calls per role and step): the block's error is estimated as the measured ``REUSE`` error
+  times the ratio of the forecast's to the reuse's squared error on the sub-modules' own
+  outputs, i.e. the block is taken to pass both perturbations on alike;
 * ``SKIP``: by zeros (the block's residual add then leaves the stream unchanged);
 * ``PRUNE(r)`` at age ``n``: by their outputs ``n`` steps earlier, except on the top ``r`` of
   the tokens of their token input (by drift since ``n`` steps earlier), on which they are
@@ -45,6 +51,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from dit_opt.errors import ConfigError
 from dit_opt.executor import (
     bind_inputs,
     gather_tokens,
@@ -58,7 +65,7 @@ from dit_opt.executor import (
     topk_tokens,
 )
 from dit_opt.ir import BlockSpec, DiTGraph
-from dit_opt.plan import Unit
+from dit_opt.plan import MAX_FORECAST_ORDER, Unit, forecast_weights
 from dit_opt.sensitivity import SensitivityProfile
 from dit_opt.steps import StepTracker, timestep_value
 from passes.infra import PassResult
@@ -117,6 +124,13 @@ def _detach(out: Any) -> Any:
 def _returning(value: Any) -> Callable:
     """A replacement forward (see ``_Probe._module_actions``) that returns ``value``."""
     return lambda forward, args, kwargs: value
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a sub-module's output (one, or those of a tuple), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [o for o in out if isinstance(o, torch.Tensor)] if isinstance(out, tuple | list) else []
 
 
 def _zeros(out: Any) -> Any:
@@ -216,8 +230,10 @@ def action_flops(graph: DiTGraph, prune_rates: tuple[float, ...], widths: tuple[
 class _Probe:
     """Hooks that evaluate every candidate action on the true block inputs at every step."""
 
-    def __init__(self, graph: DiTGraph, max_age: int, prune_rates, widths, order, probe_rows: int | None):
+    def __init__(self, graph: DiTGraph, max_age: int, prune_rates, widths, order, probe_rows: int | None,
+                 forecast_orders: int = MAX_FORECAST_ORDER):
         self.graph, self.max_age = graph, max_age
+        self.forecast_orders = forecast_orders
         self.prune_rates, self.widths = tuple(prune_rates), tuple(widths)
         self.probe_rows = probe_rows
         self.tracker = StepTracker()
@@ -227,9 +243,10 @@ class _Probe:
         self.sums: dict[int, dict[str, np.ndarray]] = {}
         self.counts: dict[int, int] = {}
         R = len(MODULE_ROLES)
-        self.shape = {"e_reuse": (U, M + 1), "e_forecast": (U, M + 1, M + 1),
+        self.shape = {"e_reuse": (U, M + 1), "e_forecast": (U, forecast_orders, M + 1, M + 1),
                       "e_prune": (U, M + 1, K), "e_width": (U, J), "e_skip": (U,),
                       "e_module_reuse": (U, R, M + 1), "e_module_skip": (U, R),
+                      "e_module_forecast": (U, R, forecast_orders, M + 1, M + 1),
                       "e_module_prune": (U, R, M + 1, K)}
         # Module-level actions: the outputs of each role's sub-modules (and, where they can be
         # pruned, their token inputs) are recorded during the true block call, and the block is
@@ -331,15 +348,17 @@ class _Probe:
             if old is not None:
                 err = sum(float((old[0][i] - res[i]).pow(2).sum()) for i, _, _ in pairs)
                 acc["e_reuse"][u, n] += err / norm
-                # FORECAST from the computes at t - n and t - n - d (both observed: measured).
+                # FORECAST of order k from the computes at t - n, t - n - d, ..., t - n - k d
+                # (all observed: measured).
                 for d in range(1, self.max_age + 1):
-                    older = hist.get(t - n - d)
-                    if older is None:
-                        continue
-                    slope = n / d
-                    err = sum(float((old[0][i] + slope * (old[0][i] - older[0][i]) - res[i]).pow(2).sum())
-                              for i, _, _ in pairs)
-                    acc["e_forecast"][u, n, d] += err / norm
+                    for k in range(1, self.forecast_orders + 1):
+                        steps = [t - n - i * d for i in range(k + 1)]
+                        if any(s not in hist for s in steps):
+                            break
+                        w = forecast_weights(t, steps)
+                        err = sum(float((sum(wi * hist[s][0][i] for wi, s in zip(w, steps, strict=True))
+                                         - res[i]).pow(2).sum()) for i, _, _ in pairs)
+                        acc["e_forecast"][u, k - 1, n, d] += err / norm
         acc["e_skip"][u] += sum(float(r.pow(2).sum()) for r in res.values()) / norm
         batch = pairs[0][1].shape[0]
         p_args, p_kwargs, sl = self._rows(args, kwargs, batch)
@@ -372,7 +391,7 @@ class _Probe:
                     acc["e_prune"][u, n, k] += float((approx.float() - y[sl].float()).pow(2).sum()) / p_norm
         self._module_actions(u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc)
         hist[t] = ({i: r for i, r in res.items()}, {i: x.detach() for i, x, _ in pairs})
-        for old_t in [s for s in hist if s < t - 2 * self.max_age]:
+        for old_t in [s for s in hist if s < t - (self.forecast_orders + 1) * self.max_age]:
             del hist[old_t]
 
     def _module_actions(self, u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc) -> None:
@@ -416,16 +435,41 @@ class _Probe:
                 old = mhist.get(t - n)
                 if old is None or any(old[(role, name)][0] is None for name, _ in mods):
                     continue
-                acc["e_module_reuse"][u, r, n] += error(
-                    [(mod, _returning(_rows(old[(role, name)][0], sl))) for name, mod in mods])
+                reuse_error = error([(mod, _returning(_rows(old[(role, name)][0], sl))) for name, mod in mods])
+                acc["e_module_reuse"][u, r, n] += reuse_error
+                self._module_forecasts(u, r, role, mods, t, n, mhist, reuse_error, acc)
                 if not prune or any(old[(role, name)][1] is None for name, _ in mods):
                     continue
                 for k, rate in enumerate(self.prune_rates):
                     acc["e_module_prune"][u, r, n, k] += error(
                         [(mod, _pruning(rate, _rows(old[(role, name)][1], sl), _rows(old[(role, name)][0], sl)))
                          for name, mod in mods])
-        for old_t in [s for s in mhist if s < t - self.max_age]:
+        for old_t in [s for s in mhist if s < t - (self.forecast_orders + 1) * self.max_age]:
             del mhist[old_t]
+        for old_t in [s for s in mhist if s < t - self.max_age]:  # token inputs: PRUNE reads age <= max_age
+            mhist[old_t] = {k: (out, None) for k, (out, _) in mhist[old_t].items()}
+
+    def _module_forecasts(self, u, r, role, mods, t, n, mhist, reuse_error, acc) -> None:
+        """``FORECAST`` of ``role``'s outputs at age ``n``, every order and spacing: the measured
+        reuse error scaled by the forecast's error relative to the reuse's on the outputs themselves."""
+        names = [name for name, _ in mods]
+        now = [_tensors(mhist[t][(role, name)][0]) for name in names]
+        old = [_tensors(mhist[t - n][(role, name)][0]) for name in names]
+        reuse_sq = sum(float((o.float() - c.float()).pow(2).sum()) for os_, cs in zip(old, now, strict=True)
+                       for o, c in zip(os_, cs, strict=True))
+        for d in range(1, self.max_age + 1):
+            for k in range(1, self.forecast_orders + 1):
+                steps = [t - n - i * d for i in range(k + 1)]
+                if any(s not in mhist or any(mhist[s][(role, name)][0] is None for name in names) for s in steps):
+                    break
+                w = forecast_weights(t, steps)
+                sq = 0.0
+                for j, name in enumerate(names):
+                    history = [_tensors(mhist[s][(role, name)][0]) for s in steps]
+                    for i, c in enumerate(now[j]):
+                        pred = sum(wi * h[i].float() for wi, h in zip(w, history, strict=True))
+                        sq += float((pred - c.float()).pow(2).sum())
+                acc["e_module_forecast"][u, r, k - 1, n, d] += reuse_error * (sq / reuse_sq if reuse_sq > 0 else 1.0)
 
     def arrays(self) -> tuple[list[float], dict[str, np.ndarray]]:
         steps = sorted(self.sums)
@@ -443,6 +487,7 @@ def annotate_sensitivity(
     prune_rates: tuple[float, ...] = (0.25, 0.5, 0.75),
     widths: tuple[float, ...] = (0.25, 0.5, 0.75),
     probe_rows: int | None = 4,
+    forecast_orders: int = MAX_FORECAST_ORDER,
     progress: bool = True,
 ) -> tuple[PassResult, SensitivityProfile]:
     """Measure the sensitivity profile of ``graph``'s model on calibration trajectories.
@@ -455,6 +500,7 @@ def annotate_sensitivity(
         widths: MLP prefix widths ``WIDTH`` may use.
         probe_rows: batch rows on which the extra block calls (prune, width) run; ``None``
             for all rows.
+        forecast_orders: ``FORECAST`` orders measured, ``1 .. forecast_orders``.
         progress: show a progress bar.
 
     Returns:
@@ -466,7 +512,10 @@ def annotate_sensitivity(
     model = graph.model
     t0 = time.perf_counter()
     order, plain_seconds = measure_channel_order(graph, calibration)
-    probe = _Probe(graph, max_age, prune_rates, widths, order, probe_rows)
+    if isinstance(forecast_orders, bool) or not isinstance(forecast_orders, int) or \
+            not 1 <= forecast_orders <= MAX_FORECAST_ORDER:
+        raise ConfigError(f"forecast_orders must be an int in 1..{MAX_FORECAST_ORDER}, got {forecast_orders!r}")
+    probe = _Probe(graph, max_age, prune_rates, widths, order, probe_rows, forecast_orders)
     handles = [model.register_forward_pre_hook(probe.pre_model, with_kwargs=True)]
     handles += probe.module_hooks()
     for u, spec in enumerate(graph.blocks):
@@ -489,13 +538,18 @@ def annotate_sensitivity(
     timesteps, errs = probe.arrays()
     # Ages never observed (e.g. the first steps) stay at 0; the solver's validity rules keep
     # the plan from reading a cache older than the step itself, so they are never used.
-    # FORECAST needs two computes before the step: where the older one would precede step 0
-    # there is nothing to extrapolate from, marked NaN (not offered to the solver).
+    # FORECAST of order k needs k + 1 computes before the step: where the oldest would precede
+    # step 0 there is nothing to extrapolate from, marked NaN (not offered to the solver).
     for t in range(len(timesteps)):
-        for n in range(1, max_age + 1):
-            errs["e_forecast"][t, :, n, max(1, t - n + 1):] = np.nan
-    errs["e_forecast"][:, :, 0, :] = np.nan
-    errs["e_forecast"][:, :, :, 0] = np.nan
+        for k in range(1, forecast_orders + 1):
+            for n in range(1, max_age + 1):
+                for d in range(1, max_age + 1):
+                    if t - n - k * d < 0:
+                        errs["e_forecast"][t, :, k - 1, n, d] = np.nan
+                        errs["e_module_forecast"][t, :, :, k - 1, n, d] = np.nan
+    for name in ("e_forecast", "e_module_forecast"):
+        errs[name][..., 0, :] = np.nan
+        errs[name][..., 0] = np.nan
     U = len(graph.blocks)
     for u in range(U):
         if not probe.prunable[u]:
@@ -510,6 +564,7 @@ def annotate_sensitivity(
             if not spec.role_modules(role):
                 errs["e_module_reuse"][:, u, r] = np.nan
                 errs["e_module_skip"][:, u, r] = np.nan
+                errs["e_module_forecast"][:, u, r] = np.nan
             else:
                 flops["flops_module"][u, r] = graph.costs.flops(spec.name, role)
             shapes = probe.module_prune[u].get(role)

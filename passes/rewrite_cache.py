@@ -1,11 +1,12 @@
 """rewrite_cache: ``COMPUTE`` refreshes a block's cache; ``REUSE``/``FORECAST`` serve the block from it.
 
 ``REUSE`` replaces the block call by ``input + cached residual`` for each output stream (the
-residual ``out - in`` written by the block's last ``COMPUTE``). ``FORECAST`` replaces it by
-``input + residual + slope * (residual - previous residual)``, a first-order extrapolation from
-the block's last two computes. ``COMPUTE`` keeps the call and returns ``out - in`` (and, for
-later ``PRUNE`` steps, the input itself; for later ``FORECAST`` steps, the residual it replaces)
-as cache writes.
+residual ``out - in`` written by the block's last ``COMPUTE``). ``FORECAST`` of order ``k``
+replaces it by ``input + sum_i w_i * residual_i`` over the residuals of the block's last
+``k + 1`` computes (``res``, ``prev``, ``hist2``, ``hist3``, newest first), with the Lagrange
+weights of :func:`dit_opt.plan.forecast_weights`. ``COMPUTE`` keeps the call and returns
+``out - in`` (and, for later ``PRUNE`` steps, the input itself; for later ``FORECAST`` steps, the
+older residuals shifted one place down) as cache writes.
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ from dit_opt.plan import Action, ActionKind
 from passes.infra import PassResult
 from passes.step_graph import StepGraph, cache_key
 
-__all__ = ["rewrite_cache"]
+__all__ = ["rewrite_cache", "history_kind"]
+
+
+def history_kind(i: int) -> str:
+    """Cache-entry kind of the residual ``i`` computes back: ``res``, ``prev``, ``hist2``, ``hist3``
+    (never a prefix of another kind followed by digits, so keys with output positions stay unique)."""
+    return "res" if i == 0 else "prev" if i == 1 else f"hist{i}"
 
 
 def rewrite_cache(
     sg: StepGraph, spec: BlockSpec, action: Action, *, write_residual: bool = True, write_input: bool = False,
-    keep_previous: bool = False, slope: float | None = None,
+    keep: int = 0, weights: tuple[float, ...] | None = None,
 ) -> PassResult:
     """Rewrite ``spec``'s block node for ``COMPUTE`` (cache writes) or ``REUSE``/``FORECAST`` (reads).
 
@@ -34,10 +41,10 @@ def rewrite_cache(
         action: ``COMPUTE``, ``REUSE`` or ``FORECAST``.
         write_residual: on ``COMPUTE``, write the residuals (a later step reuses them).
         write_input: on ``COMPUTE``, write the inputs too (a later ``PRUNE`` scores tokens by drift).
-        keep_previous: on ``COMPUTE``, move the residuals being replaced to ``prev`` entries (a
-            later ``FORECAST`` extrapolates from both).
-        slope: on ``FORECAST``, ``n / d`` (steps since the last compute over the spacing of the
-            last two).
+        keep: on ``COMPUTE``, how many older residuals to keep, shifted one place down (``res`` to
+            ``prev``, ``prev`` to ``hist2``, ...): a later ``FORECAST`` of order ``k`` reads ``k``.
+        weights: on ``FORECAST``, the extrapolation weights of the last ``k + 1`` residuals,
+            newest first.
 
     Raises:
         DitOptError: ``REUSE`` of a block whose output does not continue an input stream.
@@ -45,7 +52,7 @@ def rewrite_cache(
     node = sg.node(spec)
     ins = sg.stream_nodes(spec)
     if action.kind is ActionKind.COMPUTE:
-        if not (write_residual or write_input or keep_previous):
+        if not (write_residual or write_input or keep):
             return PassResult(sg, False)
         outs = sg.output_nodes(spec, node)
         last = max((n for n in outs if n is not None), key=_order)
@@ -53,8 +60,9 @@ def rewrite_cache(
             for o, x, y in zip(spec.outputs, ins, outs, strict=True):
                 if x is None or y is None:
                     continue
-                if keep_previous:
-                    sg.write(cache_key(spec.name, "prev", o.position), sg.read(cache_key(spec.name, "res", o.position)))
+                for i in range(keep, 0, -1):
+                    sg.write(cache_key(spec.name, history_kind(i), o.position),
+                             sg.read(cache_key(spec.name, history_kind(i - 1), o.position)))
                 if write_residual:
                     sg.write(cache_key(spec.name, "res", o.position), sg.fx.call_function(torch.sub, (y, x)))
                 if write_input:
@@ -62,8 +70,8 @@ def rewrite_cache(
         return PassResult(sg, True)
     if action.kind not in (ActionKind.REUSE, ActionKind.FORECAST):
         raise ValueError(f"rewrite_cache handles COMPUTE, REUSE and FORECAST, not {action}")
-    if action.kind is ActionKind.FORECAST and slope is None:
-        raise ValueError(f"block {spec.name}: FORECAST needs its slope n / d")
+    if action.kind is ActionKind.FORECAST and (weights is None or len(weights) != action.order + 1):
+        raise ValueError(f"block {spec.name}: {action} needs {action.order + 1} extrapolation weights, got {weights}")
     outs = []
     with sg.fx.inserting_before(node):
         for o, x in zip(spec.outputs, ins, strict=True):
@@ -77,8 +85,9 @@ def rewrite_cache(
                 )
             res = sg.read(cache_key(spec.name, "res", o.position))
             if action.kind is ActionKind.FORECAST:
-                prev = sg.read(cache_key(spec.name, "prev", o.position))
-                outs.append(sg.fx.call_function(forecast, (x, res, prev, float(slope))))
+                history = tuple(sg.read(cache_key(spec.name, history_kind(i), o.position))
+                                for i in range(len(weights)))
+                outs.append(sg.fx.call_function(forecast, (x, history, tuple(float(w) for w in weights))))
             else:
                 outs.append(sg.fx.call_function(reuse, (x, res)))
     packed = sg.pack(spec, outs, after=max((n for n in outs if n is not None), key=_order))

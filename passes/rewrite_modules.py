@@ -39,19 +39,26 @@ import torch.fx
 from torch import nn
 
 from dit_opt.errors import DitOptError
-from dit_opt.executor import gather_tokens, scatter_tokens, token_scores, topk_tokens
+from dit_opt.executor import combine, gather_tokens, scatter_tokens, token_scores, topk_tokens
 from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import Action, ActionKind
 from passes.infra import PassResult
+from passes.rewrite_cache import history_kind
 from passes.step_graph import StepGraph
 
-__all__ = ["rewrite_modules", "module_key", "module_token_input"]
+__all__ = ["rewrite_modules", "module_key", "module_token_input", "output_kind"]
 
 
 def module_key(block: str, module: str, index: int | None = None, kind: str = "out") -> str:
     """Cache entry of a sub-module's output: ``<block>.<module>/out`` (``/out<i>`` for tuple
-    outputs); ``kind="in"``: of its token input, ``<block>.<module>/in`` (read by ``PRUNE``)."""
+    outputs); ``kind="in"``: of its token input, ``<block>.<module>/in`` (read by ``PRUNE``);
+    :func:`output_kind` names the outputs of earlier computes (read by ``FORECAST``)."""
     return f"{block}.{module}/{kind}" + ("" if index is None else str(index))
+
+
+def output_kind(i: int) -> str:
+    """Cache-entry kind of a sub-module's output ``i`` computes back: ``out``, ``prev``, ``hist2``, ..."""
+    return "out" if i == 0 else history_kind(i)
 
 
 def module_token_input(graph: DiTGraph, spec: BlockSpec, module: str) -> tuple[int | None, str]:
@@ -161,21 +168,27 @@ def rewrite_modules(
     narrow_mlp: Any = None,
     *,
     write_inputs: dict[str, bool] | None = None,
+    keeps: dict[str, int] | None = None,
+    weights: dict[str, tuple[float, ...] | None] | None = None,
 ) -> PassResult:
     """Rewrite ``spec``'s block call with per-role actions.
 
     Args:
         sg: the step graph.
         spec: the block.
-        actions: role -> action (``COMPUTE``, ``REUSE``, ``WIDTH``, ``SKIP`` or ``PRUNE``).
+        actions: role -> action (``COMPUTE``, ``REUSE``, ``FORECAST``, ``WIDTH``, ``SKIP`` or ``PRUNE``).
         writes: role -> whether a ``COMPUTE`` must write the outputs for a later ``REUSE`` or ``PRUNE``.
         narrow_mlp: ``(module, width) -> module`` for ``WIDTH``.
         write_inputs: role -> whether a ``COMPUTE`` must also write the token inputs for a later
             ``PRUNE`` (sub-modules that cannot be pruned write none).
+        keeps: role -> on ``COMPUTE``, how many outputs of earlier computes to keep, shifted one
+            place down (``out`` to ``prev``, ``prev`` to ``hist2``, ...) for a later ``FORECAST``.
+        weights: role -> on ``FORECAST``, the extrapolation weights of the role's outputs at its
+            last computes, newest first (:func:`dit_opt.plan.forecast_weights`).
 
     Raises:
-        DitOptError: an action that has no module-level form here (``FORECAST``), or ``PRUNE`` of a
-            sub-module that cannot be pruned (the message says why).
+        DitOptError: an action that has no module-level form, or ``PRUNE`` of a sub-module that
+            cannot be pruned (the message says why).
     """
     interp = sg.graph.module.get_submodule(spec.name)
     g = torch.fx.Graph()
@@ -203,17 +216,31 @@ def rewrite_modules(
         action = actions[role]
         users = list(n.users)
         tuple_out = bool(users) and all(u.op == "call_function" and u.target is operator.getitem for u in users)
-        keys = ([(module_key(spec.name, n.target, u.args[1]), u) for u in users] if tuple_out
-                else [(module_key(spec.name, n.target), n)])
-        if action.kind is ActionKind.REUSE:
-            for key, value in keys:
-                value.replace_all_uses_with(read(key))
+        outs = [(u.args[1], u) for u in users] if tuple_out else [(None, n)]
+        keys = [(module_key(spec.name, n.target, i), v) for i, v in outs]
+        if action.kind in (ActionKind.REUSE, ActionKind.FORECAST):
+            w = (weights or {}).get(role)
+            if action.kind is ActionKind.FORECAST and (w is None or len(w) != action.order + 1):
+                raise DitOptError(f"block {spec.name}: {action} of {n.target} needs {action.order + 1} "
+                                  f"extrapolation weights, got {w}")
+            for i, value in outs:
+                if action.kind is ActionKind.REUSE:
+                    served = read(module_key(spec.name, n.target, i))
+                else:
+                    history = tuple(read(module_key(spec.name, n.target, i, output_kind(j))) for j in range(len(w)))
+                    with g.inserting_before(n):
+                        served = g.call_function(combine, (history, tuple(float(x) for x in w)))
+                    served.meta["val"] = value.meta.get("val")
+                value.replace_all_uses_with(served)
             for u in users if tuple_out else []:
                 g.erase_node(u)
             g.erase_node(n)
         elif action.kind is ActionKind.COMPUTE:
             if writes.get(role):
                 extra.extend(keys)
+            for j in range((keeps or {}).get(role, 0), 0, -1):
+                extra.extend((module_key(spec.name, n.target, i, output_kind(j)),
+                              read(module_key(spec.name, n.target, i, output_kind(j - 1)))) for i, _ in outs)
             if (write_inputs or {}).get(role):
                 pos, _ = module_token_input(sg.graph, spec, n.target)
                 if pos is not None:
@@ -236,7 +263,7 @@ def rewrite_modules(
         else:
             raise DitOptError(
                 f"block {spec.name}: {action} has no module-level form "
-                f"(module units take COMPUTE, REUSE, WIDTH, SKIP or PRUNE)"
+                f"(module units take COMPUTE, REUSE, FORECAST, WIDTH, SKIP or PRUNE)"
             )
     g.output((out, *[v for _, v in extra]))
     g.lint()

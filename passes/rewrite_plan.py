@@ -4,9 +4,10 @@ The plan is the only input besides the captured graph: for each step, each block
 through the rewrite pass of its action (``rewrite_cache``, ``rewrite_prune``,
 ``rewrite_width``, ``rewrite_skip``), or, for module-level units, each block through
 ``rewrite_modules`` with the actions of its roles. A ``COMPUTE`` writes the cache entries that a
-later step of the same unit reads before its next ``COMPUTE``; before a ``FORECAST`` it also
-keeps the residual of the compute before it (``prev``), and the forecast's slope ``n / d`` is a
-constant of the step's graph. For a module unit the "residual" entry is the module's output and
+later step of the same unit reads before its next ``COMPUTE``; before a ``FORECAST`` of order
+``k`` the computes it extrapolates from also keep the residuals of the ones before them
+(``prev``, ``hist2``, ...), and the forecast's weights (:func:`dit_opt.plan.forecast_weights`)
+are constants of the step's graph. For a module unit the "residual" entry is the module's output and
 the "input" entry its token input (read by a module ``PRUNE``).
 """
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from dit_opt.errors import DitOptError
 from dit_opt.ir import BlockSpec, DiTGraph
-from dit_opt.plan import Action, ActionKind, Plan, computes_along
+from dit_opt.plan import Action, ActionKind, Plan, compute_history, forecast_weights
 from passes.rewrite_cache import rewrite_cache
 from passes.rewrite_modules import rewrite_modules
 from passes.rewrite_prune import rewrite_prune
@@ -41,42 +42,47 @@ class Variant:
     actions: tuple[Action, ...]
 
 
-def cache_needs(plan: Plan) -> list[list[tuple[bool, bool, bool]]]:
-    """Per step and unit, whether a ``COMPUTE`` must write (residual, input, previous residual)
-    for later steps.
+def cache_needs(plan: Plan) -> list[list[tuple[bool, bool, int]]]:
+    """Per step and unit, what a ``COMPUTE`` must write for later steps: (residual, input, how
+    many older residuals it keeps shifted down for a later ``FORECAST``).
 
     Example:
-        >>> cache_needs(plan)[0][3]   # step 0, unit 3: (residual, input, previous residual)
-        (True, True, False)
+        >>> cache_needs(plan)[0][3]   # step 0, unit 3: (residual, input, older residuals kept)
+        (True, True, 0)
     """
     T, U = plan.num_steps, len(plan.units)
-    needs = [[(False, False, False)] * U for _ in range(T)]
+    needs = [[(False, False, 0)] * U for _ in range(T)]
     # Step 0 writes every entry: the runtime may switch to a plan re-solved for another
     # schedule after seeing the second timestep, and that plan reads what step 0 wrote.
-    needs[0] = [(True, True, False)] * U
+    needs[0] = [(True, True, 0)] * U
     for u in range(U):
-        for _, kind, last, previous in computes_along(plan.actions, u):
-            if kind in (ActionKind.REUSE, ActionKind.FORECAST, ActionKind.PRUNE) and last is not None:
-                res, inp, prev = needs[last][u]
-                needs[last][u] = (True, inp or kind is ActionKind.PRUNE, prev or kind is ActionKind.FORECAST)
-                if kind is ActionKind.FORECAST and previous is not None:
-                    # the compute at `last` keeps the residual that the one at `previous` wrote
-                    needs[previous][u] = (True, *needs[previous][u][1:])
+        for _, action, computes in compute_history(plan.actions, u):
+            if not action.needs_cache:
+                continue
+            res, inp, keep = needs[computes[0]][u]
+            needs[computes[0]][u] = (True, inp or action.kind is ActionKind.PRUNE, keep)
+            if action.kind is ActionKind.FORECAST:
+                # the compute i places back keeps the order - i residuals written before it
+                for i, c in enumerate(computes[:action.order + 1]):
+                    res, inp, keep = needs[c][u]
+                    needs[c][u] = (True, inp, max(keep, action.order - i))
     return needs
 
 
-def forecast_slopes(plan: Plan) -> list[list[float | None]]:
-    """Per step and unit, the slope ``n / d`` of a ``FORECAST`` (``None`` elsewhere): ``n`` steps
-    since the last compute, ``d`` between the last two."""
+def forecast_plan_weights(plan: Plan) -> list[list[tuple[float, ...] | None]]:
+    """Per step and unit, the extrapolation weights of a ``FORECAST`` over the unit's last
+    ``order + 1`` computes, newest first (``None`` elsewhere)."""
     T, U = plan.num_steps, len(plan.units)
-    slopes: list[list[float | None]] = [[None] * U for _ in range(T)]
+    out: list[list[tuple[float, ...] | None]] = [[None] * U for _ in range(T)]
     for u in range(U):
-        for t, kind, last, previous in computes_along(plan.actions, u):
-            if kind is ActionKind.FORECAST:
-                if previous is None:
-                    raise DitOptError(f"step {t}, unit {plan.units[u]}: FORECAST needs two earlier COMPUTE steps")
-                slopes[t][u] = (t - last) / (last - previous)
-    return slopes
+        for t, action, computes in compute_history(plan.actions, u):
+            if action.kind is ActionKind.FORECAST:
+                used = computes[:action.order + 1]
+                if len(used) < action.order + 1:
+                    raise DitOptError(f"step {t}, unit {plan.units[u]}: {action} needs {action.order + 1} "
+                                      f"earlier COMPUTE steps")
+                out[t][u] = forecast_weights(t, used)
+    return out
 
 
 def build_variants(
@@ -111,32 +117,33 @@ def build_variants(
             raise DitOptError(f"plan has both block-level and module-level units for block {name}; use one granularity")
         order.append((specs[name], units))
     needs = cache_needs(plan)
-    slopes = forecast_slopes(plan)
+    weights = forecast_plan_weights(plan)
     shared: dict[tuple, Variant] = {}
     out = []
     for t in range(plan.num_steps):
-        key = (tuple(str(a) for a in plan.actions[t]), tuple(needs[t]), tuple(slopes[t]))
+        key = (tuple(str(a) for a in plan.actions[t]), tuple(needs[t]), tuple(weights[t]))
         if key not in shared:
-            shared[key] = _build(graph, order, plan, t, needs[t], slopes[t], narrowed, narrow_mlp, len(shared))
+            shared[key] = _build(graph, order, plan, t, needs[t], weights[t], narrowed, narrow_mlp, len(shared))
         out.append(shared[key])
     return out
 
 
-def _build(graph, order, plan, t, needs, slopes, narrowed, narrow_mlp, n) -> Variant:
+def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, n) -> Variant:
     sg = StepGraph(graph)
     actions = plan.actions[t]
     for spec, units in order:
         if plan.units[units[0]].role is not None:
             rewrite_modules(sg, spec, {plan.units[u].role.value: actions[u] for u in units},
                             {plan.units[u].role.value: needs[u][0] for u in units}, narrow_mlp,
-                            write_inputs={plan.units[u].role.value: needs[u][1] for u in units})
+                            write_inputs={plan.units[u].role.value: needs[u][1] for u in units},
+                            keeps={plan.units[u].role.value: needs[u][2] for u in units},
+                            weights={plan.units[u].role.value: weights[u] for u in units})
             continue
         (u,) = units
-        action, (res, inp, prev) = actions[u], needs[u]
+        action, (res, inp, keep) = actions[u], needs[u]
         kind = action.kind
         if kind in (ActionKind.COMPUTE, ActionKind.REUSE, ActionKind.FORECAST):
-            rewrite_cache(sg, spec, action, write_residual=res, write_input=inp, keep_previous=prev,
-                          slope=slopes[u])
+            rewrite_cache(sg, spec, action, write_residual=res, write_input=inp, keep=keep, weights=weights[u])
         elif kind is ActionKind.PRUNE:
             rewrite_prune(sg, spec, action.rate)
         elif kind is ActionKind.WIDTH:

@@ -30,7 +30,8 @@ __all__ = ["StepGraph", "cache_key"]
 
 
 def cache_key(block: str, kind: str, position: int) -> str:
-    """Name of a cache entry: ``<block>/<kind><output position>``, kind ``res``, ``in`` or ``prev``."""
+    """Name of a cache entry: ``<block>/<kind><output position>``, kind ``res``, ``in``, ``prev``,
+    ``hist2`` or ``hist3`` (see ``passes.rewrite_cache.history_kind``)."""
     return f"{block}/{kind}{position}"
 
 

@@ -7,6 +7,7 @@ the CLI and configs can name them:
 ``cpsat``       joint choice of all actions under the budget, OR-Tools CP-SAT (default)
 ``dp``          SODA's interval dynamic programme, exact, COMPUTE/REUSE-only problems
 ``periodic``    one compute interval per unit, chosen under the budget (exact knapsack)
+``uniform``     TaylorSeer's rule: a warm-up, then every unit every ``N`` steps (best pair)
 ``fora``        FORA: uniform reuse interval
 ``delta_dit``   Delta-DiT: rear blocks cached early, front blocks late
 ``toca``        ToCa-like: uniform token pruning between full computes
@@ -34,6 +35,7 @@ SOLVERS: dict[str, tuple[str, str]] = {
     "cpsat": ("solvers.cpsat", "solve"),
     "dp": ("solvers.dp", "solve"),
     "periodic": ("solvers.periodic", "solve"),
+    "uniform": ("solvers.uniform", "solve"),
     "fora": ("solvers.baselines", "fora"),
     "delta_dit": ("solvers.baselines", "delta_dit"),
     "toca": ("solvers.baselines", "toca_like"),

@@ -8,19 +8,21 @@ action                  error                            FLOPs
 ======================  ===============================  ======================================
 ``COMPUTE``             0                                ``flops_compute[t, u]``
 ``REUSE`` (age n)       ``e_reuse[t, u, n]``             ``flops_reuse[t, u]``
-``FORECAST`` (n, d)     ``e_forecast[t, u, n, d]``       ``flops_reuse[t, u]``
+``FORECAST`` k (n, d)   ``e_forecast[t, u, k-1, n, d]``  ``flops_reuse[t, u]``
 ``PRUNE(rate k)`` (n)   ``e_prune[t, u, n, k]``          ``flops_prune[t, u, k]``
 ``WIDTH(width j)``      ``e_width[t, u, j]``             ``flops_width[t, u, j]``
 ``SKIP``                ``e_skip[t, u]``                 0
 ======================  ===============================  ======================================
 
-``FORECAST`` is ``REUSE`` with the residual extrapolated from the unit's last two computes,
-``d`` steps apart; it is not a menu entry. Solvers see, in the ``REUSE`` column of
-:attr:`Problem.error_table`, the smaller of the reuse error and the forecast error for a typical
-spacing (the mean over ``d`` in ``n + 1 .. max_age``: spacings as long as the interval itself),
-and :meth:`Problem.to_plan` then turns each ``REUSE`` into ``FORECAST`` where, with the plan's
-actual spacing, the measured forecast error is smaller. Plans with forecasts are therefore never
-worse in modelled error than the same plan without.
+``FORECAST`` of order ``k`` is ``REUSE`` with the residual extrapolated by the polynomial through
+the unit's last ``k + 1`` computes; its error is measured at age ``n`` from computes ``d`` steps
+apart (for ``k >= 2``, evenly ``d`` apart). It is not a menu entry. Solvers see, in the ``REUSE``
+column of :attr:`Problem.error_table`, the smallest of the reuse error and, over the orders, the
+forecast error for a typical spacing (the mean over ``d`` in ``n + 1 .. max_age``: spacings as
+long as the interval itself), and :meth:`Problem.to_plan` then turns each ``REUSE`` into the
+``FORECAST`` order that, with the plan's actual spacing, is measured best, where it beats the
+reuse. Plans with forecasts are therefore never worse in modelled error than the same plan
+without.
 
 The age ``n`` of a cache is the number of steps since the unit's last ``COMPUTE``
 (``1 <= n <= max_age``); column 0 of ``e_reuse``/``e_prune`` is unused. Errors add up over
@@ -52,11 +54,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import cached_property, reduce
+from itertools import pairwise
 
 import numpy as np
 
 from dit_opt.errors import InfeasibleBudgetError
-from dit_opt.plan import COMPUTE, FORECAST, REUSE, SKIP, Action, ActionKind, Plan, Unit, check_budget, computes_along
+from dit_opt.plan import (
+    COMPUTE,
+    MAX_FORECAST_ORDER,
+    REUSE,
+    SKIP,
+    Action,
+    ActionKind,
+    Plan,
+    Unit,
+    check_budget,
+    compute_history,
+)
 
 __all__ = ["Problem", "min_cost_sequences", "infeasible_error"]
 
@@ -81,9 +95,10 @@ class Problem:
         widths: MLP prefix widths of ``WIDTH``, one per index ``j``.
         e_width, flops_width: ``(T, U, J)`` each, or ``None``.
         e_skip: ``(T, U)`` or ``None`` (no SKIP).
-        e_forecast: ``(T, U, max_age + 1, max_age + 1)`` error of ``FORECAST`` at age ``n`` from
-            computes ``d`` steps apart (``inf`` where not available), or ``None`` (no forecasts).
-            Needs ``e_reuse``.
+        e_forecast: ``(T, U, K, max_age + 1, max_age + 1)`` error of ``FORECAST`` of order
+            ``k = 1 .. K`` at age ``n`` from computes ``d`` steps apart (``inf`` where not
+            available), or ``None`` (no forecasts). A ``(T, U, max_age + 1, max_age + 1)`` array
+            is order 1 only. Needs ``e_reuse``.
         allowed: ``(U, A)`` or ``(T, U, A)`` booleans over :attr:`actions`, or ``None``: all
             allowed except ``WIDTH`` on units that are not an MLP or a whole block.
         timesteps: scheduler timestep value of each step, if known.
@@ -120,6 +135,8 @@ class Problem:
         set_(self, "prune_rates", tuple(float(r) for r in self.prune_rates))
         set_(self, "widths", tuple(float(w) for w in self.widths))
         T, U, M = self.num_steps, len(self.units), self.max_age
+        if self.e_forecast is not None and np.ndim(self.e_forecast) == 4:
+            set_(self, "e_forecast", np.asarray(self.e_forecast)[:, :, None])  # order 1 only
         if not all(isinstance(u, Unit) for u in self.units) or len(set(self.units)) != U or U == 0:
             raise ValueError("Problem.units must be a non-empty sequence of distinct Unit objects")
         if int(T) != T or T < 1 or int(M) != M or M < 0:
@@ -139,7 +156,8 @@ class Problem:
             "e_width": ((T, U, J), "(num_steps, num_units, len(widths))"),
             "flops_width": ((T, U, J), "(num_steps, num_units, len(widths))"),
             "e_skip": ((T, U), "(num_steps, num_units)"),
-            "e_forecast": ((T, U, M + 1, M + 1), "(num_steps, num_units, max_age + 1, max_age + 1)"),
+            "e_forecast": ((T, U, self.forecast_orders, M + 1, M + 1),
+                           "(num_steps, num_units, orders, max_age + 1, max_age + 1)"),
         }
         for name, (shape, spelled) in shapes.items():
             value = getattr(self, name)
@@ -153,7 +171,7 @@ class Problem:
             # Column 0 (age 0) of the cache errors is unused, so it may hold anything.
             checked = array[:, :, 1:] if name in ("e_reuse", "e_prune") else array
             if name == "e_forecast":  # inf marks a forecast that is not available
-                checked = np.where(np.isposinf(array), 0.0, array)[:, :, 1:, 1:]
+                checked = np.where(np.isposinf(array), 0.0, array)[..., 1:, 1:]
             if not np.all(np.isfinite(checked)) or np.any(checked < 0):
                 raise ValueError(f"Problem.{name} must be finite and >= 0 (ages 1..max_age for errors)")
         for family, arrays in (
@@ -166,6 +184,8 @@ class Problem:
                 raise ValueError(f"{family} needs both {arrays[0]} and {arrays[1]} (or neither)")
         if self.e_forecast is not None and self.e_reuse is None:
             raise ValueError("e_forecast needs e_reuse: FORECAST is a form of REUSE")
+        if self.e_forecast is not None and not 1 <= self.forecast_orders <= MAX_FORECAST_ORDER:
+            raise ValueError(f"Problem.e_forecast has {self.forecast_orders} orders, expected 1..{MAX_FORECAST_ORDER}")
         if (self.e_prune is None) != (K == 0) or (self.e_width is None) != (J == 0):
             raise ValueError("prune_rates/widths must be given exactly when e_prune/e_width are")
         if self.timesteps is not None:
@@ -201,6 +221,11 @@ class Problem:
         return mask
 
     # ------------------------------------------------------------------------------ tables
+    @property
+    def forecast_orders(self) -> int:
+        """How many ``FORECAST`` orders the problem has errors for (0: no forecasts)."""
+        return 0 if self.e_forecast is None else int(np.shape(self.e_forecast)[2])
+
     @cached_property
     def actions(self) -> tuple[Action, ...]:
         """The action menu, in the order of the last axis of :attr:`allowed` and the tables."""
@@ -261,36 +286,55 @@ class Problem:
 
     @cached_property
     def forecast_estimate(self) -> np.ndarray:
-        """``(T, U, max_age + 1)`` forecast error at each age for a typical spacing: the mean of
-        ``e_forecast`` over the available spacings ``d`` in ``n + 1 .. max_age`` (``d = max_age``
-        for the oldest age); ``inf`` where none is available."""
+        """``(T, U, max_age + 1)`` forecast error at each age for a typical spacing: per order the
+        mean of ``e_forecast`` over the available spacings ``d`` in ``n + 1 .. max_age`` (``d =
+        max_age`` for the oldest age), the best order's; ``inf`` where none is available."""
         T, U, M = self.num_steps, len(self.units), self.max_age
         out = np.full((T, U, M + 1), np.inf)
-        if self.e_forecast is None:
-            return out
-        for n in range(1, M + 1):
-            block = self.e_forecast[:, :, n, min(n + 1, M):]
-            finite = np.isfinite(block)
-            count = finite.sum(axis=2)
-            mean = np.where(finite, block, 0.0).sum(axis=2) / np.maximum(count, 1)
-            out[:, :, n] = np.where(count > 0, mean, np.inf)
+        for k in range(self.forecast_orders):
+            for n in range(1, M + 1):
+                block = self.e_forecast[:, :, k, n, min(n + 1, M):]
+                finite = np.isfinite(block)
+                count = finite.sum(axis=2)
+                mean = np.where(finite, block, 0.0).sum(axis=2) / np.maximum(count, 1)
+                out[:, :, n] = np.minimum(out[:, :, n], np.where(count > 0, mean, np.inf))
         return out
 
+    def forecast_error(self, t: int, u: int, order: int, computes: Sequence[int]) -> float:
+        """Measured error of ``FORECAST`` of ``order`` at step ``t`` of unit ``u`` from its last
+        computes (newest first); ``inf`` where not measured: too few computes, a spacing above
+        ``max_age``, or, for order 2 and up, computes not evenly spaced."""
+        if not 1 <= order <= self.forecast_orders or len(computes) < order + 1:
+            return np.inf
+        used = list(computes[:order + 1])
+        n, d = t - used[0], used[0] - used[1]
+        if not (1 <= n <= self.max_age and 1 <= d <= self.max_age):
+            return np.inf
+        if any(a - b != d for a, b in pairwise(used)):
+            return np.inf
+        return float(self.e_forecast[t, u, order - 1, n, d])
+
     def with_forecasts(self, actions: Sequence[Sequence[Action]]) -> tuple[tuple[Action, ...], ...]:
-        """The grid with each ``REUSE`` turned into ``FORECAST`` where, with the grid's actual
-        spacing of the unit's last two computes, the measured forecast error is smaller."""
-        grid = [list(row) for row in actions]
+        """The grid with each ``REUSE`` turned into the ``FORECAST`` order measured best with the
+        grid's actual spacing of the unit's last computes, where it beats the reuse."""
+        columns = [self.column_with_forecasts(u, [row[u] for row in actions]) for u in range(len(self.units))]
+        return tuple(zip(*columns, strict=True)) if columns else tuple(tuple(row) for row in actions)
+
+    def column_with_forecasts(self, u: int, column: Sequence[Action]) -> list[Action]:
+        """:meth:`with_forecasts` for the actions of unit ``u`` alone."""
+        column = list(column)
         if self.e_forecast is None:
-            return tuple(tuple(row) for row in grid)
-        M = self.max_age
-        for u in range(len(self.units)):
-            # only COMPUTE moves the walk, so turning a REUSE into FORECAST on the way is safe
-            for t, kind, last, previous in computes_along(grid, u):
-                if kind is ActionKind.REUSE and previous is not None and last - previous <= M:
-                    n, d = t - last, last - previous
-                    if n <= M and self.e_forecast[t, u, n, d] < self.e_reuse[t, u, n]:
-                        grid[t][u] = FORECAST
-        return tuple(tuple(row) for row in grid)
+            return column
+        grid = [[a] for a in column]
+        # only COMPUTE moves the walk, so turning a REUSE into FORECAST on the way is safe
+        for t, action, computes in compute_history(grid, 0):
+            if action.kind is not ActionKind.REUSE or t - computes[0] > self.max_age:
+                continue
+            errors = [self.forecast_error(t, u, k, computes) for k in range(1, self.forecast_orders + 1)]
+            best = int(np.argmin(errors))
+            if errors[best] < self.e_reuse[t, u, t - computes[0]]:
+                column[t] = Action(ActionKind.FORECAST, order=best + 1)
+        return column
 
     @cached_property
     def full_flops(self) -> float:
@@ -359,37 +403,53 @@ class Problem:
         T, U = self.num_steps, len(self.units)
         if len(actions) != T or any(len(row) != U for row in actions):
             raise ValueError(f"actions must be {T} rows (steps) of {U} actions (units)")
+        terms = [self.unit_terms(u, [row[u] for row in actions]) for u in range(U)]
+        steps = [math.fsum(flops[t] for flops, _ in terms) for t in range(T)]
+        every = [self.flops_fixed, *(f for flops, _ in terms for f in flops)]
+        return steps, math.fsum(every), math.fsum(e for _, errors in terms for e in errors)
+
+    @cached_property
+    def _action_index(self) -> dict[Action, int]:
         index = {a: i for i, a in enumerate(self.actions)}
-        if self.e_forecast is not None:
-            index[FORECAST] = index[REUSE]  # same FLOPs and rules as REUSE, its own error
-        last, previous = [0] * U, [None] * U
-        steps, errors, every = [], [], [self.flops_fixed]
-        for t, row in enumerate(actions):
-            flops = []
-            for u, action in enumerate(row):
-                a = index.get(action)
-                where = f"step {t}, unit {self.units[u]}: {action}"
-                if a is None or not self.allowed[t, u, a]:
-                    raise ValueError(f"{where} is not an allowed action of this problem")
-                if t == 0 and a != 0:
-                    raise ValueError(f"{where}: step 0 must COMPUTE every unit")
-                age = t - last[u]
-                if self.needs_cache[a] and age > self.max_age:
-                    raise ValueError(f"{where} reads a cache {age} steps old > max_age={self.max_age}")
-                flops.append(self.flops_table[t, u, a])
-                if action.kind is ActionKind.FORECAST:
-                    spacing = None if previous[u] is None else last[u] - previous[u]
-                    error = self.e_forecast[t, u, age, spacing] if spacing and spacing <= self.max_age else np.inf
-                    if not np.isfinite(error):
-                        raise ValueError(f"{where}: no forecast from computes {previous[u]} and {last[u]}")
-                    errors.append(float(error))
-                else:
-                    errors.append(self.error_table[t, u, a, age if self.needs_cache[a] else 0])
-                if a == 0:
-                    last[u], previous[u] = t, last[u]
-            steps.append(math.fsum(flops))
-            every += flops
-        return steps, math.fsum(every), math.fsum(errors)
+        if REUSE in index:
+            for k in range(1, self.forecast_orders + 1):
+                # same FLOPs and rules as REUSE, its own error
+                index[Action(ActionKind.FORECAST, order=k)] = index[REUSE]
+        return index
+
+    def unit_terms(self, u: int, column: Sequence[Action]) -> tuple[list[float], list[float]]:
+        """FLOPs and modelled error of unit ``u`` at each step under ``column`` (its ``T`` actions).
+
+        Errors add up over units, so a change to one unit's actions can be scored on its own.
+
+        Raises:
+            ValueError: an action is not in the menu or not allowed, or a rule is broken.
+        """
+        index = self._action_index
+        computes: tuple[int, ...] = (0,)
+        flops, errors = [], []
+        for t, action in enumerate(column):
+            a = index.get(action)
+            where = f"step {t}, unit {self.units[u]}: {action}"
+            if a is None or not self.allowed[t, u, a]:
+                raise ValueError(f"{where} is not an allowed action of this problem")
+            if t == 0 and a != 0:
+                raise ValueError(f"{where}: step 0 must COMPUTE every unit")
+            age = t - computes[0]
+            if self.needs_cache[a] and age > self.max_age:
+                raise ValueError(f"{where} reads a cache {age} steps old > max_age={self.max_age}")
+            flops.append(float(self.flops_table[t, u, a]))
+            if action.kind is ActionKind.FORECAST:
+                error = self.forecast_error(t, u, action.order, computes)
+                if not np.isfinite(error):
+                    raise ValueError(f"{where}: no measured forecast of order {action.order} from computes "
+                                     f"{list(reversed(computes[:action.order + 1]))}")
+                errors.append(error)
+            else:
+                errors.append(float(self.error_table[t, u, a, age if self.needs_cache[a] else 0]))
+            if a == 0 and t > 0:
+                computes = (t, *computes)[:MAX_FORECAST_ORDER + 1]
+        return flops, errors
 
     def is_within_budget(self, flops: float, budget: float | None = None) -> bool:
         """Whether ``flops`` (with ``flops_fixed``) meet ``budget * full_flops``."""

@@ -1,4 +1,4 @@
-"""FORECAST: reuse extrapolated from the last two computes (profile, solver tables, rewrite, runtime)."""
+"""FORECAST: reuse extrapolated from the last computes, orders 1..3 (profile, solver tables, rewrite, runtime)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dit_opt
-from dit_opt.plan import COMPUTE, FORECAST, REUSE, Action, ActionKind, Plan, Unit
+from dit_opt.executor import forecast
+from dit_opt.plan import COMPUTE, FORECAST, MAX_FORECAST_ORDER, REUSE, Action, ActionKind, Plan, Unit, forecast_weights
 from dit_opt.testing import record_inputs
-from passes.rewrite_plan import cache_needs, forecast_slopes
+from passes.rewrite_plan import cache_needs, forecast_plan_weights
 from solvers import solve
 from solvers.problem import Problem
 
@@ -63,26 +66,90 @@ def test_solver_plans_forecast_and_baselines_do_not():
     assert plan.predicted_error < solve(p.without_forecasts(), "cpsat", time_limit_s=5).predicted_error
 
 
-def test_plan_rejects_forecast_without_two_computes():
+def test_higher_orders_where_measured_better_and_evenly_spaced():
+    p = _problem(T=12, U=1, M=3)
+    e = np.array(p.e_forecast)  # (T, U, 1, M + 1, M + 1): order 1 only
+    e3 = np.concatenate([e, e * 0.5, e * 0.25], axis=2)  # order 3 best wherever measured
+    for t in range(12):
+        for k in (2, 3):
+            for n in range(1, 4):
+                for d in range(1, 4):
+                    if t - n - k * d < 0:
+                        e3[t, :, k - 1, n, d] = np.inf
+    p = dataclasses.replace(p, e_forecast=e3)
+    assert p.forecast_orders == 3
+    # computes at 0, 2, 4, 6, 8, 9: at step 7 (computes 6, 4, 2, 0) order 3 is measured; at
+    # step 5 (4, 2, 0) order 2; at step 3 (2, 0) order 1; at step 10 the spacing 9 - 8 = 1
+    # differs from 8 - 6, so only order 1 is measured there
+    computes = {0, 2, 4, 6, 8, 9}
+    grid = [[COMPUTE if t in computes else REUSE] for t in range(12)]
+    out = [row[0] for row in p.with_forecasts(grid)]
+    assert out[3] == FORECAST and out[5] == Action(ActionKind.FORECAST, order=2)
+    assert out[7] == Action(ActionKind.FORECAST, order=3) and out[10] == FORECAST
+    flops, error = p.evaluate(p.with_forecasts(grid))
+    # step 1 reuses (one compute before it), steps 3, 5, 7 forecast at orders 1, 2, 3, 10 and 11 at order 1
+    assert error == pytest.approx(1.0 + 0.1 + 0.1 * 0.5 + 0.1 * 0.25 + 0.1 + 0.1 * 2)
+    with pytest.raises(ValueError, match="no measured forecast of order 3"):
+        bad = [list(row) for row in grid]
+        bad[10][0] = Action(ActionKind.FORECAST, order=3)
+        p.evaluate(bad)
+
+
+@settings(deadline=None, max_examples=40)
+@given(order=st.integers(1, MAX_FORECAST_ORDER), data=st.data())
+def test_forecast_is_exact_on_polynomials_of_its_order(order, data):
+    """A unit whose residual is a polynomial of degree k in the step index, at any spacing of its
+    computes, is forecast exactly by order k (and the runtime op adds it to the input)."""
+    gaps = data.draw(st.lists(st.integers(1, 4), min_size=order, max_size=order))
+    n = data.draw(st.integers(1, 4))
+    computes = [0]
+    for g in gaps:
+        computes.append(computes[-1] + g)
+    computes = computes[::-1]  # newest first
+    t = computes[0] + n
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    coeffs = torch.randn(order + 1, 3, 5, generator=gen, dtype=torch.float64)
+    value = lambda s: sum(c * float(s) ** i for i, c in enumerate(coeffs))  # noqa: E731
+    x = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    got = forecast(x, tuple(value(c) for c in computes), forecast_weights(t, computes))
+    torch.testing.assert_close(got, x + value(t), rtol=1e-9, atol=1e-9)
+
+
+def test_plan_rejects_forecast_without_enough_computes():
     units = (Unit("blocks", 0),)
-    with pytest.raises(ValueError, match="last two COMPUTE"):
+    with pytest.raises(ValueError, match="last 2 COMPUTE"):
         Plan(num_steps=3, units=units, actions=[[COMPUTE], [REUSE], [FORECAST]], budget=1.0, full_flops=3.0,
              flops_fixed=0.0, predicted_flops=1.0, step_flops=[1.0, 0.0, 0.0], predicted_error=0.0, max_age=4,
              solver="test", status="HEURISTIC", wall_time_s=0.0)
-    assert Action.parse("F") == FORECAST and str(FORECAST) == "F"
+    f3 = Action(ActionKind.FORECAST, order=3)
+    with pytest.raises(ValueError, match="last 4 COMPUTE"):
+        Plan(num_steps=4, units=units, actions=[[COMPUTE], [COMPUTE], [COMPUTE], [f3]], budget=1.0,
+             full_flops=4.0, flops_fixed=0.0, predicted_flops=3.0, step_flops=[1.0, 1.0, 1.0, 0.0],
+             predicted_error=0.0, max_age=4, solver="test", status="HEURISTIC", wall_time_s=0.0)
+    assert Action.parse("F") == FORECAST and str(FORECAST) == "F" and FORECAST.order == 1
+    assert Action.parse("F3") == f3 and str(f3) == "F3"
+    for bad in ("F4", "F0", "Fx"):
+        with pytest.raises(ValueError, match="order"):
+            Action.parse(bad)
+    with pytest.raises(ValueError, match="takes no order"):
+        Action(ActionKind.REUSE, order=2)
 
 
-def test_cache_needs_and_slopes():
+def test_cache_needs_and_weights():
     units = (Unit("blocks", 0),)
     acts = [[COMPUTE], [REUSE], [COMPUTE], [REUSE], [FORECAST], [COMPUTE]]
     plan = Plan(num_steps=6, units=units, actions=acts, budget=1.0, full_flops=6.0, flops_fixed=0.0,
                 predicted_flops=3.0, step_flops=[1, 0, 1, 0, 0, 1], predicted_error=0.0, max_age=4,
                 solver="test", status="HEURISTIC", wall_time_s=0.0)
     needs = cache_needs(plan)
-    assert needs[2][0] == (True, False, True)  # the compute before the forecast keeps the old residual
+    assert needs[2][0] == (True, False, 1)  # the compute before the forecast keeps the old residual
     assert needs[0][0][0]  # ... which step 0 wrote
-    assert needs[5][0] == (False, False, False)
-    assert forecast_slopes(plan)[4][0] == pytest.approx(2 / 2)
+    assert needs[5][0] == (False, False, 0)
+    assert forecast_plan_weights(plan)[4][0] == pytest.approx((2.0, -1.0))  # n = 2, d = 2
+    f3 = Action(ActionKind.FORECAST, order=3)
+    acts = [[COMPUTE], [COMPUTE], [COMPUTE], [COMPUTE], [f3], [COMPUTE]]
+    plan = dataclasses.replace(plan, actions=acts, predicted_flops=5.0, step_flops=[1, 1, 1, 1, 0, 1])
+    assert [cache_needs(plan)[t][0][2] for t in range(6)] == [0, 1, 2, 3, 0, 0]
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +157,17 @@ def tiny_dit(profiled):
     return profiled("dit", STEPS)
 
 
-@pytest.mark.parametrize("kind", [ActionKind.FORECAST, ActionKind.REUSE])
-def test_runtime_error_matches_the_profile(tiny_dit, kind):
+@pytest.mark.parametrize("action", [FORECAST, Action(ActionKind.FORECAST, order=2),
+                                    Action(ActionKind.FORECAST, order=3), REUSE], ids=str)
+def test_runtime_error_matches_the_profile(tiny_dit, action):
     """One block forecasts (or reuses) at the last step, all else computes: the error of its output,
     seen as the next block's input, is what the profile measured for that action."""
     model, cal, prof = tiny_dit
-    assert prof.e_forecast is not None and prof.e_forecast.shape == (STEPS, len(prof.units), 5, 5)
+    kind = action.kind
+    assert prof.e_forecast is not None and prof.e_forecast.shape == (STEPS, len(prof.units), 3, 5, 5)
     u, t = 1, STEPS - 1
     grid = [[COMPUTE] * len(prof.units) for _ in range(STEPS)]
-    grid[t][u] = Action(kind)
+    grid[t][u] = action
     problem = prof.to_problem(1.0)
     plan = Plan(num_steps=STEPS, units=prof.units, actions=grid, budget=1.0, full_flops=problem.full_flops,
                 flops_fixed=problem.flops_fixed, predicted_flops=problem.full_flops,
@@ -111,7 +180,7 @@ def test_runtime_error_matches_the_profile(tiny_dit, kind):
     ref, got = record_inputs(cal, model, nxt), record_inputs(cal, opt, nxt)
     errs = [float((g - r).pow(2).sum() / r.pow(2).sum()) for k, (g, r) in enumerate(zip(got, ref, strict=True))
             if k % STEPS == t]
-    expected = prof.e_forecast[t, u, 1, 1] if kind is ActionKind.FORECAST else prof.e_reuse[t, u, 1]
+    expected = prof.e_forecast[t, u, action.order - 1, 1, 1] if kind is ActionKind.FORECAST else prof.e_reuse[t, u, 1]
     assert np.mean(errs) == pytest.approx(expected, rel=1e-3)
     assert all(float((g - r).abs().max()) == 0 for k, (g, r) in enumerate(zip(got, ref, strict=True))
                if k % STEPS != t)

@@ -221,7 +221,7 @@ def test_dp_refuses_other_actions() -> None:
 def test_registry() -> None:
     assert solvers.get_solver("dp") is dp.solve
     assert solvers.get_solver("toca") is baselines.toca_like
-    with pytest.raises(ConfigError, match="cpsat, dp, periodic, fora, delta_dit, toca"):
+    with pytest.raises(ConfigError, match="cpsat, dp, periodic, uniform, fora, delta_dit, toca"):
         solvers.get_solver("greedy")
     problem = make_problem(5, 4, 2, 2, 0.7)
     assert solvers.solve(problem).solver == "cpsat"
