@@ -221,7 +221,8 @@ def optimize(
             ``cpsat`` and ``dp`` solvers. ``None``: on when the calibration
             is a callable; a callable: the calibration to measure on (e.g. when ``calibration``
             is a saved profile); ``False``: keep the solver's plan. Costs one calibration run
-            per candidate plus one of the full model (``opt.cost()`` reports the total).
+            per candidate plus one of the full model (``opt.report`` gives the total cost of
+            ``optimize`` in calibration generations).
         progress: show progress bars.
 
     Returns:
@@ -316,7 +317,26 @@ def optimize(
     opt = ctx["opt"]
     opt.step_times = times
     opt.selection = ctx["selection"]
+    opt.report = _cost_report(ctx, times)
     return opt
+
+
+def _cost_report(ctx: dict[str, Any], times: dict[str, float]) -> dict[str, Any]:
+    """``opt.report``: the cost of ``optimize`` in plain calibration generations."""
+    report = ctx["profile"].report
+    measured_now = not isinstance(ctx["calibration"], SensitivityProfile)
+    plain = report.get("plain_calibration_seconds")
+    runs = len(ctx["selection"]) + 1 if ctx["selection"] else 0  # each candidate and the full model once
+    profile_gens = float(report.get("cost_in_generations", 0.0)) if measured_now else 0.0
+    select_gens = times.get("select", 0.0) / plain if plain and runs else float(runs)
+    return {
+        "profile_generations": profile_gens,
+        "selection_runs": runs,
+        "selection_generations": select_gens,
+        "generations": profile_gens + select_gens,
+        "plain_calibration_seconds": plain,
+        "seconds": sum(times.values()),
+    }
 
 
 def _selection_calibration(select: Any, calibration: Any, solver: str) -> Any:

@@ -82,13 +82,14 @@ _SWEEPS: dict[str, tuple[float, ...]] = {
     "fbc": (0.05, 0.1, 0.2, 0.3, 0.45, 0.7, 1.0),
     "pab": (2, 3, 4, 6, 10),
     "fastercache": (2, 3, 4, 6),
-    "taylorseer": (2, 3, 4, 6, 8),
+    # TaylorSeer's three knobs swept together (interval, warm-up, order), as a user tuning it would
+    "taylorseer": tuple((n, w, o) for n in (2, 3, 4, 5, 6, 8) for w in (1, 2, 3) for o in (1, 2)),
     "magcache": (0.02, 0.06, 0.15, 0.3, 0.6, 1.0),
     "cachedit_dbcache": (0.1, 0.25, 0.5, 0.8, 1.2, 2.0),
     "cachedit_taylorseer": (0.1, 0.25, 0.5, 0.8, 1.2, 2.0),
     "cachedit_scm": ("slow", "medium", "fast", "ultra"),
 }
-_SWEEP_PARAM = {"fbc": "threshold", "pab": "skip_range", "fastercache": "skip_range", "taylorseer": "cache_interval",
+_SWEEP_PARAM = {"fbc": "threshold", "pab": "skip_range", "fastercache": "skip_range", "taylorseer": "interval,warm-up,order",
                 "magcache": "threshold", "cachedit_dbcache": "residual_diff_threshold",
                 "cachedit_taylorseer": "residual_diff_threshold", "cachedit_scm": "mask_policy"}
 _EVAL_SEED = 0
@@ -283,7 +284,9 @@ def _peer_config(peer: str, value: float, peer_module: PeerModule, steps: int, m
     if peer == "taylorseer":
         # The default patterns ("^transformer_blocks.*attn", fullmatch) miss DiT's "attn1" and match
         # nothing there, silently; name the attention and MLP modules of both block kinds instead.
-        return TaylorSeerCacheConfig(cache_interval=int(value), disable_cache_before_step=2, max_order=1,
+        interval, warmup, order = value
+        return TaylorSeerCacheConfig(cache_interval=int(interval), disable_cache_before_step=int(warmup),
+                                     max_order=int(order),
                                      taylor_factors_dtype=torch.float32,
                                      cache_identifiers=[r"(single_)?transformer_blocks\.\d+\.(attn[12]?|ff|ff_context|proj_mlp|proj_out)"])
     if peer == "magcache":
@@ -587,6 +590,8 @@ def _log(progress: Any, row: Row) -> None:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(_fmt(v) for v in value)
     return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 

@@ -201,9 +201,15 @@ def demo(
 
 
 def _echo_selection(opt: Any) -> None:
-    """The candidate plans ``optimize`` measured on the calibration, the kept one marked."""
+    """The candidate plans ``optimize`` measured on the calibration, the kept one marked, and the
+    cost of ``optimize`` in calibration generations."""
     for cand in opt.selection:
         typer.echo(f"candidate {cand.describe()}{' (kept)' if cand.plan is opt.plan else ''}")
+    r = opt.report
+    if r:
+        typer.echo(f"cost of optimize: {r['generations']:.1f} plain calibration generations (profile "
+                   f"{r['profile_generations']:.1f}, {r['selection_runs']} selection runs "
+                   f"{r['selection_generations']:.1f})")
 
 
 def _save_grid(top: Any, bottom: Any, path: Path, title: str) -> None:

@@ -52,6 +52,10 @@ class OptimizedTransformer(nn.Module):
         plan: the plan for the calibrated schedule.
         profile: the sensitivity profile the plan was solved from (``None`` if replayed without).
         step_times: seconds of each step of :func:`dit_opt.optimize` (empty when built directly).
+        report: what :func:`dit_opt.optimize` cost, in plain calibration generations
+            (``profile_generations``, ``selection_generations``, ``generations`` their sum; the
+            unit is the wall time of one plain run of the calibration, measured by the profile)
+            and in calibration runs (``selection_runs``); empty when built directly.
         selection: the candidate plans ``optimize`` compared on the calibration, with their
             measured errors (:class:`dit_opt.selection.Candidate`; empty when none were compared).
     """
@@ -77,6 +81,7 @@ class OptimizedTransformer(nn.Module):
         self.solver_options = dict(solver_options or {})
         self.blocks_arg = blocks
         self.step_times: dict[str, float] = {}
+        self.report: dict[str, Any] = {}
         self.selection: list = []
         self._plans: dict[tuple[float, ...], Plan] = {}
         if plan.timesteps is not None:

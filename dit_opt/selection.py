@@ -58,7 +58,7 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     if ``solve_main`` is given), :mod:`solvers.periodic` (one interval per unit),
     :mod:`solvers.uniform` (TaylorSeer's warm-up and interval), and the uniform interval of
     FORA for every unit, as published (plain reuse) and with forecasts where measured better;
-    the periodic and uniform plans also with their unspent budget filled (:func:`solvers.fill.fill`).
+    the periodic and uniform plans with their unspent budget filled (:func:`solvers.fill.fill`).
     Given ``module_problem`` (the same profile at module granularity), also its solver plan
     (``solve_module``) and its uniform plan, filled. A family that cannot meet the budget is
     left out. Every plan's predicted error is that of its own problem (unweighted).
@@ -76,14 +76,13 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
                 p = solve_main(problem.weighted(w))
                 return problem.to_plan(p.actions, f"{main.solver}+late{k:g}", p.status, p.wall_time_s)
             makers.append(weighted)
+    # periodic and uniform plans with their unspent budget filled (the same plan where none is left)
     for name in ("periodic", "uniform"):
-        makers.append(lambda name=name: solve(problem, name))
         makers.append(lambda name=name: fill(problem, solve(problem, name)))
     makers.append(lambda: solve(problem, "fora"))
     if module_problem is not None:
         if solve_module is not None:
             makers.append(lambda: _renamed(solve_module(module_problem), "module"))
-        makers.append(lambda: _renamed(solve(module_problem, "uniform"), "module"))
         makers.append(lambda: _renamed(fill(module_problem, solve(module_problem, "uniform")), "module"))
     for make in makers:
         try:

@@ -27,9 +27,9 @@ re-run with them replaced:
   times the ratio of the forecast's to the reuse's squared error on the sub-modules' own
   outputs, i.e. the block is taken to pass both perturbations on alike;
 * ``SKIP``: by zeros (the block's residual add then leaves the stream unchanged);
-* ``PRUNE(r)`` at age ``n``: by their outputs ``n`` steps earlier, except on the top ``r`` of
-  the tokens of their token input (by drift since ``n`` steps earlier), on which they are
-  recomputed; only for sub-modules ``passes.rewrite_modules.module_token_input`` accepts
+* ``PRUNE(r)`` at age ``n <= MODULE_PRUNE_MAX_AGE``: by their outputs ``n`` steps earlier,
+  except on the top ``r`` of the tokens of their token input (by drift since ``n`` steps
+  earlier), on which they are recomputed; only for sub-modules ``passes.rewrite_modules.module_token_input`` accepts
   (MLPs, cross-attention, self-attention with no rotary embeddings or mask).
 
 The error of an action is ``||out_action - out||^2 / ||out||^2`` over the block's output
@@ -112,6 +112,10 @@ def measure_channel_order(graph: DiTGraph, calibration: Callable[[torch.nn.Modul
 #: Sub-module roles whose outputs module-level REUSE can serve from a cache (norms are cheap).
 MODULE_ROLES = ("attn", "cross_attn", "mlp")
 
+#: Oldest cache at which module ``PRUNE`` is measured (each (age, rate) costs one block call per
+#: role and step, most of a profile's time; older ones are left unmeasured, i.e. not offered).
+MODULE_PRUNE_MAX_AGE = 2
+
 
 def _detach(out: Any) -> Any:
     if isinstance(out, torch.Tensor):
@@ -124,6 +128,41 @@ def _detach(out: Any) -> Any:
 def _returning(value: Any) -> Callable:
     """A replacement forward (see ``_Probe._module_actions``) that returns ``value``."""
     return lambda forward, args, kwargs: value
+
+
+class _Gram:
+    """Inner products of one unit's recent values (residuals or sub-module outputs), step by step.
+
+    Every reuse and forecast error is a quadratic form in them: a forecast from steps ``s_i``
+    with weights ``w_i`` misses the value at ``t`` by ``sum_ij w_i w_j G[s_i, s_j] - 2 sum_i w_i
+    G[s_i, t] + G[t, t]``. Adding a step costs one inner product per step kept (in float64),
+    however many (order, age, spacing) triples are then scored.
+    """
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.values: dict[int, torch.Tensor] = {}
+        self.g: dict[tuple[int, int], float] = {}
+
+    def add(self, t: int, tensors: list[torch.Tensor]) -> None:
+        v = torch.cat([x.detach().reshape(-1) for x in tensors]).double()
+        for s, w in self.values.items():
+            self.g[s, t] = self.g[t, s] = float(torch.dot(v, w.double()))
+        self.g[t, t] = float(torch.dot(v, v))
+        self.values[t] = v.to(tensors[0].dtype) if tensors[0].is_floating_point() else v
+        for s in [s for s in self.values if s < t - self.keep]:
+            del self.values[s]
+            self.g = {k: x for k, x in self.g.items() if s not in k}
+
+    def miss(self, t: int, steps: list[int], weights: tuple[float, ...] | None = None) -> float | None:
+        """Squared distance between the value at ``t`` and ``sum_i weights[i] * value(steps[i])``
+        (default weights: 1 for one step, a reuse); ``None`` if a step is not kept."""
+        if t not in self.values or any(s not in self.values for s in steps):
+            return None
+        w = weights or (1.0,) * len(steps)
+        q = sum(wi * wj * self.g[si, sj] for wi, si in zip(w, steps, strict=True)
+                for wj, sj in zip(w, steps, strict=True))
+        return max(0.0, q - 2 * sum(wi * self.g[si, t] for wi, si in zip(w, steps, strict=True)) + self.g[t, t])
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:
@@ -264,6 +303,7 @@ class _Probe:
         self.current_in: dict[tuple[int, str, str], torch.Tensor] = {}
         self.mod_history: dict[tuple[int, Any], dict[int, dict]] = {}
         self.history: dict[tuple[int, int], dict[int, tuple]] = {}
+        self.grams: dict[tuple, _Gram] = {}
         self.timesteps: dict[int, float] = {}
         self.prunable = [prunable(s) for s in graph.blocks]
         self.narrow = []
@@ -342,23 +382,23 @@ class _Probe:
         if u == 0:
             self.counts[t] = self.counts.get(t, 0) + 1
         hist = self.history.setdefault(key, {})
-        # REUSE at every age: the residual cached n steps ago against the true one.
+        gram = self.grams.setdefault(key, _Gram((self.forecast_orders + 1) * self.max_age))
+        gram.add(t, [res[i] for i, _, _ in pairs])
         for n in range(1, self.max_age + 1):
-            old = hist.get(t - n)
-            if old is not None:
-                err = sum(float((old[0][i] - res[i]).pow(2).sum()) for i, _, _ in pairs)
-                acc["e_reuse"][u, n] += err / norm
-                # FORECAST of order k from the computes at t - n, t - n - d, ..., t - n - k d
-                # (all observed: measured).
-                for d in range(1, self.max_age + 1):
-                    for k in range(1, self.forecast_orders + 1):
-                        steps = [t - n - i * d for i in range(k + 1)]
-                        if any(s not in hist for s in steps):
-                            break
-                        w = forecast_weights(t, steps)
-                        err = sum(float((sum(wi * hist[s][0][i] for wi, s in zip(w, steps, strict=True))
-                                         - res[i]).pow(2).sum()) for i, _, _ in pairs)
-                        acc["e_forecast"][u, k - 1, n, d] += err / norm
+            # REUSE at age n: the residual cached n steps ago against the true one.
+            err = gram.miss(t, [t - n])
+            if err is None:
+                continue
+            acc["e_reuse"][u, n] += err / norm
+            # FORECAST of order k from the computes at t - n, t - n - d, ..., t - n - k d
+            # (all observed: measured).
+            for d in range(1, self.max_age + 1):
+                for k in range(1, self.forecast_orders + 1):
+                    steps = [t - n - i * d for i in range(k + 1)]
+                    err = gram.miss(t, steps, forecast_weights(t, steps))
+                    if err is None:
+                        break
+                    acc["e_forecast"][u, k - 1, n, d] += err / norm
         acc["e_skip"][u] += sum(float(r.pow(2).sum()) for r in res.values()) / norm
         batch = pairs[0][1].shape[0]
         p_args, p_kwargs, sl = self._rows(args, kwargs, batch)
@@ -391,7 +431,7 @@ class _Probe:
                     acc["e_prune"][u, n, k] += float((approx.float() - y[sl].float()).pow(2).sum()) / p_norm
         self._module_actions(u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc)
         hist[t] = ({i: r for i, r in res.items()}, {i: x.detach() for i, x, _ in pairs})
-        for old_t in [s for s in hist if s < t - (self.forecast_orders + 1) * self.max_age]:
+        for old_t in [s for s in hist if s < t - self.max_age]:  # PRUNE reads age <= max_age
             del hist[old_t]
 
     def _module_actions(self, u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc) -> None:
@@ -427,6 +467,10 @@ class _Probe:
             if not mods:
                 continue
             now = mhist[t]
+            outputs = [x for name, _ in mods for x in _tensors(now[(role, name)][0])]
+            if outputs:
+                self.grams.setdefault((u, self.branch, role),
+                                      _Gram((self.forecast_orders + 1) * self.max_age)).add(t, outputs)
             if all(now[(role, name)][0] is not None for name, _ in mods):
                 acc["e_module_skip"][u, r] += error(
                     [(mod, _returning(_zeros(_rows(now[(role, name)][0], sl)))) for name, mod in mods])
@@ -437,38 +481,27 @@ class _Probe:
                     continue
                 reuse_error = error([(mod, _returning(_rows(old[(role, name)][0], sl))) for name, mod in mods])
                 acc["e_module_reuse"][u, r, n] += reuse_error
-                self._module_forecasts(u, r, role, mods, t, n, mhist, reuse_error, acc)
-                if not prune or any(old[(role, name)][1] is None for name, _ in mods):
+                self._module_forecasts(u, r, role, t, n, reuse_error, acc)
+                if not prune or n > MODULE_PRUNE_MAX_AGE or any(old[(role, name)][1] is None for name, _ in mods):
                     continue
                 for k, rate in enumerate(self.prune_rates):
                     acc["e_module_prune"][u, r, n, k] += error(
                         [(mod, _pruning(rate, _rows(old[(role, name)][1], sl), _rows(old[(role, name)][0], sl)))
                          for name, mod in mods])
-        for old_t in [s for s in mhist if s < t - (self.forecast_orders + 1) * self.max_age]:
+        for old_t in [s for s in mhist if s < t - self.max_age]:  # REUSE and PRUNE read age <= max_age
             del mhist[old_t]
-        for old_t in [s for s in mhist if s < t - self.max_age]:  # token inputs: PRUNE reads age <= max_age
-            mhist[old_t] = {k: (out, None) for k, (out, _) in mhist[old_t].items()}
 
-    def _module_forecasts(self, u, r, role, mods, t, n, mhist, reuse_error, acc) -> None:
+    def _module_forecasts(self, u, r, role, t, n, reuse_error, acc) -> None:
         """``FORECAST`` of ``role``'s outputs at age ``n``, every order and spacing: the measured
         reuse error scaled by the forecast's error relative to the reuse's on the outputs themselves."""
-        names = [name for name, _ in mods]
-        now = [_tensors(mhist[t][(role, name)][0]) for name in names]
-        old = [_tensors(mhist[t - n][(role, name)][0]) for name in names]
-        reuse_sq = sum(float((o.float() - c.float()).pow(2).sum()) for os_, cs in zip(old, now, strict=True)
-                       for o, c in zip(os_, cs, strict=True))
+        gram = self.grams[(u, self.branch, role)]
+        reuse_sq = gram.miss(t, [t - n])
         for d in range(1, self.max_age + 1):
             for k in range(1, self.forecast_orders + 1):
                 steps = [t - n - i * d for i in range(k + 1)]
-                if any(s not in mhist or any(mhist[s][(role, name)][0] is None for name in names) for s in steps):
+                sq = gram.miss(t, steps, forecast_weights(t, steps))
+                if sq is None or reuse_sq is None:
                     break
-                w = forecast_weights(t, steps)
-                sq = 0.0
-                for j, name in enumerate(names):
-                    history = [_tensors(mhist[s][(role, name)][0]) for s in steps]
-                    for i, c in enumerate(now[j]):
-                        pred = sum(wi * h[i].float() for wi, h in zip(w, history, strict=True))
-                        sq += float((pred - c.float()).pow(2).sum())
                 acc["e_module_forecast"][u, r, k - 1, n, d] += reuse_error * (sq / reuse_sq if reuse_sq > 0 else 1.0)
 
     def arrays(self) -> tuple[list[float], dict[str, np.ndarray]]:
@@ -550,6 +583,7 @@ def annotate_sensitivity(
     for name in ("e_forecast", "e_module_forecast"):
         errs[name][..., 0, :] = np.nan
         errs[name][..., 0] = np.nan
+    errs["e_module_prune"][:, :, :, MODULE_PRUNE_MAX_AGE + 1:] = np.nan  # not measured
     U = len(graph.blocks)
     for u in range(U):
         if not probe.prunable[u]:

@@ -147,20 +147,20 @@ def test_rewritten_graph_shows_the_actions_and_lowers_as_one_graph(tiny):
     assert opt.explain(t).graph_break_count == 0
 
 
-@pytest.mark.parametrize("name", ["dit", "pixart"])
-def test_counted_flops_of_a_module_plan_within_budget(tiny, name):
+@pytest.mark.parametrize("name, skip_scale", [("dit", 0.1), ("pixart", 1.0)])
+def test_counted_flops_of_a_module_plan_within_budget(tiny, name, skip_scale):
     model, cal, prof = tiny(name)
-    # make module SKIP and PRUNE clearly worth it, so that the plan must use them
-    prof = dataclasses.replace(prof, e_module_skip=prof.e_module_skip * 1e-3,
-                               e_module_prune=prof.e_module_prune * 1e-3)
+    # make module PRUNE (and on dit SKIP) clearly worth it, so that the plan must use both
+    prof = dataclasses.replace(prof, e_module_skip=prof.e_module_skip * skip_scale,
+                               e_module_prune=prof.e_module_prune * 1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = dit_opt.optimize(model, budget=0.5, calibration=prof, granularity="module", compile=False,
+        opt = dit_opt.optimize(model, budget=0.3, calibration=prof, granularity="module", compile=False,
                                progress=False)
     counts = opt.plan.counts()
     assert counts[ActionKind.SKIP] > 0 and counts[ActionKind.PRUNE] > 0, counts
-    assert count_flops(cal, opt) <= 0.5 * count_flops(cal, model)
-    assert opt.plan.flop_fraction <= 0.5
+    assert count_flops(cal, opt) <= 0.3 * count_flops(cal, model)
+    assert opt.plan.flop_fraction <= 0.3
 
 
 def test_module_plan_and_profile_save_and_load(tiny, tmp_path):
