@@ -22,7 +22,7 @@ from dit_opt.artifacts import ARTIFACT_VERSION, check_model, read, save
 from dit_opt.errors import ConfigError, DitOptError, InputMismatchError
 from dit_opt.plan import Plan, check_budget
 from dit_opt.runtime import OptimizedTransformer
-from dit_opt.sensitivity import SensitivityProfile
+from dit_opt.sensitivity import SensitivityProfile, check_actions
 
 __all__ = ["optimize", "profile", "load", "save", "ARTIFACT_VERSION"]
 
@@ -221,7 +221,8 @@ def optimize(
             ``cpsat`` and ``dp`` solvers. ``None``: on when the calibration
             is a callable; a callable: the calibration to measure on (e.g. when ``calibration``
             is a saved profile); ``False``: keep the solver's plan. Costs one calibration run
-            per candidate plus one of the full model (``opt.report`` gives the total cost of
+            per candidate, plus one of the full model unless the profile was measured in the
+            same call (its plain run is the reference) (``opt.report`` gives the total cost of
             ``optimize`` in calibration generations).
         progress: show progress bars.
 
@@ -239,6 +240,7 @@ def optimize(
         >>> print(opt.plan.summary())
     """
     budget = check_budget(budget)
+    actions = check_actions(actions)
     if granularity not in ("auto", "block", "module"):
         raise ConfigError(f"granularity must be 'auto', 'block' or 'module', got {granularity!r}")
     if solver == "dp":
@@ -265,8 +267,20 @@ def optimize(
             check_model(cal.model, model, "the given profile")
             ctx["profile"] = cal
             return
-        ctx["profile"] = _measure(ctx["graph"], cal, max_age=max_age, prune_rates=prune_rates, widths=widths,
-                                  probe_rows=4, gain_points=gain_points, probes=0, progress=progress)
+        from dit_opt.selection import measure_outputs
+
+        reference: list = []
+
+        def recording(m: nn.Module) -> Any:
+            # the profile's first run is plain: its outputs are the selection's reference too
+            if not reference:
+                reference.append(measure_outputs(cal, m))
+                return None
+            return cal(m)
+
+        ctx["profile"] = _measure(ctx["graph"], recording, max_age=max_age, prune_rates=prune_rates,
+                                  widths=widths, probe_rows=4, gain_points=gain_points, probes=0, progress=progress)
+        ctx["reference"] = reference[0] if reference else None
 
     def do_solve() -> None:
         from solvers import solve, solver_defaults
@@ -299,7 +313,10 @@ def optimize(
             return OptimizedTransformer(model, plan, profile=ctx["profile"], graph=ctx["graph"], compile=False,
                                         solver=solver, solver_options=solver_options, blocks=blocks)
 
-        ctx["plan"], ctx["selection"] = select_plan(model, ctx["candidates"], ctx["select_with"], build)
+        same = ctx["select_with"] is ctx["calibration"]
+        ctx["plan"], ctx["selection"] = select_plan(model, ctx["candidates"], ctx["select_with"], build,
+                                                    reference=ctx.get("reference") if same else None)
+        ctx["selection_runs"] = len(ctx["candidates"]) + (0 if same and ctx.get("reference") else 1)
 
     def do_rewrite_and_lower() -> None:
         ctx["opt"] = OptimizedTransformer(model, ctx["plan"], profile=ctx["profile"], graph=ctx["graph"],
@@ -326,7 +343,7 @@ def _cost_report(ctx: dict[str, Any], times: dict[str, float]) -> dict[str, Any]
     report = ctx["profile"].report
     measured_now = not isinstance(ctx["calibration"], SensitivityProfile)
     plain = report.get("plain_calibration_seconds")
-    runs = len(ctx["selection"]) + 1 if ctx["selection"] else 0  # each candidate and the full model once
+    runs = ctx.get("selection_runs", 0) if ctx["selection"] else 0  # each candidate (and the full model) once
     profile_gens = float(report.get("cost_in_generations", 0.0)) if measured_now else 0.0
     select_gens = times.get("select", 0.0) / plain if plain and runs else float(runs)
     return {

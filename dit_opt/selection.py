@@ -46,8 +46,9 @@ class Candidate:
 #: Step weightings of the extra solver candidates: the errors of step ``t`` weigh
 #: ``k ** (t / (T - 1))`` (1 at the first step, ``k`` at the last). Late errors have fewer steps
 #: left to be corrected, which errors measured one action at a time do not see; how much more
-#: they count depends on the model and schedule, so a few ``k`` are tried and measured.
-LATE_WEIGHTS = (4.0, 16.0)
+#: they count depends on the model and schedule, so ``k`` are tried and measured (one: every
+#: candidate costs a calibration run, and 4 was never the kept one on the reference models).
+LATE_WEIGHTS = (16.0,)
 
 
 def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] | None = None,
@@ -58,7 +59,8 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     if ``solve_main`` is given), :mod:`solvers.periodic` (one interval per unit),
     :mod:`solvers.uniform` (TaylorSeer's warm-up and interval), and the uniform interval of
     FORA for every unit, as published (plain reuse) and with forecasts where measured better;
-    the periodic and uniform plans with their unspent budget filled (:func:`solvers.fill.fill`).
+    the periodic, uniform and FORA-with-forecasts plans with their unspent budget filled
+    (:func:`solvers.fill.fill`).
     Given ``module_problem`` (the same profile at module granularity), also its solver plan
     (``solve_module``) and its uniform plan, filled. A family that cannot meet the budget is
     left out. Every plan's predicted error is that of its own problem (unweighted).
@@ -91,7 +93,7 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
             continue
     fora = next((p for p in plans if p.solver == "fora"), None)
     if fora is not None and problem.e_forecast is not None:
-        plans.append(problem.to_plan(fora.actions, "fora+forecast", "HEURISTIC", 0.0))
+        plans.append(fill(problem, problem.to_plan(fora.actions, "fora+forecast", "HEURISTIC", 0.0)))
     unique: dict[tuple, Plan] = {}
     for plan in plans:
         unique.setdefault((plan.units, plan.actions), plan)
@@ -142,6 +144,7 @@ def select_plan(
     plans: Sequence[Plan],
     calibration: Callable[[nn.Module], Any],
     build: Callable[[Plan], nn.Module],
+    reference: list[torch.Tensor] | None = None,
 ) -> tuple[Plan, list[Candidate]]:
     """The plan among ``plans`` whose outputs on ``calibration`` are closest to ``model``'s.
 
@@ -150,11 +153,13 @@ def select_plan(
         plans: candidates at the same budget (the first one wins ties).
         calibration: runs complete denoising loops with the module it is given (deterministic).
         build: makes the module that runs a plan (eager, so measuring costs no compile).
+        reference: ``measure_outputs(calibration, model)`` if already known (``optimize`` keeps
+            it from the profile's plain run), else measured here.
 
     Returns:
         ``(best plan, every candidate with its error)``.
     """
-    ref = measure_outputs(calibration, model)
+    ref = measure_outputs(calibration, model) if reference is None else reference
     scored = [Candidate(plan, relative_error(measure_outputs(calibration, build(plan)), ref)) for plan in plans]
     best = min(scored, key=lambda c: c.error)
     return best.plan, scored

@@ -24,16 +24,40 @@ import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 
-from dit_opt.errors import ArtifactError
+from dit_opt.errors import ArtifactError, ConfigError
 from dit_opt.plan import Unit
 
-__all__ = ["PROFILE_VERSION", "SensitivityProfile"]
+__all__ = ["PROFILE_VERSION", "ACTION_FAMILIES", "SensitivityProfile", "check_actions"]
 
 #: Version of the saved profile format.
 PROFILE_VERSION = 1
 
 _OPTIONAL = ("step_gain", "e_module_reuse", "flops_module", "e_forecast", "e_module_skip", "e_module_prune",
              "flops_module_prune", "e_module_forecast")
+#: The action families a plan may use besides ``compute`` (``actions=`` of ``to_problem`` and ``optimize``).
+ACTION_FAMILIES = ("reuse", "forecast", "prune", "width", "skip")
+
+
+def check_actions(actions: Any) -> tuple[str, ...]:
+    """``actions`` as a tuple if every entry is one of :data:`ACTION_FAMILIES`.
+
+    Raises:
+        ConfigError: a family that does not exist (the message lists the valid ones), or
+            ``forecast`` without ``reuse`` (a forecast is a reuse extrapolated).
+    """
+    if isinstance(actions, str):
+        actions = (actions,)
+    out = tuple(actions)
+    unknown = [a for a in out if a not in ACTION_FAMILIES]
+    if unknown:
+        raise ConfigError(f"unknown action families {unknown}; valid ones are {', '.join(ACTION_FAMILIES)} "
+                          f"(compute is always allowed)")
+    if "forecast" in out and "reuse" not in out:
+        raise ConfigError("actions has 'forecast' without 'reuse': a forecast extrapolates a reused cache; "
+                          "add 'reuse' or drop 'forecast'")
+    return out
+
+
 #: Module roles of the module-level units, in the order of ``e_module_reuse``'s third axis.
 MODULE_ROLES = ("attn", "cross_attn", "mlp")
 _ARRAYS = ("e_reuse", "e_prune", "e_width", "e_skip", "flops_compute", "flops_reuse", "flops_prune", "flops_width")
@@ -146,9 +170,9 @@ class SensitivityProfile:
         from solvers.problem import Problem
 
         if granularity == "module":
-            return self._module_problem(budget, num_steps, timesteps, actions)
+            return self._module_problem(budget, num_steps, timesteps, check_actions(actions))
         if granularity != "block":
-            raise ValueError(f"granularity must be 'block' or 'module', got {granularity!r}")
+            raise ConfigError(f"granularity must be 'block' or 'module', got {granularity!r}")
 
         e_reuse, e_prune, e_width, e_skip, ts, gain, e_forecast = self._errors_for(num_steps, timesteps)
         T, U = e_skip.shape
@@ -158,10 +182,7 @@ class SensitivityProfile:
             e_prune = e_prune * gain[:, None, None, None]
             e_width = e_width * gain[:, None, None]
             e_skip = e_skip * gain[:, None]
-        A = {"reuse", "forecast", "prune", "width", "skip"}
-        unknown = set(actions) - A
-        if unknown:
-            raise ValueError(f"unknown action families {sorted(unknown)}; choose from {sorted(A)}")
+        actions = check_actions(actions)
         inf_safe = 1e6  # a huge error where an action does not apply; it is also disallowed
         prunable = ~np.isnan(e_prune).all(axis=(0, 2, 3)) if e_prune.size else np.zeros(U, bool)
         narrowable = ~np.isnan(e_width).all(axis=(0, 2)) if e_width.size else np.zeros(U, bool)

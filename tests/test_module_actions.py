@@ -208,3 +208,34 @@ def test_module_plan_is_resolved_at_module_granularity_for_another_step_count(ti
     assert torch.isfinite(out).all()
     resolved = [p for p in opt._plans.values() if p.num_steps == STEPS + 2]
     assert resolved and all(u.role is not None for u in resolved[0].units)
+
+
+@pytest.mark.parametrize("name, role", [("dit", "mlp"), ("dit", "attn"), ("pixart", "cross_attn")])
+@pytest.mark.parametrize("order", [1, 2])
+def test_module_forecast_extrapolates_the_outputs_and_tracks_the_estimate(tiny, name, role, order):
+    """One module forecasts at the last step from its outputs at the computes before: the graph
+    reads those outputs, the block's error is near the profile's estimate (a reuse error scaled
+    by the outputs' own forecast/reuse ratio), and every other step is exact."""
+    model, cal, prof = tiny(name)
+    t, u = STEPS - 1, 0
+    unit = Unit("transformer_blocks", u, role)
+    action = Action(ActionKind.FORECAST, order=order)
+    plan = _plan(prof, {(t, unit): action})
+    assert plan.action(t, unit) == action
+    opt = dit_opt.OptimizedTransformer(model, plan, profile=prof, compile=False)
+    with torch.no_grad():
+        cal(opt)
+    runner = next(iter(opt._runners.values()))
+    module = {"mlp": "ff", "attn": "attn1", "cross_attn": "attn2"}[role]
+    kinds = ["out", "prev", "hist2"][:order + 1]
+    assert {f"transformer_blocks.{u}.{module}/{k}" for k in kinds} <= set(runner.variants[t].reads)
+    assert "combine" in opt.graph(t).print_readable(print_output=False)
+    captured = runner.graph.module
+    ref = record_inputs(cal, model, model.transformer_blocks[u + 1].norm1)
+    got = record_inputs(cal, opt, captured.get_submodule(f"transformer_blocks.{u + 1}.norm1"))
+    errs = [float((g - r).pow(2).sum() / r.pow(2).sum()) for k, (g, r) in enumerate(zip(got, ref, strict=True))
+            if k % STEPS == t]
+    estimate = prof.e_module_forecast[t, u, MODULE_ROLES.index(role), order - 1, 1, 1]
+    assert estimate > 0 and 0.2 * estimate < np.mean(errs) < 5 * estimate
+    assert all(float((g - r).abs().max()) == 0 for k, (g, r) in enumerate(zip(got, ref, strict=True))
+               if k % STEPS != t)

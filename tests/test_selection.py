@@ -54,11 +54,27 @@ def test_optimize_compares_candidates_on_a_callable_calibration(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = dit_opt.optimize(model, budget=0.4, calibration=cal, compile=False, progress=False)
-    assert {"cpsat", "periodic", "fora"} <= {c.plan.solver for c in opt.selection}
-    assert any(c.plan.solver.startswith("cpsat+late") for c in opt.selection)
-    assert len({c.plan.actions for c in opt.selection}) == len(opt.selection)  # no plan measured twice
+    solvers = {c.plan.solver for c in opt.selection}
+    assert {"cpsat", "fora"} <= solvers
+    assert any(s.startswith("cpsat+late") for s in solvers)
+    assert any(s.startswith("periodic") for s in solvers)  # (the uniform plan may equal one measured already)
+    # granularity "auto": module-level candidates are measured too
+    assert "module:cpsat" in solvers and any(s.startswith("module:uniform(") for s in solvers)
+    assert any(u.role is not None for c in opt.selection for u in c.plan.units)
+    assert len({(c.plan.units, c.plan.actions) for c in opt.selection}) == len(opt.selection)  # none twice
     assert opt.plan is min(opt.selection, key=lambda c: c.error).plan
     assert "select" in opt.step_times
+    # the cost, in plain calibration generations: the profile's and one run per candidate (the
+    # profile's plain run is the full model's reference)
+    report = opt.report
+    assert report["selection_runs"] == len(opt.selection)
+    assert report["profile_generations"] > 1 and report["selection_generations"] > 0
+    assert report["generations"] == pytest.approx(report["profile_generations"] + report["selection_generations"])
+    block = dit_opt.optimize(model, budget=0.4, calibration=prof, compile=False, progress=False, select=cal,
+                             granularity="block")
+    assert all(u.role is None for c in block.selection for u in c.plan.units)
+    assert block.report["profile_generations"] == 0  # the profile was given, not measured
+    assert block.report["selection_runs"] == len(block.selection) + 1  # ... so the full model runs once more
     # a saved profile alone cannot measure; select= names the calibration to measure on
     again = dit_opt.optimize(model, budget=0.4, calibration=prof, compile=False, progress=False)
     assert again.selection == []
@@ -70,6 +86,23 @@ def test_optimize_compares_candidates_on_a_callable_calibration(tiny):
     fora = dit_opt.optimize(model, budget=0.4, calibration=prof, compile=False, progress=False, solver="fora",
                             select=cal)
     assert fora.plan.solver == "fora" and fora.selection == []
+
+
+def test_optimize_refuses_unknown_options_before_profiling(tiny):
+    model, cal, _ = tiny
+    calls = []
+
+    def counting(m):
+        calls.append(1)
+        return cal(m)
+
+    with pytest.raises(ConfigError, match="unknown action families \\['cache'\\]; valid ones are reuse, forecast"):
+        dit_opt.optimize(model, budget=0.4, calibration=counting, actions=("reuse", "cache"), progress=False)
+    with pytest.raises(ConfigError, match="'forecast' without 'reuse'"):
+        dit_opt.optimize(model, budget=0.4, calibration=counting, actions=("forecast",), progress=False)
+    with pytest.raises(ConfigError, match="granularity must be 'auto', 'block' or 'module'"):
+        dit_opt.optimize(model, budget=0.4, calibration=counting, granularity="layer", progress=False)
+    assert calls == []  # nothing was run
 
 
 def test_relative_error_needs_matching_outputs():

@@ -1,0 +1,93 @@
+"""TaylorSeer's rule as a solver (solvers.uniform) and filling a plan's unspent budget (solvers.fill)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dit_opt.errors import ConfigError, InfeasibleBudgetError
+from dit_opt.plan import ActionKind, Unit
+from solvers import solve
+from solvers.fill import fill
+from solvers.problem import Problem
+from solvers.uniform import schedule
+
+
+def _problem(T=12, U=3, M=4, budget=0.5, seed=0) -> Problem:
+    """Reuse errors growing with the age, forecasts (orders 1-3) better than reuse, units unlike."""
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.5, 2.0, size=(T, U, 1))
+    e_reuse = scale * np.arange(M + 1)[None, None, :] ** 2
+    e_forecast = np.full((T, U, 3, M + 1, M + 1), np.inf)
+    for t in range(T):
+        for k in range(1, 4):
+            for n in range(1, M + 1):
+                for d in range(1, M + 1):
+                    if t - n - k * d >= 0:
+                        e_forecast[t, :, k - 1, n, d] = scale[t, :, 0] * n * d / (k + 1)
+    return Problem(units=tuple(Unit("blocks", i) for i in range(U)), num_steps=T, max_age=M, budget=budget,
+                   flops_compute=np.full((T, U), 10.0), e_reuse=e_reuse, flops_reuse=np.zeros((T, U)),
+                   e_forecast=e_forecast)
+
+
+def test_schedule_is_warmup_then_interval():
+    assert schedule(10, 3, 4).nonzero()[0].tolist() == [0, 1, 2, 3, 7]
+    assert schedule(5, 0, 2).nonzero()[0].tolist() == [0, 2, 4]
+    with pytest.raises(ConfigError, match="interval >= 1"):
+        schedule(5, 1, 0)
+
+
+@pytest.mark.parametrize("budget", [0.7, 0.5, 0.3])
+def test_uniform_is_the_best_feasible_warmup_and_interval(budget):
+    p = _problem(budget=budget)
+    plan = solve(p, "uniform")
+    assert plan.predicted_flops <= budget * p.full_flops
+    # every unit computes at the same steps: a warm-up, then one interval
+    computes = [{t for t in range(p.num_steps) if plan.actions[t][u].kind is ActionKind.COMPUTE}
+                for u in range(len(p.units))]
+    assert all(c == computes[0] for c in computes)
+    # no other (warm-up, interval) pair within the budget has a smaller modelled error
+    best = min(solve(p, "uniform", warmup=w, interval=n).predicted_error
+               for w in range(5) for n in range(1, 6)
+               if _feasible(p, w, n))
+    assert plan.predicted_error == pytest.approx(best)
+    assert plan.counts()[ActionKind.FORECAST] > 0
+
+
+def _feasible(p, w, n) -> bool:
+    try:
+        solve(p, "uniform", warmup=w, interval=n)
+        return True
+    except InfeasibleBudgetError:
+        return False
+
+
+def test_uniform_refuses_bad_knobs_and_impossible_budgets():
+    p = _problem()
+    with pytest.raises(ConfigError, match="interval must be in 1..max_age"):
+        solve(p, "uniform", interval=9)
+    with pytest.raises(ConfigError, match="max_warmup"):
+        solve(p, "uniform", max_warmup=-1)
+    with pytest.raises(InfeasibleBudgetError, match="No uniform plan"):
+        solve(p.with_budget(0.05), "uniform")
+
+
+@pytest.mark.parametrize("budget", [0.45, 0.6, 0.8])
+def test_fill_spends_the_budget_and_only_lowers_the_error(budget):
+    p = _problem(budget=budget, T=16)
+    start = solve(p, "uniform", warmup=1, interval=5)  # spends much less than the budget
+    filled = fill(p, start)
+    assert start.predicted_flops < filled.predicted_flops <= budget * p.full_flops
+    assert filled.predicted_error < start.predicted_error
+    assert filled.solver == start.solver + "+fill"
+    # nothing left to add: no cheaper-than-slack compute would lower the error
+    slack = budget * p.full_flops - filled.predicted_flops
+    assert slack < 10.0 or filled.counts()[ActionKind.COMPUTE] == p.num_steps * len(p.units)
+    # every compute the filler added is within the rules (the plan validated on construction)
+    assert fill(p, filled) is filled
+
+
+def test_fill_leaves_a_full_plan_alone():
+    p = _problem(budget=1.0)
+    plan = solve(p, "uniform", warmup=0, interval=1)
+    assert fill(p, plan) is plan
