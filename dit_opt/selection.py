@@ -59,8 +59,7 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     if ``solve_main`` is given), :mod:`solvers.periodic` (one interval per unit),
     :mod:`solvers.uniform` (TaylorSeer's warm-up and interval), and the uniform interval of
     FORA for every unit, as published (plain reuse) and with forecasts where measured better;
-    the periodic, uniform and FORA-with-forecasts plans with their unspent budget filled
-    (:func:`solvers.fill.fill`).
+    each with its unspent budget filled (:func:`solvers.fill.fill`; FORA's with plain reuses).
     Given ``module_problem`` (the same profile at module granularity), also its solver plan
     (``solve_module``) and its uniform plan, filled. A family that cannot meet the budget is
     left out. Every plan's predicted error is that of its own problem (unweighted).
@@ -81,7 +80,7 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     # periodic and uniform plans with their unspent budget filled (the same plan where none is left)
     for name in ("periodic", "uniform"):
         makers.append(lambda name=name: fill(problem, solve(problem, name)))
-    makers.append(lambda: solve(problem, "fora"))
+    makers.append(lambda: fill(problem.without_forecasts(), solve(problem, "fora")))  # plain reuse, filled
     if module_problem is not None:
         if solve_module is not None:
             makers.append(lambda: _renamed(solve_module(module_problem), "module"))
@@ -91,9 +90,10 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
             plans.append(make())
         except DitOptError:
             continue
-    fora = next((p for p in plans if p.solver == "fora"), None)
+    fora = next((p for p in plans if p.solver.startswith("fora")), None)
     if fora is not None and problem.e_forecast is not None:
-        plans.append(fill(problem, problem.to_plan(fora.actions, "fora+forecast", "HEURISTIC", 0.0)))
+        plans.append(fill(problem, problem.to_plan(solve(problem, "fora").actions, "fora+forecast", "HEURISTIC",
+                                                   0.0)))
     unique: dict[tuple, Plan] = {}
     for plan in plans:
         unique.setdefault((plan.units, plan.actions), plan)

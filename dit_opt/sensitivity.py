@@ -253,6 +253,12 @@ class SensitivityProfile:
             prunable = np.array([not np.isnan(self.flops_module_prune[u, r]).any() for u, r in pairs])
         if prunable.any() and self.prune_rates:
             e_prune = np.stack([self.e_module_prune[near][:, u, r] for u, r in pairs], axis=1)
+            # ages at which module PRUNE is not measured (MODULE_PRUNE_MAX_AGE): the reuse error at
+            # that age, which a prune (recomputing some tokens) is not expected to exceed; at more
+            # FLOPs than the reuse the solver never takes it there. (A huge placeholder instead
+            # would set the solvers' error scale and round every small error to nothing.)
+            unmeasured = np.isnan(e_prune) & prunable[None, :, None, None]
+            e_prune = np.where(unmeasured, np.nan_to_num(e_reuse, nan=1e6)[..., None], e_prune)
             # a module that cannot be pruned: any finite FLOPs and error (PRUNE is not allowed there)
             fp = np.stack([self.flops_module_prune[u, r] if ok else np.full(len(self.prune_rates), fm[i])
                            for i, ((u, r), ok) in enumerate(zip(pairs, prunable, strict=True))])

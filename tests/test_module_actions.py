@@ -239,3 +239,23 @@ def test_module_forecast_extrapolates_the_outputs_and_tracks_the_estimate(tiny, 
     assert estimate > 0 and 0.2 * estimate < np.mean(errs) < 5 * estimate
     assert all(float((g - r).abs().max()) == 0 for k, (g, r) in enumerate(zip(got, ref, strict=True))
                if k % STEPS != t)
+
+
+def test_module_forecasts_of_every_order_are_planned_and_counted_within_budget(tiny):
+    from solvers import solve
+
+    model, cal, measured = tiny("dit")
+    # higher orders made clearly better where measured, so that the plan must use them
+    scale = np.array([1.0, 0.1, 0.01])[None, None, None, :, None, None]
+    prof = dataclasses.replace(measured, e_module_forecast=measured.e_module_forecast * 1e-3 * scale)
+    problem = prof.to_problem(0.7, granularity="module")
+    # TaylorSeer's rule: steps 0..3 compute, 4 and 5 forecast from four evenly spaced computes
+    plan = solve(problem, "uniform", warmup=3, interval=4)
+    orders = {a.order for row in plan.actions for a in row if a.kind is ActionKind.FORECAST}
+    assert orders <= {1, 2, 3} and max(orders) >= 2, plan.summary()  # the best measured order per unit
+    opt = dit_opt.OptimizedTransformer(model, plan, profile=prof, compile=False)
+    assert count_flops(cal, opt) <= 0.7 * count_flops(cal, model)
+    exact = dit_opt.optimize(model, budget=1.0, calibration=measured, granularity="module", compile=False,
+                             progress=False)
+    with torch.no_grad():
+        assert torch.equal(cal(exact), cal(model))

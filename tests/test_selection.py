@@ -55,7 +55,7 @@ def test_optimize_compares_candidates_on_a_callable_calibration(tiny):
         warnings.simplefilter("ignore")
         opt = dit_opt.optimize(model, budget=0.4, calibration=cal, compile=False, progress=False)
     solvers = {c.plan.solver for c in opt.selection}
-    assert {"cpsat", "fora"} <= solvers
+    assert "cpsat" in solvers and any(s.startswith("fora") for s in solvers)
     assert any(s.startswith("cpsat+late") for s in solvers)
     assert any(s.startswith("periodic") for s in solvers)  # (the uniform plan may equal one measured already)
     # granularity "auto": module-level candidates are measured too
