@@ -3,8 +3,9 @@
 A user who weighs dit-opt against a peer picks the peer's setting that costs what dit-opt costs,
 so each dit-opt point is compared with what the peers reach at its FLOP fraction:
 
-* each peer's measured points, sorted by FLOP fraction, are joined linearly (no extrapolation
-  beyond its cheapest and its dearest point);
+* each peer's measured points are joined linearly, any two of them (the upper envelope of the
+  chords: with several settings per FLOP fraction, e.g. TaylorSeer's interval, warm-up and order,
+  the best ones are the neighbours; no extrapolation beyond its cheapest and its dearest point);
 * a peer point that is cheaper and better also counts: a user would take it (this makes the
   envelope non-decreasing in FLOPs, even where a peer's own curve is not);
 * the envelope is the best of all peers there. Two envelopes are reported: the tools' (diffusers'
@@ -72,8 +73,10 @@ def envelope_at(rows: Iterable[Any], x: float, baselines: bool = True) -> Envelo
         pts = sorted(pts, key=lambda r: (r.flop_fraction, -r.psnr))
         # a cheaper (or equal) point of this peer: the user takes it as it is
         cands += [EnvelopePoint(r.psnr, f"{peer} {r.setting}") for r in pts if r.flop_fraction <= x + 1e-9]
-        for lo, hi in zip(pts, pts[1:], strict=False):
-            if lo.flop_fraction < x < hi.flop_fraction:
+        below = [r for r in pts if r.flop_fraction < x]
+        above = [r for r in pts if r.flop_fraction > x]
+        for lo in below:  # every chord across x: their maximum is the upper envelope there
+            for hi in above:
                 w = (x - lo.flop_fraction) / (hi.flop_fraction - lo.flop_fraction)
                 cands.append(EnvelopePoint(lo.psnr + w * (hi.psnr - lo.psnr), f"{peer} {lo.setting}..{hi.setting}"))
     # first of the best wins ties, as before: peers in the order of their rows

@@ -25,6 +25,16 @@ def test_linear_between_neighbours_and_no_extrapolation_below():
     assert envelope_at(rows, 0.9).psnr == 28.0
 
 
+def test_several_settings_per_fraction_join_at_their_best():
+    """TaylorSeer's knobs give many settings at one FLOP fraction: the envelope joins the best
+    ones, skipping a fraction where every setting is poor (the upper envelope of all chords)."""
+    rows = [row("diffusers T", 0.3, 40.0, "a"), row("diffusers T", 0.3, 30.0, "b"),
+            row("diffusers T", 0.4, 35.0, "c"), row("diffusers T", 0.5, 50.0, "d")]
+    assert envelope_at(rows, 0.45).psnr == 47.5  # a..d (45.0 on the chord a..d), not c..d (42.5)
+    assert envelope_at(rows, 0.45).source == "diffusers T a..d"
+    assert envelope_at(rows, 0.35).psnr == 42.5  # a..d again, above a..c (37.5) and the point a
+
+
 def test_a_cheaper_better_point_counts_and_the_best_peer_wins():
     rows = [row("diffusers P", 0.2, 30.0), row("diffusers P", 0.6, 25.0),  # not monotone
             row("cache-dit Q", 0.3, 26.0), row("cache-dit Q", 0.5, 34.0)]

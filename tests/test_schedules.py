@@ -10,7 +10,7 @@ from dit_opt.plan import ActionKind, Unit
 from solvers import solve
 from solvers.fill import fill
 from solvers.problem import Problem
-from solvers.uniform import schedule
+from solvers.uniform import dearest, schedule
 
 
 def _problem(T=12, U=3, M=4, budget=0.5, seed=0) -> Problem:
@@ -91,3 +91,13 @@ def test_fill_leaves_a_full_plan_alone():
     p = _problem(budget=1.0)
     plan = solve(p, "uniform", warmup=0, interval=1)
     assert fill(p, plan) is plan
+
+
+def test_dearest_rhythms_spend_the_most_one_per_interval():
+    p = _problem(budget=0.45, T=16)
+    plans = dearest(p, 3)
+    intervals = [int(pl.solver.split("N=")[1].split(",")[0]) for pl in plans]
+    assert len(plans) == 3 and len(set(intervals)) == 3
+    flops = [pl.predicted_flops for pl in plans]
+    assert flops == sorted(flops, reverse=True) and flops[0] <= 0.45 * p.full_flops
+    assert schedule(8, 1, 3, phase=1).nonzero()[0].tolist() == [0, 2, 5]  # diffusers' TaylorSeer rhythm

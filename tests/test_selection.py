@@ -57,7 +57,7 @@ def test_optimize_compares_candidates_on_a_callable_calibration(tiny):
     solvers = {c.plan.solver for c in opt.selection}
     assert "cpsat" in solvers and any(s.startswith("fora") for s in solvers)
     assert any(s.startswith("cpsat+late") for s in solvers)
-    assert any(s.startswith("periodic") for s in solvers)  # (the uniform plan may equal one measured already)
+    assert sum(s.startswith("uniform(") for s in solvers) >= 2  # several rhythms of TaylorSeer's rule
     # granularity "auto": module-level candidates are measured too
     assert "module:cpsat" in solvers and any(s.startswith("module:uniform(") for s in solvers)
     assert any(u.role is not None for c in opt.selection for u in c.plan.units)

@@ -7,12 +7,13 @@ so it serves rows read back from ``--json`` files as well as fresh ones.
 from __future__ import annotations
 
 import datetime
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from dit_opt.bench import machine
 from dit_opt.benchmark.config import _CALIBRATION_SEED, _EVAL_SEED, BenchConfig, Row
-from dit_opt.equal_flops import comparison_table
+from dit_opt.equal_flops import compare, comparison_table, envelope_at
 
 
 def _num(x: float | None, spec: str) -> str:
@@ -62,7 +63,8 @@ def verdict(rows: Sequence[Row], budget: float = 0.5) -> list[str]:
 
 
 def plot_pareto(rows: Sequence[Row], path: str | Path) -> Path:
-    """PSNR against FLOP fraction, one line per method, one subplot per model (matplotlib Agg)."""
+    """PSNR against FLOP fraction, one line per method, one subplot per model (matplotlib Agg); the
+    tools' envelope dashed, and each dit-opt point labelled with its margin over it at equal FLOPs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,6 +84,17 @@ def plot_pareto(rows: Sequence[Row], path: str | Path) -> Path:
             style = dict(lw=2.5, marker="o", color="black") if method == "dit-opt (cpsat)" else dict(
                 lw=1.2, marker=".", color=colours[i % len(colours)])
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=method, **style)
+        mine = [r for r in rows if r.model == model]
+        xs = [x / 200 for x in range(1, 201)]
+        env = [(x, envelope_at(mine, x, baselines=False).psnr) for x in xs]
+        env = [(x, y) for x, y in env if math.isfinite(y)]
+        if env:
+            ax.plot([x for x, _ in env], [y for _, y in env], ls="--", lw=1.0, color="grey",
+                    label="tools' envelope (equal FLOPs)")
+        for c in compare(mine):
+            if math.isfinite(c.tools_margin):
+                ax.annotate(f"{c.tools_margin:+.1f} dB", (c.flop_fraction, c.psnr), textcoords="offset points",
+                            xytext=(4, 6), fontsize=7)
         ax.set_title(model)
         ax.set_xlabel("FLOP fraction of the full generation (counted)")
         ax.set_ylabel("PSNR vs full output (dB)")
