@@ -98,3 +98,10 @@ def test_benchmark_report_carries_the_equal_flops_table(tmp_path):
     text = out.read_text()
     assert "At equal FLOPs on `m`" in text
     assert "| 0.5 | 0.500 | 30.00 | 22.00 | **+8.00** | diffusers P x=1..x=2 |" in text
+    # a later file re-measures one method: its rows take the old ones' place, the rest stays
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps({"seconds": 2.0, "rows": [dict(rows[1], psnr=33.0)]}))
+    merged = benchmark.main(["--merge", str(saved), str(again), "--out", str(out),
+                             "--figure", str(tmp_path / "f.png")])
+    assert [(r.method, r.psnr) for r in merged][:2] == [("full model", math.inf), ("dit-opt (cpsat)", 33.0)]
+    assert len(merged) == 4 and "| 0.5 | 0.500 | 33.00 | 22.00 | **+11.00**" in out.read_text()

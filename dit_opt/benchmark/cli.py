@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None, prog: str = "benchmark.py") -> list[Row]
     parser.add_argument("--json", default=None, help="also write the measured rows as JSON (for --merge)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="measure nothing: write the report from rows saved by earlier runs' --json "
-                             "(e.g. one run per model, in parallel)")
+                             "(e.g. one run per model, in parallel); a later file's rows replace an earlier "
+                             "file's rows of the same model and method (re-measure one method, keep the rest)")
     parser.add_argument("--commands", default=None,
                         help="with --merge: the commands that measured the rows, for the report")
     args = parser.parse_args(argv)
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None, prog: str = "benchmark.py") -> list[Row]
         rows, seconds = [], 0.0
         for f in args.merge:
             data = json.loads(Path(f).read_text())
-            rows += [Row(**r) for r in data["rows"]]
+            rows = _merged(rows, [Row(**r) for r in data["rows"]])
             seconds = max(seconds, data["seconds"])
     else:
         rows = run(cfg)
@@ -98,3 +99,19 @@ def main(argv: list[str] | None = None, prog: str = "benchmark.py") -> list[Row]
     print("\n".join(verdict(rows, 0.5)))
     print(f"wrote {args.out} and {figure}")
     return rows
+
+
+def _merged(rows: list[Row], new: list[Row]) -> list[Row]:
+    """``rows`` with ``new`` in: where ``new`` has rows of a (model, method), they take the place
+    of the old ones (at the first old one's position); the rest of ``new`` is appended."""
+    keys = {(r.model, r.method) for r in new}
+    out: list[Row] = []
+    placed: set[tuple[str, str]] = set()
+    for r in rows:
+        key = (r.model, r.method)
+        if key not in keys:
+            out.append(r)
+        elif key not in placed:
+            out += [n for n in new if (n.model, n.method) == key]
+            placed.add(key)
+    return out + [n for n in new if (n.model, n.method) not in placed]
