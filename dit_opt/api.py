@@ -184,7 +184,7 @@ def optimize(
     widths: tuple[float, ...] = (0.25, 0.5, 0.75),
     solver_options: dict[str, Any] | None = None,
     gain_points: int = 0,
-    granularity: str = "auto",
+    granularity: str = "block",
     select: bool | Callable[[nn.Module], Any] | None = None,
     progress: bool = True,
 ) -> OptimizedTransformer:
@@ -212,7 +212,9 @@ def optimize(
         granularity: ``"block"`` (one action per block and step), ``"module"`` (one per
             attention, cross-attention and MLP of each block; reuse, forecast, skip, prune where
             the module can be pruned, and MLP width) or ``"auto"`` (block-level plans, and with
-            ``select`` on the module-level candidates too: whichever measures best).
+            ``select`` on the module-level candidates too: whichever measures best; the best
+            fidelity, but a module-level plan runs slower than its FLOP ratio for now,
+            ``docs/speed.md``).
         solver_options: passed to the solver (e.g. ``time_limit_s``).
         select: also make the solver's plans with late steps weighted more, and the periodic and
             uniform plans (:func:`dit_opt.selection.candidate_plans`), and keep whichever gives

@@ -1,8 +1,8 @@
 """What ``dit_opt.optimize`` costs on each reference model, in plain calibration generations.
 
 One calibration generation (the benchmark's: ``--samples`` images of seed 1000) is the unit:
-``optimize`` profiles on it and measures its candidate plans on it (``opt.report``). Prints a
-markdown table (the one in ``BENCHMARKS.md``).
+``optimize`` (``granularity="auto"``, as the benchmark runs it) profiles on it and measures its
+candidate plans on it (``opt.report``). Prints a markdown table (the one in ``BENCHMARKS.md``).
 
     python examples/optimize_cost.py --models digits-dit digits-mmdit crops-pixart --threads 2
 """
@@ -44,7 +44,7 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             opt = dit_opt.optimize(sampler.transformer, args.budget, calibration=calibration, compile=False,
-                                   progress=False)
+                                   progress=False, granularity="auto")
         r = opt.report
         print(f"| {name} | {n} images, {sampler.num_inference_steps} steps | {r['profile_generations']:.1f} | "
               f"{r['selection_runs']} | {r['selection_generations']:.1f} | **{r['generations']:.1f}** | "

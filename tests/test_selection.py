@@ -53,7 +53,8 @@ def test_optimize_compares_candidates_on_a_callable_calibration(tiny):
     model, cal, prof = tiny
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = dit_opt.optimize(model, budget=0.4, calibration=cal, compile=False, progress=False)
+        opt = dit_opt.optimize(model, budget=0.4, calibration=cal, compile=False, progress=False,
+                               granularity="auto")
     solvers = {c.plan.solver for c in opt.selection}
     assert "cpsat" in solvers and any(s.startswith("fora") for s in solvers)
     assert any(s.startswith("cpsat+late") for s in solvers)
@@ -70,9 +71,8 @@ def test_optimize_compares_candidates_on_a_callable_calibration(tiny):
     assert report["selection_runs"] == len(opt.selection)
     assert report["profile_generations"] > 1 and report["selection_generations"] > 0
     assert report["generations"] == pytest.approx(report["profile_generations"] + report["selection_generations"])
-    block = dit_opt.optimize(model, budget=0.4, calibration=prof, compile=False, progress=False, select=cal,
-                             granularity="block")
-    assert all(u.role is None for c in block.selection for u in c.plan.units)
+    block = dit_opt.optimize(model, budget=0.4, calibration=prof, compile=False, progress=False, select=cal)
+    assert all(u.role is None for c in block.selection for u in c.plan.units)  # the default: block
     assert block.report["profile_generations"] == 0  # the profile was given, not measured
     assert block.report["selection_runs"] == len(block.selection) + 1  # ... so the full model runs once more
     # a saved profile alone cannot measure; select= names the calibration to measure on

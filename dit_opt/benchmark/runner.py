@@ -70,7 +70,8 @@ def _bench_model(name: str, cfg: BenchConfig, progress: Any) -> list[Row]:
                     # dit-opt's candidate plans are compared on the calibration generation (seed 1000),
                     # never on the evaluation's noise
                     opt = dit_opt.optimize(model, budget, calibration=prof, solver=solver, compile=False,
-                                           example_inputs=example, progress=False, select=calibration)
+                                           example_inputs=example, progress=False, select=calibration,
+                                           granularity="auto")
                     images, flops = _counted(sampler, opt, labels, cfg.steps)
             except DitOptError as e:
                 rows.append(Row(name, method, f"budget {budget}", budget, float("nan"), float("nan"), float("nan"),
