@@ -63,6 +63,19 @@ MODULE_ROLES = ("attn", "cross_attn", "mlp")
 _ARRAYS = ("e_reuse", "e_prune", "e_width", "e_skip", "flops_compute", "flops_reuse", "flops_prune", "flops_width")
 
 
+def _rescaled_ages(errors: np.ndarray, near: np.ndarray, ratio: float) -> np.ndarray:
+    """Errors with a cache-age axis third, ``(T_cal, X, M + 1, ...)``, for another schedule: step
+    ``t`` takes the calibrated step ``near[t]``, age ``n`` the calibrated age ``round(n * ratio)``;
+    ages that maps outside ``1 .. M`` get a huge error (1e6: never worth taking)."""
+    M = errors.shape[2] - 1
+    out = np.full((len(near), *errors.shape[1:]), 1e6)
+    for n in range(1, M + 1):
+        src = int(round(n * ratio))
+        if 1 <= src <= M:
+            out[:, :, n] = errors[near, :, src]
+    return out
+
+
 def _rescaled_forecasts(e_forecast: np.ndarray, near: np.ndarray, ratio: float) -> np.ndarray:
     """``e_forecast``-shaped errors ``(T_cal, X, K, M + 1, M + 1)`` for another schedule: step
     ``t`` takes the calibrated step ``near[t]``, ages and spacings rescaled by ``ratio``; a step
@@ -230,20 +243,16 @@ class SensitivityProfile:
         rest = float(self.flops_compute.sum() - fm.sum())  # norms, modulation, ... always computed
         e_reuse = np.stack([self.e_module_reuse[near][:, u, r] for u, r in pairs], axis=1)
         rescale = block.num_steps != len(cal) or np.any(near != np.arange(len(near)))
+        ratio = self._age_ratio(block.timesteps)
         if rescale:  # ages rescaled like the block problem does
-            ratio = self._age_ratio(block.timesteps)
-            e_reuse = np.full_like(e_reuse, 1e6)
-            for n in range(1, M + 1):
-                src = int(round(n * ratio))
-                if 1 <= src <= M:
-                    e_reuse[:, :, n] = np.stack([self.e_module_reuse[near, u, r, src] for u, r in pairs], axis=1)
+            e_reuse = _rescaled_ages(np.stack([self.e_module_reuse[:, u, r] for u, r in pairs], axis=1), near, ratio)
         kw: dict[str, Any] = {}
         if "reuse" in actions:
             # a module REUSE returns the cached output: no arithmetic at all
             kw.update(e_reuse=np.nan_to_num(e_reuse, nan=1e6), flops_reuse=np.zeros((T, len(pairs))))
             if "forecast" in actions and self.e_module_forecast is not None:
                 e_fc = np.stack([self.e_module_forecast[:, u, r] for u, r in pairs], axis=1)
-                e_fc = _rescaled_forecasts(e_fc, near, self._age_ratio(block.timesteps)) if rescale else e_fc[near]
+                e_fc = _rescaled_forecasts(e_fc, near, ratio) if rescale else e_fc[near]
                 kw.update(e_forecast=np.nan_to_num(e_fc, nan=np.inf))
         if "skip" in actions and self.e_module_skip is not None:
             kw.update(e_skip=np.nan_to_num(np.stack([self.e_module_skip[near][:, u, r] for u, r in pairs], axis=1),
@@ -299,16 +308,10 @@ class SensitivityProfile:
             ts = np.linspace(cal[0], cal[-1], int(num_steps))
         else:
             ts = np.asarray([float(t) for t in timesteps], dtype=np.float64)
-        T, M = len(ts), self.max_age
         near = np.abs(cal[None, :] - ts[:, None]).argmin(axis=1)
         ratio = self._age_ratio(ts)
-        e_reuse = np.full((T, self.e_reuse.shape[1], M + 1), 1e6)
-        e_prune = np.full((T, *self.e_prune.shape[1:]), 1e6)
-        for n in range(1, M + 1):
-            src = int(round(n * ratio))
-            if 1 <= src <= M:
-                e_reuse[:, :, n] = self.e_reuse[near, :, src]
-                e_prune[:, :, n] = self.e_prune[near, :, src]
+        e_reuse = _rescaled_ages(self.e_reuse, near, ratio)
+        e_prune = _rescaled_ages(self.e_prune, near, ratio)
         e_prune[np.isnan(self.e_prune[near])] = np.nan
         e_forecast = None if self.e_forecast is None else _rescaled_forecasts(self.e_forecast, near, ratio)
         return (e_reuse, e_prune, self.e_width[near], self.e_skip[near], ts, None if gain is None else gain[near],

@@ -164,6 +164,18 @@ class _Gram:
                 for wj, sj in zip(w, steps, strict=True))
         return max(0.0, q - 2 * sum(wi * self.g[si, t] for wi, si in zip(w, steps, strict=True)) + self.g[t, t])
 
+    def forecast_misses(self, t: int, n: int, spacings: int, orders: int):
+        """``(order k, spacing d, miss)`` of every ``FORECAST`` to ``t`` at age ``n`` from computes at
+        ``t - n, t - n - d, ..., t - n - k d`` that are kept (``d`` in ``1 .. spacings``, ``k`` in
+        ``1 .. orders``)."""
+        for d in range(1, spacings + 1):
+            for k in range(1, orders + 1):
+                steps = [t - n - i * d for i in range(k + 1)]
+                miss = self.miss(t, steps, forecast_weights(t, steps))
+                if miss is None:
+                    break  # older computes are not kept either
+                yield k, d, miss
+
 
 def _tensors(out: Any) -> list[torch.Tensor]:
     """The tensors of a sub-module's output (one, or those of a tuple), in order."""
@@ -392,13 +404,8 @@ class _Probe:
             acc["e_reuse"][u, n] += err / norm
             # FORECAST of order k from the computes at t - n, t - n - d, ..., t - n - k d
             # (all observed: measured).
-            for d in range(1, self.max_age + 1):
-                for k in range(1, self.forecast_orders + 1):
-                    steps = [t - n - i * d for i in range(k + 1)]
-                    err = gram.miss(t, steps, forecast_weights(t, steps))
-                    if err is None:
-                        break
-                    acc["e_forecast"][u, k - 1, n, d] += err / norm
+            for k, d, err in gram.forecast_misses(t, n, self.max_age, self.forecast_orders):
+                acc["e_forecast"][u, k - 1, n, d] += err / norm
         acc["e_skip"][u] += sum(float(r.pow(2).sum()) for r in res.values()) / norm
         batch = pairs[0][1].shape[0]
         p_args, p_kwargs, sl = self._rows(args, kwargs, batch)
@@ -496,13 +503,10 @@ class _Probe:
         reuse error scaled by the forecast's error relative to the reuse's on the outputs themselves."""
         gram = self.grams[(u, self.branch, role)]
         reuse_sq = gram.miss(t, [t - n])
-        for d in range(1, self.max_age + 1):
-            for k in range(1, self.forecast_orders + 1):
-                steps = [t - n - i * d for i in range(k + 1)]
-                sq = gram.miss(t, steps, forecast_weights(t, steps))
-                if sq is None or reuse_sq is None:
-                    break
-                acc["e_module_forecast"][u, r, k - 1, n, d] += reuse_error * (sq / reuse_sq if reuse_sq > 0 else 1.0)
+        if reuse_sq is None:
+            return
+        for k, d, sq in gram.forecast_misses(t, n, self.max_age, self.forecast_orders):
+            acc["e_module_forecast"][u, r, k - 1, n, d] += reuse_error * (sq / reuse_sq if reuse_sq > 0 else 1.0)
 
     def arrays(self) -> tuple[list[float], dict[str, np.ndarray]]:
         steps = sorted(self.sums)
