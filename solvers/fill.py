@@ -39,8 +39,8 @@ def fill(problem: Problem, plan: Plan, name: str | None = None) -> Plan:
     T, U = problem.num_steps, len(problem.units)
     base = [[REUSE if a.kind is ActionKind.FORECAST else a for a in row] for row in plan.actions]
     columns = [[row[u] for row in base] for u in range(U)]
-    index = problem._action_index
-    saved = sum(int(problem.savings_quanta[t, u, index[columns[u][t]]]) for u in range(U) for t in range(T))
+    saved = sum(int(problem.savings_quanta[t, u, problem.menu_index(columns[u][t])])
+                for u in range(U) for t in range(T))
     slack = saved - problem.need_quanta()
     error = [_error(problem, u, columns[u]) for u in range(U)]
     options = [_options(problem, u, columns[u], error[u]) for u in range(U)]
@@ -75,12 +75,11 @@ def _error(problem: Problem, u: int, column: list) -> float:
 def _options(problem: Problem, u: int, column: list, error: float) -> list[tuple[float, int, int]]:
     """Every (error saved per quantum, step, quanta) of making one more step of unit ``u`` compute,
     best first; only changes that save error."""
-    index = problem._action_index
     out = []
     for t in range(1, problem.num_steps):
         if column[t].kind is ActionKind.COMPUTE:
             continue
-        cost = int(problem.savings_quanta[t, u, index[column[t]]])
+        cost = int(problem.savings_quanta[t, u, problem.menu_index(column[t])])
         trial = list(column)
         trial[t] = COMPUTE
         gain = error - _error(problem, u, trial)
