@@ -316,10 +316,18 @@ def _residual_sources(sub: nn.Module) -> dict[int, set[str]]:
 def _roles(block: nn.Module) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """Sub-modules of ``block`` by role: attention, cross-attention, MLP, norms."""
     found: dict[str, list[str]] = {r: [] for r in ROLES}
-    for name, mod in block.named_children():
+    children = dict(block.named_children())
+    for name, mod in children.items():
         role = _role_of(name, mod)
         if role is not None:
             found[role].append(name)
+    # A fused block (Flux's single-stream block: proj_out over the concatenated attention and
+    # proj_mlp outputs) ends in a projection of both branches, most of whose FLOPs are in neither
+    # role. It joins the MLP: serving the MLP then serves proj_out's output too (the attention,
+    # whose output feeds nothing else, is dropped from the step graph if it is served as well),
+    # which is TaylorSeer's policy for these blocks.
+    if "proj_mlp" in found["mlp"] and isinstance(children.get("proj_out"), nn.Linear):
+        found["mlp"].append("proj_out")
     return tuple((r, tuple(v)) for r, v in found.items() if v)
 
 

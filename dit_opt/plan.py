@@ -411,10 +411,10 @@ class Plan:
                     )
                 if action.kind is ActionKind.FORECAST:
                     used = computes[:action.order + 1]
-                    if len(used) < action.order + 1 or any(a - b > self.max_age for a, b in pairwise(used)):
+                    if len(used) < action.order + 1 or any(a - b > self.max_age + 1 for a, b in pairwise(used)):
                         raise ValueError(
                             f"{where} extrapolates from the last {action.order + 1} COMPUTE steps, each at most "
-                            f"max_age={self.max_age} after the one before (they are {list(reversed(used))})"
+                            f"max_age + 1 = {self.max_age + 1} after the one before (they are {list(reversed(used))})"
                         )
                 if action.kind is ActionKind.WIDTH and not unit.allows_width:
                     raise ValueError(f"{where}: WIDTH applies only to an MLP or a whole block")

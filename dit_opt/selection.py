@@ -23,7 +23,7 @@ compared (for replayed trajectories this is open loop: each call sees the record
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,8 @@ LATE_WEIGHTS = (16.0,)
 
 #: How many rhythms of TaylorSeer's rule (:func:`solvers.uniform.dearest`) are measured.
 UNIFORM_RHYTHMS = 3
+#: How many of them are measured again under TaylorSeer's policy (a forecast at every cache read).
+ALWAYS_RHYTHMS = 2
 
 
 def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] | None = None,
@@ -72,7 +74,7 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     """
     from dit_opt.errors import DitOptError
     from solvers import solve, uniform
-    from solvers.fill import fill
+    from solvers.fill import fill, trim
 
     plans = [main]
     makers: list[Callable[[], Plan | list[Plan]]] = []
@@ -91,6 +93,19 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
         if solve_module is not None:
             makers.append(lambda: _renamed(solve_module(module_problem), "module"))
         makers.append(lambda: _renamed(fill(module_problem, solve(module_problem, "uniform")), "module"))
+    # TaylorSeer's own policy: every cache read between computes a forecast (at the finest
+    # granularity offered), with the order measured best or with order 1; at the rhythms just
+    # within the budget (filled) and just over it (trimmed)
+    rhythms = module_problem if module_problem is not None else problem
+    if rhythms.e_forecast is not None:
+        always = replace(rhythms, forecast_policy="always")
+        first_order = replace(always, e_forecast=always.e_forecast[:, :, :1])
+        for variant, tag in ((always, "always"), (first_order, "always-F1")):
+            prefix = f"module:{tag}" if module_problem is not None else tag
+            makers.append(lambda v=variant, x=prefix: [_renamed(fill(v, p), x)
+                                                        for p in uniform.dearest(v, ALWAYS_RHYTHMS)])
+            makers.append(lambda v=variant, x=prefix: [_renamed(t, x) for p in uniform.above(v, 2)
+                                                        if (t := trim(v, p)) is not None])
     for make in makers:
         try:
             made = make()
@@ -109,8 +124,6 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
 
 def _renamed(plan: Plan, prefix: str) -> Plan:
     """``plan`` with its solver named ``<prefix>:<solver>`` (the candidate's origin in reports)."""
-    from dataclasses import replace
-
     return replace(plan, solver=f"{prefix}:{plan.solver}")
 
 

@@ -60,6 +60,9 @@ def check_actions(actions: Any) -> tuple[str, ...]:
 
 #: Module roles of the module-level units, in the order of ``e_module_reuse``'s third axis.
 MODULE_ROLES = ("attn", "cross_attn", "mlp")
+#: Share of a block's FLOPs its role modules must do for module-granularity plans to split it
+#: into module units; a block below this is planned whole (:meth:`SensitivityProfile.whole_blocks`).
+MODULE_COVERAGE = 0.9
 _ARRAYS = ("e_reuse", "e_prune", "e_width", "e_skip", "flops_compute", "flops_reuse", "flops_prune", "flops_width")
 
 
@@ -236,11 +239,15 @@ class SensitivityProfile:
         T, M = block.num_steps, self.max_age
         cal = np.asarray(self.timesteps, dtype=np.float64)
         near = np.abs(cal[None, :] - np.asarray(block.timesteps)[:, None]).argmin(axis=1)
-        pairs = [(u, r) for u in range(len(self.units)) for r in range(len(MODULE_ROLES))
+        whole = self.whole_blocks()
+        pairs = [(u, r) for u in range(len(self.units)) if u not in whole for r in range(len(MODULE_ROLES))
                  if not np.isnan(self.flops_module[u, r])]
+        if not pairs:
+            return self.to_problem(budget, num_steps=num_steps, timesteps=timesteps, actions=actions)
         units = tuple(Unit(self.units[u].list_name, self.units[u].index, MODULE_ROLES[r]) for u, r in pairs)
         fm = np.array([self.flops_module[u, r] for u, r in pairs])
-        rest = float(self.flops_compute.sum() - fm.sum())  # norms, modulation, ... always computed
+        # norms, modulation, ... of the blocks planned by module: always computed
+        rest = float(sum(self.flops_compute[u] for u in {u for u, _ in pairs}) - fm.sum())
         e_reuse = np.stack([self.e_module_reuse[near][:, u, r] for u, r in pairs], axis=1)
         rescale = block.num_steps != len(cal) or np.any(near != np.arange(len(near)))
         ratio = self._age_ratio(block.timesteps)
@@ -297,7 +304,33 @@ class SensitivityProfile:
                 allowed[..., a] &= ok if allowed.ndim == 2 else ok[None, :]
             if str(act).startswith("P"):
                 allowed[..., a] &= prunable if allowed.ndim == 2 else prunable[None, :]
-        return dataclasses.replace(problem, allowed=allowed)
+        problem = dataclasses.replace(problem, allowed=allowed)
+        if not whole:
+            return problem
+        from solvers.problem import join_units
+
+        # blocks planned whole sit among the module units in block order (the plan reads alike)
+        blocks = self.to_problem(budget, num_steps=num_steps, timesteps=timesteps, actions=actions)
+        parts, at = [], 0
+        for u in range(len(self.units)):
+            if u in whole:
+                parts.append((blocks, [u]))
+            else:
+                n = sum(1 for v, _ in pairs if v == u)
+                parts.append((problem, list(range(at, at + n))))
+                at += n
+        return join_units([p for p in parts if p[1]], flops_fixed=problem.flops_fixed)
+
+    def whole_blocks(self) -> set[int]:
+        """Indices of the blocks that module-granularity plans treat as one unit: those whose
+        attention, cross-attention and MLP modules do less than ``MODULE_COVERAGE`` of the
+        block's FLOPs (e.g. Flux's single-stream blocks, whose output projection over the
+        concatenated attention and MLP outputs is in neither), so that serving those modules
+        from a cache would still leave most of the block to compute."""
+        if self.flops_module is None:
+            return set()
+        covered = np.nansum(self.flops_module, axis=1)
+        return {u for u in range(len(self.units)) if covered[u] < MODULE_COVERAGE * self.flops_compute[u]}
 
     def _errors_for(self, num_steps: int | None, timesteps: Any):
         cal = np.asarray(self.timesteps, dtype=np.float64)

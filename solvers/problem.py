@@ -72,7 +72,10 @@ from dit_opt.plan import (
     compute_history,
 )
 
-__all__ = ["Problem", "min_cost_sequences", "infeasible_error"]
+__all__ = ["Problem", "min_cost_sequences", "infeasible_error", "join_units"]
+
+#: Values of :attr:`Problem.forecast_policy`.
+FORECAST_POLICIES = ("measured", "always")
 
 _MAX_EXACT_QUANTA = 2**40  # integer FLOP scaling used as is when full_flops / gcd stays below this
 _FALLBACK_QUANTA = 2**30  # otherwise ~this many quanta in full_flops
@@ -102,6 +105,11 @@ class Problem:
         allowed: ``(U, A)`` or ``(T, U, A)`` booleans over :attr:`actions`, or ``None``: all
             allowed except ``WIDTH`` on units that are not an MLP or a whole block.
         timesteps: scheduler timestep value of each step, if known.
+        forecast_policy: which ``REUSE`` steps of a plan become ``FORECAST`` (:meth:`with_forecasts`):
+            ``"measured"``, where a forecast is measured better than the reuse; ``"always"``,
+            wherever one is measured at all (TaylorSeer's policy: the error of each action
+            measured alone ranks reuse above forecast at early steps, where forecasts measure
+            better end to end). The order is the one measured best either way.
 
     Raises:
         ValueError: an array has the wrong shape or holds negative / non-finite values, naming
@@ -127,6 +135,7 @@ class Problem:
     e_forecast: np.ndarray | None = None
     allowed: np.ndarray | None = None
     timesteps: tuple[float, ...] | None = None
+    forecast_policy: str = "measured"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -192,6 +201,9 @@ class Problem:
             set_(self, "timesteps", tuple(float(t) for t in self.timesteps))
             if len(self.timesteps) != T:
                 raise ValueError(f"Problem.timesteps has {len(self.timesteps)} entries, expected {T}")
+        if self.forecast_policy not in FORECAST_POLICIES:
+            raise ValueError(f"Problem.forecast_policy must be one of {FORECAST_POLICIES}, "
+                             f"got {self.forecast_policy!r}")
         set_(self, "allowed", self._checked_allowed())
 
     def _checked_allowed(self) -> np.ndarray:
@@ -302,21 +314,24 @@ class Problem:
 
     def forecast_error(self, t: int, u: int, order: int, computes: Sequence[int]) -> float:
         """Measured error of ``FORECAST`` of ``order`` at step ``t`` of unit ``u`` from its last
-        computes (newest first); ``inf`` where not measured: too few computes, a spacing above
-        ``max_age``, or, for order 2 and up, computes not evenly spaced."""
+        computes (newest first); ``inf`` where not measured: too few computes, an age above
+        ``max_age``, computes more than ``max_age + 1`` apart or, for order 2 and up, not evenly
+        spaced. Computes ``max_age + 1`` apart (an interval of ``max_age + 1``) take the error
+        measured at spacing ``max_age``, the nearest the profile keeps."""
         if not 1 <= order <= self.forecast_orders or len(computes) < order + 1:
             return np.inf
         used = list(computes[:order + 1])
         n, d = t - used[0], used[0] - used[1]
-        if not (1 <= n <= self.max_age and 1 <= d <= self.max_age):
+        if not (1 <= n <= self.max_age and 1 <= d <= self.max_age + 1):
             return np.inf
         if any(a - b != d for a, b in pairwise(used)):
             return np.inf
-        return float(self.e_forecast[t, u, order - 1, n, d])
+        return float(self.e_forecast[t, u, order - 1, n, min(d, self.max_age)])
 
     def with_forecasts(self, actions: Sequence[Sequence[Action]]) -> tuple[tuple[Action, ...], ...]:
         """The grid with each ``REUSE`` turned into the ``FORECAST`` order measured best with the
-        grid's actual spacing of the unit's last computes, where it beats the reuse."""
+        grid's actual spacing of the unit's last computes, where it beats the reuse (policy
+        ``"measured"``) or wherever one is measured (``"always"``)."""
         columns = [self.column_with_forecasts(u, [row[u] for row in actions]) for u in range(len(self.units))]
         return tuple(zip(*columns, strict=True)) if columns else tuple(tuple(row) for row in actions)
 
@@ -332,7 +347,8 @@ class Problem:
                 continue
             errors = [self.forecast_error(t, u, k, computes) for k in range(1, self.forecast_orders + 1)]
             best = int(np.argmin(errors))
-            if errors[best] < self.e_reuse[t, u, t - computes[0]]:
+            always = self.forecast_policy == "always" and np.isfinite(errors[best])
+            if always or errors[best] < self.e_reuse[t, u, t - computes[0]]:
                 column[t] = Action(ActionKind.FORECAST, order=best + 1)
         return column
 
@@ -564,6 +580,79 @@ class Problem:
             if kind not in keep:
                 changes.update(fields_)
         return replace(self, **changes)
+
+
+def join_units(parts: Sequence[tuple[Problem, Sequence[int]]], flops_fixed: float) -> Problem:
+    """One problem over some units of each of ``parts`` (``(problem, unit indices)``), in order.
+
+    The parts share the steps, ``max_age``, budget and timesteps; an action family that one
+    part lacks is disallowed on its units (with placeholder FLOPs and errors). Used to plan some
+    blocks as whole blocks and others module by module.
+
+    Args:
+        parts: each problem with the indices of the units taken from it.
+        flops_fixed: the joined problem's FLOPs outside the units.
+
+    Raises:
+        ValueError: the parts differ in steps, ``max_age``, budget or timesteps, or offer the
+            same family at different prune rates or widths.
+    """
+    first = parts[0][0]
+    T, M = first.num_steps, first.max_age
+    for p, _ in parts:
+        if (p.num_steps, p.max_age, p.budget, p.timesteps) != (T, M, first.budget, first.timesteps):
+            raise ValueError("join_units: the problems differ in steps, max_age, budget or timesteps")
+    rates = {p.prune_rates for p, _ in parts if p.prune_rates}
+    widths = {p.widths for p, _ in parts if p.widths}
+    if len(rates) > 1 or len(widths) > 1:
+        raise ValueError(f"join_units: different prune rates {rates} or widths {widths}")
+    orders = max(p.forecast_orders for p, _ in parts)
+    K, J = len(next(iter(rates), ())), len(next(iter(widths), ()))
+    placeholder = 1e6  # disallowed below; finite so that the arrays stay valid
+
+    def column(p: Problem, cols: list[int], name: str, shape: tuple[int, ...], fill: float) -> np.ndarray:
+        value = getattr(p, name)
+        if value is None:
+            return np.full((T, len(cols), *shape), fill)
+        return np.asarray(value)[:, cols]
+
+    fields: dict[str, list[np.ndarray]] = {}
+    allowed, menu = [], None
+    wanted = {"e_reuse": ((M + 1,), placeholder), "flops_reuse": ((), None), "e_prune": ((M + 1, K), placeholder),
+              "flops_prune": ((K,), None), "e_width": ((J,), placeholder), "flops_width": ((J,), None),
+              "e_skip": ((), placeholder)}
+    present = {name for name in wanted if any(getattr(p, name) is not None for p, _ in parts)}
+    for p, cols in parts:
+        cols = list(cols)
+        for name in present:
+            shape, fill = wanted[name]
+            compute = np.asarray(p.flops_compute)[:, cols].reshape(T, len(cols), *[1] * len(shape))
+            fields.setdefault(name, []).append(
+                column(p, cols, name, shape, fill) if fill is not None or getattr(p, name) is not None
+                else np.broadcast_to(compute, (T, len(cols), *shape)).copy())
+        if orders:
+            fc = np.full((T, len(cols), orders, M + 1, M + 1), np.inf)
+            if p.e_forecast is not None:
+                fc[:, :, :p.forecast_orders] = np.asarray(p.e_forecast)[:, cols]
+            fields.setdefault("e_forecast", []).append(fc)
+        fields.setdefault("flops_compute", []).append(np.asarray(p.flops_compute)[:, cols])
+        allowed.append((p, cols))
+    joined = Problem(units=tuple(p.units[c] for p, cols in parts for c in cols), num_steps=T, max_age=M,
+                     budget=first.budget, flops_fixed=flops_fixed, timesteps=first.timesteps,
+                     forecast_policy=first.forecast_policy,
+                     prune_rates=next(iter(rates), ()) if "e_prune" in present else (),
+                     widths=next(iter(widths), ()) if "e_width" in present else (),
+                     **{name: np.concatenate(v, axis=1) for name, v in fields.items()})
+    menu = joined.actions
+    mask = np.zeros((T, len(joined.units), len(menu)), dtype=bool)
+    at = 0
+    for p, cols in allowed:
+        own = {a: i for i, a in enumerate(p.actions)}
+        for a, action in enumerate(menu):
+            if action in own:
+                mask[:, at:at + len(cols), a] = p.allowed[:, cols, own[action]]
+        at += len(cols)
+    return replace(joined, allowed=mask)
 
 
 def infeasible_error(problem: Problem, budget: float, what: str = "No valid plan") -> InfeasibleBudgetError:

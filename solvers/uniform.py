@@ -28,7 +28,7 @@ from dit_opt.errors import ConfigError
 from dit_opt.plan import COMPUTE, REUSE, Plan
 from solvers.problem import Problem, infeasible_error
 
-__all__ = ["solve", "schedule", "settings", "dearest"]
+__all__ = ["solve", "schedule", "settings", "dearest", "above"]
 
 SOLVER_NAME = "uniform"
 
@@ -120,4 +120,21 @@ def dearest(problem: Problem, k: int) -> list[Plan]:
         taken.add(n)
         out.append(problem.to_plan(grid, f"{SOLVER_NAME}(w={w},N={n},p={p})", "HEURISTIC",
                                    time.perf_counter() - start))
+    return out
+
+
+def above(problem: Problem, k: int) -> list[Plan]:
+    """Plans of the ``k`` cheapest settings over ``problem``'s budget, one per interval ``N``:
+    the rhythms one notch too dear, for :func:`solvers.fill.trim` to bring within it. They are
+    plans of ``problem`` at budget 1."""
+    start = time.perf_counter()
+    full = problem.with_budget(1.0)
+    out: list[Plan] = []
+    taken: set[int] = set()
+    over = [s for s in settings(full) if not problem.is_within_budget(s[0])]
+    for _, _, grid, (w, n, p) in sorted(over, key=lambda s: (s[0], s[1])):
+        if n in taken or len(out) == k:
+            continue
+        taken.add(n)
+        out.append(full.to_plan(grid, f"{SOLVER_NAME}(w={w},N={n},p={p})", "HEURISTIC", time.perf_counter() - start))
     return out

@@ -92,6 +92,10 @@ def test_flux_two_stream_contract(captured):
     for b in (double, single):
         assert b.output_is_tuple
         assert [o.input_name for o in b.outputs] == ["encoder_hidden_states", "hidden_states"]
+    # the single-stream block's proj_out (over attention and MLP outputs) belongs to the MLP role
+    assert single.role_modules("mlp") == ("proj_mlp", "act_mlp", "proj_out")
+    assert single.role_modules("attn") == ("attn",)
+    assert "proj_out" not in double.role_modules("mlp")
 
 
 def test_sd3_last_block_returns_none_context(captured):

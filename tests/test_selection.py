@@ -61,6 +61,8 @@ def test_optimize_compares_candidates_on_a_callable_calibration(tiny):
     assert sum(s.startswith("uniform(") for s in solvers) >= 2  # several rhythms of TaylorSeer's rule
     # granularity "auto": module-level candidates are measured too
     assert "module:cpsat" in solvers and any(s.startswith("module:uniform(") for s in solvers)
+    # TaylorSeer's policy (a forecast at every cache read), at module granularity
+    assert any(s.startswith(("module:always:", "module:always-F1:")) for s in solvers), solvers
     assert any(u.role is not None for c in opt.selection for u in c.plan.units)
     assert len({(c.plan.units, c.plan.actions) for c in opt.selection}) == len(opt.selection)  # none twice
     assert opt.plan is min(opt.selection, key=lambda c: c.error).plan
