@@ -8,8 +8,11 @@ solver's plans with the errors of late steps weighted more, TaylorSeer's rule of
 :mod:`solvers.uniform` (a warm-up, then one interval for every unit, with forecasts) at the
 rhythms that spend the most of the budget, and FORA's uniform interval, the schedules with their
 unspent budget filled (:mod:`solvers.fill`), and, given a module-level problem, its solver plan
-and uniform plan), runs each through the calibration next to the full model, and keeps the one
-whose outputs are closest to the full model's. The modelled error ranks the uniform rhythms
+and uniform plan; then TaylorSeer's own policy, a forecast at every cache read
+(``Problem.forecast_policy="always"``, with the order measured best and with order 1), at the
+rhythms just within the budget (filled) and just over it (trimmed, :func:`solvers.fill.trim`), at
+module granularity where offered), runs each through the calibration next to the full model, and
+keeps the one whose outputs are closest to the full model's. The modelled error ranks the uniform rhythms
 poorly (on ``digits-mmdit``, of interval 3 with warm-up 2 or 3, both at 0.394 of the FLOPs, it
 ranks first the one that measures 5.3 dB worse: 43.9 against 49.2 dB), which is why several are
 measured.
@@ -68,8 +71,11 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     interval) at the :data:`UNIFORM_RHYTHMS` intervals that spend the most of the budget, and
     FORA's uniform interval with forecasts where measured better; each with its unspent budget
     filled (:func:`solvers.fill.fill`). Given ``module_problem`` (the same profile at module
-    granularity), also its solver plan (``solve_module``) and its uniform plan, filled. A family
-    that cannot meet the budget is left out. Every plan's predicted error is that of its own
+    granularity), also its solver plan (``solve_module``) and its uniform plan, filled. Then, on
+    ``module_problem`` if given (else ``problem``), under the forecast policy ``"always"`` with
+    the orders measured and with order 1 only: the :data:`ALWAYS_RHYTHMS` dearest rhythms within
+    the budget, filled, and the cheapest two over it (:func:`solvers.uniform.above`), trimmed.
+    A family that cannot meet the budget is left out. Every plan's predicted error is that of its own
     problem (unweighted).
     """
     from dit_opt.errors import DitOptError

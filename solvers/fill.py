@@ -91,11 +91,12 @@ def _options(problem: Problem, u: int, column: list, error: float) -> list[tuple
 
 
 def trim(problem: Problem, plan: Plan, name: str | None = None) -> Plan | None:
-    """``plan`` (over ``problem``'s budget) with computes turned into cache reads, greedily by the
+    """``plan`` (over ``problem``'s budget) with computes turned into cheaper actions (a cache
+    read, or a pruned, narrowed or skipped unit where the problem offers it), greedily by the
     least modelled error added per FLOP saved, until it meets the budget.
 
     A schedule one notch above the budget (TaylorSeer at interval 2 when the budget is just
-    under its 0.5) then comes within it with a few cache reads more, keeping its rhythm. The
+    under its 0.5) then comes within it with a few cheaper steps, keeping its rhythm. The
     computes of the last quarter of the steps are kept.
 
     Args:
@@ -109,40 +110,48 @@ def trim(problem: Problem, plan: Plan, name: str | None = None) -> Plan | None:
     """
     start = time.perf_counter()
     T, U = problem.num_steps, len(problem.units)
-    reuse = problem.menu_index(REUSE)
     columns = [[REUSE if plan.actions[t][u].kind is ActionKind.FORECAST else plan.actions[t][u] for t in range(T)]
                for u in range(U)]
     saved = sum(int(problem.savings_quanta[t, u, problem.menu_index(columns[u][t])])
                 for u in range(U) for t in range(T))
     need = problem.need_quanta() - saved
-    error = [_error(problem, u, columns[u]) for u in range(U)]
     # The computes of the last quarter of the steps stay: measured end to end, dropping one there
     # costs far more than the errors measured one action at a time say (on digits-mmdit, 7 dB
     # for one compute of interval 3's last).
     last = max(2, T - T // 4)
+    error = [_error(problem, u, columns[u]) for u in range(U)]
+    options = [_cuts(problem, u, columns[u], error[u], last) for u in range(U)]
     while need > 0:
-        best = None
-        for u in range(U):
-            for t in range(1, last):
-                if columns[u][t].kind is not ActionKind.COMPUTE or not problem.allowed[t, u, reuse]:
-                    continue
-                trial = list(columns[u])
-                trial[t] = REUSE
-                try:
-                    added = _error(problem, u, trial) - error[u]
-                except ValueError:  # a cache would grow older than max_age
-                    continue
-                quanta = int(problem.savings_quanta[t, u, reuse])
-                if quanta > 0:
-                    score = added / min(quanta, need)  # a change that covers the gap alone counts whole
-                    if best is None or score < best[0]:
-                        best = (score, u, t, quanta, added)
-        if best is None:
+        # a change that covers the rest of the gap alone counts as if it saved no more than that
+        scored = [(added / min(quanta, need), u, t, a, quanta, added)
+                  for u in range(U) for added, t, a, quanta in options[u]]
+        if not scored:
             return None
-        _, u, t, quanta, added = best
-        columns[u][t] = REUSE
+        _, u, t, a, quanta, added = min(scored)
+        columns[u][t] = problem.actions[a]
         error[u] += added
         need -= quanta
+        options[u] = _cuts(problem, u, columns[u], error[u], last)
     grid = [[columns[u][t] for u in range(U)] for t in range(T)]
     return problem.to_plan(grid, name or f"{plan.solver}+trim", plan.status,
                            plan.wall_time_s + time.perf_counter() - start, plan.gap)
+
+
+def _cuts(problem: Problem, u: int, column: list, error: float, last: int) -> list[tuple[float, int, int, int]]:
+    """Every (modelled error added, step, menu action, quanta saved) of making one compute of
+    unit ``u`` before step ``last`` a cheaper action that keeps the plan valid."""
+    out = []
+    for t in range(1, last):
+        if column[t].kind is not ActionKind.COMPUTE:
+            continue
+        for a in range(1, len(problem.actions)):
+            quanta = int(problem.savings_quanta[t, u, a])
+            if quanta <= 0 or not problem.allowed[t, u, a]:
+                continue
+            trial = list(column)
+            trial[t] = problem.actions[a]
+            try:
+                out.append((_error(problem, u, trial) - error, t, a, quanta))
+            except ValueError:  # a cache would grow older than max_age
+                continue
+    return out
