@@ -9,7 +9,7 @@ solver's plans with the errors of late steps weighted more, TaylorSeer's rule of
 rhythms that spend the most of the budget, and FORA's uniform interval, the schedules with their
 unspent budget filled (:mod:`solvers.fill`), and, given a module-level problem, its solver plan
 and uniform plan; then TaylorSeer's own policy, a forecast at every cache read
-(``Problem.forecast_policy="always"``, with the order measured best and with order 1), at the
+(``Problem.forecast_policy="always"``, of the order measured best), at the
 rhythms just within the budget (filled) and just over it (trimmed, :func:`solvers.fill.trim`), at
 module granularity where offered), runs each through the calibration next to the full model, and
 keeps the one whose outputs are closest to the full model's. The modelled error ranks the uniform rhythms
@@ -71,10 +71,10 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     interval) at the :data:`UNIFORM_RHYTHMS` intervals that spend the most of the budget, and
     FORA's uniform interval with forecasts where measured better; each with its unspent budget
     filled (:func:`solvers.fill.fill`). Given ``module_problem`` (the same profile at module
-    granularity), also its solver plan (``solve_module``) and its uniform plan, filled. Then, on
-    ``module_problem`` if given (else ``problem``), under the forecast policy ``"always"`` with
-    the orders measured and with order 1 only: the :data:`ALWAYS_RHYTHMS` dearest rhythms within
-    the budget, filled, and the cheapest two over it (:func:`solvers.uniform.above`), trimmed.
+    granularity), also its solver plan (``solve_module``) and its uniform plan, filled (and then
+    only one block-level rhythm). Then, on ``module_problem`` if given (else ``problem``), under
+    the forecast policy ``"always"``: the :data:`ALWAYS_RHYTHMS` dearest rhythms within the
+    budget, filled, and the cheapest two over it (:func:`solvers.uniform.above`), trimmed.
     A family that cannot meet the budget is left out. Every plan's predicted error is that of its own
     problem (unweighted).
     """
@@ -93,25 +93,26 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
             makers.append(weighted)
     # TaylorSeer's rule at the rhythms that spend the most of the budget, measured rather than
     # ranked by the model (which ranks them poorly), each with its unspent budget filled
-    makers.append(lambda: [fill(problem, p) for p in uniform.dearest(problem, UNIFORM_RHYTHMS)])
+    # (one rhythm only when module-level candidates follow: the block-level ones were never the
+    # kept plan there on the reference models, and every candidate costs a calibration run)
+    rhythms_here = UNIFORM_RHYTHMS if module_problem is None else 1
+    makers.append(lambda: [fill(problem, p) for p in uniform.dearest(problem, rhythms_here)])
     makers.append(lambda: solve(problem, "fora"))
     if module_problem is not None:
         if solve_module is not None:
             makers.append(lambda: _renamed(solve_module(module_problem), "module"))
         makers.append(lambda: _renamed(fill(module_problem, solve(module_problem, "uniform")), "module"))
     # TaylorSeer's own policy: every cache read between computes a forecast (at the finest
-    # granularity offered), with the order measured best or with order 1; at the rhythms just
-    # within the budget (filled) and just over it (trimmed)
+    # granularity offered, of the order measured best), at the rhythms just within the budget
+    # (filled) and just over it (trimmed). (With order 1 only, as TaylorSeer's default, it was
+    # kept once in 15 reference-model budgets, and then measured worse on the evaluation.)
     rhythms = module_problem if module_problem is not None else problem
     if rhythms.e_forecast is not None:
         always = replace(rhythms, forecast_policy="always")
-        first_order = replace(always, e_forecast=always.e_forecast[:, :, :1])
-        for variant, tag in ((always, "always"), (first_order, "always-F1")):
-            prefix = f"module:{tag}" if module_problem is not None else tag
-            makers.append(lambda v=variant, x=prefix: [_renamed(fill(v, p), x)
-                                                        for p in uniform.dearest(v, ALWAYS_RHYTHMS)])
-            makers.append(lambda v=variant, x=prefix: [_renamed(t, x) for p in uniform.above(v, 2)
-                                                        if (t := trim(v, p)) is not None])
+        prefix = "module:always" if module_problem is not None else "always"
+        makers.append(lambda: [_renamed(fill(always, p), prefix) for p in uniform.dearest(always, ALWAYS_RHYTHMS)])
+        makers.append(lambda: [_renamed(t, prefix) for p in uniform.above(always, 2)
+                               if (t := trim(always, p)) is not None])
     for make in makers:
         try:
             made = make()
