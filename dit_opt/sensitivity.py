@@ -235,7 +235,9 @@ class SensitivityProfile:
 
         if self.e_module_reuse is None or self.flops_module is None:
             raise ValueError("this profile has no module-level errors; profile the model again")
-        block = self.to_problem(1.0, num_steps=num_steps, timesteps=timesteps, actions=("reuse", "width"))
+        # the block-level problem: its timesteps and (step-gain scaled) MLP width errors, and the
+        # units of the blocks planned whole
+        block = self.to_problem(budget, num_steps=num_steps, timesteps=timesteps, actions=actions)
         T, M = block.num_steps, self.max_age
         cal = np.asarray(self.timesteps, dtype=np.float64)
         near = np.abs(cal[None, :] - np.asarray(block.timesteps)[:, None]).argmin(axis=1)
@@ -243,7 +245,7 @@ class SensitivityProfile:
         pairs = [(u, r) for u in range(len(self.units)) if u not in whole for r in range(len(MODULE_ROLES))
                  if not np.isnan(self.flops_module[u, r])]
         if not pairs:
-            return self.to_problem(budget, num_steps=num_steps, timesteps=timesteps, actions=actions)
+            return block
         units = tuple(Unit(self.units[u].list_name, self.units[u].index, MODULE_ROLES[r]) for u, r in pairs)
         fm = np.array([self.flops_module[u, r] for u, r in pairs])
         # norms, modulation, ... of the blocks planned by module: always computed
@@ -310,23 +312,18 @@ class SensitivityProfile:
         from solvers.problem import join_units
 
         # blocks planned whole sit among the module units in block order (the plan reads alike)
-        blocks = self.to_problem(budget, num_steps=num_steps, timesteps=timesteps, actions=actions)
-        parts, at = [], 0
-        for u in range(len(self.units)):
-            if u in whole:
-                parts.append((blocks, [u]))
-            else:
-                n = sum(1 for v, _ in pairs if v == u)
-                parts.append((problem, list(range(at, at + n))))
-                at += n
-        return join_units([p for p in parts if p[1]], flops_fixed=problem.flops_fixed)
+        columns: dict[int, list[int]] = {}
+        for i, (u, _) in enumerate(pairs):
+            columns.setdefault(u, []).append(i)
+        parts = [(block, [u]) if u in whole else (problem, columns[u])
+                 for u in range(len(self.units)) if u in whole or u in columns]
+        return join_units(parts, flops_fixed=problem.flops_fixed)
 
     def whole_blocks(self) -> set[int]:
         """Indices of the blocks that module-granularity plans treat as one unit: those whose
         attention, cross-attention and MLP modules do less than ``MODULE_COVERAGE`` of the
-        block's FLOPs (e.g. Flux's single-stream blocks, whose output projection over the
-        concatenated attention and MLP outputs is in neither), so that serving those modules
-        from a cache would still leave most of the block to compute."""
+        block's FLOPs (a block with a large projection outside every role), so that serving
+        those modules from a cache would still leave most of the block to compute."""
         if self.flops_module is None:
             return set()
         covered = np.nansum(self.flops_module, axis=1)

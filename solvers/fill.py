@@ -38,10 +38,7 @@ def fill(problem: Problem, plan: Plan, name: str | None = None) -> Plan:
     """
     start = time.perf_counter()
     T, U = problem.num_steps, len(problem.units)
-    base = [[REUSE if a.kind is ActionKind.FORECAST else a for a in row] for row in plan.actions]
-    columns = [[row[u] for row in base] for u in range(U)]
-    saved = sum(int(problem.savings_quanta[t, u, problem.menu_index(columns[u][t])])
-                for u in range(U) for t in range(T))
+    columns, saved = _columns(problem, plan)
     slack = saved - problem.need_quanta()
     error = [_error(problem, u, columns[u]) for u in range(U)]
     options = [_options(problem, u, columns[u], error[u]) for u in range(U)]
@@ -67,6 +64,16 @@ def fill(problem: Problem, plan: Plan, name: str | None = None) -> Plan:
     grid = [[columns[u][t] for u in range(U)] for t in range(T)]
     return problem.to_plan(grid, name or f"{plan.solver}+fill", plan.status,
                            plan.wall_time_s + time.perf_counter() - start, plan.gap)
+
+
+def _columns(problem: Problem, plan: Plan) -> tuple[list[list], int]:
+    """``plan``'s actions per unit, forecasts as plain reuses (:meth:`Problem.column_with_forecasts`
+    chooses them again), and the quanta they save against computing everything."""
+    U = len(problem.units)
+    columns = [[REUSE if row[u].kind is ActionKind.FORECAST else row[u] for row in plan.actions] for u in range(U)]
+    saved = sum(int(problem.savings_quanta[t, u, problem.menu_index(a)])
+                for u, column in enumerate(columns) for t, a in enumerate(column))
+    return columns, saved
 
 
 def _error(problem: Problem, u: int, column: list) -> float:
@@ -110,10 +117,7 @@ def trim(problem: Problem, plan: Plan, name: str | None = None) -> Plan | None:
     """
     start = time.perf_counter()
     T, U = problem.num_steps, len(problem.units)
-    columns = [[REUSE if plan.actions[t][u].kind is ActionKind.FORECAST else plan.actions[t][u] for t in range(T)]
-               for u in range(U)]
-    saved = sum(int(problem.savings_quanta[t, u, problem.menu_index(columns[u][t])])
-                for u in range(U) for t in range(T))
+    columns, saved = _columns(problem, plan)
     need = problem.need_quanta() - saved
     # The computes of the last quarter of the steps stay: measured end to end, dropping one there
     # costs far more than the errors measured one action at a time say (on digits-mmdit, 7 dB

@@ -608,47 +608,41 @@ def join_units(parts: Sequence[tuple[Problem, Sequence[int]]], flops_fixed: floa
         raise ValueError(f"join_units: different prune rates {rates} or widths {widths}")
     orders = max(p.forecast_orders for p, _ in parts)
     K, J = len(next(iter(rates), ())), len(next(iter(widths), ()))
-    placeholder = 1e6  # disallowed below; finite so that the arrays stay valid
-
-    def column(p: Problem, cols: list[int], name: str, shape: tuple[int, ...], fill: float) -> np.ndarray:
-        value = getattr(p, name)
-        if value is None:
-            return np.full((T, len(cols), *shape), fill)
-        return np.asarray(value)[:, cols]
-
+    placeholder = 1e6  # errors of a family a part lacks: disallowed below, finite so the arrays stay valid
+    shapes = {"e_reuse": (M + 1,), "flops_reuse": (), "e_prune": (M + 1, K), "flops_prune": (K,),
+              "e_width": (J,), "flops_width": (J,), "e_skip": ()}
+    present = [name for name in shapes if any(getattr(p, name) is not None for p, _ in parts)]
     fields: dict[str, list[np.ndarray]] = {}
-    allowed, menu = [], None
-    wanted = {"e_reuse": ((M + 1,), placeholder), "flops_reuse": ((), None), "e_prune": ((M + 1, K), placeholder),
-              "flops_prune": ((K,), None), "e_width": ((J,), placeholder), "flops_width": ((J,), None),
-              "e_skip": ((), placeholder)}
-    present = {name for name in wanted if any(getattr(p, name) is not None for p, _ in parts)}
     for p, cols in parts:
         cols = list(cols)
+        compute = np.asarray(p.flops_compute)[:, cols]
+        fields.setdefault("flops_compute", []).append(compute)
         for name in present:
-            shape, fill = wanted[name]
-            compute = np.asarray(p.flops_compute)[:, cols].reshape(T, len(cols), *[1] * len(shape))
-            fields.setdefault(name, []).append(
-                column(p, cols, name, shape, fill) if fill is not None or getattr(p, name) is not None
-                else np.broadcast_to(compute, (T, len(cols), *shape)).copy())
+            shape, value = (T, len(cols), *shapes[name]), getattr(p, name)
+            if value is not None:
+                fields.setdefault(name, []).append(np.asarray(value)[:, cols])
+            elif name.startswith("e_"):
+                fields.setdefault(name, []).append(np.full(shape, placeholder))
+            else:  # FLOPs of a family the part lacks: those of computing
+                fields.setdefault(name, []).append(
+                    np.broadcast_to(compute.reshape(T, len(cols), *[1] * len(shapes[name])), shape).copy())
         if orders:
             fc = np.full((T, len(cols), orders, M + 1, M + 1), np.inf)
             if p.e_forecast is not None:
                 fc[:, :, :p.forecast_orders] = np.asarray(p.e_forecast)[:, cols]
             fields.setdefault("e_forecast", []).append(fc)
-        fields.setdefault("flops_compute", []).append(np.asarray(p.flops_compute)[:, cols])
-        allowed.append((p, cols))
     joined = Problem(units=tuple(p.units[c] for p, cols in parts for c in cols), num_steps=T, max_age=M,
                      budget=first.budget, flops_fixed=flops_fixed, timesteps=first.timesteps,
                      forecast_policy=first.forecast_policy,
                      prune_rates=next(iter(rates), ()) if "e_prune" in present else (),
                      widths=next(iter(widths), ()) if "e_width" in present else (),
                      **{name: np.concatenate(v, axis=1) for name, v in fields.items()})
-    menu = joined.actions
-    mask = np.zeros((T, len(joined.units), len(menu)), dtype=bool)
+    mask = np.zeros((T, len(joined.units), len(joined.actions)), dtype=bool)
     at = 0
-    for p, cols in allowed:
+    for p, cols in parts:
+        cols = list(cols)
         own = {a: i for i, a in enumerate(p.actions)}
-        for a, action in enumerate(menu):
+        for a, action in enumerate(joined.actions):
             if action in own:
                 mask[:, at:at + len(cols), a] = p.allowed[:, cols, own[action]]
         at += len(cols)

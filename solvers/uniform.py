@@ -111,30 +111,27 @@ def settings(problem: Problem, warmups=range(0, 5), intervals=None, phase: int |
 def dearest(problem: Problem, k: int) -> list[Plan]:
     """Plans of the ``k`` feasible settings that spend the most FLOPs, one per interval ``N`` (ties:
     least modelled error): the rhythms worth measuring at this budget."""
-    start = time.perf_counter()
-    out: list[Plan] = []
-    taken: set[int] = set()
-    for _, _, grid, (w, n, p) in sorted(settings(problem), key=lambda s: (-s[0], s[1])):
-        if n in taken or len(out) == k:
-            continue
-        taken.add(n)
-        out.append(problem.to_plan(grid, f"{SOLVER_NAME}(w={w},N={n},p={p})", "HEURISTIC",
-                                   time.perf_counter() - start))
-    return out
+    return _per_interval(problem, sorted(settings(problem), key=lambda s: (-s[0], s[1])), k)
 
 
 def above(problem: Problem, k: int) -> list[Plan]:
     """Plans of the ``k`` cheapest settings over ``problem``'s budget, one per interval ``N``:
     the rhythms one notch too dear, for :func:`solvers.fill.trim` to bring within it. They are
     plans of ``problem`` at budget 1."""
-    start = time.perf_counter()
     full = problem.with_budget(1.0)
+    over = [s for s in settings(full) if not problem.is_within_budget(s[0])]
+    return _per_interval(full, sorted(over, key=lambda s: (s[0], s[1])), k)
+
+
+def _per_interval(problem: Problem, scored: list, k: int) -> list[Plan]:
+    """Plans of the first ``k`` of ``scored`` (:func:`settings` rows, in order) with distinct intervals."""
+    start = time.perf_counter()
     out: list[Plan] = []
     taken: set[int] = set()
-    over = [s for s in settings(full) if not problem.is_within_budget(s[0])]
-    for _, _, grid, (w, n, p) in sorted(over, key=lambda s: (s[0], s[1])):
+    for _, _, grid, (w, n, p) in scored:
         if n in taken or len(out) == k:
             continue
         taken.add(n)
-        out.append(full.to_plan(grid, f"{SOLVER_NAME}(w={w},N={n},p={p})", "HEURISTIC", time.perf_counter() - start))
+        out.append(problem.to_plan(grid, f"{SOLVER_NAME}(w={w},N={n},p={p})", "HEURISTIC",
+                                   time.perf_counter() - start))
     return out
