@@ -22,7 +22,7 @@ from dit_opt.artifacts import ARTIFACT_VERSION, check_model, read, save
 from dit_opt.errors import ConfigError, DitOptError, InputMismatchError
 from dit_opt.plan import Plan, check_budget
 from dit_opt.runtime import OptimizedTransformer
-from dit_opt.sensitivity import SensitivityProfile, check_actions
+from dit_opt.sensitivity import DEFAULT_ACTIONS, SensitivityProfile, check_actions
 
 __all__ = ["optimize", "profile", "load", "save", "ARTIFACT_VERSION"]
 
@@ -178,7 +178,7 @@ def optimize(
     solver: str = "cpsat",
     compile: bool = True,
     blocks: list[str] | None = None,
-    actions: tuple[str, ...] = ("reuse", "forecast", "prune", "width", "skip"),
+    actions: tuple[str, ...] = DEFAULT_ACTIONS,
     max_age: int = 4,
     prune_rates: tuple[float, ...] = (0.25, 0.5, 0.75),
     widths: tuple[float, ...] = (0.25, 0.5, 0.75),
@@ -206,7 +206,10 @@ def optimize(
         blocks: block list names, when discovery picks the wrong ones.
         actions: action families the solver may use besides compute: ``reuse``, ``forecast``
             (reuse extrapolated by the polynomial through the unit's last 2 to 4 computes, the
-            order measured best), ``prune``, ``width``, ``skip``.
+            order measured best), ``prune``, ``width``, ``skip``, ``cfg`` (a block runs on one
+            half of a guidance batch and derives the other from the halves' cached difference;
+            by default only where the calibration ran guidance batches, named explicitly a
+            ``ConfigError`` where it did not).
         max_age, prune_rates, widths: the candidate actions measured by the profile.
         gain_points: see :func:`profile` (how errors at each step grow into the output).
         granularity: ``"block"`` (one action per block and step), ``"module"`` (one per
@@ -242,6 +245,7 @@ def optimize(
         >>> print(opt.plan.summary())
     """
     budget = check_budget(budget)
+    asked_cfg = actions is not DEFAULT_ACTIONS and "cfg" in check_actions(actions)
     actions = check_actions(actions)
     if granularity not in ("auto", "block", "module"):
         raise ConfigError(f"granularity must be 'auto', 'block' or 'module', got {granularity!r}")
@@ -291,6 +295,12 @@ def optimize(
             return solve(problem, solver, **solver_defaults(solver, solver_options))
 
         profile = ctx["profile"]
+        if asked_cfg and profile.e_cfg is None:
+            valid = [a for a in actions if a != "cfg"]
+            raise ConfigError("actions has 'cfg', but the calibration never ran the model on a classifier-free "
+                              "guidance batch (one call with both halves of hidden_states equal), so there is no "
+                              f"guidance branch to derive; drop 'cfg' (valid here: {', '.join(valid)}) or calibrate "
+                              "with guidance on")
         main = "block" if granularity == "auto" else granularity
         problem = profile.to_problem(budget, actions=actions, granularity=main)
         ctx["plan"] = run_solver(problem)

@@ -29,6 +29,9 @@ __all__ = [
     "reuse",
     "forecast",
     "combine",
+    "half_rows",
+    "is_guidance_batch",
+    "cfg_merge",
     "token_scores",
     "topk_tokens",
     "gather_tokens",
@@ -62,6 +65,47 @@ def split_outputs(out: Any) -> list[torch.Tensor | None]:
 def reuse(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``REUSE``: the block's output is its input plus the cached residual."""
     return x + residual
+
+
+def is_guidance_batch(x: Any) -> bool:
+    """Whether ``x`` (a call's ``hidden_states``) is a classifier-free-guidance batch: an even
+    batch whose two halves are equal (the sampler ran ``cat([x, x])`` with two conditionings)."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] < 2 or x.shape[0] % 2:
+        return False
+    half = x.shape[0] // 2
+    return bool(torch.equal(x[:half], x[half:]))
+
+
+def half_rows(value: Any, ref: torch.Tensor, half: int) -> Any:
+    """``value`` with every tensor whose first dimension is ``ref``'s batch cut to half ``half``
+    (0: the first, 1: the second) of it, through tuples, lists and dicts; the rest unchanged.
+
+    The inputs of a block that runs on one half of a classifier-free-guidance batch (``CFG``).
+    """
+    if isinstance(value, torch.Tensor):
+        n = ref.shape[0]
+        if value.dim() and value.shape[0] == n:
+            return value[n // 2:] if half else value[: n // 2]
+        return value
+    if isinstance(value, tuple | list):
+        return type(value)(half_rows(v, ref, half) for v in value)
+    if isinstance(value, dict):
+        return {k: half_rows(v, ref, half) for k, v in value.items()}
+    return value
+
+
+def cfg_merge(x: torch.Tensor, y_half: torch.Tensor, residual: torch.Tensor, branch: int) -> torch.Tensor:
+    """``CFG``: a block's output on a whole guidance batch from its output on one half.
+
+    The block ran on half ``1 - branch`` of the batch (output ``y_half``); half ``branch`` is its
+    input plus the computed half's residual plus the difference of the two halves' residuals in
+    the cache (``residual``, written by the block's last ``COMPUTE`` on the whole batch).
+    """
+    h = x.shape[0] // 2
+    diff = residual[h:] - residual[:h]  # second half minus first
+    if branch == 1:
+        return torch.cat([y_half, x[h:] + (y_half - x[:h]) + diff])
+    return torch.cat([x[:h] + (y_half - x[h:]) - diff, y_half])
 
 
 def forecast(x: torch.Tensor, residuals: tuple[torch.Tensor, ...], weights: tuple[float, ...]) -> torch.Tensor:

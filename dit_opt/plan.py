@@ -9,12 +9,14 @@ solving again.
 Rules every plan obeys (re-checked by :meth:`Plan.validate`):
 
 * step 0 computes every unit (there is no cache yet);
-* ``REUSE``, ``FORECAST`` and ``PRUNE`` read the unit's cache, written by its last ``COMPUTE``
-  at most ``max_age`` steps earlier (``PRUNE``, ``WIDTH`` and ``SKIP`` do not refresh the cache);
+* ``REUSE``, ``FORECAST``, ``PRUNE`` and ``CFG`` read the unit's cache, written by its last
+  ``COMPUTE`` at most ``max_age`` steps earlier (``PRUNE``, ``WIDTH``, ``SKIP`` and ``CFG`` do not
+  refresh the cache);
 * ``FORECAST`` of order ``k`` extrapolates from the unit's last ``k + 1`` ``COMPUTE`` steps (the
   polynomial through them, at their actual spacing), so it needs ``k + 1`` of them, each at most
   ``max_age`` steps after the one before;
-* ``WIDTH`` applies only to an MLP (role ``mlp``) or a whole block (role ``None``);
+* ``WIDTH`` applies only to an MLP (role ``mlp``) or a whole block (role ``None``), ``CFG`` only
+  to a whole block;
 * the predicted FLOPs are within ``budget * full_flops``.
 
 Example:
@@ -49,6 +51,7 @@ __all__ = [
     "REUSE",
     "FORECAST",
     "SKIP",
+    "cfg_action",
     "MAX_FORECAST_ORDER",
     "check_budget",
     "compute_history",
@@ -93,6 +96,7 @@ class ActionKind(Enum):
     PRUNE = "prune"
     WIDTH = "width"
     SKIP = "skip"
+    CFG = "cfg"
 
     @property
     def code(self) -> str:
@@ -107,6 +111,7 @@ _KIND_CODE = {
     ActionKind.PRUNE: "P",
     ActionKind.WIDTH: "W",
     ActionKind.SKIP: "S",
+    ActionKind.CFG: "G",
 }
 _CODE_KIND = {code: kind for kind, code in _KIND_CODE.items()}
 
@@ -121,6 +126,11 @@ class Action:
         width: for ``WIDTH``, the MLP prefix width, in (0, 1); otherwise ``None``.
         order: for ``FORECAST``, the polynomial order ``1 .. MAX_FORECAST_ORDER`` (default 1);
             otherwise ``None``. Written ``F`` (order 1), ``F2``, ``F3``.
+        branch: for ``CFG``, which half of a classifier-free-guidance batch is derived rather
+            than computed (0: the first, 1: the second); otherwise ``None``. Written ``G0``, ``G1``.
+            The unit runs on the other half only, and the derived half's residual is the
+            computed half's plus the difference of the two halves' residuals cached at the
+            unit's last ``COMPUTE`` (FasterCache's CFG reuse, per unit).
 
     Raises:
         ValueError: the parameters do not fit the kind.
@@ -138,10 +148,16 @@ class Action:
     rate: float | None = None
     width: float | None = None
     order: int | None = None
+    branch: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, ActionKind):
             raise ValueError(f"Action.kind must be an ActionKind, got {self.kind!r}")
+        if self.kind is ActionKind.CFG:
+            if self.branch not in (0, 1) or isinstance(self.branch, bool):
+                raise ValueError(f"CFG needs branch 0 or 1 (the derived half of the batch), got {self.branch!r}")
+        elif self.branch is not None:
+            raise ValueError(f"{self.kind.name} takes no branch, got branch={self.branch!r}")
         if self.kind is ActionKind.FORECAST:
             order = 1 if self.order is None else self.order
             if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_FORECAST_ORDER:
@@ -160,8 +176,8 @@ class Action:
 
     @property
     def needs_cache(self) -> bool:
-        """Whether the action reads the unit's cached residual (``REUSE``, ``FORECAST``, ``PRUNE``)."""
-        return self.kind in (ActionKind.REUSE, ActionKind.FORECAST, ActionKind.PRUNE)
+        """Whether the action reads the unit's cached residual (``REUSE``, ``FORECAST``, ``PRUNE``, ``CFG``)."""
+        return self.kind in (ActionKind.REUSE, ActionKind.FORECAST, ActionKind.PRUNE, ActionKind.CFG)
 
     def __str__(self) -> str:
         # repr() of a float is its shortest exact spelling, so parse(str(a)) == a.
@@ -171,11 +187,14 @@ class Action:
             return f"W{self.width!r}"
         if self.kind is ActionKind.FORECAST and self.order > 1:
             return f"F{self.order}"
+        if self.kind is ActionKind.CFG:
+            return f"G{self.branch}"
         return self.kind.code
 
     @classmethod
     def parse(cls, text: str) -> Action:
-        """Parse the short form written by ``str``: ``C``, ``R``, ``F``, ``F2``, ``F3``, ``P0.25``, ``W0.5``, ``S``.
+        """Parse the short form written by ``str``: ``C``, ``R``, ``F``, ``F2``, ``F3``, ``P0.25``, ``W0.5``, ``S``,
+        ``G0``, ``G1``.
 
         Raises:
             ValueError: the text is not an action.
@@ -183,12 +202,17 @@ class Action:
         text = text.strip()
         kind = _CODE_KIND.get(text[:1])
         if kind is None:
-            raise ValueError(f"unknown action {text!r}; expected one of C, R, F<order>, P<rate>, W<width>, S")
+            raise ValueError(f"unknown action {text!r}; expected one of C, R, F<order>, P<rate>, W<width>, S, "
+                             f"G<branch>")
         arg = text[1:]
         if kind is ActionKind.FORECAST:
             if arg and not arg.isdigit():
                 raise ValueError(f"action {text!r}: FORECAST takes an order 1..{MAX_FORECAST_ORDER}, e.g. F2")
             return cls(kind, order=int(arg) if arg else 1)
+        if kind is ActionKind.CFG:
+            if arg not in ("0", "1"):
+                raise ValueError(f"action {text!r}: CFG takes the derived branch 0 or 1, e.g. G1")
+            return cls(kind, branch=int(arg))
         if kind in (ActionKind.PRUNE, ActionKind.WIDTH):
             try:
                 value = float(arg)
@@ -245,6 +269,11 @@ COMPUTE = Action(ActionKind.COMPUTE)
 REUSE = Action(ActionKind.REUSE)
 FORECAST = Action(ActionKind.FORECAST)
 SKIP = Action(ActionKind.SKIP)
+
+
+def cfg_action(branch: int) -> Action:
+    """``CFG`` deriving half ``branch`` (0 or 1) of a guidance batch from the other half."""
+    return Action(ActionKind.CFG, branch=branch)
 
 
 class Role(str, Enum):
@@ -418,6 +447,8 @@ class Plan:
                         )
                 if action.kind is ActionKind.WIDTH and not unit.allows_width:
                     raise ValueError(f"{where}: WIDTH applies only to an MLP or a whole block")
+                if action.kind is ActionKind.CFG and unit.role is not None:
+                    raise ValueError(f"{where}: CFG applies only to a whole block")
         total = math.fsum(self.step_flops) + self.flops_fixed
         if not math.isclose(total, self.predicted_flops, rel_tol=1e-9, abs_tol=1e-9):
             raise ValueError(
@@ -531,7 +562,7 @@ class Plan:
 
         # A bare Figure with the Agg canvas: no pyplot global state, no display needed.
         kinds = list(ActionKind)
-        colours = ["#3b6ea5", "#59a14f", "#9ad17f", "#f28e2b", "#b07aa1", "#e15759"]
+        colours = ["#3b6ea5", "#59a14f", "#9ad17f", "#f28e2b", "#b07aa1", "#e15759", "#76b7b2"]
         grid = np.array([[kinds.index(a.kind) for a in row] for row in self.actions]).T
         fig = Figure(figsize=(max(6.0, 0.16 * self.num_steps + 3), max(3.0, 0.12 * len(self.units) + 1.5)))
         FigureCanvasAgg(fig)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dit_opt.errors import DitOptError
-from dit_opt.executor import narrow_block
+from dit_opt.errors import DitOptError, InputMismatchError
+from dit_opt.executor import is_guidance_batch, narrow_block
 from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import Plan
 from dit_opt.steps import StepTracker, timestep_value
@@ -173,7 +173,6 @@ class OptimizedTransformer(nn.Module):
         if runner is not None:
             return runner
         if example_inputs is None:
-            from dit_opt.errors import InputMismatchError
             from dit_opt.synthetic import example_inputs as synthetic_inputs
 
             try:
@@ -261,6 +260,12 @@ class OptimizedTransformer(nn.Module):
             step_variant = None
         else:
             step_variant = variants[step]
+            if step_variant.derives_guidance and not is_guidance_batch(inputs.get("hidden_states")):
+                raise InputMismatchError(
+                    f"step {step} of the plan derives one half of a classifier-free-guidance batch from the other "
+                    f"(CFG actions), but this call's hidden_states is not a guidance batch (an even batch whose two "
+                    f"halves are equal): run guidance batched as in the calibration, or optimize again without "
+                    f"'cfg' in actions")
         state = self._states.setdefault(branch, {})
         if step == 0:
             state.clear()

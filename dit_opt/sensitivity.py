@@ -27,15 +27,17 @@ from safetensors.numpy import save_file as save_np
 from dit_opt.errors import ArtifactError, ConfigError
 from dit_opt.plan import Unit
 
-__all__ = ["PROFILE_VERSION", "ACTION_FAMILIES", "SensitivityProfile", "check_actions"]
+__all__ = ["PROFILE_VERSION", "ACTION_FAMILIES", "DEFAULT_ACTIONS", "SensitivityProfile", "check_actions"]
 
 #: Version of the saved profile format.
 PROFILE_VERSION = 1
 
 _OPTIONAL = ("step_gain", "e_module_reuse", "flops_module", "e_forecast", "e_module_skip", "e_module_prune",
-             "flops_module_prune", "e_module_forecast")
+             "flops_module_prune", "e_module_forecast", "e_cfg")
 #: The action families a plan may use besides ``compute`` (``actions=`` of ``to_problem`` and ``optimize``).
-ACTION_FAMILIES = ("reuse", "forecast", "prune", "width", "skip")
+ACTION_FAMILIES = ("reuse", "forecast", "prune", "width", "skip", "cfg")
+#: The default ``actions``: every family (``cfg`` where the calibration ran guidance batches).
+DEFAULT_ACTIONS = ACTION_FAMILIES
 
 
 def check_actions(actions: Any) -> tuple[str, ...]:
@@ -121,6 +123,13 @@ class SensitivityProfile:
             each age and rate (NaN where the role cannot be pruned, see
             ``passes.rewrite_modules.module_token_input``); ``flops_module_prune``: ``(U, 3, K)``
             their FLOPs. ``None`` in profiles made before module ``PRUNE`` existed.
+        e_cfg: ``(T, U, max_age + 1)``: ``CFG`` at age ``n``, the error of deriving half
+            ``cfg_branch`` of each guidance batch from the other half plus the difference of the
+            two halves' residuals ``n`` steps earlier. ``None`` where the calibration ran no
+            guidance batches (both halves of ``hidden_states`` equal), or in older profiles.
+        cfg_branch: the derived half (0 or 1): the one whose output the sampler weighs less
+            in its guided update (the unconditional one), measured from the calibration's
+            steps (``None`` with ``e_cfg``).
         flops_*: FLOPs of one call per unit (from the cost model), shapes ``(U,)`` or ``(U, K)``/``(U, J)``.
         flops_fixed: FLOPs outside the blocks, per call.
         channel_order: per ``"<block>.<mlp>"``, hidden channels from most to least important.
@@ -152,6 +161,8 @@ class SensitivityProfile:
     e_module_prune: np.ndarray | None = None
     flops_module_prune: np.ndarray | None = None
     e_module_forecast: np.ndarray | None = None
+    e_cfg: np.ndarray | None = None
+    cfg_branch: int | None = None
     channel_order: dict[str, torch.Tensor] = field(default_factory=dict)
     step_gain: np.ndarray | None = None
     model: dict[str, Any] = field(default_factory=dict)
@@ -163,7 +174,7 @@ class SensitivityProfile:
 
     # ---- to a solver problem ---------------------------------------------------------------
     def to_problem(self, budget: float, *, num_steps: int | None = None, timesteps: Any = None,
-                   actions: tuple[str, ...] = ("reuse", "forecast", "prune", "width", "skip"),
+                   actions: tuple[str, ...] = DEFAULT_ACTIONS,
                    granularity: str = "block") -> Any:
         """The solver :class:`~solvers.problem.Problem` at ``budget``.
 
@@ -190,9 +201,10 @@ class SensitivityProfile:
         if granularity != "block":
             raise ConfigError(f"granularity must be 'block' or 'module', got {granularity!r}")
 
-        e_reuse, e_prune, e_width, e_skip, ts, gain, e_forecast = self._errors_for(num_steps, timesteps)
+        e_reuse, e_prune, e_width, e_skip, ts, gain, e_forecast, e_cfg = self._errors_for(num_steps, timesteps)
         T, U = e_skip.shape
         if gain is not None:
+            e_cfg = None if e_cfg is None else e_cfg * gain[:, None, None]
             e_reuse = e_reuse * gain[:, None, None]
             e_forecast = None if e_forecast is None else e_forecast * gain[:, None, None, None, None]
             e_prune = e_prune * gain[:, None, None, None]
@@ -218,6 +230,10 @@ class SensitivityProfile:
                       flops_width=tile(self.flops_width))
         if "skip" in actions:
             kw.update(e_skip=e_skip)
+        if "cfg" in actions and e_cfg is not None:
+            # the unit runs on half the batch: half its FLOPs (attention included: it is per sample)
+            kw.update(e_cfg=np.nan_to_num(e_cfg, nan=inf_safe), flops_cfg=tile(self.flops_compute / 2),
+                      cfg_branch=self.cfg_branch)
         problem = Problem(units=self.units, num_steps=T, max_age=self.max_age, budget=budget,
                           flops_compute=tile(self.flops_compute), flops_fixed=float(self.flops_fixed) * T,
                           timesteps=tuple(ts), **kw)
@@ -333,7 +349,7 @@ class SensitivityProfile:
         cal = np.asarray(self.timesteps, dtype=np.float64)
         gain = None if self.step_gain is None else np.asarray(self.step_gain, dtype=np.float64)
         if timesteps is None and (num_steps is None or num_steps == len(cal)):
-            return self.e_reuse, self.e_prune, self.e_width, self.e_skip, cal, gain, self.e_forecast
+            return self.e_reuse, self.e_prune, self.e_width, self.e_skip, cal, gain, self.e_forecast, self.e_cfg
         if timesteps is None:
             ts = np.linspace(cal[0], cal[-1], int(num_steps))
         else:
@@ -344,8 +360,9 @@ class SensitivityProfile:
         e_prune = _rescaled_ages(self.e_prune, near, ratio)
         e_prune[np.isnan(self.e_prune[near])] = np.nan
         e_forecast = None if self.e_forecast is None else _rescaled_forecasts(self.e_forecast, near, ratio)
+        e_cfg = None if self.e_cfg is None else _rescaled_ages(self.e_cfg, near, ratio)
         return (e_reuse, e_prune, self.e_width[near], self.e_skip[near], ts, None if gain is None else gain[near],
-                e_forecast)
+                e_forecast, e_cfg)
 
     def _age_ratio(self, timesteps: Any) -> float:
         """Mean step size of ``timesteps`` over the calibrated one's: cache ages scale by it."""
@@ -375,6 +392,7 @@ class SensitivityProfile:
             "prune_rates": list(self.prune_rates),
             "widths": list(self.widths),
             "flops_fixed": self.flops_fixed,
+            "cfg_branch": self.cfg_branch,
             "model": self.model,
             "report": self.report,
         }
@@ -409,6 +427,7 @@ class SensitivityProfile:
                 prune_rates=tuple(meta["prune_rates"]),
                 widths=tuple(meta["widths"]),
                 flops_fixed=float(meta["flops_fixed"]),
+                cfg_branch=meta.get("cfg_branch"),
                 channel_order={k[6:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("order/")},
                 **{name: arrays.get(name) for name in _OPTIONAL},
                 model=meta.get("model", {}),
@@ -421,6 +440,10 @@ class SensitivityProfile:
         if prof.e_forecast is not None and prof.e_forecast.ndim == 4:
             prof.e_forecast = prof.e_forecast[:, :, None]  # saved before higher orders: order 1 only
         T, U = len(prof.timesteps), len(prof.units)
-        if prof.e_skip.shape != (T, U) or prof.e_reuse.shape != (T, U, prof.max_age + 1):
+        if (prof.e_cfg is None) != (prof.cfg_branch is None):
+            raise ArtifactError(f"{path}: the saved profile has CFG errors without their branch (or the other "
+                                f"way round); profile the model again")
+        if (prof.e_skip.shape != (T, U) or prof.e_reuse.shape != (T, U, prof.max_age + 1)
+                or (prof.e_cfg is not None and prof.e_cfg.shape != prof.e_reuse.shape)):
             raise ArtifactError(f"{path}: array shapes do not match {T} steps x {U} units; profile again")
         return prof

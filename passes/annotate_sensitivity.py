@@ -55,6 +55,7 @@ from dit_opt.errors import ConfigError
 from dit_opt.executor import (
     bind_inputs,
     gather_tokens,
+    is_guidance_batch,
     mlp_linears,
     narrow_block,
     prunable,
@@ -298,7 +299,11 @@ class _Probe:
                       "e_prune": (U, M + 1, K), "e_width": (U, J), "e_skip": (U,),
                       "e_module_reuse": (U, R, M + 1), "e_module_skip": (U, R),
                       "e_module_forecast": (U, R, forecast_orders, M + 1, M + 1),
-                      "e_module_prune": (U, R, M + 1, K)}
+                      "e_module_prune": (U, R, M + 1, K), "e_cfg": (U, M + 1)}
+        # Guidance batches (one call whose two halves of hidden_states are equal): CFG is
+        # measured only if every call is one; the derived half is the one the sampler's update
+        # weighs less (see _Guidance)
+        self.guidance = _Guidance()
         # Module-level actions: the outputs of each role's sub-modules (and, where they can be
         # pruned, their token inputs) are recorded during the true block call, and the block is
         # re-run with the outputs replaced.
@@ -353,6 +358,10 @@ class _Probe:
         step, branch = self.tracker.observe(timestep_value(t))
         self.step, self.branch = step, branch
         self.timesteps.setdefault(step, timestep_value(t))
+        self.guidance.before(kwargs.get("hidden_states", args[0] if args else None), step)
+
+    def post_model(self, module, args, kwargs, output):
+        self.guidance.after(output)
 
     def block_hook(self, u: int):
         spec = self.graph.blocks[u]
@@ -407,6 +416,14 @@ class _Probe:
             for k, d, err in gram.forecast_misses(t, n, self.max_age, self.forecast_orders):
                 acc["e_forecast"][u, k - 1, n, d] += err / norm
         acc["e_skip"][u] += sum(float(r.pow(2).sum()) for r in res.values()) / norm
+        if self.guidance.batched:
+            # CFG at age n: one half's residual plus the halves' difference of n steps ago, for the
+            # other half (the error is the same whichever half is derived)
+            for n in range(1, self.max_age + 1):
+                old = hist.get(t - n)
+                if old is not None:
+                    acc["e_cfg"][u, n] += sum(float((_halves_diff(res[i]) - _halves_diff(old[0][i])).pow(2).sum())
+                                              for i in res) / norm
         batch = pairs[0][1].shape[0]
         p_args, p_kwargs, sl = self._rows(args, kwargs, batch)
         p_norm = sum(float(y[sl].float().pow(2).sum()) for _, _, y in pairs) or 1.0
@@ -509,11 +526,72 @@ class _Probe:
             acc["e_module_forecast"][u, r, k - 1, n, d] += reuse_error * (sq / reuse_sq if reuse_sq > 0 else 1.0)
 
     def arrays(self) -> tuple[list[float], dict[str, np.ndarray]]:
+        """Timesteps and the mean errors per step (``e_cfg`` only where every call was a guidance batch)."""
         steps = sorted(self.sums)
         out = {}
         for name in self.shape:
             out[name] = np.stack([self.sums[t][name] / max(1, self.counts.get(t, 1)) for t in steps])
+        if not self.guidance.all_batched:
+            del out["e_cfg"]
         return [self.timesteps[t] for t in steps], out
+
+
+def _halves_diff(x: torch.Tensor) -> torch.Tensor:
+    """Second half of the batch minus the first."""
+    half = x.shape[0] // 2
+    return x[half:] - x[:half]
+
+
+class _Guidance:
+    """Which calls are classifier-free-guidance batches, and which half the sampler weighs less.
+
+    A call is a guidance batch when its batch is even and the two halves of ``hidden_states``
+    are equal (the sampler runs ``cat([x, x])`` with two conditionings). The sampler's next input
+    is then a linear map of the current one and of the guided output ``(1 - s) * uncond + s * cond``:
+    a least-squares fit of ``x_next = a x + p out_first + q out_second`` per step gives the two
+    halves' weights, and the half with the smaller one (the unconditional, for ``s > 1/2``) is
+    the one whose derived output changes the trajectory least.
+    """
+
+    def __init__(self) -> None:
+        self.calls = self.batched_calls = 0
+        self.batched = False
+        self.weights = np.zeros(2)
+        self.last: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, x half, output)
+
+    @property
+    def all_batched(self) -> bool:
+        return self.calls > 0 and self.batched_calls == self.calls
+
+    @property
+    def branch(self) -> int:
+        """The derived half: 0 (first) or 1 (second; also when the fit found nothing)."""
+        return 0 if self.weights[0] < self.weights[1] else 1
+
+    def before(self, x: Any, step: int) -> None:
+        self.calls += 1
+        self.batched = is_guidance_batch(x)
+        self.batched_calls += self.batched
+        if self.batched and self.last is not None and self.last[2] is not None and step == self.last[0] + 1:
+            prev_x, out = self.last[1], self.last[2]
+            if out.dim() > 1 and out.shape[1] > prev_x.shape[1]:  # e.g. DiT's learned variance channels
+                out = out[:, : prev_x.shape[1]]
+            half = out.shape[0] // 2
+            nxt = x[: x.shape[0] // 2].detach().double().reshape(-1)
+            if prev_x.numel() == nxt.numel() == out[:half].numel():
+                cols = torch.stack([prev_x.reshape(-1), out[:half].reshape(-1), out[half:].reshape(-1)], dim=1)
+                coef = torch.linalg.lstsq(cols, nxt[:, None]).solution[:, 0]
+                self.weights += np.abs(coef[1:].numpy())
+        self.last = (step, x[: x.shape[0] // 2].detach().double(), None) if self.batched else None
+
+    def after(self, output: Any) -> None:
+        if self.last is None:
+            return
+        out = output.sample if hasattr(output, "sample") else output[0] if isinstance(output, tuple | list) else output
+        if isinstance(out, torch.Tensor):
+            self.last = (self.last[0], self.last[1], out.detach().double())
+        else:
+            self.last = None
 
 
 def annotate_sensitivity(
@@ -553,7 +631,8 @@ def annotate_sensitivity(
             not 1 <= forecast_orders <= MAX_FORECAST_ORDER:
         raise ConfigError(f"forecast_orders must be an int in 1..{MAX_FORECAST_ORDER}, got {forecast_orders!r}")
     probe = _Probe(graph, max_age, prune_rates, widths, order, probe_rows, forecast_orders)
-    handles = [model.register_forward_pre_hook(probe.pre_model, with_kwargs=True)]
+    handles = [model.register_forward_pre_hook(probe.pre_model, with_kwargs=True),
+               model.register_forward_hook(probe.post_model, with_kwargs=True)]
     handles += probe.module_hooks()
     for u, spec in enumerate(graph.blocks):
         handles.append(model.get_submodule(spec.name).register_forward_hook(probe.block_hook(u), with_kwargs=True))
@@ -622,6 +701,7 @@ def annotate_sensitivity(
         flops_fixed=float(graph.costs.outside_blocks),
         channel_order=order,
         model=model_fingerprint(model),
+        cfg_branch=probe.guidance.branch if "e_cfg" in errs else None,
         report={
             "calls": calls[0],
             "plain_calibration_seconds": plain_seconds,

@@ -2,7 +2,7 @@
 
 The plan is the only input besides the captured graph: for each step, each block node goes
 through the rewrite pass of its action (``rewrite_cache``, ``rewrite_prune``,
-``rewrite_width``, ``rewrite_skip``), or, for module-level units, each block through
+``rewrite_width``, ``rewrite_skip``, ``rewrite_cfg``), or, for module-level units, each block through
 ``rewrite_modules`` with the actions of its roles. A ``COMPUTE`` writes the cache entries that a
 later step of the same unit reads before its next ``COMPUTE``; before a ``FORECAST`` of order
 ``k`` the computes it extrapolates from also keep the residuals of the ones before them
@@ -23,6 +23,7 @@ from dit_opt.errors import DitOptError
 from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import Action, ActionKind, Plan, compute_history, forecast_weights
 from passes.rewrite_cache import rewrite_cache
+from passes.rewrite_cfg import rewrite_cfg
 from passes.rewrite_modules import rewrite_modules
 from passes.rewrite_prune import rewrite_prune
 from passes.rewrite_skip import rewrite_skip
@@ -40,6 +41,11 @@ class Variant:
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     actions: tuple[Action, ...]
+
+    @property
+    def derives_guidance(self) -> bool:
+        """Whether a block of this step runs on one guidance half and derives the other (``CFG``)."""
+        return any(a.kind is ActionKind.CFG for a in self.actions)
 
 
 def cache_needs(plan: Plan) -> list[list[tuple[bool, bool, int]]]:
@@ -150,5 +156,7 @@ def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, n) -> Va
             rewrite_width(sg, spec, action.width, narrowed(spec, action.width))
         elif kind is ActionKind.SKIP:
             rewrite_skip(sg, spec)
+        elif kind is ActionKind.CFG:
+            rewrite_cfg(sg, spec, action.branch)
     gm = sg.build(class_name=f"StepVariant{n}")
     return Variant(gm, tuple(sg.reads), tuple(sg.writes), tuple(actions))

@@ -12,7 +12,12 @@ action                  error                            FLOPs
 ``PRUNE(rate k)`` (n)   ``e_prune[t, u, n, k]``          ``flops_prune[t, u, k]``
 ``WIDTH(width j)``      ``e_width[t, u, j]``             ``flops_width[t, u, j]``
 ``SKIP``                ``e_skip[t, u]``                 0
+``CFG`` (age n)         ``e_cfg[t, u, n]``               ``flops_cfg[t, u]``
 ======================  ===============================  ======================================
+
+``CFG`` (one menu entry, deriving half ``cfg_branch`` of a guidance batch) runs the unit on the
+other half and serves the derived half from the difference of the halves' residuals cached at
+the unit's last ``COMPUTE``; like ``PRUNE`` it reads the cache and does not refresh it.
 
 ``FORECAST`` of order ``k`` is ``REUSE`` with the residual extrapolated by the polynomial through
 the unit's last ``k + 1`` computes; its error is measured at age ``n`` from computes ``d`` steps
@@ -68,6 +73,7 @@ from dit_opt.plan import (
     ActionKind,
     Plan,
     Unit,
+    cfg_action,
     check_budget,
     compute_history,
 )
@@ -102,6 +108,8 @@ class Problem:
             ``k = 1 .. K`` at age ``n`` from computes ``d`` steps apart (``inf`` where not
             available), or ``None`` (no forecasts). A ``(T, U, max_age + 1, max_age + 1)`` array
             is order 1 only. Needs ``e_reuse``.
+        e_cfg, flops_cfg: ``(T, U, max_age + 1)`` and ``(T, U)``, or ``None`` (no CFG): the
+            action that derives half ``cfg_branch`` (0 or 1) of a classifier-free-guidance batch.
         allowed: ``(U, A)`` or ``(T, U, A)`` booleans over :attr:`actions`, or ``None``: all
             allowed except ``WIDTH`` on units that are not an MLP or a whole block.
         timesteps: scheduler timestep value of each step, if known.
@@ -133,6 +141,9 @@ class Problem:
     flops_width: np.ndarray | None = None
     e_skip: np.ndarray | None = None
     e_forecast: np.ndarray | None = None
+    e_cfg: np.ndarray | None = None
+    flops_cfg: np.ndarray | None = None
+    cfg_branch: int = 1
     allowed: np.ndarray | None = None
     timesteps: tuple[float, ...] | None = None
     forecast_policy: str = "measured"
@@ -165,6 +176,8 @@ class Problem:
             "e_width": ((T, U, J), "(num_steps, num_units, len(widths))"),
             "flops_width": ((T, U, J), "(num_steps, num_units, len(widths))"),
             "e_skip": ((T, U), "(num_steps, num_units)"),
+            "e_cfg": ((T, U, M + 1), "(num_steps, num_units, max_age + 1)"),
+            "flops_cfg": ((T, U), "(num_steps, num_units)"),
             "e_forecast": ((T, U, self.forecast_orders, M + 1, M + 1),
                            "(num_steps, num_units, orders, max_age + 1, max_age + 1)"),
         }
@@ -178,7 +191,7 @@ class Problem:
             if array.shape != shape:
                 raise ValueError(f"Problem.{name} has shape {array.shape}, expected {spelled} = {shape}")
             # Column 0 (age 0) of the cache errors is unused, so it may hold anything.
-            checked = array[:, :, 1:] if name in ("e_reuse", "e_prune") else array
+            checked = array[:, :, 1:] if name in ("e_reuse", "e_prune", "e_cfg") else array
             if name == "e_forecast":  # inf marks a forecast that is not available
                 checked = np.where(np.isposinf(array), 0.0, array)[..., 1:, 1:]
             if not np.all(np.isfinite(checked)) or np.any(checked < 0):
@@ -187,10 +200,13 @@ class Problem:
             ("REUSE", ("e_reuse", "flops_reuse")),
             ("PRUNE", ("e_prune", "flops_prune")),
             ("WIDTH", ("e_width", "flops_width")),
+            ("CFG", ("e_cfg", "flops_cfg")),
         ):
             given = [getattr(self, a) is not None for a in arrays]
             if any(given) != all(given):
                 raise ValueError(f"{family} needs both {arrays[0]} and {arrays[1]} (or neither)")
+        if self.cfg_branch not in (0, 1) or isinstance(self.cfg_branch, bool):
+            raise ValueError(f"Problem.cfg_branch must be 0 or 1, got {self.cfg_branch!r}")
         if self.e_forecast is not None and self.e_reuse is None:
             raise ValueError("e_forecast needs e_reuse: FORECAST is a form of REUSE")
         if self.e_forecast is not None and not 1 <= self.forecast_orders <= MAX_FORECAST_ORDER:
@@ -212,6 +228,8 @@ class Problem:
         if self.allowed is None:
             mask = np.ones((T, U, A), dtype=bool)
             mask[:, [not u.allows_width for u in self.units]] &= ~widths
+            cfg = np.array([a.kind is ActionKind.CFG for a in self.actions])
+            mask[:, [u.role is not None for u in self.units]] &= ~cfg
         else:
             mask = np.array(self.allowed, dtype=bool)
             if mask.shape == (U, A):
@@ -248,6 +266,8 @@ class Problem:
         out += [Action(ActionKind.WIDTH, width=w) for w in self.widths]
         if self.e_skip is not None:
             out.append(SKIP)
+        if self.e_cfg is not None:
+            out.append(cfg_action(self.cfg_branch))
         return tuple(out)
 
     def menu_index(self, action: Action) -> int:
@@ -275,6 +295,8 @@ class Problem:
             parts.append(self.flops_width)
         if self.e_skip is not None:
             parts.append(np.zeros_like(self.flops_compute)[:, :, None])
+        if self.e_cfg is not None:
+            parts.append(self.flops_cfg[:, :, None])
         return np.concatenate(parts, axis=2)
 
     @cached_property
@@ -292,6 +314,8 @@ class Problem:
             parts.append(np.repeat(self.e_width[:, :, :, None], M + 1, axis=3))
         if self.e_skip is not None:
             parts.append(np.repeat(self.e_skip[:, :, None, None], M + 1, axis=3))
+        if self.e_cfg is not None:
+            parts.append(self.e_cfg[:, :, None, :])
         table = np.concatenate(parts, axis=2)
         table[:, :, self.needs_cache, 0] = np.nan
         return table
@@ -541,7 +565,7 @@ class Problem:
         if w.shape != (self.num_steps,) or not np.all(np.isfinite(w)) or np.any(w <= 0):
             raise ValueError(f"weights must be {self.num_steps} positive finite numbers, one per step")
         changes = {}
-        for name in ("e_reuse", "e_prune", "e_width", "e_skip", "e_forecast"):
+        for name in ("e_reuse", "e_prune", "e_width", "e_skip", "e_forecast", "e_cfg"):
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value * w.reshape((-1,) + (1,) * (value.ndim - 1))
@@ -572,6 +596,7 @@ class Problem:
             ActionKind.WIDTH: {"e_width": None, "flops_width": None, "widths": ()},
             ActionKind.SKIP: {"e_skip": None},
             ActionKind.FORECAST: {"e_forecast": None},
+            ActionKind.CFG: {"e_cfg": None, "flops_cfg": None},
         }
         if ActionKind.REUSE not in keep:
             keep.discard(ActionKind.FORECAST)
@@ -610,7 +635,7 @@ def join_units(parts: Sequence[tuple[Problem, Sequence[int]]], flops_fixed: floa
     K, J = len(next(iter(rates), ())), len(next(iter(widths), ()))
     placeholder = 1e6  # errors of a family a part lacks: disallowed below, finite so the arrays stay valid
     shapes = {"e_reuse": (M + 1,), "flops_reuse": (), "e_prune": (M + 1, K), "flops_prune": (K,),
-              "e_width": (J,), "flops_width": (J,), "e_skip": ()}
+              "e_width": (J,), "flops_width": (J,), "e_skip": (), "e_cfg": (M + 1,), "flops_cfg": ()}
     present = [name for name in shapes if any(getattr(p, name) is not None for p, _ in parts)]
     fields: dict[str, list[np.ndarray]] = {}
     for p, cols in parts:
@@ -633,7 +658,7 @@ def join_units(parts: Sequence[tuple[Problem, Sequence[int]]], flops_fixed: floa
             fields.setdefault("e_forecast", []).append(fc)
     joined = Problem(units=tuple(p.units[c] for p, cols in parts for c in cols), num_steps=T, max_age=M,
                      budget=first.budget, flops_fixed=flops_fixed, timesteps=first.timesteps,
-                     forecast_policy=first.forecast_policy,
+                     forecast_policy=first.forecast_policy, cfg_branch=first.cfg_branch,
                      prune_rates=next(iter(rates), ()) if "e_prune" in present else (),
                      widths=next(iter(widths), ()) if "e_width" in present else (),
                      **{name: np.concatenate(v, axis=1) for name, v in fields.items()})

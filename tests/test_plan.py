@@ -69,8 +69,21 @@ def plan() -> Plan:
 @given(st.sampled_from(list(ActionKind)), st.floats(min_value=1e-6, max_value=1 - 1e-6))
 def test_action_str_parse_round_trip(kind: ActionKind, value: float) -> None:
     action = Action(kind, rate=value if kind is ActionKind.PRUNE else None,
-                    width=value if kind is ActionKind.WIDTH else None)
+                    width=value if kind is ActionKind.WIDTH else None,
+                    branch=int(value > 0.5) if kind is ActionKind.CFG else None)
     assert Action.parse(str(action)) == action, f"{action} -> {str(action)!r}"
+
+
+def test_cfg_action_forms_and_errors() -> None:
+    assert [str(Action(ActionKind.CFG, branch=b)) for b in (0, 1)] == ["G0", "G1"]
+    assert Action.parse("G1").branch == 1 and Action.parse("G1").needs_cache
+    for bad in ("G", "G2", "Gx"):
+        with pytest.raises(ValueError, match="CFG takes the derived branch"):
+            Action.parse(bad)
+    with pytest.raises(ValueError, match="CFG needs branch"):
+        Action(ActionKind.CFG)
+    with pytest.raises(ValueError, match="takes no branch"):
+        Action(ActionKind.REUSE, branch=1)
 
 
 def test_action_short_forms() -> None:
@@ -154,7 +167,7 @@ def test_plan_accessors(plan: Plan) -> None:
     assert list(plan.actions_at(0).values()) == [COMPUTE] * 3
     assert plan.flop_fraction == pytest.approx(0.7)
     assert plan.counts() == {ActionKind.COMPUTE: 6, ActionKind.REUSE: 3, ActionKind.FORECAST: 0, ActionKind.PRUNE: 1,
-                             ActionKind.WIDTH: 1, ActionKind.SKIP: 1}
+                             ActionKind.WIDTH: 1, ActionKind.SKIP: 1, ActionKind.CFG: 0}
     with pytest.raises(KeyError, match="not in the plan"):
         plan.action(0, "blocks.7")
 

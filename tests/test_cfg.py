@@ -1,0 +1,142 @@
+"""CFG: one half of a classifier-free-guidance batch derived from the other (profile, problem, rewrite, runtime)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import dit_opt
+from dit_opt.errors import ConfigError, InputMismatchError
+from dit_opt.executor import cfg_merge
+from dit_opt.flops import flop_counter
+from dit_opt.plan import COMPUTE, ActionKind, Plan, cfg_action
+from dit_opt.testing import record_inputs, tiny_model
+from solvers import solve
+
+STEPS = 6
+NULL = 10  # the tiny DiT's null class (num_embeds_ada_norm=11)
+
+
+def guided(uncond_first: bool = False, same: bool = False, scale: float = 3.0, batched: bool = True):
+    """A DDIM loop with guidance, both halves in one call (``same``: both halves conditioned alike;
+    ``batched=False``: the two branches in two calls)."""
+
+    def run(m):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, 8, 8, generator=gen)
+        cond = torch.tensor([1, 2])
+        null = cond.clone() if same else torch.full((2,), NULL)
+        labels = torch.cat([null, cond] if uncond_first else [cond, null])
+        sched = DDIMScheduler()
+        sched.set_timesteps(STEPS)
+        for t in sched.timesteps:
+            if batched:
+                out = m(hidden_states=torch.cat([x, x]), timestep=t.expand(4), class_labels=labels).sample[:, :4]
+                a, b = out.chunk(2)
+            else:
+                a, b = (m(hidden_states=x, timestep=t.expand(2), class_labels=lab).sample[:, :4]
+                        for lab in labels.chunk(2))
+            c, u = (b, a) if uncond_first else (a, b)
+            x = sched.step(u + scale * (c - u), t, x).prev_sample
+        return x
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, _ = tiny_model("dit")
+    cal = guided()
+    return model, cal, dit_opt.profile(model, cal, progress=False)
+
+
+def _plan(prof, grid):
+    problem = prof.to_problem(1.0)
+    return Plan(num_steps=STEPS, units=prof.units, actions=grid, budget=1.0, full_flops=problem.full_flops,
+                flops_fixed=problem.flops_fixed, predicted_flops=problem.full_flops,
+                step_flops=[float(problem.flops_compute[s].sum()) for s in range(STEPS)], predicted_error=0.0,
+                max_age=prof.max_age, solver="test", status="HEURISTIC", wall_time_s=0.0)
+
+
+def test_profile_measures_cfg_and_finds_the_unconditional_half(tiny):
+    model, _, prof = tiny
+    assert prof.e_cfg is not None and prof.e_cfg.shape == prof.e_reuse.shape
+    assert prof.cfg_branch == 1  # the unconditional half is second here
+    # deriving one half from the other plus the cached difference beats reusing both halves
+    assert prof.e_cfg[2:, :, 1].mean() < prof.e_reuse[2:, :, 1].mean()
+    first = dit_opt.profile(model, guided(uncond_first=True), progress=False)
+    assert first.cfg_branch == 0
+    menu = [str(a) for a in prof.to_problem(0.5).actions]
+    assert "G1" in menu and "G1" not in [str(a) for a in prof.to_problem(0.5, actions=("reuse",)).actions]
+
+
+def test_no_guidance_batch_no_cfg_and_asking_for_it_is_an_error(tiny):
+    model, _, _ = tiny
+    prof = dit_opt.profile(model, guided(batched=False), progress=False)
+    assert prof.e_cfg is None and prof.cfg_branch is None
+    assert all(a.kind is not ActionKind.CFG for a in prof.to_problem(0.5).actions)
+    with pytest.raises(ConfigError, match="drop 'cfg'.*valid here: reuse"):
+        dit_opt.optimize(model, 0.5, calibration=prof, compile=False, progress=False, actions=("reuse", "cfg"))
+
+
+def test_merge_is_exact_when_the_halves_are_equal():
+    x = torch.randn(4, 5, 3)
+    x[2:] = x[:2]
+    res = torch.randn(4, 5, 3)
+    res[2:] = res[:2]
+    y = x[:2] + torch.randn(2, 5, 3)
+    for branch in (0, 1):
+        out = cfg_merge(x, y, res, branch)
+        assert torch.equal(out[:2], out[2:]) and torch.equal(out[2:] if branch == 0 else out[:2], y)
+
+
+def test_cfg_gives_the_full_output_when_the_branches_are_equal(tiny):
+    model, _, prof = tiny
+    cal = guided(same=True)
+    grid = [[COMPUTE if t in (0, 3) else cfg_action(1)] * len(prof.units) for t in range(STEPS)]
+    opt = dit_opt.OptimizedTransformer(model, _plan(prof, grid), profile=prof, compile=False)
+    with torch.no_grad():
+        ref, got = cal(model), cal(opt)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+    assert "cfg_merge" in opt.graph(1).code
+
+
+def test_runtime_error_matches_the_profile(tiny):
+    """One block derives the unconditional half at the last step: the error of its output, seen
+    as the next block's input, is what the profile measured."""
+    model, cal, prof = tiny
+    u, t = 1, STEPS - 1
+    grid = [[COMPUTE] * len(prof.units) for _ in range(STEPS)]
+    grid[t][u] = cfg_action(prof.cfg_branch)
+    opt = dit_opt.OptimizedTransformer(model, _plan(prof, grid), profile=prof, compile=False)
+    with torch.no_grad():
+        cal(opt)
+    nxt = model.transformer_blocks[u + 1]
+    ref, got = record_inputs(cal, model, nxt), record_inputs(cal, opt, nxt)
+    errs = [float((g - r).pow(2).sum() / r.pow(2).sum()) for k, (g, r) in enumerate(zip(got, ref, strict=True))
+            if k % STEPS == t]
+    assert np.mean(errs) == pytest.approx(prof.e_cfg[t, u, 1], rel=1e-3)
+    assert all(float((g - r).abs().max()) == 0 for k, (g, r) in enumerate(zip(got, ref, strict=True))
+               if k % STEPS != t)
+
+
+def test_solver_uses_cfg_within_budget_and_exact_at_one(tiny):
+    model, cal, prof = tiny
+    # make CFG clearly the cheapest error per FLOP, so the plan must use it
+    cheap = dataclasses.replace(prof, e_cfg=prof.e_cfg * 1e-3)
+    opt = dit_opt.optimize(model, 0.6, calibration=cheap, compile=False, progress=False, select=False)
+    assert opt.plan.counts()[ActionKind.CFG] > 0
+    with torch.no_grad(), flop_counter() as fc_full:
+        cal(model)
+    with torch.no_grad(), flop_counter() as fc:
+        cal(opt)
+    assert fc.get_total_flops() <= (0.6 + 0.01) * fc_full.get_total_flops()
+    assert solve(cheap.to_problem(1.0), "cpsat").counts()[ActionKind.CFG] == 0
+    with pytest.raises(InputMismatchError, match="not a guidance batch"):
+        opt.reset()
+        with torch.no_grad():
+            guided(batched=False)(opt)
