@@ -400,7 +400,9 @@ class OptimizedTransformer(nn.Module):
     def _build(self, graph: DiTGraph, plan: Plan) -> list:
         from passes.rewrite_plan import build_variants
 
-        return build_variants(graph, plan, self._narrow, self._narrow_mlp)
+        # a graph captured without guidance batches (guidance off) computes the plan's CFG blocks
+        guidance = is_guidance_batch(graph.example_inputs.get("hidden_states"))
+        return build_variants(graph, plan, self._narrow, self._narrow_mlp, guidance=guidance)
 
     def _narrow(self, spec: BlockSpec, width: float) -> nn.Module:
         key = (spec.name, width)

@@ -21,7 +21,7 @@ from torch import nn
 
 from dit_opt.errors import DitOptError
 from dit_opt.ir import BlockSpec, DiTGraph
-from dit_opt.plan import Action, ActionKind, Plan, compute_history, forecast_weights
+from dit_opt.plan import COMPUTE, Action, ActionKind, Plan, compute_history, forecast_weights
 from passes.rewrite_cache import rewrite_cache
 from passes.rewrite_cfg import rewrite_cfg
 from passes.rewrite_modules import rewrite_modules
@@ -96,6 +96,7 @@ def build_variants(
     plan: Plan,
     narrowed: Callable[[BlockSpec, float], nn.Module],
     narrow_mlp: Callable[[BlockSpec, str, float], nn.Module] | None = None,
+    guidance: bool = True,
 ) -> list[Variant]:
     """One :class:`Variant` per step; steps with the same actions and cache writes share one.
 
@@ -104,6 +105,9 @@ def build_variants(
         plan: the plan (block-level or module-level units).
         narrowed: returns the block narrowed to a width (built once per block and width).
         narrow_mlp: returns a block's MLP sub-module narrowed to a width (module-level plans).
+        guidance: whether the graph's calls are classifier-free-guidance batches; if not (the
+            pipeline runs without guidance), ``CFG`` actions compute the block in full, writing
+            nothing (more FLOPs than the plan's, the same cache contents).
 
     Raises:
         DitOptError: the plan's units are not the graph's blocks.
@@ -129,14 +133,17 @@ def build_variants(
     for t in range(plan.num_steps):
         key = (tuple(str(a) for a in plan.actions[t]), tuple(needs[t]), tuple(weights[t]))
         if key not in shared:
-            shared[key] = _build(graph, order, plan, t, needs[t], weights[t], narrowed, narrow_mlp, len(shared))
+            shared[key] = _build(graph, order, plan, t, needs[t], weights[t], narrowed, narrow_mlp, len(shared),
+                                 guidance)
         out.append(shared[key])
     return out
 
 
-def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, n) -> Variant:
+def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, n, guidance) -> Variant:
     sg = StepGraph(graph)
     actions = plan.actions[t]
+    if not guidance:  # no guidance half to derive: the block computes (a CFG step writes no cache)
+        actions = tuple(COMPUTE if a.kind is ActionKind.CFG else a for a in actions)
     for spec, units in order:
         if plan.units[units[0]].role is not None:
             rewrite_modules(sg, spec, {plan.units[u].role.value: actions[u] for u in units},

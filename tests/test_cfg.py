@@ -103,6 +103,18 @@ def test_cfg_gives_the_full_output_when_the_branches_are_equal(tiny):
         ref, got = cal(model), cal(opt)
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
     assert "cfg_merge" in opt.graph(1).code
+    # guidance off (one branch per call): the CFG blocks compute, and the plan here is then all compute
+    unguided = guided(batched=False)
+    with torch.no_grad():
+        assert torch.allclose(unguided(opt), unguided(model), atol=1e-5, rtol=1e-5)
+    # a batch of the guidance shape whose halves differ cannot have one half derived
+    opt.reset()
+    x = torch.randn(4, 4, 8, 8)
+    labels = torch.tensor([1, 2, NULL, NULL])
+    with torch.no_grad():
+        opt(hidden_states=torch.cat([x[:2], x[:2]]), timestep=torch.full((4,), 999.0), class_labels=labels)
+        with pytest.raises(InputMismatchError, match="not a guidance batch"):
+            opt(hidden_states=x, timestep=torch.full((4,), 800.0), class_labels=labels)
 
 
 def test_runtime_error_matches_the_profile(tiny):
@@ -136,7 +148,3 @@ def test_solver_uses_cfg_within_budget_and_exact_at_one(tiny):
         cal(opt)
     assert fc.get_total_flops() <= (0.6 + 0.01) * fc_full.get_total_flops()
     assert solve(cheap.to_problem(1.0), "cpsat").counts()[ActionKind.CFG] == 0
-    with pytest.raises(InputMismatchError, match="not a guidance batch"):
-        opt.reset()
-        with torch.no_grad():
-            guided(batched=False)(opt)
