@@ -35,7 +35,8 @@ class _Runner:
 
     graph: DiTGraph
     variants: list
-    by_plan: dict[int, list] = field(default_factory=dict)  # variants of re-solved plans
+    by_plan: dict[tuple, list] = field(default_factory=dict)  # variants of re-solved or unguided plans
+    warned_unguided: bool = False
 
 
 @dataclass
@@ -261,11 +262,14 @@ class OptimizedTransformer(nn.Module):
         else:
             step_variant = variants[step]
             if step_variant.derives_guidance and not is_guidance_batch(inputs.get("hidden_states")):
-                raise InputMismatchError(
-                    f"step {step} of the plan derives one half of a classifier-free-guidance batch from the other "
-                    f"(CFG actions), but this call's hidden_states is not a guidance batch (an even batch whose two "
-                    f"halves are equal): run guidance batched as in the calibration, or optimize again without "
-                    f"'cfg' in actions")
+                # no guidance half to derive (guidance off, or another batch): those blocks compute
+                if not runner.warned_unguided:
+                    runner.warned_unguided = True
+                    warnings.warn("the plan derives one half of classifier-free-guidance batches from the other "
+                                  "(CFG actions), but these calls are not guidance batches (an even batch whose two "
+                                  "halves are equal): those blocks compute in full, above the plan's FLOPs; "
+                                  "optimize without 'cfg' in actions for calls like these", stacklevel=3)
+                step_variant = self._variants_for(runner, plan, guidance=False)[step]
         state = self._states.setdefault(branch, {})
         if step == 0:
             state.clear()
@@ -346,10 +350,10 @@ class OptimizedTransformer(nn.Module):
         self._plans[ts] = plan
         return plan
 
-    def _variants_for(self, runner: _Runner, plan: Plan) -> list:
-        key = id(plan)
+    def _variants_for(self, runner: _Runner, plan: Plan, guidance: bool = True) -> list:
+        key = (id(plan), guidance)
         if key not in runner.by_plan:
-            runner.by_plan[key] = self._lower(self._build(runner.graph, plan))
+            runner.by_plan[key] = self._lower(self._build(runner.graph, plan, guidance))
         return runner.by_plan[key]
 
     def _record(self, step: int, plan: Plan, variant: Any) -> None:
@@ -397,11 +401,10 @@ class OptimizedTransformer(nn.Module):
         variants = self._lower(self._build(graph, self.plan))
         return _Runner(graph=graph, variants=variants)
 
-    def _build(self, graph: DiTGraph, plan: Plan) -> list:
+    def _build(self, graph: DiTGraph, plan: Plan, guidance: bool = True) -> list:
         from passes.rewrite_plan import build_variants
 
-        # a graph captured without guidance batches (guidance off) computes the plan's CFG blocks
-        guidance = is_guidance_batch(graph.example_inputs.get("hidden_states"))
+        # guidance=False: the variants for calls that are not guidance batches (CFG blocks compute)
         return build_variants(graph, plan, self._narrow, self._narrow_mlp, guidance=guidance)
 
     def _narrow(self, spec: BlockSpec, width: float) -> nn.Module:

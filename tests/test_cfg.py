@@ -10,7 +10,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import dit_opt
-from dit_opt.errors import ConfigError, InputMismatchError
+from dit_opt.errors import ConfigError
 from dit_opt.executor import cfg_merge
 from dit_opt.flops import flop_counter
 from dit_opt.plan import COMPUTE, ActionKind, Plan, cfg_action
@@ -105,16 +105,18 @@ def test_cfg_gives_the_full_output_when_the_branches_are_equal(tiny):
     assert "cfg_merge" in opt.graph(1).code
     # guidance off (one branch per call): the CFG blocks compute, and the plan here is then all compute
     unguided = guided(batched=False)
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(UserWarning, match="not guidance batches"):
         assert torch.allclose(unguided(opt), unguided(model), atol=1e-5, rtol=1e-5)
-    # a batch of the guidance shape whose halves differ cannot have one half derived
+    # a batch of the guidance shape whose halves differ: no half can be derived, the blocks compute
     opt.reset()
     x = torch.randn(4, 4, 8, 8)
     labels = torch.tensor([1, 2, NULL, NULL])
-    with torch.no_grad():
+    args = {"timestep": torch.full((4,), 800.0), "class_labels": labels}
+    with torch.no_grad(), pytest.warns(UserWarning, match="not guidance batches"):
         opt(hidden_states=torch.cat([x[:2], x[:2]]), timestep=torch.full((4,), 999.0), class_labels=labels)
-        with pytest.raises(InputMismatchError, match="not a guidance batch"):
-            opt(hidden_states=x, timestep=torch.full((4,), 800.0), class_labels=labels)
+        got = opt(hidden_states=x, **args).sample
+    assert torch.allclose(got, model(hidden_states=x, **args).sample, atol=1e-5, rtol=1e-5)
+    assert opt.stats()["steps"][1]["actions"] == {"compute": len(prof.units)}
 
 
 def test_runtime_error_matches_the_profile(tiny):
