@@ -245,8 +245,9 @@ def optimize(
         >>> print(opt.plan.summary())
     """
     budget = check_budget(budget)
-    asked_cfg = actions is not DEFAULT_ACTIONS and "cfg" in check_actions(actions)
+    explicit = actions is not DEFAULT_ACTIONS
     actions = check_actions(actions)
+    asked_cfg = explicit and "cfg" in actions
     if granularity not in ("auto", "block", "module"):
         raise ConfigError(f"granularity must be 'auto', 'block' or 'module', got {granularity!r}")
     if solver == "dp":

@@ -30,6 +30,7 @@ __all__ = [
     "forecast",
     "combine",
     "half_rows",
+    "halves_diff",
     "is_guidance_batch",
     "cfg_merge",
     "token_scores",
@@ -94,6 +95,12 @@ def half_rows(value: Any, ref: torch.Tensor, half: int) -> Any:
     return value
 
 
+def halves_diff(x: torch.Tensor) -> torch.Tensor:
+    """Second half of a guidance batch minus the first: what ``CFG`` caches and the profile measures."""
+    h = x.shape[0] // 2
+    return x[h:] - x[:h]
+
+
 def cfg_merge(x: torch.Tensor, y_half: torch.Tensor, residual: torch.Tensor, branch: int) -> torch.Tensor:
     """``CFG``: a block's output on a whole guidance batch from its output on one half.
 
@@ -102,7 +109,7 @@ def cfg_merge(x: torch.Tensor, y_half: torch.Tensor, residual: torch.Tensor, bra
     the cache (``residual``, written by the block's last ``COMPUTE`` on the whole batch).
     """
     h = x.shape[0] // 2
-    diff = residual[h:] - residual[:h]  # second half minus first
+    diff = halves_diff(residual)
     if branch == 1:
         return torch.cat([y_half, x[h:] + (y_half - x[:h]) + diff])
     return torch.cat([x[:h] + (y_half - x[h:]) - diff, y_half])

@@ -14,7 +14,7 @@ from torch import nn
 
 from dit_opt.synthetic import example_inputs
 
-__all__ = ["TINY_CONFIGS", "record_inputs", "tiny_model", "tiny_names"]
+__all__ = ["TINY_CONFIGS", "record_inputs", "tiny_model", "tiny_names", "unbudgeted_plan"]
 
 #: name -> (diffusers class name, config kwargs, expected block counts per list)
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, int]]] = {
@@ -101,6 +101,20 @@ def tiny_model(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
             if p.dim() >= 1 and float(p.abs().max()) == 0.0:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
     return model, example_inputs(model, batch_size=2, seed=seed)
+
+
+def unbudgeted_plan(profile: Any, grid: Any) -> Any:
+    """A budget-1 :class:`~dit_opt.plan.Plan` of ``grid``'s actions over ``profile``'s units and
+    steps, every step costed as computing everything: for tests of what an action does to the
+    outputs, not of what it saves."""
+    from dit_opt.plan import Plan
+
+    problem = profile.to_problem(1.0)
+    T = problem.num_steps
+    return Plan(num_steps=T, units=profile.units, actions=grid, budget=1.0, full_flops=problem.full_flops,
+                flops_fixed=problem.flops_fixed, predicted_flops=problem.full_flops,
+                step_flops=[float(problem.flops_compute[s].sum()) for s in range(T)], predicted_error=0.0,
+                max_age=profile.max_age, solver="test", status="HEURISTIC", wall_time_s=0.0)
 
 
 def record_inputs(calibration: Any, module: Any, hooked: Any) -> list:

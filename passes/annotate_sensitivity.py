@@ -55,6 +55,7 @@ from dit_opt.errors import ConfigError
 from dit_opt.executor import (
     bind_inputs,
     gather_tokens,
+    halves_diff,
     is_guidance_batch,
     mlp_linears,
     narrow_block,
@@ -422,7 +423,7 @@ class _Probe:
             for n in range(1, self.max_age + 1):
                 old = hist.get(t - n)
                 if old is not None:
-                    acc["e_cfg"][u, n] += sum(float((_halves_diff(res[i]) - _halves_diff(old[0][i])).pow(2).sum())
+                    acc["e_cfg"][u, n] += sum(float((halves_diff(res[i]) - halves_diff(old[0][i])).pow(2).sum())
                                               for i in res) / norm
         batch = pairs[0][1].shape[0]
         p_args, p_kwargs, sl = self._rows(args, kwargs, batch)
@@ -536,12 +537,6 @@ class _Probe:
         return [self.timesteps[t] for t in steps], out
 
 
-def _halves_diff(x: torch.Tensor) -> torch.Tensor:
-    """Second half of the batch minus the first."""
-    half = x.shape[0] // 2
-    return x[half:] - x[:half]
-
-
 class _Guidance:
     """Which calls are classifier-free-guidance batches, and which half the sampler weighs less.
 
@@ -572,17 +567,18 @@ class _Guidance:
         self.calls += 1
         self.batched = is_guidance_batch(x)
         self.batched_calls += self.batched
+        x_half = x[: x.shape[0] // 2].detach().double() if self.batched else None
         if self.batched and self.last is not None and self.last[2] is not None and step == self.last[0] + 1:
             prev_x, out = self.last[1], self.last[2]
             if out.dim() > 1 and out.shape[1] > prev_x.shape[1]:  # e.g. DiT's learned variance channels
                 out = out[:, : prev_x.shape[1]]
             half = out.shape[0] // 2
-            nxt = x[: x.shape[0] // 2].detach().double().reshape(-1)
+            nxt = x_half.reshape(-1)
             if prev_x.numel() == nxt.numel() == out[:half].numel():
                 cols = torch.stack([prev_x.reshape(-1), out[:half].reshape(-1), out[half:].reshape(-1)], dim=1)
                 coef = torch.linalg.lstsq(cols, nxt[:, None]).solution[:, 0]
                 self.weights += np.abs(coef[1:].numpy())
-        self.last = (step, x[: x.shape[0] // 2].detach().double(), None) if self.batched else None
+        self.last = (step, x_half, None) if self.batched else None
 
     def after(self, output: Any) -> None:
         if self.last is None:

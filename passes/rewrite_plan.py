@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch.fx
 from torch import nn
@@ -42,7 +43,7 @@ class Variant:
     writes: tuple[str, ...]
     actions: tuple[Action, ...]
 
-    @property
+    @cached_property
     def derives_guidance(self) -> bool:
         """Whether a block of this step runs on one guidance half and derives the other (``CFG``)."""
         return any(a.kind is ActionKind.CFG for a in self.actions)

@@ -13,8 +13,8 @@ import dit_opt
 from dit_opt.errors import ConfigError
 from dit_opt.executor import cfg_merge
 from dit_opt.flops import flop_counter
-from dit_opt.plan import COMPUTE, ActionKind, Plan, cfg_action
-from dit_opt.testing import record_inputs, tiny_model
+from dit_opt.plan import COMPUTE, ActionKind, cfg_action
+from dit_opt.testing import record_inputs, tiny_model, unbudgeted_plan
 from solvers import solve
 
 STEPS = 6
@@ -54,14 +54,6 @@ def tiny():
     return model, cal, dit_opt.profile(model, cal, progress=False)
 
 
-def _plan(prof, grid):
-    problem = prof.to_problem(1.0)
-    return Plan(num_steps=STEPS, units=prof.units, actions=grid, budget=1.0, full_flops=problem.full_flops,
-                flops_fixed=problem.flops_fixed, predicted_flops=problem.full_flops,
-                step_flops=[float(problem.flops_compute[s].sum()) for s in range(STEPS)], predicted_error=0.0,
-                max_age=prof.max_age, solver="test", status="HEURISTIC", wall_time_s=0.0)
-
-
 def test_profile_measures_cfg_and_finds_the_unconditional_half(tiny):
     model, _, prof = tiny
     assert prof.e_cfg is not None and prof.e_cfg.shape == prof.e_reuse.shape
@@ -98,7 +90,7 @@ def test_cfg_gives_the_full_output_when_the_branches_are_equal(tiny):
     model, _, prof = tiny
     cal = guided(same=True)
     grid = [[COMPUTE if t in (0, 3) else cfg_action(1)] * len(prof.units) for t in range(STEPS)]
-    opt = dit_opt.OptimizedTransformer(model, _plan(prof, grid), profile=prof, compile=False)
+    opt = dit_opt.OptimizedTransformer(model, unbudgeted_plan(prof, grid), profile=prof, compile=False)
     with torch.no_grad():
         ref, got = cal(model), cal(opt)
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
@@ -126,7 +118,7 @@ def test_runtime_error_matches_the_profile(tiny):
     u, t = 1, STEPS - 1
     grid = [[COMPUTE] * len(prof.units) for _ in range(STEPS)]
     grid[t][u] = cfg_action(prof.cfg_branch)
-    opt = dit_opt.OptimizedTransformer(model, _plan(prof, grid), profile=prof, compile=False)
+    opt = dit_opt.OptimizedTransformer(model, unbudgeted_plan(prof, grid), profile=prof, compile=False)
     with torch.no_grad():
         cal(opt)
     nxt = model.transformer_blocks[u + 1]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import dit_opt
 from dit_opt.executor import forecast
 from dit_opt.plan import COMPUTE, FORECAST, MAX_FORECAST_ORDER, REUSE, Action, ActionKind, Plan, Unit, forecast_weights
-from dit_opt.testing import record_inputs
+from dit_opt.testing import record_inputs, unbudgeted_plan
 from passes.rewrite_plan import cache_needs, forecast_plan_weights
 from solvers import solve
 from solvers.problem import Problem
@@ -168,12 +168,7 @@ def test_runtime_error_matches_the_profile(tiny_dit, action):
     u, t = 1, STEPS - 1
     grid = [[COMPUTE] * len(prof.units) for _ in range(STEPS)]
     grid[t][u] = action
-    problem = prof.to_problem(1.0)
-    plan = Plan(num_steps=STEPS, units=prof.units, actions=grid, budget=1.0, full_flops=problem.full_flops,
-                flops_fixed=problem.flops_fixed, predicted_flops=problem.full_flops,
-                step_flops=[float(problem.flops_compute[s].sum()) for s in range(STEPS)], predicted_error=0.0,
-                max_age=prof.max_age, solver="test", status="HEURISTIC", wall_time_s=0.0)
-    opt = dit_opt.OptimizedTransformer(model, plan, profile=prof, compile=False)
+    opt = dit_opt.OptimizedTransformer(model, unbudgeted_plan(prof, grid), profile=prof, compile=False)
     with torch.no_grad():
         cal(opt)  # the first call captures the model (which runs its blocks): not observed
     nxt = model.transformer_blocks[u + 1]
