@@ -115,6 +115,16 @@ def cfg_merge(x: torch.Tensor, y_half: torch.Tensor, residual: torch.Tensor, bra
     return torch.cat([x[:h] + (y_half - x[h:]) - diff, y_half])
 
 
+def cfg_merge_output(y_half: torch.Tensor, cached: torch.Tensor, branch: int) -> torch.Tensor:
+    """Module-level ``CFG``: a sub-module's output on a whole guidance batch from its output on
+    half ``1 - branch`` (``y_half``): half ``branch`` is ``y_half`` plus the difference of the two
+    halves of ``cached``, the output its last ``COMPUTE`` wrote."""
+    diff = halves_diff(cached)
+    if branch == 1:
+        return torch.cat([y_half, y_half + diff])
+    return torch.cat([y_half - diff, y_half])
+
+
 def forecast(x: torch.Tensor, residuals: tuple[torch.Tensor, ...], weights: tuple[float, ...]) -> torch.Tensor:
     """``FORECAST``: the input plus the residual extrapolated from the unit's last computes.
 

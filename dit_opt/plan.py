@@ -15,8 +15,7 @@ Rules every plan obeys (re-checked by :meth:`Plan.validate`):
 * ``FORECAST`` of order ``k`` extrapolates from the unit's last ``k + 1`` ``COMPUTE`` steps (the
   polynomial through them, at their actual spacing), so it needs ``k + 1`` of them, each at most
   ``max_age`` steps after the one before;
-* ``WIDTH`` applies only to an MLP (role ``mlp``) or a whole block (role ``None``), ``CFG`` only
-  to a whole block;
+* ``WIDTH`` applies only to an MLP (role ``mlp``) or a whole block (role ``None``);
 * the predicted FLOPs are within ``budget * full_flops``.
 
 Example:
@@ -447,8 +446,6 @@ class Plan:
                         )
                 if action.kind is ActionKind.WIDTH and not unit.allows_width:
                     raise ValueError(f"{where}: WIDTH applies only to an MLP or a whole block")
-                if action.kind is ActionKind.CFG and unit.role is not None:
-                    raise ValueError(f"{where}: CFG applies only to a whole block")
         total = math.fsum(self.step_flops) + self.flops_fixed
         if not math.isclose(total, self.predicted_flops, rel_tol=1e-9, abs_tol=1e-9):
             raise ValueError(

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dit_opt.errors import DitOptError, InputMismatchError
-from dit_opt.executor import is_guidance_batch, narrow_block
+from dit_opt.executor import half_rows, is_guidance_batch, narrow_block
 from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import Plan
 from dit_opt.steps import StepTracker, timestep_value
@@ -90,6 +90,8 @@ class OptimizedTransformer(nn.Module):
         self._active = plan
         self._runners: dict[Any, _Runner] = {}
         self._narrowed: dict[tuple[str, float], nn.Module] = {}
+        # per captured graph (by id, kept alive with it): the capture at half its batch (module CFG)
+        self._halves: dict[int, tuple[DiTGraph, DiTGraph]] = {}
         self._compiled: dict[int, nn.Module] = {}
         self._tracker = StepTracker()
         self._states: dict[Any, dict[str, torch.Tensor]] = {}
@@ -405,7 +407,48 @@ class OptimizedTransformer(nn.Module):
         from passes.rewrite_plan import build_variants
 
         # guidance=False: the variants for calls that are not guidance batches (CFG blocks compute)
-        return build_variants(graph, plan, self._narrow, self._narrow_mlp, guidance=guidance)
+        return build_variants(graph, plan, self._narrow, self._narrow_mlp, guidance=guidance,
+                              half_module=lambda spec, name: self._half_module(graph, spec, name))
+
+    def _half_module(self, graph: DiTGraph, spec: BlockSpec, name: str) -> nn.Module:
+        """Sub-module ``name`` of block ``spec`` as captured at half of ``graph``'s batch (one
+        extra capture per captured input signature, made on first use by a module-level ``CFG``)."""
+        key = id(graph)
+        if key not in self._halves:
+            self._halves[key] = (graph, self._capture_half(graph, f"{spec.name}.{name}"))
+        return self._halves[key][1].module.get_submodule(f"{spec.name}.{name}")
+
+    def _capture_half(self, graph: DiTGraph, what: str) -> DiTGraph:
+        """``graph``'s model captured on the first half of every batch-major input.
+
+        An input is taken as batch-major when its first dimension is the batch; where another
+        input has that length by coincidence (Flux's ``txt_ids`` with as many text tokens as
+        samples), halving it changes the blocks' other inputs, so each such input is tried whole.
+        """
+        inputs = graph.example_inputs
+        ref = inputs.get("hidden_states")
+        if not isinstance(ref, torch.Tensor) or ref.dim() == 0 or ref.shape[0] % 2:
+            raise DitOptError(f"CFG of {what} needs an even batch of hidden_states to halve, got "
+                              f"{None if not isinstance(ref, torch.Tensor) else tuple(ref.shape)}")
+        batch = ref.shape[0]
+        candidates = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch]
+
+        def halved(shape: tuple[int, ...]) -> tuple[int, ...]:
+            return (shape[0] // 2, *shape[1:]) if shape and shape[0] == batch else tuple(shape)
+
+        expected = {b.name: [(n, halved(t.shape)) for n, t in b.inputs] for b in graph.blocks}
+        for whole in [None, *(k for k in candidates if k != "hidden_states")]:
+            halved = {k: half_rows(v, ref, 0) if k in candidates and k != whole else v for k, v in inputs.items()}
+            try:
+                half = self._capture(halved)
+            except Exception:  # noqa: BLE001 - a wrong guess at the batch-major inputs; try the next
+                continue
+            got = {b.name: [(n, tuple(t.shape)) for n, t in b.inputs] for b in half.blocks}
+            if got == expected:
+                return half
+        raise DitOptError(f"CFG of {what}: the model could not be captured at half the batch ({batch // 2}) "
+                          f"with its blocks' inputs halved; plan this module without CFG "
+                          f"(actions without 'cfg', or granularity='block')")
 
     def _narrow(self, spec: BlockSpec, width: float) -> nn.Module:
         key = (spec.name, width)

@@ -33,7 +33,7 @@ __all__ = ["PROFILE_VERSION", "ACTION_FAMILIES", "DEFAULT_ACTIONS", "Sensitivity
 PROFILE_VERSION = 1
 
 _OPTIONAL = ("step_gain", "e_module_reuse", "flops_module", "e_forecast", "e_module_skip", "e_module_prune",
-             "flops_module_prune", "e_module_forecast", "e_cfg")
+             "flops_module_prune", "e_module_forecast", "e_cfg", "e_module_cfg")
 #: The action families a plan may use besides ``compute`` (``actions=`` of ``to_problem`` and ``optimize``).
 ACTION_FAMILIES = ("reuse", "forecast", "prune", "width", "skip", "cfg")
 #: The default ``actions``: every family (``cfg`` where the calibration ran guidance batches).
@@ -127,6 +127,9 @@ class SensitivityProfile:
             ``cfg_branch`` of each guidance batch from the other half plus the difference of the
             two halves' residuals ``n`` steps earlier. ``None`` where the calibration ran no
             guidance batches (both halves of ``hidden_states`` equal), or in older profiles.
+        e_module_cfg: ``(T, U, 3, max_age + 1)``: ``CFG`` of each role's sub-modules (their outputs on
+            half ``cfg_branch`` derived from the other half's plus the halves' difference ``n``
+            steps earlier); ``None`` with ``e_cfg``, or in profiles made before module ``CFG`` existed.
         cfg_branch: the derived half (0 or 1): the one whose output the sampler weighs less
             in its guided update (the unconditional one), measured from the calibration's
             steps (``None`` with ``e_cfg``).
@@ -162,6 +165,7 @@ class SensitivityProfile:
     flops_module_prune: np.ndarray | None = None
     e_module_forecast: np.ndarray | None = None
     e_cfg: np.ndarray | None = None
+    e_module_cfg: np.ndarray | None = None
     cfg_branch: int | None = None
     channel_order: dict[str, torch.Tensor] = field(default_factory=dict)
     step_gain: np.ndarray | None = None
@@ -298,9 +302,15 @@ class SensitivityProfile:
                            for i, ((u, r), ok) in enumerate(zip(pairs, prunable, strict=True))])
             kw.update(prune_rates=self.prune_rates, e_prune=np.nan_to_num(e_prune, nan=1e6),
                       flops_prune=np.broadcast_to(fp, (T, *fp.shape)).copy())
+        if "cfg" in actions and self.e_module_cfg is not None and self.cfg_branch is not None:
+            e_cfg = np.stack([self.e_module_cfg[:, u, r] for u, r in pairs], axis=1)
+            e_cfg = _rescaled_ages(e_cfg, near, ratio) if rescale else e_cfg[near]
+            # the sub-modules run on half the batch: half their FLOPs
+            kw.update(e_cfg=np.nan_to_num(e_cfg, nan=1e6), flops_cfg=np.broadcast_to(fm / 2, (T, len(pairs))).copy(),
+                      cfg_branch=self.cfg_branch)
         gain = None if self.step_gain is None else np.asarray(self.step_gain, dtype=np.float64)[near]
         if gain is not None:  # as in the block problem (WIDTH's errors come from it already scaled)
-            for name in ("e_reuse", "e_skip", "e_prune", "e_forecast"):
+            for name in ("e_reuse", "e_skip", "e_prune", "e_forecast", "e_cfg"):
                 if name in kw:
                     kw[name] = kw[name] * gain.reshape(-1, *[1] * (kw[name].ndim - 1))
         mlp = [i for i, (u, r) in enumerate(pairs) if MODULE_ROLES[r] == "mlp"]
@@ -443,7 +453,12 @@ class SensitivityProfile:
         if (prof.e_cfg is None) != (prof.cfg_branch is None):
             raise ArtifactError(f"{path}: the saved profile has CFG errors without their branch (or the other "
                                 f"way round); profile the model again")
+        if prof.e_module_cfg is not None and prof.e_cfg is None:
+            raise ArtifactError(f"{path}: the saved profile has module CFG errors without block ones; "
+                                f"profile the model again")
         if (prof.e_skip.shape != (T, U) or prof.e_reuse.shape != (T, U, prof.max_age + 1)
-                or (prof.e_cfg is not None and prof.e_cfg.shape != prof.e_reuse.shape)):
+                or (prof.e_cfg is not None and prof.e_cfg.shape != prof.e_reuse.shape)
+                or (prof.e_module_cfg is not None and prof.e_module_cfg.shape[:2] + prof.e_module_cfg.shape[3:]
+                    != prof.e_reuse.shape)):
             raise ArtifactError(f"{path}: array shapes do not match {T} steps x {U} units; profile again")
         return prof

@@ -103,15 +103,15 @@ def tiny_model(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
     return model, example_inputs(model, batch_size=2, seed=seed)
 
 
-def unbudgeted_plan(profile: Any, grid: Any) -> Any:
-    """A budget-1 :class:`~dit_opt.plan.Plan` of ``grid``'s actions over ``profile``'s units and
-    steps, every step costed as computing everything: for tests of what an action does to the
-    outputs, not of what it saves."""
+def unbudgeted_plan(profile: Any, grid: Any, granularity: str = "block") -> Any:
+    """A budget-1 :class:`~dit_opt.plan.Plan` of ``grid``'s actions over the units and steps of
+    ``profile``'s problem at ``granularity``, every step costed as computing everything: for
+    tests of what an action does to the outputs, not of what it saves."""
     from dit_opt.plan import Plan
 
-    problem = profile.to_problem(1.0)
+    problem = profile.to_problem(1.0, granularity=granularity)
     T = problem.num_steps
-    return Plan(num_steps=T, units=profile.units, actions=grid, budget=1.0, full_flops=problem.full_flops,
+    return Plan(num_steps=T, units=problem.units, actions=grid, budget=1.0, full_flops=problem.full_flops,
                 flops_fixed=problem.flops_fixed, predicted_flops=problem.full_flops,
                 step_flops=[float(problem.flops_compute[s].sum()) for s in range(T)], predicted_error=0.0,
                 max_age=profile.max_age, solver="test", status="HEURISTIC", wall_time_s=0.0)

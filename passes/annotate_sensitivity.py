@@ -300,7 +300,7 @@ class _Probe:
                       "e_prune": (U, M + 1, K), "e_width": (U, J), "e_skip": (U,),
                       "e_module_reuse": (U, R, M + 1), "e_module_skip": (U, R),
                       "e_module_forecast": (U, R, forecast_orders, M + 1, M + 1),
-                      "e_module_prune": (U, R, M + 1, K), "e_cfg": (U, M + 1)}
+                      "e_module_prune": (U, R, M + 1, K), "e_cfg": (U, M + 1), "e_module_cfg": (U, R, M + 1)}
         # Guidance batches (one call whose two halves of hidden_states are equal): CFG is
         # measured only if every call is one; the derived half is the one the sampler's update
         # weighs less (see _Guidance)
@@ -507,6 +507,8 @@ class _Probe:
                 reuse_error = error([(mod, _returning(_rows(old[(role, name)][0], sl))) for name, mod in mods])
                 acc["e_module_reuse"][u, r, n] += reuse_error
                 self._module_forecasts(u, r, role, t, n, reuse_error, acc)
+                if self.guidance.batched:
+                    acc["e_module_cfg"][u, r, n] += self._module_cfg(u, role, mods, now, old, t, n, reuse_error)
                 if not prune or n > MODULE_PRUNE_MAX_AGE or any(old[(role, name)][1] is None for name, _ in mods):
                     continue
                 for k, rate in enumerate(self.prune_rates):
@@ -526,14 +528,29 @@ class _Probe:
         for k, d, sq in gram.forecast_misses(t, n, self.max_age, self.forecast_orders):
             acc["e_module_forecast"][u, r, k - 1, n, d] += reuse_error * (sq / reuse_sq if reuse_sq > 0 else 1.0)
 
+    def _module_cfg(self, u, role, mods, now, old, t, n, reuse_error) -> float:
+        """``CFG`` of ``role``'s outputs at age ``n``: one guidance half computed, the other that
+        half plus the halves' difference of the outputs ``n`` steps ago. Like the module forecasts,
+        the measured reuse error scaled by the derived half's error relative to the reuse's on the
+        outputs themselves (no extra block call)."""
+        reuse_sq = self.grams[(u, self.branch, role)].miss(t, [t - n])
+        new = [x for name, _ in mods for x in _tensors(now[(role, name)][0])]
+        was = [x for name, _ in mods for x in _tensors(old[(role, name)][0])]
+        cfg_sq = sum(float((halves_diff(a.float()) - halves_diff(b.float())).pow(2).sum())
+                     for a, b in zip(new, was, strict=True))
+        if not reuse_sq:
+            return 0.0 if not cfg_sq else reuse_error
+        return reuse_error * cfg_sq / reuse_sq
+
     def arrays(self) -> tuple[list[float], dict[str, np.ndarray]]:
-        """Timesteps and the mean errors per step (``e_cfg`` only where every call was a guidance batch)."""
+        """Timesteps and the mean errors per step (``e_cfg`` and ``e_module_cfg`` only where every
+        call was a guidance batch)."""
         steps = sorted(self.sums)
         out = {}
         for name in self.shape:
             out[name] = np.stack([self.sums[t][name] / max(1, self.counts.get(t, 1)) for t in steps])
         if not self.guidance.all_batched:
-            del out["e_cfg"]
+            del out["e_cfg"], out["e_module_cfg"]
         return [self.timesteps[t] for t in steps], out
 
 
@@ -678,6 +695,8 @@ def annotate_sensitivity(
                 errs["e_module_reuse"][:, u, r] = np.nan
                 errs["e_module_skip"][:, u, r] = np.nan
                 errs["e_module_forecast"][:, u, r] = np.nan
+                if "e_module_cfg" in errs:
+                    errs["e_module_cfg"][:, u, r] = np.nan
             else:
                 flops["flops_module"][u, r] = graph.costs.flops(spec.name, role)
             shapes = probe.module_prune[u].get(role)

@@ -11,7 +11,10 @@ sub-modules are ``call_module`` nodes). For each role the plan gives an action:
   device of its runtime input), so the block's residual add leaves the stream unchanged;
 * ``PRUNE(r)``: the sub-module runs on the ``round(r N)`` tokens of its token input that moved
   most since the cache was written (``dit_opt.executor.token_scores``), and its output for
-  them is scattered into its cached output (the entry ``REUSE`` reads).
+  them is scattered into its cached output (the entry ``REUSE`` reads);
+* ``CFG(b)``: the sub-module runs on half ``1 - b`` of a classifier-free-guidance batch (every
+  batch-major input sliced), and half ``b`` of its output is that half's plus the difference of
+  the two halves of its cached output (``dit_opt.executor.cfg_merge_output``).
 
 ``PRUNE`` needs a sub-module that is token-wise in one input (:func:`module_token_input`): an
 MLP; a cross-attention, whose queries come from the stream and whose keys and values come from
@@ -39,7 +42,15 @@ import torch.fx
 from torch import nn
 
 from dit_opt.errors import DitOptError
-from dit_opt.executor import combine, gather_tokens, scatter_tokens, token_scores, topk_tokens
+from dit_opt.executor import (
+    cfg_merge_output,
+    combine,
+    gather_tokens,
+    half_rows,
+    scatter_tokens,
+    token_scores,
+    topk_tokens,
+)
 from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import Action, ActionKind
 from passes.infra import PassResult
@@ -170,6 +181,7 @@ def rewrite_modules(
     write_inputs: dict[str, bool] | None = None,
     keeps: dict[str, int] | None = None,
     weights: dict[str, tuple[float, ...] | None] | None = None,
+    half_module: Any = None,
 ) -> PassResult:
     """Rewrite ``spec``'s block call with per-role actions.
 
@@ -185,6 +197,8 @@ def rewrite_modules(
             place down (``out`` to ``prev``, ``prev`` to ``hist2``, ...) for a later ``FORECAST``.
         weights: role -> on ``FORECAST``, the extrapolation weights of the role's outputs at its
             last computes, newest first (:func:`dit_opt.plan.forecast_weights`).
+        half_module: ``(spec, name) -> module`` for ``CFG``: the sub-module ``name`` of the block as
+            captured at half the batch (a captured sub-module graph is specialised to its batch).
 
     Raises:
         DitOptError: an action that has no module-level form, or ``PRUNE`` of a sub-module that
@@ -260,10 +274,19 @@ def rewrite_modules(
                                   f"plan another action for it (profiles offer PRUNE only where it applies)")
             _prune(g, n, pos, action.rate, read(module_key(spec.name, n.target, kind="in")),
                    read(module_key(spec.name, n.target)))
+        elif action.kind is ActionKind.CFG:
+            if half_module is None:
+                raise DitOptError(f"block {spec.name}: CFG of {n.target} needs its sub-module captured at half "
+                                  f"the batch (half_module)")
+            target = f"{n.target}_half"
+            modules[target] = half_module(spec, n.target)
+            _cfg(g, n, [v for _, v in outs], action.branch, [read(module_key(spec.name, n.target, i)) for i, _ in outs],
+                 spec)
+            n.target = target
         else:
             raise DitOptError(
                 f"block {spec.name}: {action} has no module-level form "
-                f"(module units take COMPUTE, REUSE, FORECAST, WIDTH, SKIP or PRUNE)"
+                f"(module units take COMPUTE, REUSE, FORECAST, WIDTH, SKIP, PRUNE or CFG)"
             )
     g.output((out, *[v for _, v in extra]))
     g.lint()
@@ -325,6 +348,32 @@ def _prune(g: torch.fx.Graph, node: torch.fx.Node, pos: int, rate: float, cached
     # the full output's shape, for a later sub-module of the role that takes it (Flux's act_mlp)
     merged.meta["val"] = node.meta.get("val")
     node.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
+
+
+def _cfg(g: torch.fx.Graph, node: torch.fx.Node, values: list[torch.fx.Node], branch: int,
+         cached: list[torch.fx.Node], spec: BlockSpec) -> None:
+    """Run the sub-module call ``node`` on half ``1 - branch`` of the batch and derive half
+    ``branch`` of each of its outputs ``values`` from the cached outputs ``cached``."""
+    batch = [int(v.meta["val"].shape[0]) for v in values if isinstance(v.meta.get("val"), torch.Tensor)]
+    ref = next((a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)
+                and a.meta["val"].dim() and batch and int(a.meta["val"].shape[0]) == batch[0]), None)
+    if ref is None or len(batch) != len(values):
+        raise DitOptError(f"block {spec.name}: {node.target}'s outputs and inputs are not all batch-major tensors, "
+                          f"so it cannot run on one guidance half; plan another action for it")
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.fx.Node | tuple | list | dict):
+            return g.call_function(half_rows, (v, ref, 1 - branch))
+        return v
+
+    with g.inserting_before(node):
+        node.args = tuple(cut(a) for a in node.args)
+        node.kwargs = {k: cut(v) for k, v in node.kwargs.items()}
+    for value, entry in zip(values, cached, strict=True):
+        with g.inserting_after(value):
+            merged = g.call_function(cfg_merge_output, (value, entry, branch))
+        merged.meta["val"] = value.meta.get("val")
+        value.replace_all_uses_with(merged, delete_user_cb=lambda user, merged=merged: user is not merged)
 
 
 def narrow_feedforward(module: nn.Module, width: float, order: torch.Tensor | None = None) -> nn.Module:

@@ -98,6 +98,7 @@ def build_variants(
     narrowed: Callable[[BlockSpec, float], nn.Module],
     narrow_mlp: Callable[[BlockSpec, str, float], nn.Module] | None = None,
     guidance: bool = True,
+    half_module: Callable[[BlockSpec, str], nn.Module] | None = None,
 ) -> list[Variant]:
     """One :class:`Variant` per step; steps with the same actions and cache writes share one.
 
@@ -109,6 +110,8 @@ def build_variants(
         guidance: whether the graph's calls are classifier-free-guidance batches; if not (the
             pipeline runs without guidance), ``CFG`` actions compute the block in full, writing
             nothing (more FLOPs than the plan's, the same cache contents).
+        half_module: returns a block's sub-module as captured at half the batch (module-level
+            ``CFG``: the captured sub-module graphs are specialised to the batch they saw).
 
     Raises:
         DitOptError: the plan's units are not the graph's blocks.
@@ -135,12 +138,12 @@ def build_variants(
         key = (tuple(str(a) for a in plan.actions[t]), tuple(needs[t]), tuple(weights[t]))
         if key not in shared:
             shared[key] = _build(graph, order, plan, t, needs[t], weights[t], narrowed, narrow_mlp, len(shared),
-                                 guidance)
+                                 guidance, half_module)
         out.append(shared[key])
     return out
 
 
-def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, n, guidance) -> Variant:
+def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, n, guidance, half_module) -> Variant:
     sg = StepGraph(graph)
     actions = plan.actions[t]
     if not guidance:  # no guidance half to derive: the block computes (a CFG step writes no cache)
@@ -151,7 +154,8 @@ def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, n, guida
                             {plan.units[u].role.value: needs[u][0] for u in units}, narrow_mlp,
                             write_inputs={plan.units[u].role.value: needs[u][1] for u in units},
                             keeps={plan.units[u].role.value: needs[u][2] for u in units},
-                            weights={plan.units[u].role.value: weights[u] for u in units})
+                            weights={plan.units[u].role.value: weights[u] for u in units},
+                            half_module=half_module)
             continue
         (u,) = units
         action, (res, inp, keep) = actions[u], needs[u]

@@ -228,8 +228,6 @@ class Problem:
         if self.allowed is None:
             mask = np.ones((T, U, A), dtype=bool)
             mask[:, [not u.allows_width for u in self.units]] &= ~widths
-            cfg = np.array([a.kind is ActionKind.CFG for a in self.actions])
-            mask[:, [u.role is not None for u in self.units]] &= ~cfg
         else:
             mask = np.array(self.allowed, dtype=bool)
             if mask.shape == (U, A):

@@ -142,3 +142,37 @@ def test_solver_uses_cfg_within_budget_and_exact_at_one(tiny):
         cal(opt)
     assert fc.get_total_flops() <= (0.6 + 0.01) * fc_full.get_total_flops()
     assert solve(cheap.to_problem(1.0), "cpsat").counts()[ActionKind.CFG] == 0
+
+
+def test_module_cfg_profiled_exact_when_branches_equal_and_counted(tiny):
+    """CFG of single attention and MLP modules: measured per role, offered at module granularity,
+    exact when the two halves are conditioned alike, and within budget when the solver takes it."""
+    model, cal, prof = tiny
+    assert prof.e_module_cfg is not None and prof.e_module_cfg.shape == prof.e_module_reuse.shape
+    roles = ~np.isnan(prof.e_module_reuse[2:, :, :, 1]).all(axis=(0, 1))
+    assert (prof.e_module_cfg[2:, :, roles, 1].mean() < prof.e_module_reuse[2:, :, roles, 1].mean())
+    problem = prof.to_problem(1.0, granularity="module")
+    assert "G1" in [str(a) for a in problem.actions]
+    assert all(u.role is not None for u in problem.units)
+    # every module derives the second half at every step between two computes
+    grid = [[COMPUTE if t in (0, 3) else cfg_action(1)] * len(problem.units) for t in range(STEPS)]
+    opt = dit_opt.OptimizedTransformer(model, unbudgeted_plan(prof, grid, "module"), profile=prof, compile=False)
+    same = guided(same=True)
+    with torch.no_grad():
+        assert torch.allclose(same(opt), same(model), atol=1e-5, rtol=1e-5)
+    assert any("cfg_merge_output" in getattr(m, "code", "") for m in opt.graph(1).children())
+    with torch.no_grad():  # a real guidance batch: the derived halves differ from the full model's
+        assert not torch.allclose(cal(opt), cal(model), atol=1e-5, rtol=1e-5)
+    unguided = guided(batched=False)
+    opt.reset()
+    with torch.no_grad(), pytest.warns(UserWarning, match="not guidance batches"):
+        assert torch.allclose(unguided(opt), unguided(model), atol=1e-5, rtol=1e-5)
+    cheap = dataclasses.replace(prof, e_module_cfg=prof.e_module_cfg * 1e-3)
+    opt = dit_opt.optimize(model, 0.7, calibration=cheap, compile=False, progress=False, select=False,
+                           granularity="module")
+    assert opt.plan.counts()[ActionKind.CFG] > 0
+    with torch.no_grad(), flop_counter() as fc_full:
+        cal(model)
+    with torch.no_grad(), flop_counter() as fc:
+        cal(opt)
+    assert fc.get_total_flops() <= (0.7 + 0.01) * fc_full.get_total_flops()

@@ -105,10 +105,12 @@ def test_capture_rejects_unknown_model():
 def test_bench_quick_writes_report_and_figure(tmp_path):
     md, png = tmp_path / "B.md", tmp_path / "p.png"
     _ok(_run("bench", "--quick", "--no-timing", "--no-progress", "--models", "digits-mmdit", "--budgets", "0.5",
-             "--steps", "3", "--samples", "2", "--solvers", "cpsat", "--peers", "fbc", "--out", str(md),
-             "--figure", str(png)))
+             "--steps", "3", "--samples", "2", "--calibration-samples", "2", "--solvers", "cpsat", "--peers", "fbc",
+             "--out", str(md), "--figure", str(png)))
     text = md.read_text()
     assert "## digits-mmdit" in text and "dit-opt (cpsat)" in text and "FirstBlockCache" in text, text
+    row = next(line for line in text.splitlines() if line.startswith("| dit-opt (cpsat)"))
+    assert "failed" not in row and float(row.split("|")[3]) <= 0.51, row
     assert "Does dit-opt at budget 0.5 beat" in text
     assert png.is_file()
 

@@ -31,7 +31,10 @@ def digits():
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                prof = dit_opt.profile(model, calibration, progress=False, probes=0)
+                # one prune rate and width, ages up to 3 (half the profile's cost; the defaults'
+                # plans are the benchmark's to judge)
+                prof = dit_opt.profile(model, calibration, progress=False, probes=0, max_age=3, prune_rates=(0.5,),
+                                       widths=(0.5,))
                 opts = {
                     b: dit_opt.optimize(model, b, calibration=prof, example_inputs=sampler.example_inputs(),
                                         compile=False, progress=False)
