@@ -13,6 +13,7 @@ import contextlib
 import functools
 import inspect
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,10 @@ from dit_opt.plan import Plan
 from dit_opt.steps import StepTracker, timestep_value
 
 __all__ = ["OptimizedTransformer"]
+
+
+#: id of a captured graph -> the model captured at half its batch (module-level CFG)
+_HALF_CAPTURES: dict[int, DiTGraph] = {}
 
 
 @dataclass
@@ -90,8 +95,6 @@ class OptimizedTransformer(nn.Module):
         self._active = plan
         self._runners: dict[Any, _Runner] = {}
         self._narrowed: dict[tuple[str, float], nn.Module] = {}
-        # per captured graph (by id, kept alive with it): the capture at half its batch (module CFG)
-        self._halves: dict[int, tuple[DiTGraph, DiTGraph]] = {}
         self._compiled: dict[int, nn.Module] = {}
         self._tracker = StepTracker()
         self._states: dict[Any, dict[str, torch.Tensor]] = {}
@@ -412,11 +415,13 @@ class OptimizedTransformer(nn.Module):
 
     def _half_module(self, graph: DiTGraph, spec: BlockSpec, name: str) -> nn.Module:
         """Sub-module ``name`` of block ``spec`` as captured at half of ``graph``'s batch (one
-        extra capture per captured input signature, made on first use by a module-level ``CFG``)."""
+        extra capture per captured graph, made on first use by a module-level ``CFG``)."""
         key = id(graph)
-        if key not in self._halves:
-            self._halves[key] = (graph, self._capture_half(graph, f"{spec.name}.{name}"))
-        return self._halves[key][1].module.get_submodule(f"{spec.name}.{name}")
+        if key not in _HALF_CAPTURES:
+            # shared by every module built on this graph (optimize's candidates), dropped with it
+            _HALF_CAPTURES[key] = self._capture_half(graph, f"{spec.name}.{name}")
+            weakref.finalize(graph, _HALF_CAPTURES.pop, key, None)
+        return _HALF_CAPTURES[key].module.get_submodule(f"{spec.name}.{name}")
 
     def _capture_half(self, graph: DiTGraph, what: str) -> DiTGraph:
         """``graph``'s model captured on the first half of every batch-major input.
