@@ -551,6 +551,10 @@ class _Probe:
             out[name] = np.stack([self.sums[t][name] / max(1, self.counts.get(t, 1)) for t in steps])
         if not self.guidance.all_batched:
             del out["e_cfg"], out["e_module_cfg"]
+        else:
+            # measured at the block outputs; what counts is how the sampler's guided update sees it
+            out["e_cfg"] = out["e_cfg"] * self.guidance.amplification
+            out["e_module_cfg"] = out["e_module_cfg"] * self.guidance.amplification
         return [self.timesteps[t] for t in steps], out
 
 
@@ -569,6 +573,7 @@ class _Guidance:
         self.calls = self.batched_calls = 0
         self.batched = False
         self.weights = np.zeros(2)
+        self.coefs: list[np.ndarray] = []  # per fitted step: the signed weights (p, q)
         self.last: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, x half, output)
 
     @property
@@ -579,6 +584,21 @@ class _Guidance:
     def branch(self) -> int:
         """The derived half: 0 (first) or 1 (second; also when the fit found nothing)."""
         return 0 if self.weights[0] < self.weights[1] else 1
+
+    @property
+    def amplification(self) -> float:
+        """How much more an error in the derived half alone moves the sampler than the same
+        squared error spread over both halves alike, as the profile's other errors are.
+
+        The update weighs the halves' outputs by ``p`` and ``q`` (for guidance scale ``s``:
+        ``1 - s`` and ``s`` times one factor), so an error ``e`` in both halves moves it by
+        ``(p + q) e`` (measured as ``2 |e|^2``) and one in the derived half by ``w e`` (measured as
+        ``|e|^2``): ``2 w^2 / (p + q)^2``, the mean over the fitted steps; 1 where none was fitted.
+        At ``s = 3``: 8.
+        """
+        d = self.branch
+        ratios = [2 * c[d] ** 2 / (c[0] + c[1]) ** 2 for c in self.coefs if abs(c[0] + c[1]) > 1e-12]
+        return float(np.mean(ratios)) if ratios else 1.0
 
     def before(self, x: Any, step: int) -> None:
         self.calls += 1
@@ -595,6 +615,7 @@ class _Guidance:
                 cols = torch.stack([prev_x.reshape(-1), out[:half].reshape(-1), out[half:].reshape(-1)], dim=1)
                 coef = torch.linalg.lstsq(cols, nxt[:, None]).solution[:, 0]
                 self.weights += np.abs(coef[1:].numpy())
+                self.coefs.append(coef[1:].numpy())
         self.last = (step, x_half, None) if self.batched else None
 
     def after(self, output: Any) -> None:
@@ -723,6 +744,7 @@ def annotate_sensitivity(
             "profile_seconds": time.perf_counter() - t0,
             "cost_in_generations": (time.perf_counter() - t0) / max(plain_seconds, 1e-9),
             "probe_rows": probe_rows,
+            **({"cfg_amplification": probe.guidance.amplification} if "e_cfg" in errs else {}),
         },
         **errs,
         **flops,

@@ -4,9 +4,11 @@
 A schedule with one knob (an interval, a warm-up) meets a budget only at the settings the knob
 allows, so at most budgets it leaves FLOPs unspent: TaylorSeer at interval 3 spends 0.37 of a
 50-step loop's FLOPs, interval 2 already 0.53. :func:`fill` starts from such a plan and, while
-the budget allows, makes one more (step, unit) compute: the one whose modelled error saved per
-FLOP is largest, counting what it does to that unit's later cache reads and forecasts (errors add
-up over units, so each candidate is scored on its own unit's column). The result keeps the
+the budget allows, makes one more (step, unit) compute, or, where the problem offers ``CFG``,
+runs it on one guidance half (a cache read made many times more exact for half a compute): the
+change whose modelled error saved per FLOP is largest, counting what it does to that unit's later
+cache reads and forecasts (errors add up over units, so each candidate is scored on its own
+unit's column). The result keeps the
 schedule's rhythm and uses the budget; :mod:`dit_opt.selection` then measures whether it pays.
 
 Example:
@@ -17,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Any
 import time
 
 from dit_opt.plan import COMPUTE, REUSE, ActionKind, Plan
@@ -26,7 +29,8 @@ __all__ = ["fill", "trim"]
 
 
 def fill(problem: Problem, plan: Plan, name: str | None = None) -> Plan:
-    """``plan`` with extra computes, greedily by modelled error saved per FLOP, within the budget.
+    """``plan`` with extra computes (and ``CFG`` half computes), greedily by modelled error saved
+    per FLOP, within the budget.
 
     Args:
         problem: the problem ``plan`` was made for (its budget is the one filled up to).
@@ -46,15 +50,15 @@ def fill(problem: Problem, plan: Plan, name: str | None = None) -> Plan:
     while True:
         best = None
         for u in range(U):
-            for gain, t, cost in options[u]:
+            for gain, t, cost, target in options[u]:
                 if cost <= slack:
                     if best is None or gain > best[0]:
-                        best = (gain, u, t, cost)
+                        best = (gain, u, t, cost, target)
                     break  # options are sorted by gain: the first that fits is this unit's best
         if best is None or best[0] <= 0:
             break
-        _, u, t, cost = best
-        columns[u][t] = COMPUTE
+        _, u, t, cost, target = best
+        columns[u][t] = target
         slack -= cost
         error[u] = _error(problem, u, columns[u])
         options[u] = _options(problem, u, columns[u], error[u])
@@ -80,19 +84,30 @@ def _error(problem: Problem, u: int, column: list) -> float:
     return math.fsum(problem.unit_terms(u, problem.column_with_forecasts(u, column))[1])
 
 
-def _options(problem: Problem, u: int, column: list, error: float) -> list[tuple[float, int, int]]:
-    """Every (error saved per quantum, step, quanta) of making one more step of unit ``u`` compute,
-    best first; only changes that save error."""
+def _options(problem: Problem, u: int, column: list, error: float) -> list[tuple[float, int, int, Any]]:
+    """Every (error saved per quantum, step, quanta, action) of making one more step of unit ``u``
+    compute, or, where the problem offers ``CFG``, run on one guidance half (half the FLOPs of a
+    compute, and the error of a cache read many times smaller), best first; only changes that
+    save error."""
+    targets = [COMPUTE] + [a for a in problem.actions if a.kind is ActionKind.CFG]
     out = []
     for t in range(1, problem.num_steps):
         if column[t].kind is ActionKind.COMPUTE:
             continue
-        cost = int(problem.savings_quanta[t, u, problem.menu_index(column[t])])
-        trial = list(column)
-        trial[t] = COMPUTE
-        gain = error - _error(problem, u, trial)
-        if gain > 0:
-            out.append((gain / max(cost, 1), t, cost))
+        now = int(problem.savings_quanta[t, u, problem.menu_index(column[t])])
+        for target in targets:
+            a = problem.menu_index(target)
+            cost = now - int(problem.savings_quanta[t, u, a])
+            if target == column[t] or cost <= 0 or not problem.allowed[t, u, a]:
+                continue
+            trial = list(column)
+            trial[t] = target
+            try:
+                gain = error - _error(problem, u, trial)
+            except ValueError:  # a cache would grow older than max_age
+                continue
+            if gain > 0:
+                out.append((gain / cost, t, cost, target))
     out.sort(key=lambda o: -o[0])
     return out
 

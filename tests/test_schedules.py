@@ -101,3 +101,17 @@ def test_dearest_rhythms_spend_the_most_one_per_interval():
     flops = [pl.predicted_flops for pl in plans]
     assert flops == sorted(flops, reverse=True) and flops[0] <= 0.45 * p.full_flops
     assert schedule(8, 1, 3, phase=1).nonzero()[0].tolist() == [0, 2, 5]  # diffusers' TaylorSeer rhythm
+
+
+def test_fill_runs_units_on_one_guidance_half_where_that_saves_more_per_flop():
+    """With CFG at half a compute's FLOPs and a tenth of the reuse's error, the filler spends the
+    budget on CFG steps (which keep the cache's age) before computes, and the plan is valid."""
+    base = _problem(budget=0.6, T=16)
+    p = Problem(units=base.units, num_steps=base.num_steps, max_age=base.max_age, budget=0.6,
+                flops_compute=base.flops_compute, e_reuse=base.e_reuse, flops_reuse=base.flops_reuse,
+                e_forecast=base.e_forecast, e_cfg=base.e_reuse / 10, flops_cfg=base.flops_compute / 2)
+    start = solve(p, "uniform", warmup=1, interval=5)
+    filled = fill(p, start)
+    assert start.counts()[ActionKind.CFG] == 0 < filled.counts()[ActionKind.CFG]
+    assert filled.predicted_error < fill(base, solve(base, "uniform", warmup=1, interval=5)).predicted_error
+    assert filled.predicted_flops <= 0.6 * p.full_flops
