@@ -19,8 +19,8 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any
 import time
+from typing import Any
 
 from dit_opt.plan import COMPUTE, REUSE, ActionKind, Plan
 from solvers.problem import Problem
