@@ -48,12 +48,14 @@ def main() -> None:
     prof = dit_opt.profile(model, calibration, probes=0, progress=False)
     if prof.e_cfg is None:
         raise SystemExit(f"{args.model}: the calibration ran no guidance batches, so there is no CFG to measure")
-    print(f"{args.model}: derived half {prof.cfg_branch} (of 0, 1)")
-    print("| cache age | reuse error | CFG error | ratio |")
-    print("|---|---|---|---|")
+    amp = prof.report["cfg_amplification"]
+    print(f"{args.model}: derived half {prof.cfg_branch} (of 0, 1); an error in it alone moves the sampler's "
+          f"update {amp:.2f} times what the same error in both halves does (the weight of the CFG errors)")
+    print("| cache age | reuse error | CFG error at the block | ratio | CFG error weighted | ratio |")
+    print("|---|---|---|---|---|---|")
     for n in (1, 2, 3):
         reuse, cfg = prof.e_reuse[n:, :, n].mean(), prof.e_cfg[n:, :, n].mean()
-        print(f"| {n} | {reuse:.2e} | {cfg:.2e} | {reuse / cfg:.1f} |")
+        print(f"| {n} | {reuse:.2e} | {cfg / amp:.2e} | {reuse * amp / cfg:.1f} | {cfg:.2e} | {reuse / cfg:.2f} |")
     full, full_flops = generate(model)
     print("\n| budget | actions | CFG actions | counted FLOP fraction | PSNR (dB) |")
     print("|---|---|---|---|---|")

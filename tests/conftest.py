@@ -5,8 +5,18 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 
 from dit_opt.testing import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Each test leaves torch's thread count as it found it (the CLI's ``--threads 1``, run in
+    process, would otherwise leave every later test on one core)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
