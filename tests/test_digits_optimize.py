@@ -27,7 +27,7 @@ def digits():
             model = sampler.transformer
 
             def calibration(m):
-                return with_transformer(sampler, m, class_labels=[0, 1], seed=1)
+                return with_transformer(sampler, m, class_labels=[0], seed=1)
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
