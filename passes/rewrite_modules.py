@@ -12,9 +12,10 @@ sub-modules are ``call_module`` nodes). For each role the plan gives an action:
 * ``PRUNE(r)``: the sub-module runs on the ``round(r N)`` tokens of its token input that moved
   most since the cache was written (``dit_opt.executor.token_scores``), and its output for
   them is scattered into its cached output (the entry ``REUSE`` reads);
-* ``CFG(b)``: the sub-module runs on half ``1 - b`` of a classifier-free-guidance batch (every
-  batch-major input sliced), and half ``b`` of its output is that half's plus the difference of
-  the two halves of its cached output (``dit_opt.executor.cfg_merge_output``).
+* ``CFG(b)``: the sub-module, as captured at half the batch, runs on half ``1 - b`` of a
+  classifier-free-guidance batch (the inputs whose recorded shape halves there sliced), and half
+  ``b`` of its output is that half's plus the difference of the two halves of its cached output
+  (``dit_opt.executor.cfg_merge_output``).
 
 ``PRUNE`` needs a sub-module that is token-wise in one input (:func:`module_token_input`): an
 MLP; a cross-attention, whose queries come from the stream and whose keys and values come from
@@ -281,7 +282,7 @@ def rewrite_modules(
             target = f"{n.target}_half"
             modules[target] = half_module(spec, n.target)
             _cfg(g, n, [v for _, v in outs], action.branch, [read(module_key(spec.name, n.target, i)) for i, _ in outs],
-                 spec)
+                 spec, _halved_args(n, modules[target]))
             n.target = target
         else:
             raise DitOptError(
@@ -350,10 +351,33 @@ def _prune(g: torch.fx.Graph, node: torch.fx.Node, pos: int, rate: float, cached
     node.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
 
 
+def _halved_args(node: torch.fx.Node, half: nn.Module) -> set[int] | None:
+    """Positions of ``node``'s arguments that the sub-module captured at half the batch takes
+    halved (its placeholders' recorded shapes against the arguments'); ``None`` where the two
+    cannot be matched (then every tensor whose first dimension is the batch is halved)."""
+    graph = getattr(half, "graph", None)
+    phs = [p for p in graph.nodes if p.op == "placeholder"] if isinstance(graph, torch.fx.Graph) else []
+    if node.kwargs or len(phs) != len(node.args):
+        return None
+    out = set()
+    for i, (a, ph) in enumerate(zip(node.args, phs, strict=True)):
+        full, got = (a.meta.get("val") if isinstance(a, torch.fx.Node) else None), ph.meta.get("val")
+        if not isinstance(full, torch.Tensor) or not isinstance(got, torch.Tensor):
+            if isinstance(full, torch.Tensor) or isinstance(got, torch.Tensor):
+                return None
+            continue
+        if tuple(got.shape) != tuple(full.shape):
+            if not full.dim() or tuple(got.shape) != (full.shape[0] // 2, *full.shape[1:]):
+                return None
+            out.add(i)
+    return out
+
+
 def _cfg(g: torch.fx.Graph, node: torch.fx.Node, values: list[torch.fx.Node], branch: int,
-         cached: list[torch.fx.Node], spec: BlockSpec) -> None:
+         cached: list[torch.fx.Node], spec: BlockSpec, halved: set[int] | None = None) -> None:
     """Run the sub-module call ``node`` on half ``1 - branch`` of the batch and derive half
-    ``branch`` of each of its outputs ``values`` from the cached outputs ``cached``."""
+    ``branch`` of each of its outputs ``values`` from the cached outputs ``cached``; ``halved``:
+    the positions of the arguments to halve (default: every batch-major tensor)."""
     batch = [int(v.meta["val"].shape[0]) for v in values if isinstance(v.meta.get("val"), torch.Tensor)]
     ref = next((a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)
                 and a.meta["val"].dim() and batch and int(a.meta["val"].shape[0]) == batch[0]), None)
@@ -367,7 +391,7 @@ def _cfg(g: torch.fx.Graph, node: torch.fx.Node, values: list[torch.fx.Node], br
         return v
 
     with g.inserting_before(node):
-        node.args = tuple(cut(a) for a in node.args)
+        node.args = tuple(cut(a) if halved is None or i in halved else a for i, a in enumerate(node.args))
         node.kwargs = {k: cut(v) for k, v in node.kwargs.items()}
     for value, entry in zip(values, cached, strict=True):
         with g.inserting_after(value):
