@@ -443,9 +443,9 @@ class OptimizedTransformer(nn.Module):
 
         expected = {b.name: [(n, halved(t.shape)) for n, t in b.inputs] for b in graph.blocks}
         for whole in [None, *(k for k in candidates if k != "hidden_states")]:
-            halved = {k: half_rows(v, ref, 0) if k in candidates and k != whole else v for k, v in inputs.items()}
+            trial = {k: half_rows(v, ref, 0) if k in candidates and k != whole else v for k, v in inputs.items()}
             try:
-                half = self._capture(halved)
+                half = self._capture(trial)
             except Exception:  # noqa: BLE001 - a wrong guess at the batch-major inputs; try the next
                 continue
             got = {b.name: [(n, tuple(t.shape)) for n, t in b.inputs] for b in half.blocks}

@@ -16,7 +16,7 @@ import torch
 
 import dit_opt
 from dit_opt import metrics, zoo
-from dit_opt.bench import with_transformer
+from dit_opt.bench import sampling
 from dit_opt.flops import flop_counter
 from dit_opt.plan import ActionKind
 from dit_opt.sensitivity import ACTION_FAMILIES
@@ -33,16 +33,11 @@ def main() -> None:
     warnings.simplefilter("ignore")
     sampler = zoo.load(args.model)
     model = sampler.transformer
-    cal_labels, eval_labels = sampler.labels(10), sampler.labels(20)
-
-    def calibration(module):
-        return with_transformer(sampler, module, class_labels=cal_labels, seed=1000)
+    calibration, evaluation = sampling(sampler, 10, seed=1000), sampling(sampler, 20, seed=0, reset=True)
 
     def generate(module):
-        if hasattr(module, "reset"):
-            module.reset()
         with torch.no_grad(), flop_counter() as fc:
-            images = with_transformer(sampler, module, class_labels=eval_labels, seed=0)
+            images = evaluation(module)
         return images, fc.get_total_flops()
 
     prof = dit_opt.profile(model, calibration, probes=0, progress=False)

@@ -496,6 +496,8 @@ class _Probe:
             if outputs:
                 self.grams.setdefault((u, self.branch, role),
                                       _Gram((self.forecast_orders + 1) * self.max_age)).add(t, outputs)
+            if self.guidance.batched:  # what module CFG caches, read back by the steps after
+                now[("diff", role)] = [halves_diff(x.float()) for x in outputs]
             if all(now[(role, name)][0] is not None for name, _ in mods):
                 acc["e_module_skip"][u, r] += error(
                     [(mod, _returning(_zeros(_rows(now[(role, name)][0], sl)))) for name, mod in mods])
@@ -507,8 +509,8 @@ class _Probe:
                 reuse_error = error([(mod, _returning(_rows(old[(role, name)][0], sl))) for name, mod in mods])
                 acc["e_module_reuse"][u, r, n] += reuse_error
                 self._module_forecasts(u, r, role, t, n, reuse_error, acc)
-                if self.guidance.batched:
-                    acc["e_module_cfg"][u, r, n] += self._module_cfg(u, role, mods, now, old, t, n, reuse_error)
+                if self.guidance.batched and ("diff", role) in old:
+                    acc["e_module_cfg"][u, r, n] += self._module_cfg(u, role, now, old, t, n, reuse_error)
                 if not prune or n > MODULE_PRUNE_MAX_AGE or any(old[(role, name)][1] is None for name, _ in mods):
                     continue
                 for k, rate in enumerate(self.prune_rates):
@@ -528,16 +530,13 @@ class _Probe:
         for k, d, sq in gram.forecast_misses(t, n, self.max_age, self.forecast_orders):
             acc["e_module_forecast"][u, r, k - 1, n, d] += reuse_error * (sq / reuse_sq if reuse_sq > 0 else 1.0)
 
-    def _module_cfg(self, u, role, mods, now, old, t, n, reuse_error) -> float:
+    def _module_cfg(self, u, role, now, old, t, n, reuse_error) -> float:
         """``CFG`` of ``role``'s outputs at age ``n``: one guidance half computed, the other that
         half plus the halves' difference of the outputs ``n`` steps ago. Like the module forecasts,
         the measured reuse error scaled by the derived half's error relative to the reuse's on the
         outputs themselves (no extra block call)."""
         reuse_sq = self.grams[(u, self.branch, role)].miss(t, [t - n])
-        new = [x for name, _ in mods for x in _tensors(now[(role, name)][0])]
-        was = [x for name, _ in mods for x in _tensors(old[(role, name)][0])]
-        cfg_sq = sum(float((halves_diff(a.float()) - halves_diff(b.float())).pow(2).sum())
-                     for a, b in zip(new, was, strict=True))
+        cfg_sq = sum(float((a - b).pow(2).sum()) for a, b in zip(now[("diff", role)], old[("diff", role)], strict=True))
         if not reuse_sq:
             return 0.0 if not cfg_sq else reuse_error
         return reuse_error * cfg_sq / reuse_sq
@@ -572,7 +571,6 @@ class _Guidance:
     def __init__(self) -> None:
         self.calls = self.batched_calls = 0
         self.batched = False
-        self.weights = np.zeros(2)
         self.coefs: list[np.ndarray] = []  # per fitted step: the signed weights (p, q)
         self.last: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, x half, output)
 
@@ -583,7 +581,8 @@ class _Guidance:
     @property
     def branch(self) -> int:
         """The derived half: 0 (first) or 1 (second; also when the fit found nothing)."""
-        return 0 if self.weights[0] < self.weights[1] else 1
+        weights = np.abs(np.array(self.coefs)).sum(axis=0) if self.coefs else np.zeros(2)
+        return 0 if weights[0] < weights[1] else 1
 
     @property
     def amplification(self) -> float:
@@ -614,7 +613,6 @@ class _Guidance:
             if prev_x.numel() == nxt.numel() == out[:half].numel():
                 cols = torch.stack([prev_x.reshape(-1), out[:half].reshape(-1), out[half:].reshape(-1)], dim=1)
                 coef = torch.linalg.lstsq(cols, nxt[:, None]).solution[:, 0]
-                self.weights += np.abs(coef[1:].numpy())
                 self.coefs.append(coef[1:].numpy())
         self.last = (step, x_half, None) if self.batched else None
 

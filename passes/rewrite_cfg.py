@@ -12,6 +12,7 @@ block's FLOPs; the cache is read, not refreshed.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch.fx
 
@@ -21,7 +22,16 @@ from dit_opt.ir import BlockSpec
 from passes.infra import PassResult
 from passes.step_graph import StepGraph, cache_key
 
-__all__ = ["rewrite_cfg"]
+__all__ = ["half_of", "rewrite_cfg"]
+
+
+def half_of(graph: torch.fx.Graph, value: Any, ref: torch.fx.Node, half: int) -> Any:
+    """A node of ``graph`` (at its insertion point) giving ``value``, a graph value or a structure
+    of them, cut to half ``half`` of ``ref``'s batch at run time (:func:`~dit_opt.executor.half_rows`);
+    a constant is returned as it is."""
+    if isinstance(value, torch.fx.Node | tuple | list | dict):
+        return graph.call_function(half_rows, (value, ref, half))
+    return value
 
 
 def rewrite_cfg(sg: StepGraph, spec: BlockSpec, branch: int) -> PassResult:
@@ -41,15 +51,9 @@ def rewrite_cfg(sg: StepGraph, spec: BlockSpec, branch: int) -> PassResult:
         raise DitOptError(f"block {spec.name}: an output does not continue an input stream, so the other guidance "
                           f"half cannot be derived from a residual; plan COMPUTE for this block")
     fx = sg.fx
-
-    def cut(v):
-        if isinstance(v, torch.fx.Node | tuple | list | dict):
-            return fx.call_function(half_rows, (v, ref, 1 - branch))
-        return v
-
     with fx.inserting_before(node):
-        args = tuple(cut(a) for a in node.args)
-        kwargs = {k: cut(v) for k, v in node.kwargs.items()}
+        args = tuple(half_of(fx, a, ref, 1 - branch) for a in node.args)
+        kwargs = {k: half_of(fx, v, ref, 1 - branch) for k, v in node.kwargs.items()}
         sub = fx.call_module(node.target, args, kwargs)
         outs = []
         for o, x in zip(spec.outputs, ins, strict=True):

@@ -47,7 +47,6 @@ from dit_opt.executor import (
     cfg_merge_output,
     combine,
     gather_tokens,
-    half_rows,
     scatter_tokens,
     token_scores,
     topk_tokens,
@@ -56,6 +55,7 @@ from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import Action, ActionKind
 from passes.infra import PassResult
 from passes.rewrite_cache import history_kind
+from passes.rewrite_cfg import half_of
 from passes.step_graph import StepGraph
 
 __all__ = ["rewrite_modules", "module_key", "module_token_input", "output_kind"]
@@ -384,15 +384,10 @@ def _cfg(g: torch.fx.Graph, node: torch.fx.Node, values: list[torch.fx.Node], br
     if ref is None or len(batch) != len(values):
         raise DitOptError(f"block {spec.name}: {node.target}'s outputs and inputs are not all batch-major tensors, "
                           f"so it cannot run on one guidance half; plan another action for it")
-
-    def cut(v: Any) -> Any:
-        if isinstance(v, torch.fx.Node | tuple | list | dict):
-            return g.call_function(half_rows, (v, ref, 1 - branch))
-        return v
-
     with g.inserting_before(node):
-        node.args = tuple(cut(a) if halved is None or i in halved else a for i, a in enumerate(node.args))
-        node.kwargs = {k: cut(v) for k, v in node.kwargs.items()}
+        node.args = tuple(half_of(g, a, ref, 1 - branch) if halved is None or i in halved else a
+                          for i, a in enumerate(node.args))
+        node.kwargs = {k: half_of(g, v, ref, 1 - branch) for k, v in node.kwargs.items()}
     for value, entry in zip(values, cached, strict=True):
         with g.inserting_after(value):
             merged = g.call_function(cfg_merge_output, (value, entry, branch))
