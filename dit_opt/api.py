@@ -352,20 +352,28 @@ def optimize(
 
 
 def _cost_report(ctx: dict[str, Any], times: dict[str, float]) -> dict[str, Any]:
-    """``opt.report``: the cost of ``optimize`` in plain calibration generations."""
+    """``opt.report``: the cost of ``optimize`` in plain calibration generations (the wall time of
+    one plain run of the calibration, measured by the profile): all of it (``generations``), and
+    the profile's and the selection's shares; the rest is capture, solving and lowering."""
     report = ctx["profile"].report
     measured_now = not isinstance(ctx["calibration"], SensitivityProfile)
     plain = report.get("plain_calibration_seconds")
     runs = ctx.get("selection_runs", 0) if ctx["selection"] else 0  # each candidate (and the full model) once
-    profile_gens = float(report.get("cost_in_generations", 0.0)) if measured_now else 0.0
-    select_gens = times.get("select", 0.0) / plain if plain and runs else float(runs)
+    seconds = sum(times.values())
+    if not plain:  # no timing unit (a profile made elsewhere without one): count runs
+        return {"profile_generations": 0.0, "selection_runs": runs, "selection_generations": float(runs),
+                "other_generations": 0.0, "generations": float(runs), "plain_calibration_seconds": plain,
+                "seconds": seconds}
+    profile_s = times.get("profile", 0.0) if measured_now else 0.0
+    select_s = times.get("select", 0.0) if runs else 0.0
     return {
-        "profile_generations": profile_gens,
+        "profile_generations": profile_s / plain,
         "selection_runs": runs,
-        "selection_generations": select_gens,
-        "generations": profile_gens + select_gens,
+        "selection_generations": select_s / plain,
+        "other_generations": (seconds - profile_s - select_s) / plain,
+        "generations": seconds / plain,
         "plain_calibration_seconds": plain,
-        "seconds": sum(times.values()),
+        "seconds": seconds,
     }
 
 

@@ -209,7 +209,8 @@ def _echo_selection(opt: Any) -> None:
     if r:
         typer.echo(f"cost of optimize: {r['generations']:.1f} plain calibration generations (profile "
                    f"{r['profile_generations']:.1f}, {r['selection_runs']} selection runs "
-                   f"{r['selection_generations']:.1f})")
+                   f"{r['selection_generations']:.1f}, capture, solving and lowering "
+                   f"{r.get('other_generations', 0.0):.1f})")
 
 
 def _save_grid(top: Any, bottom: Any, path: Path, title: str) -> None:

@@ -32,6 +32,8 @@ __all__ = ["OptimizedTransformer"]
 
 #: id of a captured graph -> the model captured at half its batch (module-level CFG)
 _HALF_CAPTURES: dict[int, DiTGraph] = {}
+#: (id of a captured graph, id of the profile) -> its rewritten block graphs (module-level plans)
+_BLOCK_GRAPHS: dict[tuple[int, int], dict] = {}
 
 
 @dataclass
@@ -58,10 +60,12 @@ class OptimizedTransformer(nn.Module):
         plan: the plan for the calibrated schedule.
         profile: the sensitivity profile the plan was solved from (``None`` if replayed without).
         step_times: seconds of each step of :func:`dit_opt.optimize` (empty when built directly).
-        report: what :func:`dit_opt.optimize` cost, in plain calibration generations
-            (``profile_generations``, ``selection_generations``, ``generations`` their sum; the
-            unit is the wall time of one plain run of the calibration, measured by the profile)
-            and in calibration runs (``selection_runs``); empty when built directly.
+        report: what :func:`dit_opt.optimize` cost, in plain calibration generations (the unit
+            is the wall time of one plain run of the calibration, measured by the profile):
+            ``generations`` for all of it, of which ``profile_generations``,
+            ``selection_generations`` and ``other_generations`` (capture, solving, lowering);
+            ``selection_runs`` calibration runs measured candidates; ``seconds`` the wall time.
+            Empty when built directly.
         selection: the candidate plans ``optimize`` compared on the calibration, with their
             measured errors (:class:`dit_opt.selection.Candidate`; empty when none were compared).
     """
@@ -411,7 +415,20 @@ class OptimizedTransformer(nn.Module):
 
         # guidance=False: the variants for calls that are not guidance batches (CFG blocks compute)
         return build_variants(graph, plan, self._narrow, self._narrow_mlp, guidance=guidance,
-                              half_module=lambda spec, name: self._half_module(graph, spec, name))
+                              half_module=lambda spec, name: self._half_module(graph, spec, name),
+                              cache=self._block_graphs(graph))
+
+    def _block_graphs(self, graph: DiTGraph) -> dict:
+        """The rewritten block graphs shared by every module built on ``graph`` with this profile
+        (optimize's candidates: a block given the same actions is rewritten once), dropped with
+        either. The profile is part of the key: a narrowed MLP follows its channel order."""
+        key = (id(graph), id(self.profile))
+        if key not in _BLOCK_GRAPHS:
+            _BLOCK_GRAPHS[key] = {}
+            for owner in (graph, self.profile):
+                if owner is not None:
+                    weakref.finalize(owner, _BLOCK_GRAPHS.pop, key, None)
+        return _BLOCK_GRAPHS[key]
 
     def _half_module(self, graph: DiTGraph, spec: BlockSpec, name: str) -> nn.Module:
         """Sub-module ``name`` of block ``spec`` as captured at half of ``graph``'s batch (one

@@ -56,7 +56,7 @@ from dit_opt.plan import Action, ActionKind
 from passes.infra import PassResult
 from passes.rewrite_cache import history_kind
 from passes.rewrite_cfg import half_of
-from passes.step_graph import StepGraph
+from passes.step_graph import StepGraph, eliminate_dead_code
 
 __all__ = ["rewrite_modules", "module_key", "module_token_input", "output_kind"]
 
@@ -183,6 +183,7 @@ def rewrite_modules(
     keeps: dict[str, int] | None = None,
     weights: dict[str, tuple[float, ...] | None] | None = None,
     half_module: Any = None,
+    cache: dict | None = None,
 ) -> PassResult:
     """Rewrite ``spec``'s block call with per-role actions.
 
@@ -200,11 +201,27 @@ def rewrite_modules(
             last computes, newest first (:func:`dit_opt.plan.forecast_weights`).
         half_module: ``(spec, name) -> module`` for ``CFG``: the sub-module ``name`` of the block as
             captured at half the batch (a captured sub-module graph is specialised to its batch).
+        cache: a dict to share rewritten block graphs in: the steps of a plan (and the plans
+            built on one graph) that give a block the same actions build its graph once.
 
     Raises:
         DitOptError: an action that has no module-level form, or ``PRUNE`` of a sub-module that
             cannot be pruned (the message says why).
     """
+    key = (spec.name, *(tuple(sorted((d or {}).items(), key=lambda kv: kv[0]))
+                         for d in (actions, writes, write_inputs, keeps, weights)))
+    if cache is None or key not in cache:
+        built = _block_graph(sg, spec, actions, writes, narrow_mlp, write_inputs, keeps, weights, half_module)
+        if cache is None:
+            return _wire(sg, spec, *built)
+        cache[key] = built
+    return _wire(sg, spec, *cache[key])
+
+
+def _block_graph(sg, spec, actions, writes, narrow_mlp, write_inputs, keeps, weights, half_module
+                 ) -> tuple[nn.Module, list[tuple[str, str]], list[str]]:
+    """The rewritten block graph (see :func:`rewrite_modules`), the cache keys it reads (with
+    the names of their placeholders) and the keys of its extra outputs, in order."""
     interp = sg.graph.module.get_submodule(spec.name)
     g = torch.fx.Graph()
     val_map: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -291,23 +308,43 @@ def rewrite_modules(
             )
     g.output((out, *[v for _, v in extra]))
     g.lint()
-    gm = torch.fx.GraphModule(modules, g, class_name=f"{spec.cls_name}Modules")
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+    eliminate_dead_code(g, modules)
+    # GraphModule generates its code once, here (an explicit recompile would do it again)
+    gm = BlockGraph(modules, g, class_name=f"{spec.cls_name}Modules")
+    return gm, [(k, ph.target) for k, ph in reads.items()], [k for k, _ in extra]
+
+
+def _wire(sg: StepGraph, spec: BlockSpec, gm: nn.Module, reads: list[tuple[str, str]], extra: list[str]
+          ) -> PassResult:
+    """Call the rewritten block graph ``gm`` in the step graph in place of ``spec``'s block."""
     # The step graph calls this block graph with the original arguments plus the cache reads.
     node = sg.node(spec)
     target = sg.add_module(f"{spec.name.replace('.', '_')}_modules_{len(sg.modules)}", gm)
     with sg.fx.inserting_before(node):
         kwargs = dict(node.kwargs)
-        for key, ph in reads.items():
-            kwargs[ph.target] = sg.read(key)
+        for key, name in reads:
+            kwargs[name] = sg.read(key)
         call = sg.fx.call_module(target, node.args, kwargs)
         result = sg.fx.call_function(operator.getitem, (call, 0))
     sg.replace_block(spec, result)
-    for i, (key, _) in enumerate(extra):
+    for i, key in enumerate(extra):
         with sg.fx.inserting_after(result):
             sg.write(key, sg.fx.call_function(operator.getitem, (call, i + 1)))
     return PassResult(sg, True)
+
+
+class BlockGraph(torch.fx.GraphModule):
+    """A rewritten block graph: built once, then shared by every step variant (and plan) that
+    gives the block the same actions, so its code is generated once. (A ``GraphModule``
+    regenerates the code of its ``GraphModule`` children at each of its own ``recompile``,
+    which each step variant's construction does; a ``BlockGraph`` keeps the code it has.)
+    Its graph is not edited after construction."""
+
+    def recompile(self):  # noqa: D102 - see the class docstring
+        code = self.__dict__.get("_block_code")
+        if code is None:
+            code = self.__dict__["_block_code"] = super().recompile()
+        return code
 
 
 def _skip(g: torch.fx.Graph, node: torch.fx.Node, values: list[torch.fx.Node], spec: BlockSpec) -> None:

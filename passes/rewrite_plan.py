@@ -99,6 +99,7 @@ def build_variants(
     narrow_mlp: Callable[[BlockSpec, str, float], nn.Module] | None = None,
     guidance: bool = True,
     half_module: Callable[[BlockSpec, str], nn.Module] | None = None,
+    cache: dict | None = None,
 ) -> list[Variant]:
     """One :class:`Variant` per step; steps with the same actions and cache writes share one.
 
@@ -112,6 +113,8 @@ def build_variants(
             nothing (more FLOPs than the plan's, the same cache contents).
         half_module: returns a block's sub-module as captured at half the batch (module-level
             ``CFG``: the captured sub-module graphs are specialised to the batch they saw).
+        cache: shared by the builds of plans on one graph: a block rewritten the same way in
+            two steps (or two plans) is built once (``rewrite_modules``).
 
     Raises:
         DitOptError: the plan's units are not the graph's blocks.
@@ -133,17 +136,18 @@ def build_variants(
     needs = cache_needs(plan)
     weights = forecast_plan_weights(plan)
     shared: dict[tuple, Variant] = {}
+    cache = {} if cache is None else cache
     out = []
     for t in range(plan.num_steps):
         key = (tuple(str(a) for a in plan.actions[t]), tuple(needs[t]), tuple(weights[t]))
         if key not in shared:
             shared[key] = _build(graph, order, plan, t, needs[t], weights[t], narrowed, narrow_mlp, len(shared),
-                                 guidance, half_module)
+                                 guidance, half_module, cache)
         out.append(shared[key])
     return out
 
 
-def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, n, guidance, half_module) -> Variant:
+def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, n, guidance, half_module, cache) -> Variant:
     sg = StepGraph(graph)
     actions = plan.actions[t]
     if not guidance:  # no guidance half to derive: the block computes (a CFG step writes no cache)
@@ -155,7 +159,7 @@ def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, n, guida
                             write_inputs={plan.units[u].role.value: needs[u][1] for u in units},
                             keeps={plan.units[u].role.value: needs[u][2] for u in units},
                             weights={plan.units[u].role.value: weights[u] for u in units},
-                            half_module=half_module)
+                            half_module=half_module, cache=cache)
             continue
         (u,) = units
         action, (res, inp, keep) = actions[u], needs[u]

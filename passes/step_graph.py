@@ -59,6 +59,7 @@ class StepGraph:
     _read_nodes: dict[str, torch.fx.Node] = field(default_factory=dict)
     _write_nodes: list[torch.fx.Node] = field(default_factory=list)
     _nodes: dict[str, torch.fx.Node] = field(default_factory=dict)
+    _last_placeholder: torch.fx.Node | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.fx = torch.fx.Graph()
@@ -113,10 +114,11 @@ class StepGraph:
     def read(self, key: str) -> torch.fx.Node:
         """A placeholder for cache entry ``key`` (one per key)."""
         if key not in self._read_nodes:
-            last = [n for n in self.fx.nodes if n.op == "placeholder"][-1]
-            with self.fx.inserting_after(last):
+            if self._last_placeholder is None:
+                self._last_placeholder = [n for n in self.fx.nodes if n.op == "placeholder"][-1]
+            with self.fx.inserting_after(self._last_placeholder):
                 ph = self.fx.placeholder("cache_" + key.replace("/", "_").replace(".", "_"))
-            self._read_nodes[key] = ph
+            self._read_nodes[key] = self._last_placeholder = ph
             self.reads.append(key)
         return self._read_nodes[key]
 
@@ -151,14 +153,24 @@ class StepGraph:
         flat = tuple(flat) if isinstance(flat, tuple | list) else (flat,)
         output.args = (flat + tuple(self._write_nodes),)
         self.fx.lint()
+        eliminate_dead_code(self.fx, self.modules)
         used = {n.target for n in self.fx.nodes if n.op in ("call_module", "get_attr")}
         root = {k: v for k, v in self.modules.items() if k in used}
+        # GraphModule generates its code once, here (an explicit recompile would do it again)
         gm = torch.fx.GraphModule(root, self.fx, class_name=class_name)
-        gm.graph.eliminate_dead_code()
-        gm.delete_all_unused_submodules()
-        gm.recompile()
         gm.num_model_outputs = len(flat)
         return gm
+
+
+def eliminate_dead_code(g: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
+    """``g.eliminate_dead_code()`` before ``g`` has a ``GraphModule``: a ``call_module`` node's
+    purity is read from ``modules`` (its target's ``_is_impure``, as fx does)."""
+    def impure(n: torch.fx.Node) -> bool:
+        if n.op == "call_module":
+            return bool(getattr(modules[n.target], "_is_impure", False))
+        return n.is_impure()
+
+    g.eliminate_dead_code(is_impure_node=impure)
 
 
 def _lookup(root: nn.Module, target: str) -> Any:

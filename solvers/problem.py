@@ -59,7 +59,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import cached_property, reduce
-from itertools import pairwise
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -75,7 +75,6 @@ from dit_opt.plan import (
     Unit,
     cfg_action,
     check_budget,
-    compute_history,
 )
 
 __all__ = ["Problem", "min_cost_sequences", "infeasible_error", "join_units"]
@@ -341,14 +340,24 @@ class Problem:
         spaced. Computes ``max_age + 1`` apart (an interval of ``max_age + 1``) take the error
         measured at spacing ``max_age``, the nearest the profile keeps."""
         if not 1 <= order <= self.forecast_orders or len(computes) < order + 1:
-            return np.inf
-        used = list(computes[:order + 1])
-        n, d = t - used[0], used[0] - used[1]
+            return math.inf
+        n, d = t - computes[0], computes[0] - computes[1]
         if not (1 <= n <= self.max_age and 1 <= d <= self.max_age + 1):
-            return np.inf
-        if any(a - b != d for a, b in pairwise(used)):
-            return np.inf
-        return float(self.e_forecast[t, u, order - 1, n, min(d, self.max_age)])
+            return math.inf
+        for i in range(1, order):
+            if computes[i] - computes[i + 1] != d:
+                return math.inf
+        return self._tables.e_forecast[t][u][order - 1][n][min(d, self.max_age)]
+
+    @cached_property
+    def _tables(self) -> SimpleNamespace:
+        """The tables the column walks read, as nested lists (a numpy scalar read per step and
+        unit costs more than the walk itself; fill and trim score thousands of columns)."""
+        return SimpleNamespace(
+            allowed=self.allowed.tolist(), flops=self.flops_table.tolist(), errors=self.error_table.tolist(),
+            needs_cache=self.needs_cache.tolist(), e_reuse=self.e_reuse.tolist() if self.e_reuse is not None else None,
+            e_forecast=self.e_forecast.astype(float).tolist() if self.e_forecast is not None else None,
+            forecasts=tuple(Action(ActionKind.FORECAST, order=k) for k in range(1, self.forecast_orders + 1)))
 
     def with_forecasts(self, actions: Sequence[Sequence[Action]]) -> tuple[tuple[Action, ...], ...]:
         """The grid with each ``REUSE`` turned into the ``FORECAST`` order measured best with the
@@ -362,16 +371,22 @@ class Problem:
         column = list(column)
         if self.e_forecast is None:
             return column
-        grid = [[a] for a in column]
+        tables = self._tables
+        always = self.forecast_policy == "always"
+        orders = range(1, self.forecast_orders + 1)
+        computes: tuple[int, ...] = ()
         # only COMPUTE moves the walk, so turning a REUSE into FORECAST on the way is safe
-        for t, action, computes in compute_history(grid, 0):
-            if action.kind is not ActionKind.REUSE or t - computes[0] > self.max_age:
+        for t, action in enumerate(column):
+            kind = action.kind
+            if kind is ActionKind.COMPUTE:
+                computes = (t, *computes)[:MAX_FORECAST_ORDER + 1]
                 continue
-            errors = [self.forecast_error(t, u, k, computes) for k in range(1, self.forecast_orders + 1)]
-            best = int(np.argmin(errors))
-            always = self.forecast_policy == "always" and np.isfinite(errors[best])
-            if always or errors[best] < self.e_reuse[t, u, t - computes[0]]:
-                column[t] = Action(ActionKind.FORECAST, order=best + 1)
+            if kind is not ActionKind.REUSE or not computes or t - computes[0] > self.max_age:
+                continue
+            errors = [self.forecast_error(t, u, k, computes) for k in orders]
+            best = min(range(len(errors)), key=errors.__getitem__)  # the first of equal ones, as argmin
+            if (always and math.isfinite(errors[best])) or errors[best] < tables.e_reuse[t][u][t - computes[0]]:
+                column[t] = tables.forecasts[best]
         return column
 
     @cached_property
@@ -464,27 +479,29 @@ class Problem:
             ValueError: an action is not in the menu or not allowed, or a rule is broken.
         """
         index = self._action_index
+        tables = self._tables
+        allowed, table, errors_at, needs_cache = tables.allowed, tables.flops, tables.errors, tables.needs_cache
         computes: tuple[int, ...] = (0,)
         flops, errors = [], []
         for t, action in enumerate(column):
             a = index.get(action)
-            where = f"step {t}, unit {self.units[u]}: {action}"
-            if a is None or not self.allowed[t, u, a]:
-                raise ValueError(f"{where} is not an allowed action of this problem")
+            if a is None or not allowed[t][u][a]:
+                raise ValueError(f"step {t}, unit {self.units[u]}: {action} is not an allowed action of this problem")
             if t == 0 and a != 0:
-                raise ValueError(f"{where}: step 0 must COMPUTE every unit")
+                raise ValueError(f"step {t}, unit {self.units[u]}: {action}: step 0 must COMPUTE every unit")
             age = t - computes[0]
-            if self.needs_cache[a] and age > self.max_age:
-                raise ValueError(f"{where} reads a cache {age} steps old > max_age={self.max_age}")
-            flops.append(float(self.flops_table[t, u, a]))
+            if needs_cache[a] and age > self.max_age:
+                raise ValueError(f"step {t}, unit {self.units[u]}: {action} reads a cache {age} steps old "
+                                 f"> max_age={self.max_age}")
+            flops.append(table[t][u][a])
             if action.kind is ActionKind.FORECAST:
                 error = self.forecast_error(t, u, action.order, computes)
-                if not np.isfinite(error):
-                    raise ValueError(f"{where}: no measured forecast of order {action.order} from computes "
-                                     f"{list(reversed(computes[:action.order + 1]))}")
+                if not math.isfinite(error):
+                    raise ValueError(f"step {t}, unit {self.units[u]}: {action}: no measured forecast of order "
+                                     f"{action.order} from computes {list(reversed(computes[:action.order + 1]))}")
                 errors.append(error)
             else:
-                errors.append(float(self.error_table[t, u, a, age if self.needs_cache[a] else 0]))
+                errors.append(errors_at[t][u][a][age if needs_cache[a] else 0])
             if a == 0 and t > 0:
                 computes = (t, *computes)[:MAX_FORECAST_ORDER + 1]
         return flops, errors
