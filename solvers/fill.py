@@ -22,7 +22,7 @@ import math
 import time
 from typing import Any
 
-from dit_opt.plan import COMPUTE, REUSE, ActionKind, Plan
+from dit_opt.plan import COMPUTE, MAX_FORECAST_ORDER, REUSE, ActionKind, Plan
 from solvers.problem import Problem
 
 __all__ = ["fill", "trim"]
@@ -44,8 +44,7 @@ def fill(problem: Problem, plan: Plan, name: str | None = None) -> Plan:
     T, U = problem.num_steps, len(problem.units)
     columns, saved = _columns(problem, plan)
     slack = saved - problem.need_quanta()
-    error = [_error(problem, u, columns[u]) for u in range(U)]
-    options = [_options(problem, u, columns[u], error[u]) for u in range(U)]
+    options = [_options(problem, _Column(problem, u, columns[u])) for u in range(U)]
     changed = False
     while True:
         best = None
@@ -60,8 +59,7 @@ def fill(problem: Problem, plan: Plan, name: str | None = None) -> Plan:
         _, u, t, cost, target = best
         columns[u][t] = target
         slack -= cost
-        error[u] = _error(problem, u, columns[u])
-        options[u] = _options(problem, u, columns[u], error[u])
+        options[u] = _options(problem, _Column(problem, u, columns[u]))
         changed = True
     if not changed:
         return plan
@@ -80,16 +78,57 @@ def _columns(problem: Problem, plan: Plan) -> tuple[list[list], int]:
     return columns, saved
 
 
-def _error(problem: Problem, u: int, column: list) -> float:
-    return math.fsum(problem.unit_terms(u, problem.column_with_forecasts(u, column))[1])
+class _Column:
+    """Unit ``u``'s actions (reuses not yet turned into forecasts) with, per step, its modelled
+    error and the unit's computes before it: a change at one step is scored by walking only the
+    steps whose compute history it changes (until the history is the same again), not the whole
+    column, which fill and trim do thousands of times. Scores match the differences of
+    :meth:`Problem.unit_terms` over whole columns up to float summation order."""
+
+    def __init__(self, problem: Problem, u: int, column: list):
+        self.problem, self.u, self.column = problem, u, column
+        self.history: list[tuple[int, ...]] = []  # computes before each step, newest first
+        self.errors: list[float] = []
+        computes: tuple[int, ...] = ()
+        for t, action in enumerate(column):
+            self.history.append(computes)
+            self.errors.append(self._term(t, action, computes))
+            computes = self._after(t, action, computes)
+        self.total = math.fsum(self.errors)
+
+    def _term(self, t: int, action: Any, computes: tuple[int, ...]) -> float:
+        p = self.problem
+        return p.step_terms(t, self.u, p.forecast_choice(t, self.u, action, computes), computes)[1]
+
+    @staticmethod
+    def _after(t: int, action: Any, computes: tuple[int, ...]) -> tuple[int, ...]:
+        return (t, *computes)[:MAX_FORECAST_ORDER + 1] if action.kind is ActionKind.COMPUTE else computes
+
+    def delta(self, t: int, action: Any) -> float:
+        """Modelled error added by making step ``t`` ``action`` (negative: saved).
+
+        Raises:
+            ValueError: the change breaks a rule (a cache would grow older than ``max_age``).
+        """
+        T = len(self.column)
+        computes, diff, s = self.history[t], 0.0, t
+        while s < T:
+            a = action if s == t else self.column[s]
+            diff += self._term(s, a, computes) - self.errors[s]
+            computes = self._after(s, a, computes)
+            s += 1
+            if s < T and computes == self.history[s]:
+                break  # the same history from here on: the same terms
+        return diff
 
 
-def _options(problem: Problem, u: int, column: list, error: float) -> list[tuple[float, int, int, Any]]:
-    """Every (error saved per quantum, step, quanta, action) of making one more step of unit ``u``
+def _options(problem: Problem, col: _Column) -> list[tuple[float, int, int, Any]]:
+    """Every (error saved per quantum, step, quanta, action) of making one more step of the unit
     compute, or, where the problem offers ``CFG``, run on one guidance half (half the FLOPs of a
     compute, and the error of a cache read many times smaller), best first; only changes that
     save error."""
     targets = [COMPUTE] + [a for a in problem.actions if a.kind is ActionKind.CFG]
+    u, column = col.u, col.column
     out = []
     for t in range(1, problem.num_steps):
         if column[t].kind is ActionKind.COMPUTE:
@@ -100,10 +139,8 @@ def _options(problem: Problem, u: int, column: list, error: float) -> list[tuple
             cost = now - int(problem.savings_quanta[t, u, a])
             if target == column[t] or cost <= 0 or not problem.allowed[t, u, a]:
                 continue
-            trial = list(column)
-            trial[t] = target
             try:
-                gain = error - _error(problem, u, trial)
+                gain = -col.delta(t, target)
             except ValueError:  # a cache would grow older than max_age
                 continue
             if gain > 0:
@@ -138,8 +175,7 @@ def trim(problem: Problem, plan: Plan, name: str | None = None) -> Plan | None:
     # costs far more than the errors measured one action at a time say (on digits-mmdit, 7 dB
     # for one compute of interval 3's last).
     last = max(2, T - T // 4)
-    error = [_error(problem, u, columns[u]) for u in range(U)]
-    options = [_cuts(problem, u, columns[u], error[u], last) for u in range(U)]
+    options = [_cuts(problem, _Column(problem, u, columns[u]), last) for u in range(U)]
     while need > 0:
         # a change that covers the rest of the gap alone counts as if it saved no more than that
         scored = [(added / min(quanta, need), u, t, a, quanta, added)
@@ -148,17 +184,17 @@ def trim(problem: Problem, plan: Plan, name: str | None = None) -> Plan | None:
             return None
         _, u, t, a, quanta, added = min(scored)
         columns[u][t] = problem.actions[a]
-        error[u] += added
         need -= quanta
-        options[u] = _cuts(problem, u, columns[u], error[u], last)
+        options[u] = _cuts(problem, _Column(problem, u, columns[u]), last)
     grid = [[columns[u][t] for u in range(U)] for t in range(T)]
     return problem.to_plan(grid, name or f"{plan.solver}+trim", plan.status,
                            plan.wall_time_s + time.perf_counter() - start, plan.gap)
 
 
-def _cuts(problem: Problem, u: int, column: list, error: float, last: int) -> list[tuple[float, int, int, int]]:
+def _cuts(problem: Problem, col: _Column, last: int) -> list[tuple[float, int, int, int]]:
     """Every (modelled error added, step, menu action, quanta saved) of making one compute of
-    unit ``u`` before step ``last`` a cheaper action that keeps the plan valid."""
+    the unit before step ``last`` a cheaper action that keeps the plan valid."""
+    u, column = col.u, col.column
     out = []
     for t in range(1, last):
         if column[t].kind is not ActionKind.COMPUTE:
@@ -167,10 +203,8 @@ def _cuts(problem: Problem, u: int, column: list, error: float, last: int) -> li
             quanta = int(problem.savings_quanta[t, u, a])
             if quanta <= 0 or not problem.allowed[t, u, a]:
                 continue
-            trial = list(column)
-            trial[t] = problem.actions[a]
             try:
-                out.append((_error(problem, u, trial) - error, t, a, quanta))
+                out.append((col.delta(t, problem.actions[a]), t, a, quanta))
             except ValueError:  # a cache would grow older than max_age
                 continue
     return out

@@ -371,23 +371,27 @@ class Problem:
         column = list(column)
         if self.e_forecast is None:
             return column
-        tables = self._tables
-        always = self.forecast_policy == "always"
-        orders = range(1, self.forecast_orders + 1)
         computes: tuple[int, ...] = ()
         # only COMPUTE moves the walk, so turning a REUSE into FORECAST on the way is safe
         for t, action in enumerate(column):
-            kind = action.kind
-            if kind is ActionKind.COMPUTE:
+            column[t] = self.forecast_choice(t, u, action, computes)
+            if action.kind is ActionKind.COMPUTE:
                 computes = (t, *computes)[:MAX_FORECAST_ORDER + 1]
-                continue
-            if kind is not ActionKind.REUSE or not computes or t - computes[0] > self.max_age:
-                continue
-            errors = [self.forecast_error(t, u, k, computes) for k in orders]
-            best = min(range(len(errors)), key=errors.__getitem__)  # the first of equal ones, as argmin
-            if (always and math.isfinite(errors[best])) or errors[best] < tables.e_reuse[t][u][t - computes[0]]:
-                column[t] = tables.forecasts[best]
         return column
+
+    def forecast_choice(self, t: int, u: int, action: Action, computes: Sequence[int]) -> Action:
+        """``action`` at step ``t`` of unit ``u`` after the unit's computes ``computes`` (newest
+        first), a ``REUSE`` turned into the ``FORECAST`` that :meth:`with_forecasts` would choose."""
+        if action.kind is not ActionKind.REUSE or self.e_forecast is None or not computes \
+                or t - computes[0] > self.max_age:
+            return action
+        tables = self._tables
+        errors = [self.forecast_error(t, u, k, computes) for k in range(1, self.forecast_orders + 1)]
+        best = min(range(len(errors)), key=errors.__getitem__)  # the first of equal ones, as argmin
+        if (self.forecast_policy == "always" and math.isfinite(errors[best])) \
+                or errors[best] < tables.e_reuse[t][u][t - computes[0]]:
+            return tables.forecasts[best]
+        return action
 
     @cached_property
     def full_flops(self) -> float:
@@ -478,33 +482,42 @@ class Problem:
         Raises:
             ValueError: an action is not in the menu or not allowed, or a rule is broken.
         """
-        index = self._action_index
-        tables = self._tables
-        allowed, table, errors_at, needs_cache = tables.allowed, tables.flops, tables.errors, tables.needs_cache
         computes: tuple[int, ...] = (0,)
         flops, errors = [], []
         for t, action in enumerate(column):
-            a = index.get(action)
-            if a is None or not allowed[t][u][a]:
-                raise ValueError(f"step {t}, unit {self.units[u]}: {action} is not an allowed action of this problem")
-            if t == 0 and a != 0:
-                raise ValueError(f"step {t}, unit {self.units[u]}: {action}: step 0 must COMPUTE every unit")
-            age = t - computes[0]
-            if needs_cache[a] and age > self.max_age:
-                raise ValueError(f"step {t}, unit {self.units[u]}: {action} reads a cache {age} steps old "
-                                 f"> max_age={self.max_age}")
-            flops.append(table[t][u][a])
-            if action.kind is ActionKind.FORECAST:
-                error = self.forecast_error(t, u, action.order, computes)
-                if not math.isfinite(error):
-                    raise ValueError(f"step {t}, unit {self.units[u]}: {action}: no measured forecast of order "
-                                     f"{action.order} from computes {list(reversed(computes[:action.order + 1]))}")
-                errors.append(error)
-            else:
-                errors.append(errors_at[t][u][a][age if needs_cache[a] else 0])
-            if a == 0 and t > 0:
+            f, e = self.step_terms(t, u, action, computes)
+            flops.append(f)
+            errors.append(e)
+            if action.kind is ActionKind.COMPUTE and t > 0:
                 computes = (t, *computes)[:MAX_FORECAST_ORDER + 1]
         return flops, errors
+
+    def step_terms(self, t: int, u: int, action: Action, computes: Sequence[int]) -> tuple[float, float]:
+        """FLOPs and modelled error of ``action`` at step ``t`` of unit ``u`` after the unit's
+        computes ``computes`` (newest first; step 0 always computes).
+
+        Raises:
+            ValueError: the action is not in the menu or not allowed, or a rule is broken.
+        """
+        tables = self._tables
+        a = self._action_index.get(action)
+        if a is None or not tables.allowed[t][u][a]:
+            raise ValueError(f"step {t}, unit {self.units[u]}: {action} is not an allowed action of this problem")
+        if t == 0 and a != 0:
+            raise ValueError(f"step {t}, unit {self.units[u]}: {action}: step 0 must COMPUTE every unit")
+        needs_cache = tables.needs_cache[a]
+        age = t - computes[0] if computes else 0
+        if needs_cache and age > self.max_age:
+            raise ValueError(f"step {t}, unit {self.units[u]}: {action} reads a cache {age} steps old "
+                             f"> max_age={self.max_age}")
+        if action.kind is ActionKind.FORECAST:
+            error = self.forecast_error(t, u, action.order, computes)
+            if not math.isfinite(error):
+                raise ValueError(f"step {t}, unit {self.units[u]}: {action}: no measured forecast of order "
+                                 f"{action.order} from computes {list(reversed(computes[:action.order + 1]))}")
+        else:
+            error = tables.errors[t][u][a][age if needs_cache else 0]
+        return tables.flops[t][u][a], error
 
     def is_within_budget(self, flops: float, budget: float | None = None) -> bool:
         """Whether ``flops`` (with ``flops_fixed``) meet ``budget * full_flops``."""

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dit_opt.errors import ConfigError, InfeasibleBudgetError
-from dit_opt.plan import ActionKind, Unit
+from dit_opt.plan import COMPUTE, REUSE, ActionKind, Unit
 from solvers import solve
-from solvers.fill import fill
+from solvers.fill import _Column, fill
 from solvers.problem import Problem
 from solvers.uniform import dearest, schedule
 
@@ -115,3 +120,35 @@ def test_fill_runs_units_on_one_guidance_half_where_that_saves_more_per_flop():
     assert start.counts()[ActionKind.CFG] == 0 < filled.counts()[ActionKind.CFG]
     assert filled.predicted_error < fill(base, solve(base, "uniform", warmup=1, interval=5)).predicted_error
     assert filled.predicted_flops <= 0.6 * p.full_flops
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), policy=st.sampled_from(["measured", "always"]), data=st.data())
+def test_a_change_scored_on_its_window_equals_the_whole_column_difference(seed, policy, data):
+    """fill and trim score one change by walking only the steps whose compute history it changes;
+    that must be the difference of the whole column's modelled error (or reject the same changes)."""
+    p = dataclasses.replace(_problem(T=14, U=1, seed=seed), forecast_policy=policy)
+    rng = np.random.default_rng(seed)
+    # a valid column: step 0 computes, no cache older than max_age
+    column, age = [COMPUTE], 0
+    for _ in range(1, p.num_steps):
+        compute = age == p.max_age or rng.random() < 0.35
+        column.append(COMPUTE if compute else REUSE)
+        age = 0 if compute else age + 1
+
+    def whole(col):
+        return math.fsum(p.unit_terms(0, p.column_with_forecasts(0, col))[1])
+
+    col = _Column(p, 0, column)
+    assert col.total == pytest.approx(whole(column))
+    t = data.draw(st.integers(1, p.num_steps - 1))
+    target = REUSE if column[t].kind is ActionKind.COMPUTE else COMPUTE
+    trial = list(column)
+    trial[t] = target
+    try:
+        expected = whole(trial) - whole(column)
+    except ValueError:
+        with pytest.raises(ValueError):
+            col.delta(t, target)
+        return
+    assert col.delta(t, target) == pytest.approx(expected, rel=1e-9, abs=1e-9)
