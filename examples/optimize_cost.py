@@ -3,7 +3,8 @@
 One calibration generation (the benchmark's: ``--samples`` images of seed 1000) is the unit:
 ``optimize`` (``granularity="auto"``, as the benchmark runs it) profiles on it and measures its
 candidate plans on it; the total is the wall time of all of ``optimize`` (capture, solving and
-lowering too) over that unit (``opt.report``). Prints a markdown table (the one in ``BENCHMARKS.md``).
+lowering too) over that unit (``opt.report``), after one plain generation that warms the
+process up (the unit is then a steady-state generation). Prints a markdown table (the one in ``BENCHMARKS.md``).
 
     python examples/optimize_cost.py --models digits-dit digits-mmdit crops-pixart --threads 2
 """
@@ -41,6 +42,9 @@ def main() -> None:
         def calibration(module, sampler=sampler, labels=labels):
             return with_transformer(sampler, module, class_labels=labels, seed=1000)
 
+        # one plain generation first: the unit is then a steady-state generation, not a fresh
+        # process's first (slower by up to a third here), which would flatter the count
+        calibration(sampler.transformer)
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
