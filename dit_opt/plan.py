@@ -54,6 +54,7 @@ __all__ = [
     "MAX_FORECAST_ORDER",
     "check_budget",
     "compute_history",
+    "after_step",
     "forecast_weights",
 ]
 
@@ -229,9 +230,15 @@ def compute_history(actions: Sequence[Sequence[Action]], u: int, depth: int = MA
     at most ``depth`` of them, the step itself counted when it computes."""
     computes: tuple[int, ...] = ()
     for t, row in enumerate(actions):
-        if row[u].kind is ActionKind.COMPUTE:
-            computes = (t, *computes)[:depth]
+        computes = after_step(t, row[u], computes, depth)
         yield t, row[u], computes
+
+
+def after_step(t: int, action: Action, computes: tuple[int, ...], depth: int = MAX_FORECAST_ORDER + 1
+               ) -> tuple[int, ...]:
+    """A unit's last ``COMPUTE`` steps (newest first, at most ``depth``) once step ``t`` has run
+    ``action``: only ``COMPUTE`` adds to them."""
+    return (t, *computes)[:depth] if action.kind is ActionKind.COMPUTE else computes
 
 
 def forecast_weights(step: int | float, computes: Sequence[int | float]) -> tuple[float, ...]:

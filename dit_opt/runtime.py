@@ -14,6 +14,7 @@ import functools
 import inspect
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,18 @@ __all__ = ["OptimizedTransformer"]
 _HALF_CAPTURES: dict[int, DiTGraph] = {}
 #: (id of a captured graph, id of the profile) -> its rewritten block graphs (module-level plans)
 _BLOCK_GRAPHS: dict[tuple[int, int], dict] = {}
+
+
+def _kept_with(store: dict, key: Any, owners: tuple, make: Callable[[], Any]) -> Any:
+    """``store[key]``, made by ``make()`` on first use and dropped when any of ``owners`` (the
+    objects whose ids make the key; ``None`` ones ignored) is garbage collected, so that a new
+    object with a reused id never finds it."""
+    if key not in store:
+        store[key] = make()
+        for owner in owners:
+            if owner is not None:
+                weakref.finalize(owner, store.pop, key, None)
+    return store[key]
 
 
 @dataclass
@@ -422,23 +435,14 @@ class OptimizedTransformer(nn.Module):
         """The rewritten block graphs shared by every module built on ``graph`` with this profile
         (optimize's candidates: a block given the same actions is rewritten once), dropped with
         either. The profile is part of the key: a narrowed MLP follows its channel order."""
-        key = (id(graph), id(self.profile))
-        if key not in _BLOCK_GRAPHS:
-            _BLOCK_GRAPHS[key] = {}
-            for owner in (graph, self.profile):
-                if owner is not None:
-                    weakref.finalize(owner, _BLOCK_GRAPHS.pop, key, None)
-        return _BLOCK_GRAPHS[key]
+        return _kept_with(_BLOCK_GRAPHS, (id(graph), id(self.profile)), (graph, self.profile), dict)
 
     def _half_module(self, graph: DiTGraph, spec: BlockSpec, name: str) -> nn.Module:
         """Sub-module ``name`` of block ``spec`` as captured at half of ``graph``'s batch (one
         extra capture per captured graph, made on first use by a module-level ``CFG``)."""
-        key = id(graph)
-        if key not in _HALF_CAPTURES:
-            # shared by every module built on this graph (optimize's candidates), dropped with it
-            _HALF_CAPTURES[key] = self._capture_half(graph, f"{spec.name}.{name}")
-            weakref.finalize(graph, _HALF_CAPTURES.pop, key, None)
-        return _HALF_CAPTURES[key].module.get_submodule(f"{spec.name}.{name}")
+        # shared by every module built on this graph (optimize's candidates), dropped with it
+        half = _kept_with(_HALF_CAPTURES, id(graph), (graph,), lambda: self._capture_half(graph, f"{spec.name}.{name}"))
+        return half.module.get_submodule(f"{spec.name}.{name}")
 
     def _capture_half(self, graph: DiTGraph, what: str) -> DiTGraph:
         """``graph``'s model captured on the first half of every batch-major input.

@@ -518,9 +518,10 @@ class _Probe:
                 reuse_error = self._at_age(youngest, role, "reuse", n, sq, lambda old=old, role=role, mods=mods: error(
                     [(mod, _returning(_rows(old[(role, name)][0], sl))) for name, mod in mods]))
                 acc["e_module_reuse"][u, r, n] += reuse_error
-                self._module_forecasts(u, r, role, t, n, reuse_error, acc)
+                if sq is not None:
+                    self._module_forecasts(u, r, role, t, n, reuse_error, sq, acc)
                 if self.guidance.batched and ("diff", role) in old:
-                    acc["e_module_cfg"][u, r, n] += self._module_cfg(u, role, now, old, t, n, reuse_error)
+                    acc["e_module_cfg"][u, r, n] += self._module_cfg(role, now, old, reuse_error, sq)
                 if not prune or n > MODULE_PRUNE_MAX_AGE or any(old[(role, name)][1] is None for name, _ in mods):
                     continue
                 for k, rate in enumerate(self.prune_rates):
@@ -555,22 +556,19 @@ class _Probe:
             self.rerun_module_reuse.append((role, action, n, err, estimate))
         return err
 
-    def _module_forecasts(self, u, r, role, t, n, reuse_error, acc) -> None:
+    def _module_forecasts(self, u, r, role, t, n, reuse_error, reuse_sq, acc) -> None:
         """``FORECAST`` of ``role``'s outputs at age ``n``, every order and spacing: the measured
-        reuse error scaled by the forecast's error relative to the reuse's on the outputs themselves."""
+        reuse error scaled by the forecast's squared miss on the outputs themselves relative to the
+        reuse's (``reuse_sq``)."""
         gram = self.grams[(u, self.branch, role)]
-        reuse_sq = gram.miss(t, [t - n])
-        if reuse_sq is None:
-            return
         for k, d, sq in gram.forecast_misses(t, n, self.max_age, self.forecast_orders):
             acc["e_module_forecast"][u, r, k - 1, n, d] += reuse_error * (sq / reuse_sq if reuse_sq > 0 else 1.0)
 
-    def _module_cfg(self, u, role, now, old, t, n, reuse_error) -> float:
+    def _module_cfg(self, role, now, old, reuse_error, reuse_sq) -> float:
         """``CFG`` of ``role``'s outputs at age ``n``: one guidance half computed, the other that
-        half plus the halves' difference of the outputs ``n`` steps ago. Like the module forecasts,
-        the measured reuse error scaled by the derived half's error relative to the reuse's on the
-        outputs themselves (no extra block call)."""
-        reuse_sq = self.grams[(u, self.branch, role)].miss(t, [t - n])
+        half plus the halves' difference of the outputs ``n`` steps ago (``old``). Like the module
+        forecasts, the measured reuse error scaled by the derived half's squared miss relative to
+        the reuse's (``reuse_sq``) on the outputs themselves (no extra block call)."""
         cfg_sq = sum(float((a - b).pow(2).sum()) for a, b in zip(now[("diff", role)], old[("diff", role)], strict=True))
         if not reuse_sq:
             return 0.0 if not cfg_sq else reuse_error

@@ -18,11 +18,10 @@ Example:
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
-from dit_opt.plan import COMPUTE, MAX_FORECAST_ORDER, REUSE, ActionKind, Plan
+from dit_opt.plan import COMPUTE, REUSE, ActionKind, Plan, after_step
 from solvers.problem import Problem
 
 __all__ = ["fill", "trim"]
@@ -93,16 +92,11 @@ class _Column:
         for t, action in enumerate(column):
             self.history.append(computes)
             self.errors.append(self._term(t, action, computes))
-            computes = self._after(t, action, computes)
-        self.total = math.fsum(self.errors)
+            computes = after_step(t, action, computes)
 
     def _term(self, t: int, action: Any, computes: tuple[int, ...]) -> float:
         p = self.problem
         return p.step_terms(t, self.u, p.forecast_choice(t, self.u, action, computes), computes)[1]
-
-    @staticmethod
-    def _after(t: int, action: Any, computes: tuple[int, ...]) -> tuple[int, ...]:
-        return (t, *computes)[:MAX_FORECAST_ORDER + 1] if action.kind is ActionKind.COMPUTE else computes
 
     def delta(self, t: int, action: Any) -> float:
         """Modelled error added by making step ``t`` ``action`` (negative: saved).
@@ -115,7 +109,7 @@ class _Column:
         while s < T:
             a = action if s == t else self.column[s]
             diff += self._term(s, a, computes) - self.errors[s]
-            computes = self._after(s, a, computes)
+            computes = after_step(s, a, computes)
             s += 1
             if s < T and computes == self.history[s]:
                 break  # the same history from here on: the same terms

@@ -73,6 +73,7 @@ from dit_opt.plan import (
     ActionKind,
     Plan,
     Unit,
+    after_step,
     cfg_action,
     check_budget,
 )
@@ -375,8 +376,7 @@ class Problem:
         # only COMPUTE moves the walk, so turning a REUSE into FORECAST on the way is safe
         for t, action in enumerate(column):
             column[t] = self.forecast_choice(t, u, action, computes)
-            if action.kind is ActionKind.COMPUTE:
-                computes = (t, *computes)[:MAX_FORECAST_ORDER + 1]
+            computes = after_step(t, action, computes)
         return column
 
     def forecast_choice(self, t: int, u: int, action: Action, computes: Sequence[int]) -> Action:
@@ -482,14 +482,13 @@ class Problem:
         Raises:
             ValueError: an action is not in the menu or not allowed, or a rule is broken.
         """
-        computes: tuple[int, ...] = (0,)
+        computes: tuple[int, ...] = ()
         flops, errors = [], []
         for t, action in enumerate(column):
-            f, e = self.step_terms(t, u, action, computes)
+            f, e = self.step_terms(t, u, action, computes)  # step 0 must compute: it raises otherwise
             flops.append(f)
             errors.append(e)
-            if action.kind is ActionKind.COMPUTE and t > 0:
-                computes = (t, *computes)[:MAX_FORECAST_ORDER + 1]
+            computes = after_step(t, action, computes)
         return flops, errors
 
     def step_terms(self, t: int, u: int, action: Action, computes: Sequence[int]) -> tuple[float, float]:
