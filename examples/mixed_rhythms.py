@@ -1,0 +1,101 @@
+"""Two TaylorSeer intervals in one schedule: can a rhythm between two settings reach the chord?
+
+The equal-FLOPs comparison joins a peer's settings linearly: on ``digits-mmdit`` at 0.35 the
+envelope is the chord between TaylorSeer's interval 4 (8 computes) and interval 3 (10 computes).
+This example measures the schedules in between: a warm-up ``w``, then interval ``Na`` until a
+switch step and ``Nb`` after it (the switch chosen to spend the most of the budget), at module
+granularity with a forecast at every cache read (TaylorSeer's policy, the order measured best), as
+they are and with their unspent budget filled (``solvers.fill``). Each row is one generation of
+the benchmark's evaluation (20 images, seed 0) and of its calibration (10 images, seed 1000).
+
+    python examples/mixed_rhythms.py --model digits-mmdit --budget 0.35 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import warnings
+
+import numpy as np
+import torch
+
+import dit_opt
+from dit_opt import metrics, zoo
+from dit_opt.bench import with_transformer
+from dit_opt.plan import COMPUTE, REUSE
+from dit_opt.selection import measure_outputs, relative_error
+from solvers.fill import fill
+
+PAIRS = ((2, 3), (3, 2), (3, 4), (4, 3), (4, 5), (5, 4), (5, 6), (6, 5))
+
+
+def schedule(num_steps: int, warmup: int, first: int, na: int, nb: int, switch: int) -> np.ndarray:
+    """``(T,)`` booleans: compute at ``t < max(warmup, 1)``, then from ``first`` every ``na`` steps
+    while before ``switch``, every ``nb`` after."""
+    c = np.zeros(num_steps, bool)
+    c[: max(warmup, 1)] = True
+    t = first
+    while t < num_steps:
+        c[t] = True
+        t += na if t < switch else nb
+    return c
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="digits-mmdit", choices=zoo.available())
+    parser.add_argument("--budget", type=float, default=0.35)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    sampler = zoo.load(args.model)
+    model = sampler.transformer
+    cal_labels, eval_labels = sampler.labels(10), sampler.labels(20)
+
+    def calibration(module):
+        return with_transformer(sampler, module, class_labels=cal_labels, seed=1000)
+
+    prof = dit_opt.profile(model, calibration, probes=0, progress=False)
+    full = with_transformer(sampler, model, class_labels=eval_labels, seed=0)
+    ref = measure_outputs(calibration, model)
+    problem = dataclasses.replace(prof.to_problem(args.budget, granularity="module"), forecast_policy="always")
+    T, U, reuse = problem.num_steps, len(problem.units), problem.menu_index(REUSE)
+
+    def grid(c: np.ndarray) -> list:
+        return problem.with_forecasts([[COMPUTE if c[t] or not problem.allowed[t, u, reuse] else REUSE
+                                        for u in range(U)] for t in range(T)])
+
+    seen: set[tuple] = set()
+    print("| warm-up, intervals, switch | computes | plan | FLOP fraction | modelled error | calibration error | "
+          "PSNR (dB) |")
+    print("|---|---|---|---|---|---|---|")
+    for w in (1, 2, 3):
+        for na, nb in PAIRS:
+            if max(na, nb) > problem.max_age + 1:
+                continue
+            for first in (w, w + 1):
+                fits = [(problem.evaluate(grid(c))[0], s, c) for s in range(first, T + 1)
+                        if problem.is_within_budget(problem.evaluate(grid(c := schedule(T, w, first, na, nb, s)))[0])]
+                if not fits:
+                    continue
+                flops, s, c = max(fits, key=lambda f: (f[0], -f[1]))
+                if tuple(c) in seen:
+                    continue
+                seen.add(tuple(c))
+                plan = problem.to_plan(grid(c), f"w={w} {na}->{nb} @{s}", "HEURISTIC", 0.0)
+                if plan.flop_fraction < args.budget - 0.05:
+                    continue
+                for kind, p in (("as is", plan), ("filled", fill(problem, plan))):
+                    opt = dit_opt.OptimizedTransformer(model, p, profile=prof, compile=False)
+                    images = with_transformer(sampler, opt, class_labels=eval_labels, seed=0)
+                    opt.reset()
+                    error = relative_error(measure_outputs(calibration, opt), ref)
+                    print(f"| {w}, {na} then {nb}, at {s} | {np.nonzero(c)[0].tolist()} | {kind} | "
+                          f"{p.flop_fraction:.3f} | {p.predicted_error:.3g} | {error:.3g} | "
+                          f"{metrics.psnr(images, full):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
