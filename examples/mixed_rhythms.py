@@ -22,7 +22,7 @@ import torch
 
 import dit_opt
 from dit_opt import metrics, zoo
-from dit_opt.bench import with_transformer
+from dit_opt.bench import sampling
 from dit_opt.plan import COMPUTE, REUSE
 from dit_opt.selection import measure_outputs, relative_error
 from solvers.fill import fill
@@ -52,13 +52,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
     sampler = zoo.load(args.model)
     model = sampler.transformer
-    cal_labels, eval_labels = sampler.labels(10), sampler.labels(20)
-
-    def calibration(module):
-        return with_transformer(sampler, module, class_labels=cal_labels, seed=1000)
-
+    calibration, evaluation = sampling(sampler, 10, seed=1000, reset=True), sampling(sampler, 20, seed=0, reset=True)
     prof = dit_opt.profile(model, calibration, probes=0, progress=False)
-    full = with_transformer(sampler, model, class_labels=eval_labels, seed=0)
+    full = evaluation(model)
     ref = measure_outputs(calibration, model)
     problem = dataclasses.replace(prof.to_problem(args.budget, granularity="module"), forecast_policy="always")
     T, U, reuse = problem.num_steps, len(problem.units), problem.menu_index(REUSE)
@@ -76,21 +72,24 @@ def main() -> None:
             if max(na, nb) > problem.max_age + 1:
                 continue
             for first in (w, w + 1):
-                fits = [(problem.evaluate(grid(c))[0], s, c) for s in range(first, T + 1)
-                        if problem.is_within_budget(problem.evaluate(grid(c := schedule(T, w, first, na, nb, s)))[0])]
+                fits = []
+                for s in range(first, T + 1):
+                    c = schedule(T, w, first, na, nb, s)
+                    g = grid(c)
+                    if problem.is_within_budget(flops := problem.evaluate(g)[0]):
+                        fits.append((flops, s, c, g))
                 if not fits:
                     continue
-                flops, s, c = max(fits, key=lambda f: (f[0], -f[1]))
+                _, s, c, g = max(fits, key=lambda f: (f[0], -f[1]))  # the dearest; ties: the earliest switch
                 if tuple(c) in seen:
                     continue
                 seen.add(tuple(c))
-                plan = problem.to_plan(grid(c), f"w={w} {na}->{nb} @{s}", "HEURISTIC", 0.0)
+                plan = problem.to_plan(g, f"w={w} {na}->{nb} @{s}", "HEURISTIC", 0.0)
                 if plan.flop_fraction < args.budget - 0.05:
                     continue
                 for kind, p in (("as is", plan), ("filled", fill(problem, plan))):
                     opt = dit_opt.OptimizedTransformer(model, p, profile=prof, compile=False)
-                    images = with_transformer(sampler, opt, class_labels=eval_labels, seed=0)
-                    opt.reset()
+                    images = evaluation(opt)
                     error = relative_error(measure_outputs(calibration, opt), ref)
                     print(f"| {w}, {na} then {nb}, at {s} | {np.nonzero(c)[0].tolist()} | {kind} | "
                           f"{p.flop_fraction:.3f} | {p.predicted_error:.3g} | {error:.3g} | "
