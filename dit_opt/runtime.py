@@ -501,14 +501,19 @@ class OptimizedTransformer(nn.Module):
             return variants
         import torch._dynamo
 
+        from passes.rewrite_plan import copy_variant
+
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        for v in {id(v.gm): v for v in variants}.values():
+        # the built variants are shared with the other modules built on this graph (eager
+        # ones among them): the compiled blocks go into copies
+        copies = {id(v.gm): copy_variant(v) for v in variants}
+        for v in copies.values():
             for name, mod in list(v.gm.named_children()):
                 if _is_block(mod):
                     if id(mod) not in self._compiled:
                         self._compiled[id(mod)] = torch.compile(mod)
                     setattr(v.gm, name, self._compiled[id(mod)])
-        return variants
+        return [copies[id(v.gm)] for v in variants]
 
 
 def _is_block(mod: nn.Module) -> bool:

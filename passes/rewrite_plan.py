@@ -14,7 +14,7 @@ the "input" entry its token input (read by a module ``PRUNE``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch.fx
@@ -31,7 +31,7 @@ from passes.rewrite_skip import rewrite_skip
 from passes.rewrite_width import rewrite_width
 from passes.step_graph import StepGraph
 
-__all__ = ["Variant", "build_variants", "cache_needs"]
+__all__ = ["Variant", "build_variants", "cache_needs", "copy_variant"]
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,11 @@ def build_variants(
             nothing (more FLOPs than the plan's, the same cache contents).
         half_module: returns a block's sub-module as captured at half the batch (module-level
             ``CFG``: the captured sub-module graphs are specialised to the batch they saw).
-        cache: shared by the builds of plans on one graph: a block rewritten the same way in
-            two steps (or two plans) is built once (``rewrite_modules``).
+        cache: shared by the builds of plans on one graph (and one ``narrowed`` /
+            ``narrow_mlp`` / ``half_module``): a step given the same actions, cache writes and
+            forecast weights in two plans is built once, and so is a block rewritten the same
+            way in two steps (``rewrite_modules``). The variants are then shared too: whoever
+            changes one's modules (compiling them) must do it on a copy (:func:`copy_variant`).
 
     Raises:
         DitOptError: the plan's units are not the graph's blocks.
@@ -135,19 +138,28 @@ def build_variants(
         order.append((specs[name], units))
     needs = cache_needs(plan)
     weights = forecast_plan_weights(plan)
-    shared: dict[tuple, Variant] = {}
     cache = {} if cache is None else cache
     out = []
     for t in range(plan.num_steps):
-        key = (tuple(str(a) for a in plan.actions[t]), tuple(needs[t]), tuple(weights[t]))
-        if key not in shared:
-            shared[key] = _build(graph, order, plan, t, needs[t], weights[t], narrowed, narrow_mlp, len(shared),
-                                 guidance, half_module, cache)
-        out.append(shared[key])
+        # everything _build reads besides the graph and the module makers (fixed per cache)
+        key = ("step", plan.units, guidance, tuple(str(a) for a in plan.actions[t]), tuple(needs[t]),
+               tuple(weights[t]))
+        if key not in cache:
+            cache[key] = _build(graph, order, plan, t, needs[t], weights[t], narrowed, narrow_mlp, guidance,
+                                half_module, cache)
+        out.append(cache[key])
     return out
 
 
-def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, n, guidance, half_module, cache) -> Variant:
+def copy_variant(variant: Variant) -> Variant:
+    """``variant`` with a ``GraphModule`` of its own (the same graph, modules and attributes),
+    whose children can be replaced without touching the variants shared through a build cache."""
+    gm = torch.fx.GraphModule(variant.gm, variant.gm.graph, class_name=type(variant.gm).__name__)
+    gm.num_model_outputs = variant.gm.num_model_outputs
+    return replace(variant, gm=gm)
+
+
+def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, guidance, half_module, cache) -> Variant:
     sg = StepGraph(graph)
     actions = plan.actions[t]
     if not guidance:  # no guidance half to derive: the block computes (a CFG step writes no cache)
@@ -174,5 +186,5 @@ def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, n, guida
             rewrite_skip(sg, spec)
         elif kind is ActionKind.CFG:
             rewrite_cfg(sg, spec, action.branch)
-    gm = sg.build(class_name=f"StepVariant{n}")
+    gm = sg.build(class_name=f"StepVariant{t}")  # named for the first step built with it
     return Variant(gm, tuple(sg.reads), tuple(sg.writes), tuple(actions))

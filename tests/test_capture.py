@@ -62,6 +62,29 @@ def test_output_equals_model(captured, name):
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_captured_modules_run_their_generated_code_where_it_is_current(captured, name):
+    import sys
+
+    unflatten = sys.modules["torch.export.unflatten"]
+    model, inputs, g = captured(name)
+    mods = [m for m in g.module.modules() if isinstance(m, unflatten.InterpreterModule)]
+    fast = [m for m in mods if not m._run_with_interpreter]
+    assert fast, f"{name}: every captured module runs through the fx interpreter"
+    for m in fast:
+        assert m.graph_module.code == m.graph.python_code("self").src
+    with torch.no_grad():
+        got = _tensors(g(**inputs))
+        for m in fast:
+            m._run_with_interpreter = True
+        try:
+            interpreted = _tensors(g(**inputs))
+        finally:
+            for m in fast:
+                m._run_with_interpreter = False
+    assert all(torch.equal(a, b) for a, b in zip(got, interpreted, strict=True))
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_roles_found(captured, name):
     _, _, g = captured(name)
     first = g.blocks[0]

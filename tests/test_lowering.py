@@ -61,6 +61,28 @@ def test_blocks_are_compiled_once_and_shared(compiled_pair):
     assert len(wrappers) <= len(runner.graph.blocks) * 2
 
 
+def test_variants_shared_across_modules_on_one_graph_and_compiled_on_copies(compiled_pair):
+    from dit_opt.runtime import OptimizedTransformer
+
+    model, cal, eager, _ = compiled_pair
+    runner = next(iter(eager._runners.values()))
+    with torch.no_grad():
+        before = cal(eager)
+    kw = dict(profile=eager.profile, graph=runner.graph)
+    again = OptimizedTransformer(model, eager.plan, compile=False, **kw)
+    lowered = OptimizedTransformer(model, eager.plan, compile=True, **kw)
+    # the same plan on the same graph and profile: the eager module's step graphs themselves
+    built = next(iter(again._runners.values())).variants
+    assert all(a.gm is b.gm for a, b in zip(built, runner.variants, strict=True))
+    # the compiled module's blocks go into copies: the shared (eager) graphs keep their blocks
+    compiled_vs = next(iter(lowered._runners.values())).variants
+    assert not any(a.gm is b.gm for a, b in zip(compiled_vs, runner.variants, strict=True))
+    assert any(hasattr(m, "_orig_mod") for v in compiled_vs for _, m in v.gm.named_children())
+    assert not any(hasattr(m, "_orig_mod") for v in runner.variants for _, m in v.gm.named_children())
+    with torch.no_grad():
+        assert torch.equal(cal(eager), before)
+
+
 def test_export_pt2_replays_the_plan(compiled_pair, tmp_path):
     from dit_opt.export import ExportedPlan
 
