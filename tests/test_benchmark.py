@@ -109,6 +109,23 @@ def test_cache_dit_context_is_refreshed_between_generations(sampler):
     assert torch.equal(first, _images(sampler, fresh, [1, 2, 3]))
 
 
+@pytest.mark.parametrize("peer", ["cachedit_taylorseer", "cachedit_foca", "cachedit_dmd"])
+def test_cache_dit_calibrators_forecast_what_dbcache_reuses(sampler, peer):
+    pytest.importorskip("cache_dit")
+    steps = 12  # enough computes before the cached steps for DMD's history
+
+    def images(module):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bm._generate(sampler, module, LABELS, 0, steps)
+
+    plain = images(bm.cache_dit_module(sampler.transformer, "cachedit_dbcache", 0.25, steps))
+    module = bm.cache_dit_module(sampler.transformer, peer, 0.25, steps)
+    first = images(module)
+    assert torch.equal(first, images(module))  # refreshed between generations
+    assert not torch.equal(first, plain)  # the calibrator serves the cached steps, not DBCache's reuse
+
+
 def test_cache_dit_is_timed_compiled(sampler):
     pytest.importorskip("cache_dit")
     import torch._inductor.config as inductor_config

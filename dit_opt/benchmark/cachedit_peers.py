@@ -54,7 +54,9 @@ def cache_dit_module(model: nn.Module, peer: str, value: Any, steps: int, compil
     """A copy of ``model`` accelerated by the ``cache-dit`` package (DBCache F1B0, 2 warm-up steps).
 
     ``cachedit_dbcache``: DBCache at residual threshold ``value``; ``cachedit_taylorseer``: the same
-    with cache-dit's first-order TaylorSeer calibrator; ``cachedit_scm``: a predefined step
+    with cache-dit's first-order TaylorSeer calibrator; ``cachedit_foca`` and ``cachedit_dmd``: the
+    same with its FoCa (BDF2 predictor, Heun corrector) or DMD (dynamic mode decomposition)
+    calibrator at their defaults, where the installed cache-dit has them; ``cachedit_scm``: a predefined step
     computation mask (``cache_dit.steps_mask(mask_policy=value)``) with static caching on masked steps.
 
     With ``compile=True`` the cached transformer is compiled whole, as cache-dit documents
@@ -64,7 +66,7 @@ def cache_dit_module(model: nn.Module, peer: str, value: Any, steps: int, compil
 
     Raises:
         ImportError: cache-dit is not installed (``pip install cache-dit --no-deps``; its requirements
-            are dit-opt's own plus transformers).
+            are dit-opt's own plus transformers), or the installed version has no calibrator asked for.
         NotImplementedError: the model is a ``DiTTransformer2DModel``: cache-dit replaces its block list
             with a ``CachedBlocks`` wrapper, and DiT's forward reads ``transformer_blocks[0].norm1.emb``
             through the list, which the wrapper does not have (AttributeError).
@@ -85,11 +87,23 @@ def cache_dit_module(model: nn.Module, peer: str, value: Any, steps: int, compil
         config = cache_dit.DBCacheConfig(residual_diff_threshold=float(value), **common)
         if peer == "cachedit_taylorseer":
             calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1)
+        elif peer in ("cachedit_foca", "cachedit_dmd"):
+            calibrator = _calibrator_config(cache_dit, peer)
     with contextlib.redirect_stdout(io.StringIO()):
         cache_dit.enable_cache(copy_, cache_config=config, calibrator_config=calibrator)
     if compile:
         copy_.compile()
     return CacheDitModule(copy_)
+
+
+def _calibrator_config(cache_dit: Any, peer: str) -> Any:
+    """cache-dit's config of ``peer``'s calibrator (FoCa, DMD: newer than TaylorSeer's in cache-dit)."""
+    name = {"cachedit_foca": "FoCaCalibratorConfig", "cachedit_dmd": "DMDCalibratorConfig"}[peer]
+    config = getattr(cache_dit, name, None)
+    if config is None:
+        raise ImportError(f"the installed cache-dit ({getattr(cache_dit, '__version__', '?')}) has no {name}; "
+                          f"{peer} needs a cache-dit with it (pip install --no-deps -U cache-dit)")
+    return config()
 
 
 @contextlib.contextmanager

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None, prog: str = "benchmark.py") -> list[Row]
                         help="target FLOP fractions of the dit-opt and baseline rows")
     parser.add_argument("--samples", type=int, default=None, help="images per row (default 20, --quick 10)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
-    parser.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=SOLVERS,
-                        help="dit-opt's solver and baseline schedules to run")
+    parser.add_argument("--solvers", nargs="*", default=list(SOLVERS), choices=SOLVERS,
+                        help="dit-opt's solver and baseline schedules to run (none: --solvers with no value)")
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS,
                         help="peer methods to sweep (none: --peers with no value)")
     parser.add_argument("--quick", action="store_true", help="10 samples and every other peer setting")

@@ -13,8 +13,8 @@ from typing import Any
 SOLVERS = ("cpsat", "fora", "delta_dit", "toca")
 #: Peer names in report order: diffusers hooks, then the optional ``cache-dit`` package.
 PEERS = ("fbc", "pab", "fastercache", "taylorseer", "magcache", "cachedit_dbcache", "cachedit_taylorseer",
-         "cachedit_scm")
-_CACHE_DIT_PEERS = ("cachedit_dbcache", "cachedit_taylorseer", "cachedit_scm")
+         "cachedit_foca", "cachedit_dmd", "cachedit_scm")
+_CACHE_DIT_PEERS = ("cachedit_dbcache", "cachedit_taylorseer", "cachedit_foca", "cachedit_dmd", "cachedit_scm")
 _PEER_TITLES = {
     "fbc": "diffusers FirstBlockCache",
     "pab": "diffusers PyramidAttentionBroadcast",
@@ -23,6 +23,8 @@ _PEER_TITLES = {
     "magcache": "diffusers MagCache",
     "cachedit_dbcache": "cache-dit DBCache",
     "cachedit_taylorseer": "cache-dit DBCache + TaylorSeer",
+    "cachedit_foca": "cache-dit DBCache + FoCa",
+    "cachedit_dmd": "cache-dit DBCache + DMD",
     "cachedit_scm": "cache-dit SCM step mask",
 }
 #: The swept parameter of each peer (full sweep; ``--quick`` takes every other value). Chosen by
@@ -36,12 +38,15 @@ _SWEEPS: dict[str, tuple[float, ...]] = {
     "magcache": (0.02, 0.06, 0.15, 0.3, 0.6, 1.0),
     "cachedit_dbcache": (0.1, 0.25, 0.5, 0.8, 1.2, 2.0),
     "cachedit_taylorseer": (0.1, 0.25, 0.5, 0.8, 1.2, 2.0),
+    "cachedit_foca": (0.1, 0.25, 0.5, 0.8, 1.2, 2.0),
+    "cachedit_dmd": (0.1, 0.25, 0.5, 0.8, 1.2, 2.0),
     "cachedit_scm": ("slow", "medium", "fast", "ultra"),
 }
 _SWEEP_PARAM = {"fbc": "threshold", "pab": "skip_range", "fastercache": "skip_range",
                 "taylorseer": "interval,warm-up,order", "magcache": "threshold",
                 "cachedit_dbcache": "residual_diff_threshold",
-                "cachedit_taylorseer": "residual_diff_threshold", "cachedit_scm": "mask_policy"}
+                "cachedit_taylorseer": "residual_diff_threshold", "cachedit_foca": "residual_diff_threshold",
+                "cachedit_dmd": "residual_diff_threshold", "cachedit_scm": "mask_policy"}
 _EVAL_SEED = 0
 _CALIBRATION_SEED = 1000
 
