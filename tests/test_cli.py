@@ -115,6 +115,15 @@ def test_bench_quick_writes_report_and_figure(tmp_path):
     assert png.is_file()
 
 
+def test_bench_peers_only_with_no_solvers(tmp_path):
+    md, png = tmp_path / "B.md", tmp_path / "p.png"
+    _ok(_run("bench", "--quick", "--no-timing", "--no-progress", "--models", "digits-mmdit", "--steps", "3",
+             "--samples", "2", "--solvers", "--peers", "fbc", "--out", str(md), "--figure", str(png)))
+    text = md.read_text()
+    assert "FirstBlockCache" in text and "| full model" in text, text
+    assert "dit-opt (cpsat)" not in text and "dit-opt baseline" not in text, text
+
+
 def test_bench_rejects_budget_outside_unit_interval(tmp_path):
     result = _run("bench", "--no-timing", "--budgets", "2", "--out", str(tmp_path / "B.md"))
     assert result.exit_code == 2, result.output
