@@ -22,7 +22,7 @@ from dit_opt.artifacts import ARTIFACT_VERSION, check_model, read, save
 from dit_opt.errors import ConfigError, DitOptError, InputMismatchError
 from dit_opt.plan import Plan, check_budget
 from dit_opt.runtime import OptimizedTransformer
-from dit_opt.sensitivity import DEFAULT_ACTIONS, SensitivityProfile, check_actions
+from dit_opt.sensitivity import DEFAULT_ACTIONS, DEFAULT_MAX_AGE, SensitivityProfile, check_actions
 
 __all__ = ["optimize", "profile", "load", "save", "ARTIFACT_VERSION"]
 
@@ -102,7 +102,7 @@ def profile(
     *,
     example_inputs: dict[str, Any] | None = None,
     blocks: list[str] | None = None,
-    max_age: int = 4,
+    max_age: int = DEFAULT_MAX_AGE,
     prune_rates: tuple[float, ...] = (0.25, 0.5, 0.75),
     widths: tuple[float, ...] = (0.25, 0.5, 0.75),
     probe_rows: int | None = 4,
@@ -179,7 +179,7 @@ def optimize(
     compile: bool = True,
     blocks: list[str] | None = None,
     actions: tuple[str, ...] = DEFAULT_ACTIONS,
-    max_age: int = 4,
+    max_age: int = DEFAULT_MAX_AGE,
     prune_rates: tuple[float, ...] = (0.25, 0.5, 0.75),
     widths: tuple[float, ...] = (0.25, 0.5, 0.75),
     solver_options: dict[str, Any] | None = None,

@@ -27,7 +27,8 @@ from safetensors.numpy import save_file as save_np
 from dit_opt.errors import ArtifactError, ConfigError
 from dit_opt.plan import Unit
 
-__all__ = ["PROFILE_VERSION", "ACTION_FAMILIES", "DEFAULT_ACTIONS", "SensitivityProfile", "check_actions"]
+__all__ = ["PROFILE_VERSION", "ACTION_FAMILIES", "DEFAULT_ACTIONS", "DEFAULT_MAX_AGE", "LONG_CACHE_BUDGET",
+           "SHORT_MAX_AGE", "SensitivityProfile", "check_actions"]
 
 #: Version of the saved profile format.
 PROFILE_VERSION = 1
@@ -38,6 +39,22 @@ _OPTIONAL = ("step_gain", "e_module_reuse", "flops_module", "e_forecast", "e_mod
 ACTION_FAMILIES = ("reuse", "forecast", "prune", "width", "skip", "cfg")
 #: The default ``actions``: every family (``cfg`` where the calibration ran guidance batches).
 DEFAULT_ACTIONS = ACTION_FAMILIES
+#: The oldest cache a profile measures by default (``max_age``): TaylorSeer's intervals up to 8
+#: (computes ``max_age + 1`` apart) are then in the action space. At 4 (intervals up to 5), the
+#: low budgets had only skips and long reuses left: on ``digits-dit`` at 0.2 and 0.25 the kept
+#: plans measured 35.10 and 41.73 dB, with 7 40.63 and 44.65 (the benchmark's seeds). Plans at
+#: high budgets use fewer (:data:`LONG_CACHE_BUDGET`).
+DEFAULT_MAX_AGE = 7
+#: Plans at budgets from this one up read caches at most :data:`SHORT_MAX_AGE` steps old (below
+#: it, every age the profile measured). The older caches pay at low budgets and cost fidelity at
+#: high ones, where the solvers' additive error model rates long reuses too well and CP-SAT's
+#: larger problem stops further from its optimum: with every age up to 7 at every budget, the
+#: kept plans measured 64.76 / 55.91 dB on ``digits-dit`` at 0.7 / 0.5 (65.60 / 57.14 at 4) and
+#: 40.16 on ``crops-pixart`` at 0.7 (42.53 at 4), against 40.63 / 44.65 at 0.2 / 0.25 (35.10 /
+#: 41.73 at 4) and 35.38 on ``digits-mmdit`` at 0.2 (26.26 at 4).
+LONG_CACHE_BUDGET = 0.4
+#: See :data:`LONG_CACHE_BUDGET`.
+SHORT_MAX_AGE = 4
 
 
 def check_actions(actions: Any) -> tuple[str, ...]:
@@ -177,9 +194,24 @@ class SensitivityProfile:
         return len(self.timesteps)
 
     # ---- to a solver problem ---------------------------------------------------------------
+    def planned_max_age(self, budget: float, max_age: int | None = None) -> int:
+        """The oldest cache a plan at ``budget`` may read: ``max_age`` if given (at most the
+        profile's), else the profile's below :data:`LONG_CACHE_BUDGET` and at most
+        :data:`SHORT_MAX_AGE` from it up.
+
+        Raises:
+            ConfigError: ``max_age`` is above what the profile measured, or not a positive int.
+        """
+        if max_age is None:
+            return self.max_age if budget < LONG_CACHE_BUDGET else min(self.max_age, SHORT_MAX_AGE)
+        if isinstance(max_age, bool) or not isinstance(max_age, int) or not 1 <= max_age <= self.max_age:
+            raise ConfigError(f"max_age={max_age!r}: the profile measured caches up to {self.max_age} steps old; "
+                              f"give an int in 1..{self.max_age}, or profile again with a larger max_age")
+        return max_age
+
     def to_problem(self, budget: float, *, num_steps: int | None = None, timesteps: Any = None,
                    actions: tuple[str, ...] = DEFAULT_ACTIONS,
-                   granularity: str = "block") -> Any:
+                   granularity: str = "block", max_age: int | None = None) -> Any:
         """The solver :class:`~solvers.problem.Problem` at ``budget``.
 
         Args:
@@ -197,11 +229,14 @@ class SensitivityProfile:
                 ``FORECAST`` of their outputs, ``PRUNE`` where the module can be pruned and
                 ``WIDTH`` for MLPs; the rest of each block is always computed; profiles made
                 before module ``SKIP``/``PRUNE``/``FORECAST`` existed offer only ``REUSE`` and ``WIDTH``).
+            max_age: the oldest cache the plan may read (:meth:`planned_max_age`; default: by
+                the budget).
         """
         from solvers.problem import Problem
 
+        ages = self.planned_max_age(budget, max_age)
         if granularity == "module":
-            return self._module_problem(budget, num_steps, timesteps, check_actions(actions))
+            return self._module_problem(budget, num_steps, timesteps, check_actions(actions)).with_max_age(ages)
         if granularity != "block":
             raise ConfigError(f"granularity must be 'block' or 'module', got {granularity!r}")
 
@@ -248,7 +283,7 @@ class SensitivityProfile:
                 allowed[..., a] &= prunable if allowed.ndim == 2 else prunable[None, :]
             if name.startswith("W"):
                 allowed[..., a] &= narrowable if allowed.ndim == 2 else narrowable[None, :]
-        return dataclasses.replace(problem, allowed=allowed)
+        return dataclasses.replace(problem, allowed=allowed).with_max_age(ages)
 
     def _module_problem(self, budget: float, num_steps: int | None, timesteps: Any, actions: tuple[str, ...]) -> Any:
         from solvers.problem import Problem
@@ -257,7 +292,8 @@ class SensitivityProfile:
             raise ValueError("this profile has no module-level errors; profile the model again")
         # the block-level problem: its timesteps and (step-gain scaled) MLP width errors, and the
         # units of the blocks planned whole
-        block = self.to_problem(budget, num_steps=num_steps, timesteps=timesteps, actions=actions)
+        block = self.to_problem(budget, num_steps=num_steps, timesteps=timesteps, actions=actions,
+                                max_age=self.max_age)  # every measured age: the caller cuts them
         T, M = block.num_steps, self.max_age
         cal = np.asarray(self.timesteps, dtype=np.float64)
         near = np.abs(cal[None, :] - np.asarray(block.timesteps)[:, None]).argmin(axis=1)

@@ -68,7 +68,7 @@ from dit_opt.executor import (
 )
 from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import MAX_FORECAST_ORDER, Unit, forecast_weights
-from dit_opt.sensitivity import SensitivityProfile
+from dit_opt.sensitivity import DEFAULT_MAX_AGE, SensitivityProfile
 from dit_opt.steps import StepTracker, timestep_value
 from passes.infra import PassResult
 from passes.rewrite_modules import module_token_input
@@ -663,7 +663,7 @@ def annotate_sensitivity(
     graph: DiTGraph,
     calibration: Callable[[torch.nn.Module], Any],
     *,
-    max_age: int = 4,
+    max_age: int = DEFAULT_MAX_AGE,
     prune_rates: tuple[float, ...] = (0.25, 0.5, 0.75),
     widths: tuple[float, ...] = (0.25, 0.5, 0.75),
     probe_rows: int | None = 4,

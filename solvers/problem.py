@@ -607,6 +607,24 @@ class Problem:
         """The same problem with another budget."""
         return replace(self, budget=budget)
 
+    def with_max_age(self, max_age: int) -> Problem:
+        """The same problem with caches at most ``max_age`` steps old (``<= self.max_age``): the
+        errors at older ages dropped, a forecast over computes ``max_age + 1`` apart taking the
+        error at spacing ``max_age``, as :meth:`forecast_error` does at any ``max_age``.
+
+        Raises:
+            ValueError: ``max_age`` is not an int in ``0..self.max_age``.
+        """
+        if isinstance(max_age, bool) or not isinstance(max_age, int) or not 0 <= max_age <= self.max_age:
+            raise ValueError(f"max_age must be an int in 0..{self.max_age}, got {max_age!r}")
+        if max_age == self.max_age:
+            return self
+        n = max_age + 1
+        sliced = {"e_reuse": lambda a: a[:, :, :n], "e_prune": lambda a: a[:, :, :n], "e_cfg": lambda a: a[:, :, :n],
+                  "e_forecast": lambda a: a[..., :n, :n]}
+        changes = {name: cut(getattr(self, name)) for name, cut in sliced.items() if getattr(self, name) is not None}
+        return replace(self, max_age=max_age, **changes)
+
     def restrict(self, actions: Iterable[ActionKind] = (ActionKind.COMPUTE, ActionKind.REUSE,
                                                         ActionKind.FORECAST)) -> Problem:
         """The same problem with only the given action families (``COMPUTE`` is always kept;

@@ -105,3 +105,9 @@ def test_benchmark_report_carries_the_equal_flops_table(tmp_path):
                              "--figure", str(tmp_path / "f.png")])
     assert [(r.method, r.psnr) for r in merged][:2] == [("full model", math.inf), ("dit-opt (cpsat)", 33.0)]
     assert len(merged) == 4 and "| 0.5 | 0.500 | 33.00 | 22.00 | **+11.00**" in out.read_text()
+    # a re-run of one setting replaces that row only; a new setting is added
+    third = tmp_path / "third.json"
+    third.write_text(json.dumps({"seconds": 1.0, "rows": [dict(rows[3], psnr=25.0), dict(rows[3], setting="x=3")]}))
+    merged = benchmark.main(["--merge", str(saved), str(third), "--out", str(out), "--figure", str(tmp_path / "f.png")])
+    assert [(r.setting, r.psnr) for r in merged] == [("20 steps", math.inf), ("budget 0.5", 30.0), ("x=1", 20.0),
+                                                     ("x=2", 25.0), ("x=3", 24.0)]

@@ -199,3 +199,23 @@ def test_optimize_uses_forecasts_and_saves_them(tiny_dit, tmp_path):
     assert back.plan.actions == opt.plan.actions
     with torch.no_grad():
         assert torch.equal(cal(back), cal(opt))
+
+
+def test_plans_read_older_caches_at_low_budgets_only(tiny_dit):
+    from dit_opt.errors import ConfigError
+    from dit_opt.sensitivity import DEFAULT_MAX_AGE, LONG_CACHE_BUDGET, SHORT_MAX_AGE
+
+    _, _, prof = tiny_dit
+    assert prof.max_age == DEFAULT_MAX_AGE > SHORT_MAX_AGE
+    for granularity in ("block", "module"):
+        high = prof.to_problem(LONG_CACHE_BUDGET, granularity=granularity)
+        low = prof.to_problem(LONG_CACHE_BUDGET - 0.05, granularity=granularity)
+        assert (high.max_age, low.max_age) == (SHORT_MAX_AGE, DEFAULT_MAX_AGE)
+        assert high.e_reuse.shape[-1] == SHORT_MAX_AGE + 1 and low.e_reuse.shape[-1] == DEFAULT_MAX_AGE + 1
+        assert np.array_equal(high.e_reuse, low.e_reuse[..., :SHORT_MAX_AGE + 1])
+        assert prof.to_problem(0.2, granularity=granularity, max_age=2).max_age == 2
+    # a plan at a low budget is made with every age the profile measured
+    plan = solve(prof.to_problem(0.2), "fora")
+    assert plan.max_age == DEFAULT_MAX_AGE
+    with pytest.raises(ConfigError, match="profile measured caches up to"):
+        prof.to_problem(0.5, max_age=DEFAULT_MAX_AGE + 1)

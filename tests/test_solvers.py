@@ -212,6 +212,21 @@ def test_restrict_keeps_compute_reuse() -> None:
     assert restricted.full_flops == problem.full_flops
 
 
+def test_with_max_age_keeps_the_younger_ages_and_plans_within_them() -> None:
+    problem = make_problem(5, 8, 2, 4, 0.4)
+    short = problem.with_max_age(2)
+    assert short.max_age == 2 and short.e_reuse.shape == (8, 2, 3) and short.e_prune.shape == (8, 2, 3, 2)
+    assert np.array_equal(short.e_reuse, problem.e_reuse[:, :, :3])
+    plan = cpsat.solve(short, time_limit_s=5.0)
+    check_plan(plan, short)
+    # a plan within the shorter ages costs and errs the same in the full problem
+    assert problem.evaluate(plan.actions) == pytest.approx(short.evaluate(plan.actions))
+    assert problem.with_max_age(4) is problem
+    for bad in (5, -1, 2.0, True):
+        with pytest.raises(ValueError, match="max_age"):
+            problem.with_max_age(bad)
+
+
 # ------------------------------------------------------------------------- solver contracts
 def test_dp_refuses_other_actions() -> None:
     with pytest.raises(ConfigError, match="cpsat"):

@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None, prog: str = "benchmark.py") -> list[Row]
     parser.add_argument("--json", default=None, help="also write the measured rows as JSON (for --merge)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="measure nothing: write the report from rows saved by earlier runs' --json "
-                             "(e.g. one run per model, in parallel); a later file's rows replace an earlier "
-                             "file's rows of the same model and method (re-measure one method, keep the rest)")
+                             "(e.g. one run per model, in parallel); a later file's row replaces an earlier "
+                             "file's row of the same model, method and setting (re-measure some, keep the rest)")
     parser.add_argument("--commands", default=None,
                         help="with --merge: the commands that measured the rows, for the report")
     args = parser.parse_args(argv)
@@ -102,16 +102,12 @@ def main(argv: list[str] | None = None, prog: str = "benchmark.py") -> list[Row]
 
 
 def _merged(rows: list[Row], new: list[Row]) -> list[Row]:
-    """``rows`` with ``new`` in: where ``new`` has rows of a (model, method), they take the place
-    of the old ones (at the first old one's position); the rest of ``new`` is appended."""
-    keys = {(r.model, r.method) for r in new}
-    out: list[Row] = []
-    placed: set[tuple[str, str]] = set()
-    for r in rows:
-        key = (r.model, r.method)
-        if key not in keys:
-            out.append(r)
-        elif key not in placed:
-            out += [n for n in new if (n.model, n.method) == key]
-            placed.add(key)
-    return out + [n for n in new if (n.model, n.method) not in placed]
+    """``rows`` with ``new`` in: a row of ``new`` takes the place of the old row of the same model,
+    method and setting (a re-run of some budgets or settings replaces those only); the rest of
+    ``new`` is appended."""
+    def key(r: Row) -> tuple[str, str, str]:
+        return r.model, r.method, r.setting
+
+    fresh = {key(n): n for n in new}
+    out = [fresh.pop(key(r), r) for r in rows]
+    return out + [n for n in new if key(n) in fresh]
