@@ -164,7 +164,8 @@ def test_runtime_error_matches_the_profile(tiny_dit, action):
     seen as the next block's input, is what the profile measured for that action."""
     model, cal, prof = tiny_dit
     kind = action.kind
-    assert prof.e_forecast is not None and prof.e_forecast.shape == (STEPS, len(prof.units), 3, 5, 5)
+    ages = prof.max_age + 1
+    assert prof.e_forecast is not None and prof.e_forecast.shape == (STEPS, len(prof.units), 3, ages, ages)
     u, t = 1, STEPS - 1
     grid = [[COMPUTE] * len(prof.units) for _ in range(STEPS)]
     grid[t][u] = action

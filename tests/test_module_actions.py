@@ -147,10 +147,11 @@ def test_rewritten_graph_shows_the_actions_and_lowers_as_one_graph(tiny):
     assert opt.explain(t).graph_break_count == 0
 
 
-@pytest.mark.parametrize("name, skip_scale", [("dit", 0.1), ("pixart", 1.0)])
+@pytest.mark.parametrize("name, skip_scale", [("dit", 0.1), ("pixart", 0.1)])
 def test_counted_flops_of_a_module_plan_within_budget(tiny, name, skip_scale):
     model, cal, prof = tiny(name)
-    # make module PRUNE (and on dit SKIP) clearly worth it, so that the plan must use both
+    # make module PRUNE and SKIP clearly worth it (over reuses as old as 7 steps too), so that
+    # the plan must use both
     prof = dataclasses.replace(prof, e_module_skip=prof.e_module_skip * skip_scale,
                                e_module_prune=prof.e_module_prune * 1e-6)
     with warnings.catch_warnings():
