@@ -210,7 +210,9 @@ def optimize(
             half of a guidance batch and derives the other from the halves' cached difference;
             by default only where the calibration ran guidance batches, named explicitly a
             ``ConfigError`` where it did not).
-        max_age, prune_rates, widths: the candidate actions measured by the profile.
+        max_age, prune_rates, widths: the candidate actions measured by the profile (caches
+            up to ``max_age`` steps old; a plan below budget 0.4 may read all of them, from 0.4 up
+            at most 4: :meth:`dit_opt.sensitivity.SensitivityProfile.planned_max_age`).
         gain_points: see :func:`profile` (how errors at each step grow into the output).
         granularity: ``"block"`` (one action per block and step), ``"module"`` (one per
             attention, cross-attention and MLP of each block; reuse, forecast, skip, prune where
