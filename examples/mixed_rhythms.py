@@ -8,7 +8,7 @@ granularity with a forecast at every cache read (TaylorSeer's policy, the order 
 they are and with their unspent budget filled (``solvers.fill``). Each row is one generation of
 the benchmark's evaluation (20 images, seed 0) and of its calibration (10 images, seed 1000).
 
-    python examples/mixed_rhythms.py --model digits-mmdit --budget 0.35 --threads 1
+    python examples/mixed_rhythms.py --model digits-mmdit --budget 0.35 --threads 1 --max-age 4
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--model", default="digits-mmdit", choices=zoo.available())
     parser.add_argument("--budget", type=float, default=0.35)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-age", type=int, default=None,
+                        help="oldest cache the schedules may read (default: the budget's, planned_max_age)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -56,7 +58,8 @@ def main() -> None:
     prof = dit_opt.profile(model, calibration, probes=0, progress=False)
     full = evaluation(model)
     ref = measure_outputs(calibration, model)
-    problem = dataclasses.replace(prof.to_problem(args.budget, granularity="module"), forecast_policy="always")
+    problem = prof.to_problem(args.budget, granularity="module", max_age=args.max_age)
+    problem = dataclasses.replace(problem, forecast_policy="always")
     T, U, reuse = problem.num_steps, len(problem.units), problem.menu_index(REUSE)
 
     def grid(c: np.ndarray) -> list:

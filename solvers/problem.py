@@ -620,9 +620,10 @@ class Problem:
         if max_age == self.max_age:
             return self
         n = max_age + 1
-        sliced = {"e_reuse": lambda a: a[:, :, :n], "e_prune": lambda a: a[:, :, :n], "e_cfg": lambda a: a[:, :, :n],
-                  "e_forecast": lambda a: a[..., :n, :n]}
-        changes = {name: cut(getattr(self, name)) for name, cut in sliced.items() if getattr(self, name) is not None}
+        changes = {name: getattr(self, name)[:, :, :n] for name in ("e_reuse", "e_prune", "e_cfg")
+                   if getattr(self, name) is not None}  # age is their third axis
+        if self.e_forecast is not None:  # (..., age, spacing)
+            changes["e_forecast"] = self.e_forecast[..., :n, :n]
         return replace(self, max_age=max_age, **changes)
 
     def restrict(self, actions: Iterable[ActionKind] = (ActionKind.COMPUTE, ActionKind.REUSE,
