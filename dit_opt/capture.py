@@ -350,8 +350,8 @@ def _role_of(name: str, mod: nn.Module) -> str | None:
 def _run_generated_code(module: nn.Module) -> None:
     """Make ``torch.export.unflatten``'s modules run their generated ``forward`` rather than an
     ``fx.Interpreter`` over their graph (as they do under dynamo): the same ops, without the
-    interpreter's Python work per node, which made eager runs of the captured blocks (the
-    profile's hooked runs, the selection's candidates) a tenth slower on ``digits-dit``.
+    interpreter's Python work per node, which slowed every eager run of the captured blocks
+    (the profile's hooked runs, the selection's candidates).
 
     Only where the generated code is still its graph's: unflatten edits some graphs after
     generating their code (a module the model calls twice has its later call renamed from
