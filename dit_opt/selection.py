@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from dit_opt.plan import Plan
+from dit_opt.sensitivity import SHORT_MAX_AGE
 
 __all__ = ["Candidate", "candidate_plans", "measure_outputs", "relative_error", "select_plan"]
 
@@ -72,7 +73,10 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     FORA's uniform interval with forecasts where measured better; each with its unspent budget
     filled (:func:`solvers.fill.fill`). Given ``module_problem`` (the same profile at module
     granularity), also its solver plan (``solve_module``) and its uniform plan, filled (and then
-    only one block-level rhythm). Then, on ``module_problem`` if given (else ``problem``), under
+    only one block-level rhythm). Where the problem allows caches older than
+    :data:`~dit_opt.sensitivity.SHORT_MAX_AGE` (budgets below
+    :data:`~dit_opt.sensitivity.LONG_CACHE_BUDGET`), the finest uniform plan is also made at that
+    age limit. Then, on ``module_problem`` if given (else ``problem``), under
     the forecast policy ``"always"``: the :data:`ALWAYS_RHYTHMS` dearest rhythms within the
     budget, filled, and the cheapest two over it (:func:`solvers.uniform.above`), trimmed.
     A family that cannot meet the budget is left out. Every plan's predicted error is that of its own
@@ -102,6 +106,14 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
         if solve_module is not None:
             makers.append(lambda: _renamed(solve_module(module_problem), "module"))
         makers.append(lambda: _renamed(fill(module_problem, solve(module_problem, "uniform")), "module"))
+    finest = module_problem if module_problem is not None else problem
+    if finest.max_age > SHORT_MAX_AGE:
+        # Below LONG_CACHE_BUDGET caches may be older; TaylorSeer's rule chosen (and filled) within
+        # the high budgets' age limit as well, since the model's pick among the longer intervals can
+        # be the worse one (crops-pixart at 0.25: interval 6 kept, 3 dB under interval 5's plan)
+        short = finest.with_max_age(SHORT_MAX_AGE)
+        prefix = "module:short" if module_problem is not None else "short"
+        makers.append(lambda: _renamed(fill(short, solve(short, "uniform")), prefix))
     # TaylorSeer's own policy: every cache read between computes a forecast (at the finest
     # granularity offered, of the order measured best), at the rhythms just within the budget
     # (filled) and just over it (trimmed). (With order 1 only, as TaylorSeer's default, it was

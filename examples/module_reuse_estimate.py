@@ -1,12 +1,14 @@
-"""How well the profile's estimates of module ``REUSE`` and ``PRUNE`` errors at older caches match a re-run.
+"""How well the profile's estimates of errors at older caches match a re-run.
 
 The profile re-runs each block with one module's output served from the cache written one step
 earlier (the youngest age; for ``PRUNE``, recomputed on the tokens that drifted most) and
 measures the block's output error; at older ages it scales that error by the squared miss of the
 module's outputs themselves (the same estimate that module forecasts and CFG use), saving one
-block re-run per role, action, age and step. This measures both on the benchmark's calibration
-(10 images, crops-pixart 4) and prints, per role, action and age, the estimate over the re-run's
-error: in total and the median and 10th / 90th percentiles per step.
+block re-run per role, action, age and step. A block's own ``PRUNE`` (role ``block``) is measured
+up to ``BLOCK_PRUNE_MEASURED_AGE`` and scaled from there by the squared miss of the block's cached
+residual. This measures both on the benchmark's calibration (10 images, crops-pixart 4) and
+prints, per role, action and age, the estimate over the re-run's error: in total and the median
+and 10th / 90th percentiles per step.
 
     python examples/module_reuse_estimate.py --models digits-dit digits-mmdit
 """

@@ -11,7 +11,9 @@ candidate action would have produced:
   extrapolated by the polynomial through the residuals of ``n``, ``n + d``, ..., ``n + k d``
   steps earlier (free as well);
 * ``PRUNE(r)`` at age ``n``: the block recomputes the top ``r`` of tokens (by input drift
-  since the cache) and the rest comes from the cache (one extra block call on ``r N`` tokens);
+  since the cache) and the rest comes from the cache (one extra block call on ``r N`` tokens,
+  up to age ``BLOCK_PRUNE_MEASURED_AGE``; older ages scale that age's error by the squared miss
+  of the cached residual, as module estimates do);
 * ``WIDTH(w)``: the block with its MLP narrowed to the ``w`` most important hidden channels
   (importance calibrated in a first, plain pass: ``E|h_j| * ||W_out[:, j]||``);
 * ``SKIP``: the block returns its input (free).
@@ -117,6 +119,10 @@ MODULE_ROLES = ("attn", "cross_attn", "mlp")
 #: Oldest cache at which module ``PRUNE`` is measured (each (age, rate) costs one block call per
 #: role and step, most of a profile's time; older ones are left unmeasured, i.e. not offered).
 MODULE_PRUNE_MAX_AGE = 2
+
+#: Oldest cache at which a block's ``PRUNE`` is measured (one block call per age, rate and step);
+#: at older ages (up to ``max_age``) it is estimated from this age's error (``_Probe._at_age``).
+BLOCK_PRUNE_MEASURED_AGE = 4
 
 
 def _detach(out: Any) -> Any:
@@ -283,10 +289,10 @@ def action_flops(graph: DiTGraph, prune_rates: tuple[float, ...], widths: tuple[
 class _Probe:
     """Hooks that evaluate every candidate action on the true block inputs at every step."""
 
-    #: ``None``: module ``REUSE`` and ``PRUNE`` errors at ages above the youngest are estimated from
-    #: it (``_at_age``). A list (set on the class, by ``examples/module_reuse_estimate.py``): they
-    #: are measured by a block re-run instead, and ``(role, action, age, measured, estimate)``
-    #: appended to it.
+    #: ``None``: module ``REUSE`` and ``PRUNE`` errors at ages above the youngest, and block ``PRUNE``
+    #: errors above ``BLOCK_PRUNE_MEASURED_AGE``, are estimated (``_at_age``). A list (set on the
+    #: class, by ``examples/module_reuse_estimate.py``): they are measured by a block call instead,
+    #: and ``(role, action, age, measured, estimate)`` appended to it (role ``"block"`` for a block).
     rerun_module_reuse: list | None = None
 
     def __init__(self, graph: DiTGraph, max_age: int, prune_rates, widths, order, probe_rows: int | None,
@@ -440,11 +446,13 @@ class _Probe:
                 got = split_outputs(narrowed(*p_args, **p_kwargs))
                 err = sum(float((got[i].float() - y[sl].float()).pow(2).sum()) for i, _, y in pairs)
                 acc["e_width"][u, j] += err / p_norm
-        # PRUNE at every age and rate: recompute the tokens that drifted most, reuse the rest.
+        # PRUNE at every rate: recompute the tokens that drifted most, reuse the rest; measured up to
+        # BLOCK_PRUNE_MEASURED_AGE, estimated beyond from the oldest measured age (_at_age).
         if self.prunable[u] and self.prune_rates:
             (i, x, y), = pairs
             name = spec.outputs[i].input_name
             xs = x[sl]
+            bases: dict[str, tuple[float, float]] = {}
             for n in range(1, self.max_age + 1):
                 old = hist.get(t - n)
                 if old is None:
@@ -453,13 +461,16 @@ class _Probe:
                 scores = token_scores(xs, old_in)
                 base = xs + old_res.to(xs.dtype)
                 for k, r in enumerate(self.prune_rates):
-                    kk = max(1, round(r * xs.shape[1]))
-                    idx = topk_tokens(scores, kk)
-                    sub_named = dict(bind_inputs(module, p_args, p_kwargs))
-                    sub_named[name] = gather_tokens(xs, idx)
-                    got = split_outputs(module(**sub_named))[i]
-                    approx = scatter_tokens(base, idx, got)
-                    acc["e_prune"][u, n, k] += float((approx.float() - y[sl].float()).pow(2).sum()) / p_norm
+                    def prune_error(r=r, scores=scores, base=base) -> float:
+                        idx = topk_tokens(scores, max(1, round(r * xs.shape[1])))
+                        sub_named = dict(bind_inputs(module, p_args, p_kwargs))
+                        sub_named[name] = gather_tokens(xs, idx)
+                        got = split_outputs(module(**sub_named))[i]
+                        approx = scatter_tokens(base, idx, got)
+                        return float((approx.float() - y[sl].float()).pow(2).sum()) / p_norm
+
+                    acc["e_prune"][u, n, k] += self._at_age(bases, "block", f"prune {r:g}", n, gram.miss(t, [t - n]),
+                                                            prune_error, measured_up_to=BLOCK_PRUNE_MEASURED_AGE)
         self._module_actions(u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc)
         hist[t] = ({i: r for i, r in res.items()}, {i: x.detach() for i, x, _ in pairs})
         for old_t in [s for s in hist if s < t - self.max_age]:  # PRUNE reads age <= max_age
@@ -537,21 +548,25 @@ class _Probe:
         for old_t in [s for s in mhist if s < t - self.max_age]:  # REUSE and PRUNE read age <= max_age
             del mhist[old_t]
 
-    def _at_age(self, youngest: dict, role: str, action: str, n: int, sq: float | None,
-                measure: Callable[[], float]) -> float:
-        """The error of a module's cache-reading ``action`` at age ``n``: measured (a block re-run,
-        ``measure``) at the youngest age, and at older ones that error scaled by the squared miss
-        ``sq`` of the module's outputs against the cache, relative to the youngest age's (as
-        forecasts and CFG are scaled; no block re-run). For ``REUSE`` and for ``PRUNE`` of an MLP or
-        cross-attention, within 4 % of the re-run in total on the reference models
-        (``examples/module_reuse_estimate.py``, ``docs/solvers.md``)."""
-        base = youngest.get(action)
-        estimate = base[0] * sq / base[1] if base is not None and base[1] > 0 and sq is not None else None
+    def _at_age(self, bases: dict, role: str, action: str, n: int, sq: float | None,
+                measure: Callable[[], float], measured_up_to: int = 1) -> float:
+        """The error of a cache-reading ``action`` at age ``n``: measured (a block call,
+        ``measure``) up to age ``measured_up_to`` (and at the youngest age available), and at older
+        ones the oldest measured age's error scaled by the squared miss ``sq`` of the cached value
+        (a module's outputs, or a block's residual) against the true one, relative to that age's (as
+        forecasts and CFG are scaled; no block call). For a module's ``REUSE`` and for ``PRUNE`` of
+        an MLP or cross-attention (measured at the youngest age), within 4 % of the re-run in total
+        on the reference models; for a block's ``PRUNE`` (measured up to
+        ``BLOCK_PRUNE_MEASURED_AGE``) see ``examples/module_reuse_estimate.py`` and
+        ``docs/solvers.md``."""
+        base = bases.get(action)
+        estimate = (base[0] * sq / base[1] if n > measured_up_to and base is not None and base[1] > 0
+                    and sq is not None else None)
         if estimate is not None and self.rerun_module_reuse is None:
             return estimate
         err = measure()
-        if base is None and sq is not None:
-            youngest[action] = (err, sq)
+        if estimate is None and sq is not None:
+            bases[action] = (err, sq)
         if estimate is not None:
             self.rerun_module_reuse.append((role, action, n, err, estimate))
         return err

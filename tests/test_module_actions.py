@@ -260,3 +260,27 @@ def test_module_forecasts_of_every_order_are_planned_and_counted_within_budget(t
                              progress=False)
     with torch.no_grad():
         assert torch.equal(cal(exact), cal(model))
+
+
+def test_block_prune_is_estimated_beyond_the_measured_age(monkeypatch):
+    """A block's ``PRUNE`` is measured up to ``BLOCK_PRUNE_MEASURED_AGE`` and estimated beyond it
+    (that age's error scaled by the cached residual's squared miss): the estimates are recorded
+    against a real block call when asked, and are near it."""
+    from passes import annotate_sensitivity
+
+    monkeypatch.setattr(annotate_sensitivity, "BLOCK_PRUNE_MEASURED_AGE", 2)
+    model, _ = dit_opt.testing.tiny_model("dit")
+    cal = synthetic_calibration(model, num_inference_steps=8, warn=False)
+    rows: list = []
+    monkeypatch.setattr(annotate_sensitivity._Probe, "rerun_module_reuse", rows)
+    measured = dit_opt.profile(model, cal, progress=False, max_age=4)
+    block = [(age, err, est) for role, _, age, err, est in rows if role == "block"]
+    assert {age for age, _, _ in block} == {3, 4}
+    err, est = np.array([r[1:] for r in block]).sum(axis=0)
+    assert 0.5 < est / err < 2
+    monkeypatch.setattr(annotate_sensitivity._Probe, "rerun_module_reuse", None)
+    estimated = dit_opt.profile(model, cal, progress=False, max_age=4)
+    # the measured ages agree to float noise; the estimated ones differ from the re-runs
+    np.testing.assert_allclose(estimated.e_prune[:, :, :3], measured.e_prune[:, :, :3], rtol=1e-4, atol=1e-12)
+    old = estimated.e_prune[4:, :, 3:]  # step t reads caches up to age t
+    assert np.isfinite(old).all() and (old > 0).all() and not np.allclose(old, measured.e_prune[4:, :, 3:])

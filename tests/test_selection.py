@@ -133,3 +133,38 @@ def test_weighted_problem_scales_errors_per_step(tiny):
     assert plan.flop_fraction <= 0.5
     with pytest.raises(ValueError, match="positive finite"):
         problem.weighted(np.zeros(STEPS))
+
+
+def _oldest_cache(plan) -> int:
+    """The oldest cache any step of ``plan`` reads (steps since the unit's last compute)."""
+    oldest = 0
+    for u in range(len(plan.units)):
+        last = 0
+        for t, row in enumerate(plan.actions):
+            if row[u].kind is ActionKind.COMPUTE:
+                last = t
+            else:
+                oldest = max(oldest, t - last)
+    return oldest
+
+
+def test_low_budgets_also_measure_the_uniform_rule_within_the_short_age_limit(tiny):
+    """Below LONG_CACHE_BUDGET plans may read caches up to the profile's max_age; the finest
+    uniform plan made within SHORT_MAX_AGE is a candidate as well (and only there)."""
+    from dit_opt.selection import candidate_plans
+    from dit_opt.sensitivity import LONG_CACHE_BUDGET, SHORT_MAX_AGE
+    from solvers.fill import fill
+
+    _, _, prof = tiny
+    assert prof.max_age > SHORT_MAX_AGE
+    low = prof.to_problem(0.35, granularity="module")
+    main = solve(prof.to_problem(0.35), "fora")
+    short = low.with_max_age(SHORT_MAX_AGE)
+    expected = fill(short, solve(short, "uniform"))
+    assert _oldest_cache(expected) <= SHORT_MAX_AGE
+    plans = candidate_plans(prof.to_problem(0.35), main, module_problem=low)
+    assert (expected.units, expected.actions) in {(p.units, p.actions) for p in plans}
+    high = prof.to_problem(LONG_CACHE_BUDGET, granularity="module")
+    plans = candidate_plans(prof.to_problem(LONG_CACHE_BUDGET), solve(prof.to_problem(LONG_CACHE_BUDGET), "fora"),
+                            module_problem=high)
+    assert not any("short" in p.solver for p in plans)
