@@ -221,7 +221,8 @@ def optimize(
             fidelity, but a module-level plan runs slower than its FLOP ratio for now,
             ``docs/speed.md``).
         solver_options: passed to the solver (e.g. ``time_limit_s``).
-        select: also make the solver's plans with late steps weighted more, and the periodic and
+        select: also make the solver's plans with late steps weighted more (block granularity),
+            and the periodic and
             uniform plans (:func:`dit_opt.selection.candidate_plans`), and keep whichever gives
             outputs closest to the full model's on a calibration run
             (the solver's error model is optimistic at low budgets; :mod:`dit_opt.selection`). Only for the

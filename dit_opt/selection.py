@@ -67,20 +67,19 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
                     module_problem: Any = None, solve_module: Callable[[Any], Plan] | None = None) -> list[Plan]:
     """``main`` and the other plans worth measuring at ``problem``'s budget, without duplicates.
 
-    The others: the main solver's plans with late steps weighted more (:data:`LATE_WEIGHTS`,
-    if ``solve_main`` is given), TaylorSeer's rule (:mod:`solvers.uniform`: a warm-up, then one
-    interval) at the :data:`UNIFORM_RHYTHMS` intervals that spend the most of the budget, and
-    FORA's uniform interval with forecasts where measured better; each with its unspent budget
-    filled (:func:`solvers.fill.fill`). Given ``module_problem`` (the same profile at module
-    granularity), also its solver plan (``solve_module``) and its uniform plan, filled (and then
-    only one block-level rhythm). Where the problem allows caches older than
-    :data:`~dit_opt.sensitivity.SHORT_MAX_AGE` (budgets below
+    The others: the main solver's plans with late steps weighted more (:data:`LATE_WEIGHTS`, if
+    ``solve_main`` is given and ``module_problem`` is not), TaylorSeer's rule
+    (:mod:`solvers.uniform`: a warm-up, then one interval) at the :data:`UNIFORM_RHYTHMS` intervals
+    that spend the most of the budget, and FORA's uniform interval with forecasts where measured
+    better; each with its unspent budget filled (:func:`solvers.fill.fill`). Given
+    ``module_problem`` (the same profile at module granularity), also its solver plan
+    (``solve_module``) and its uniform plan, filled (and then only one block-level rhythm). Where
+    the problem allows caches older than :data:`~dit_opt.sensitivity.SHORT_MAX_AGE` (budgets below
     :data:`~dit_opt.sensitivity.LONG_CACHE_BUDGET`), the finest uniform plan is also made at that
-    age limit. Then, on ``module_problem`` if given (else ``problem``), under
-    the forecast policy ``"always"``: the :data:`ALWAYS_RHYTHMS` dearest rhythms within the
-    budget, filled, and the cheapest two over it (:func:`solvers.uniform.above`), trimmed.
-    A family that cannot meet the budget is left out. Every plan's predicted error is that of its own
-    problem (unweighted).
+    age limit. Then, on ``module_problem`` if given (else ``problem``), under the forecast policy
+    ``"always"``: the :data:`ALWAYS_RHYTHMS` dearest rhythms within the budget, filled, and the
+    cheapest two over it (:func:`solvers.uniform.above`), trimmed. A family that cannot meet the
+    budget is left out. Every plan's predicted error is that of its own problem (unweighted).
     """
     from dit_opt.errors import DitOptError
     from solvers import solve, uniform
@@ -88,7 +87,10 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
 
     plans = [main]
     makers: list[Callable[[], Plan | list[Plan]]] = []
-    if solve_main is not None:
+    # (block-level granularity only: with module-level candidates to measure as well, the
+    # late-weighted plan was the kept one at none of the 15 reference-model budgets of
+    # BENCHMARKS.md, and its solve and calibration run are a tenth of optimize's cost)
+    if solve_main is not None and module_problem is None:
         for k in LATE_WEIGHTS:
             def weighted(k: float = k) -> Plan:
                 w = k ** (np.arange(problem.num_steps) / max(1, problem.num_steps - 1))
