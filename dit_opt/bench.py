@@ -18,7 +18,7 @@ import torch
 
 from dit_opt.flops import count_flops
 
-__all__ = ["flop_fraction", "machine", "sampling", "time_alternating", "with_transformer"]
+__all__ = ["flop_fraction", "machine", "rhythm_study", "sampling", "time_alternating", "with_transformer"]
 
 
 def with_transformer(sampler: Any, module: torch.nn.Module, **call: Any) -> Any:
@@ -49,6 +49,34 @@ def sampling(sampler: Any, samples: int, seed: int, steps: int | None = None, *,
         return with_transformer(sampler, module, class_labels=labels, seed=seed, num_inference_steps=steps)
 
     return run
+
+
+def rhythm_study(name: str, budget: float, max_age: int | None = None) -> Any:
+    """What the examples that measure hand-made schedules on a reference model share: the zoo
+    model ``name``, the benchmark's calibration (10 images, seed 1000) and evaluation (20 images,
+    seed 0), a profile on the calibration, the full model's evaluation images and calibration
+    outputs, and the module-level problem at ``budget`` under TaylorSeer's forecast policy
+    (``"always"``; caches up to ``max_age``, default the budget's).
+
+    Returns:
+        A namespace with ``sampler``, ``model``, ``calibration``, ``evaluation``, ``profile``,
+        ``full`` (images), ``reference`` (calibration outputs) and ``problem``.
+    """
+    import dataclasses
+    from types import SimpleNamespace
+
+    import dit_opt
+    from dit_opt import zoo
+    from dit_opt.selection import measure_outputs
+
+    sampler = zoo.load(name)
+    model = sampler.transformer
+    calibration, evaluation = sampling(sampler, 10, seed=1000, reset=True), sampling(sampler, 20, seed=0, reset=True)
+    prof = dit_opt.profile(model, calibration, probes=0, progress=False)
+    problem = prof.to_problem(budget, granularity="module", max_age=max_age)
+    return SimpleNamespace(sampler=sampler, model=model, calibration=calibration, evaluation=evaluation,
+                           profile=prof, full=evaluation(model), reference=measure_outputs(calibration, model),
+                           problem=dataclasses.replace(problem, forecast_policy="always"))
 
 
 def cpu_name() -> str:

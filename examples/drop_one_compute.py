@@ -14,7 +14,6 @@ seed 0) and of its calibration (10 images, seed 1000).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import warnings
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 
 import dit_opt
 from dit_opt import metrics, zoo
-from dit_opt.bench import sampling
+from dit_opt.bench import rhythm_study
 from dit_opt.plan import COMPUTE, REUSE
 from dit_opt.selection import measure_outputs, relative_error
 from solvers import uniform
@@ -39,12 +38,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
-    sampler = zoo.load(args.model)
-    model = sampler.transformer
-    calibration, evaluation = sampling(sampler, 10, seed=1000, reset=True), sampling(sampler, 20, seed=0, reset=True)
-    prof = dit_opt.profile(model, calibration, probes=0, progress=False)
-    full, ref = evaluation(model), measure_outputs(calibration, model)
-    problem = dataclasses.replace(prof.to_problem(args.budget, granularity="module"), forecast_policy="always")
+    study = rhythm_study(args.model, args.budget)
+    model, calibration, evaluation, prof = study.model, study.calibration, study.evaluation, study.profile
+    full, ref, problem = study.full, study.reference, study.problem
     T, U, reuse = problem.num_steps, len(problem.units), problem.menu_index(REUSE)
     rhythm = uniform.schedule(T, args.warmup, args.interval)
 
