@@ -115,7 +115,7 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
         # be the worse one (crops-pixart at 0.25: interval 6 kept, 3 dB under interval 5's plan)
         short = finest.with_max_age(SHORT_MAX_AGE)
         prefix = "module:short" if module_problem is not None else "short"
-        makers.append(lambda: _renamed(fill(short, solve(short, "uniform")), prefix))
+        makers.append(lambda short=short, prefix=prefix: _renamed(fill(short, solve(short, "uniform")), prefix))
     # TaylorSeer's own policy: every cache read between computes a forecast (at the finest
     # granularity offered, of the order measured best), at the rhythms just within the budget
     # (filled) and just over it (trimmed). (With order 1 only, as TaylorSeer's default, it was

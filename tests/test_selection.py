@@ -164,7 +164,8 @@ def test_low_budgets_also_measure_the_uniform_rule_within_the_short_age_limit(ti
     expected = fill(short, solve(short, "uniform"))
     assert _oldest_cache(expected) <= SHORT_MAX_AGE
     plans = candidate_plans(prof.to_problem(0.35), main, module_problem=low)
-    assert (expected.units, expected.actions) in {(p.units, p.actions) for p in plans}
+    named = {(p.units, p.actions): p.solver for p in plans}
+    assert named[expected.units, expected.actions].startswith("module:short:uniform(")
     high = prof.to_problem(LONG_CACHE_BUDGET, granularity="module")
     plans = candidate_plans(prof.to_problem(LONG_CACHE_BUDGET), solve(prof.to_problem(LONG_CACHE_BUDGET), "fora"),
                             module_problem=high)
