@@ -4,7 +4,9 @@
 
     capture -> annotate_flops -> profile -> solve -> rewrite -> lower
 
-Each step is timed; a failure is re-raised naming the step and the steps that ran before it.
+Each step is timed; a failure is re-raised naming the step and the steps that ran before it,
+except an exception the user's calibration raised itself: that one comes through as itself,
+with a note naming the step (``except TheirError`` still catches it).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from dit_opt.artifacts import ARTIFACT_VERSION, check_model, read, save
+from dit_opt.calibration import guarded, raised_by_calibration
 from dit_opt.errors import ConfigError, DitOptError, InputMismatchError
 from dit_opt.plan import Plan, check_budget
 from dit_opt.runtime import OptimizedTransformer
@@ -69,6 +72,8 @@ def _prepare(model, calibration, example_inputs):
         calibration = calibration_from_trajectories(calibration)
     if calibration is None:
         calibration = synthetic_calibration(model)
+    if callable(calibration) and not isinstance(calibration, SensitivityProfile):
+        calibration = guarded(calibration)
     if example_inputs is None:
         if callable(calibration):
             example_inputs = _first_call_inputs(model, calibration)
@@ -88,6 +93,11 @@ def _run_steps(steps: list[tuple[str, Callable[[], Any]]]) -> dict[str, float]:
             fn()
         except Exception as e:
             done = ", ".join(times) or "none"
+            if raised_by_calibration(e):
+                # the user's own exception: let it through as itself, saying where it surfaced
+                e.add_note(f"(raised by the calibration, while dit_opt.optimize ran its step '{name}'; "
+                           f"steps done: {done})")
+                raise
             msg = f"dit_opt.optimize failed in step '{name}' (steps done: {done}): {type(e).__name__}: {e}"
             if isinstance(e, DitOptError):
                 raise type(e)(msg) from e
@@ -241,6 +251,8 @@ def optimize(
         ConfigError: the budget is not in (0, 1].
         InfeasibleBudgetError: no plan meets the budget; the message gives the smallest one.
         DitOptError: a step failed; the message names it and the steps before it.
+        Exception: whatever the calibration (or ``select``) raised itself, unchanged but for a
+            note naming the step (``dit_opt.calibration.raised_by_calibration`` is true of it).
 
     Example:
         >>> opt = dit_opt.optimize(sampler.transformer, budget=0.5, calibration=cal)
@@ -386,7 +398,7 @@ def _selection_calibration(select: Any, calibration: Any, solver: str) -> Any:
     if select is False or solver not in ("cpsat", "dp"):
         return None
     if callable(select) and not isinstance(select, bool):
-        return select
+        return guarded(select)
     usable = callable(calibration) and not isinstance(calibration, SensitivityProfile)
     if select is True and not usable:
         raise ConfigError("select=True needs a calibration callable to measure plans on, but the calibration "

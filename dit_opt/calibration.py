@@ -12,12 +12,16 @@ is what makes caching work. A calibration is any ``callable(module)`` that sampl
   hand: random inputs of the right shapes and the default schedule of its family. Random
   latents and conditioning are far from real use; it exists so that
   ``optimize(model, budget)`` always works, and it warns.
+* :func:`guarded` marks what a calibration itself raises (:func:`raised_by_calibration`), so
+  that ``optimize`` lets the user's exception through as itself instead of as its own failure.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +35,51 @@ __all__ = [
     "record_trajectories",
     "calibration_from_trajectories",
     "SCHEDULE_FAMILIES",
+    "guarded",
+    "raised_by_calibration",
 ]
+
+_ROOT = Path(__file__).resolve().parent.parent
+#: dit-opt's own machinery (hooks, runtime, passes, solvers): an exception raised while one of
+#: their frames runs is dit-opt's, not the calibration's. The calibration helpers (this module,
+#: the zoo's and the benchmark's samplers) count as calibration.
+_MACHINERY = tuple(str(_ROOT / p) for p in ("dit_opt", "passes", "solvers"))
+_CALIBRATION_SIDE = tuple(str(_ROOT / "dit_opt" / p) for p in ("calibration.py", "zoo", "bench", "benchmark"))
+_MARK = "_dit_opt_raised_by_calibration"
+
+
+def guarded(calibration: Callable[[nn.Module], Any]) -> Callable[[nn.Module], Any]:
+    """``calibration``, marking any exception that it raises itself, not in dit-opt code it
+    called (a hook, the optimised module): :func:`raised_by_calibration` tells them apart."""
+    if getattr(calibration, "_dit_opt_guarded", False):
+        return calibration
+
+    @functools.wraps(calibration)
+    def run(module: nn.Module) -> Any:
+        try:
+            return calibration(module)
+        except Exception as e:
+            if not _through_machinery(e.__traceback__.tb_next if e.__traceback__ else None):
+                setattr(e, _MARK, True)
+            raise
+
+    run._dit_opt_guarded = True  # type: ignore[attr-defined]
+    return run
+
+
+def raised_by_calibration(error: BaseException) -> bool:
+    """Whether ``error`` came out of a :func:`guarded` calibration's own code."""
+    return bool(getattr(error, _MARK, False))
+
+
+def _through_machinery(tb: Any) -> bool:
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name.startswith(_MACHINERY) and not name.startswith(_CALIBRATION_SIDE):
+            return True
+        tb = tb.tb_next
+    return False
+
 
 #: class name -> schedule family used by :func:`synthetic_calibration`.
 SCHEDULE_FAMILIES = {

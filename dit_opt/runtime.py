@@ -15,7 +15,7 @@ import inspect
 import warnings
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,24 @@ class _Runner:
     variants: list
     by_plan: dict[tuple, list] = field(default_factory=dict)  # variants of re-solved or unguided plans
     warned_unguided: bool = False
+
+
+@dataclass(frozen=True)
+class _BranchState:
+    """One branch's cache in the running generation, and the input signature that wrote it."""
+
+    signature: Any
+    cache: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class _Located:
+    """A call's (step, branch), the generation's first timestep, and what records the call."""
+
+    step: int
+    branch: Any
+    first_t: float | None
+    commit: Callable[[], None]
 
 
 @dataclass
@@ -114,8 +132,9 @@ class OptimizedTransformer(nn.Module):
         self._narrowed: dict[tuple[str, float], nn.Module] = {}
         self._compiled: dict[int, nn.Module] = {}
         self._tracker = StepTracker()
-        self._states: dict[Any, dict[str, torch.Tensor]] = {}
+        self._states: dict[Any, _BranchState] = {}
         self._context: str | None = None
+        self._context_step: int | None = None
         self._ctx_trackers: dict[str, StepTracker] = {}
         self._stats = _Stats()
         self._first_t: float | None = None
@@ -154,13 +173,21 @@ class OptimizedTransformer(nn.Module):
             return getattr(model, name)
 
     @contextlib.contextmanager
-    def cache_context(self, name: str):
-        """Calls inside share the cache state ``name`` (diffusers pipelines use this for CFG branches)."""
-        previous, self._context = self._context, name
+    def cache_context(self, name: str, step_index: int | None = None, **details: Any):
+        """Calls inside share the cache state ``name`` (diffusers pipelines use this for CFG branches).
+
+        Args:
+            name: the branch (e.g. ``"cond"``, ``"uncond"``); each name tracks its own steps.
+            step_index: the denoising step of the calls inside, where the pipeline gives it:
+                it decides the step (0 starts a new generation) in place of the timestep.
+            details: what else a pipeline passes (``sigma``, ``num_inference_steps``, ...); not used.
+        """
+        previous = self._context, self._context_step
+        self._context, self._context_step = name, None if step_index is None else int(step_index)
         try:
             yield
         finally:
-            self._context = previous
+            self._context, self._context_step = previous
 
     def reset(self) -> None:
         """Forget every cache: the next call starts a new generation."""
@@ -261,21 +288,33 @@ class OptimizedTransformer(nn.Module):
 
     def cache_bytes(self) -> int:
         """Bytes of cached tensors held now, over every branch."""
-        return sum(t.numel() * t.element_size() for st in self._states.values() for t in st.values())
+        return sum(t.numel() * t.element_size() for st in self._states.values() for t in st.cache.values())
 
     # ---- calling -----------------------------------------------------------------------------
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        # A transaction: everything that can reject the call (binding, capture, cache reads, the
+        # graph itself) runs before the step tracker, caches and stats change, so a rejected
+        # call leaves the module exactly as it was.
         return_dict = kwargs.pop("return_dict", True)
-        named = inspect.signature(self.model.forward).bind(*args, **kwargs).arguments
+        try:
+            named = inspect.signature(self.model.forward).bind(*args, **kwargs).arguments
+        except TypeError as e:
+            raise InputMismatchError(f"{type(self.model).__name__}: this call does not fit its forward ({e}); "
+                                     f"the optimised module is unchanged") from e
         named.pop("return_dict", None)
         inputs = {k: v for k, v in named.items() if v is not None}
         t = timestep_value(inputs.get("timestep", 0.0))
-        step, branch = self._step_of(t)
-        plan = self._plan_for_step(step, t)
+        where = self._locate(t, inputs)
+        step, branch = where.step, where.branch
+        plan = self._plan_for_step(step, t, where.first_t)
         key = self._signature(inputs)
         runner = self._runners.get(key)
         if runner is None:
-            runner = self._runners[key] = self._make_runner(self._capture(inputs))
+            try:
+                graph = self._capture(inputs)
+            except InputMismatchError as e:
+                raise InputMismatchError(f"{e} (This call was rejected; the optimised module is unchanged.)") from e
+            runner = self._runners[key] = self._make_runner(graph)
         variants = runner.variants if plan is self.plan else self._variants_for(runner, plan)
         if step >= len(variants):
             warnings.warn(f"step {step} is beyond the plan's {len(variants)} steps: computing it in full",
@@ -292,58 +331,87 @@ class OptimizedTransformer(nn.Module):
                                   "halves are equal): those blocks compute in full, above the plan's FLOPs; "
                                   "optimize without 'cfg' in actions for calls like these", stacklevel=3)
                 step_variant = self._variants_for(runner, plan, guidance=False)[step]
-        state = self._states.setdefault(branch, {})
-        if step == 0:
-            state.clear()
+        # the branch's cache as of this generation (none at its first step), written under
+        # the same inputs' signature: another signature's tensors would not fit
+        held = self._states.get(branch) if step > 0 else None
+        state = dict(held.cache) if held is not None and held.signature == key else {}
         graph = runner.graph
         flat = graph.flat_inputs(**inputs)
         with torch.no_grad():
             if step_variant is None:
                 out = graph.gm(*flat)
-                writes = ()
             else:
                 missing = [k for k in step_variant.reads if k not in state]
                 if missing:
+                    why = ("the inputs' shapes changed since the generation's first step" if held is not None
+                           and held.signature != key else "no earlier step of this generation wrote them")
                     raise DitOptError(
-                        f"step {step} reuses cache entries {missing[:3]} that no earlier step of this generation "
-                        f"wrote (branch {branch!r}). Start generations from their first step, or call opt.reset()."
+                        f"step {step} (branch {branch!r}) reuses cache entries {missing[:3]}, but {why}. Start "
+                        f"generations from their first step with the same inputs' shapes, or call opt.reset(); "
+                        f"loops stepped in lockstep need a cache_context name each. The optimised module is unchanged."
                     )
                 out = step_variant.gm(*flat, *[state[k] for k in step_variant.reads])
                 n = step_variant.gm.num_model_outputs
-                writes = step_variant.writes
-                for k, v in zip(writes, out[n:], strict=True):
-                    state[k] = v
+                state.update(zip(step_variant.writes, out[n:], strict=True))
                 out = out[:n]
+            result = graph.unflatten_output(out)
+        # the call ran: commit it
+        where.commit()
+        self._active = plan
+        self._states[branch] = _BranchState(signature=key, cache=state)
         self._record(step, plan, step_variant)
-        result = graph.unflatten_output(out)
         if not return_dict and hasattr(result, "to_tuple"):
             return result.to_tuple()
         return result
 
-    def _step_of(self, t: float) -> tuple[int, Any]:
+    def _locate(self, t: float, inputs: dict[str, Any]) -> _Located:
+        """The (step, branch) of a call at ``t``, with what commits it (nothing changes before)."""
         if self._context is not None:
-            # The pipeline names the branch; each named branch tracks its own steps.
-            tracker = self._ctx_trackers.setdefault(self._context, StepTracker())
-            step, _ = tracker.observe(t)
-            branch: Any = self._context
+            # The pipeline names the branch; each named branch tracks its own steps (one call
+            # per step), and the pipeline's step index, when it gives one, is authoritative.
+            name, index = self._context, self._context_step
+            tracker = self._ctx_trackers.get(name) or StepTracker()
+            pos = tracker.peek(t, inputs)
+            if index is not None and index != pos.step:
+                fresh = StepTracker()
+                pos = fresh.peek(t, inputs) if index == 0 else replace(pos, step=index, branch=0, last=t)
+            branch: Any = name
+            counts_generation = pos.step == 0 and name == next(iter(self._ctx_trackers), name)
+
+            def commit() -> None:
+                self._ctx_trackers[name] = tracker
+                tracker.commit(pos)
+                self._count_generation(counts_generation, t)
         else:
-            step, branch = self._tracker.observe(t)
-        if step == 0 and branch in (0, next(iter(self._ctx_trackers), None)):
+            tracker = self._tracker
+            pos = tracker.peek(t, inputs)
+            branch = pos.branch
+            counts_generation = pos.step == 0 and pos.branch == 0
+
+            def commit() -> None:
+                tracker.commit(pos)
+                self._count_generation(counts_generation, t)
+
+        first_t = t if pos.step == 0 else self._first_t
+        return _Located(step=pos.step, branch=branch, first_t=first_t, commit=commit)
+
+    def _count_generation(self, new: bool, t: float) -> None:
+        if new:
             self._stats = _Stats(generations=self._stats.generations + 1)
             self._first_t = t
-        return step, branch
 
-    def _plan_for_step(self, step: int, t: float) -> Plan:
-        """The plan of the running loop: re-solved from the profile when its schedule differs."""
+    def _plan_for_step(self, step: int, t: float, first_t: float | None) -> Plan:
+        """The plan of the running loop: re-solved from the profile when its schedule differs
+        (the caller makes it the active one once the call has run)."""
         if step == 0:
-            self._active = self.plan
-            return self._active
+            return self.plan
         if step == 1 and self.plan.timesteps is not None:
             cal = np.asarray(self.plan.timesteps, dtype=np.float64)
-            t0 = self._first_t if self._first_t is not None else t
+            t0 = first_t if first_t is not None else t
             span = abs(cal[0] - cal[-1]) or 1.0
             if abs(t0 - cal[0]) > 1e-3 * span or abs(t - cal[1]) > 1e-3 * span:
-                self._active = self.plan_for_schedule(_estimate_schedule(t0, t, cal))
+                return self.plan_for_schedule(_estimate_schedule(t0, t, cal))
+            return self.plan
         return self._active
 
     def plan_for_schedule(self, timesteps: Any) -> Plan:

@@ -61,7 +61,7 @@ def test_same_generation_twice_is_identical(dit_setup):
 
 
 def test_interleaved_generations_do_not_disturb_each_other(dit_setup):
-    """Two loops stepped in lockstep get separate caches (a repeated timestep is another branch)."""
+    """Two loops stepped in lockstep, each named with cache_context, get separate caches."""
     model, _, _, opts = dit_setup
     opt = opts[0.5]
     from diffusers import DDIMScheduler
@@ -78,7 +78,8 @@ def test_interleaved_generations_do_not_disturb_each_other(dit_setup):
         for t in sched.timesteps:
             for k, i in enumerate(ins):
                 i = dict(i, hidden_states=lat[k], timestep=torch.full((lat[k].shape[0],), float(t)))
-                pred = opt(**i).sample[:, : lat[k].shape[1]]
+                with opt.cache_context(f"loop{k}"):
+                    pred = opt(**i).sample[:, : lat[k].shape[1]]
                 lat[k] = sched.step(pred, t, lat[k]).prev_sample
         return lat
 

@@ -53,3 +53,25 @@ def test_calibration_from_pipeline_swaps_and_restores():
     assert cal(other) == "images"
     assert pipe.used == [(other, {"prompt": ["a"], "num_inference_steps": 3})]
     assert pipe.transformer is original
+
+
+def test_peek_changes_nothing_until_commit():
+    tr = StepTracker()
+    tr.observe(999)
+    before = vars(tr).copy()
+    pos = tr.peek(979)
+    assert vars(tr) == before and (pos.step, pos.branch) == (1, 0)
+    tr.commit(pos)
+    assert tr.step == 1
+
+
+def test_a_repeated_first_timestep_is_told_apart_by_the_inputs():
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    cond = {"hidden_states": x, "labels": torch.tensor([1, 2])}
+    uncond = {"hidden_states": x, "labels": torch.tensor([9, 9])}
+    tr = StepTracker()
+    assert tr.observe(999, cond) == (0, 0)
+    assert tr.observe(999, uncond) == (0, 1)  # the same latents, other conditioning: CFG apart
+    assert tr.observe(999, cond) == (0, 0) and tr.generation == 1  # the same call again: started over
+    assert tr.observe(999, dict(cond, hidden_states=y)) == (0, 0) and tr.generation == 2  # other noise
+    assert tr.observe(999) == (0, 1)  # without inputs: another branch, as before
