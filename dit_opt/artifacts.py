@@ -2,7 +2,8 @@
 
 A directory holds ``plan.json``, the profile (``profile.json`` and ``profile.safetensors``) when
 there is one, and ``dit_opt.json``: the format version, the model's fingerprint (class, config,
-weights) and a SHA-256 of every other file. No pickle. :func:`dit_opt.load` builds the module.
+SHA-256 of every weight: :mod:`dit_opt.fingerprint`) and a SHA-256 of every other file. No
+pickle. :func:`dit_opt.load` builds the module.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from dit_opt.errors import ArtifactError
+from dit_opt.fingerprint import legacy_weights_sum, model_fingerprint
 from dit_opt.plan import Plan
 from dit_opt.sensitivity import SensitivityProfile
 
@@ -24,11 +26,10 @@ __all__ = ["ARTIFACT_VERSION", "check_model", "read", "save"]
 ARTIFACT_VERSION = 1
 
 
-def check_model(saved: dict[str, Any], model: nn.Module, what: str) -> None:
-    """Raise :class:`ArtifactError` unless ``model`` has the class, config and weights ``saved`` describes."""
-    from passes.annotate_sensitivity import model_fingerprint
-
-    now = model_fingerprint(model)
+def check_model(saved: dict[str, Any], model: nn.Module, what: str, now: dict[str, Any] | None = None) -> None:
+    """Raise :class:`ArtifactError` unless ``model`` has the class, config and weights ``saved``
+    describes (``now``: ``model``'s :func:`~dit_opt.fingerprint.model_fingerprint`, if at hand)."""
+    now = now or model_fingerprint(model)
     if saved.get("class") != now["class"]:
         raise ArtifactError(f"{what} was made for a {saved.get('class')}, not this {now['class']}; "
                             f"optimise this model instead")
@@ -37,9 +38,17 @@ def check_model(saved: dict[str, Any], model: nn.Module, what: str) -> None:
                       if saved.get("config", {}).get(k) != now["config"].get(k))
         raise ArtifactError(f"{what} was made for a {now['class']} with another config (differs in {diff[:5]}); "
                             f"optimise this model instead")
-    if abs(float(saved.get("weights", 0.0)) - now["weights"]) > 1e-4 * max(1.0, abs(now["weights"])):
+    if "weights_sha256" in saved:
+        if saved["weights_sha256"] != now["weights_sha256"]:
+            raise ArtifactError(f"{what} was made for other weights of {now['class']} (SHA-256 of the weights "
+                                f"{saved['weights_sha256'][:12]}... != {now['weights_sha256'][:12]}...); "
+                                f"optimise these weights instead")
+        return
+    # saved before the full digest: only the sampled sum to compare (it misses most single changes)
+    legacy = legacy_weights_sum(model)
+    if abs(float(saved.get("weights", 0.0)) - legacy) > 1e-4 * max(1.0, abs(legacy)):
         raise ArtifactError(f"{what} was made for other weights of {now['class']} (weight fingerprint "
-                            f"{saved.get('weights')} != {now['weights']}); optimise these weights instead")
+                            f"{saved.get('weights')} != {legacy}); optimise these weights instead")
 
 
 def _sha(path: Path) -> str:
@@ -53,7 +62,6 @@ def save(opt: Any, path: str | Path) -> Path:
     calls this module, so the import would go upwards).
     """
     from dit_opt import __version__
-    from passes.annotate_sensitivity import model_fingerprint
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,7 @@ from dit_opt.executor import (
     token_scores,
     topk_tokens,
 )
+from dit_opt.fingerprint import model_fingerprint
 from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import MAX_FORECAST_ORDER, Unit, forecast_weights
 from dit_opt.sensitivity import DEFAULT_MAX_AGE, SensitivityProfile
@@ -803,28 +804,3 @@ def annotate_sensitivity(
             "skip": float(errs["e_skip"][:, u].mean()),
         }
     return PassResult(graph.gm, True), prof
-
-
-def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
-    """Class, config and a weight fingerprint: what a saved artifact must match."""
-    cfg = getattr(model, "config", None)
-    cfg = {k: v for k, v in dict(cfg).items() if not k.startswith("_")} if cfg is not None else {}
-    gen = torch.Generator().manual_seed(0)
-    acc = 0.0
-    with torch.no_grad():
-        for name, p in sorted(model.state_dict().items()):
-            if p.is_floating_point() and p.numel():
-                flat = p.detach().reshape(-1).float().cpu()
-                pick = torch.randint(0, flat.numel(), (min(64, flat.numel()),), generator=gen)
-                acc += float(flat[pick].double().sum()) * (1 + len(name) % 7)
-    return {"class": type(model).__name__, "config": _jsonable(cfg), "weights": round(acc, 6)}
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, bool | int | float | str) or v is None:
-        return v
-    return str(v)

@@ -185,6 +185,27 @@ def test_load_refuses_another_model(dit_setup, tmp_path):
         dit_opt.load(tmp_path / "opt", pixart)
 
 
+def test_load_refuses_a_model_with_one_weight_changed(dit_setup, tmp_path):
+    """The fingerprint hashes every weight: one changed value is caught (the sampled sum saved
+    before missed it), and a directory saved with that older fingerprint still loads."""
+    from dit_opt.fingerprint import legacy_weights_sum
+
+    model, _, _, opts = dit_setup
+    opts[0.5].save(tmp_path / "opt")
+    edited, _ = tiny_model("dit")
+    name, weight = max(edited.state_dict().items(), key=lambda kv: kv[1].numel())
+    before = legacy_weights_sum(edited)
+    with torch.no_grad():
+        weight.view(-1)[-1] += 0.5
+    assert legacy_weights_sum(edited) == before  # the old fingerprint cannot see it
+    with pytest.raises(dit_opt.ArtifactError, match="other weights"):
+        dit_opt.load(tmp_path / "opt", edited)
+    meta = json.loads((tmp_path / "opt" / "dit_opt.json").read_text())
+    meta["model"] = {k: v for k, v in meta["model"].items() if k != "weights_sha256"} | {"weights": before}
+    (tmp_path / "opt" / "dit_opt.json").write_text(json.dumps(meta))
+    assert dit_opt.load(tmp_path / "opt", model, compile=False).plan == opts[0.5].plan
+
+
 def test_load_refuses_a_corrupt_directory(dit_setup, tmp_path):
     model, _, _, opts = dit_setup
     d = opts[0.5].save(tmp_path / "opt")
