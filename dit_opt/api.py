@@ -196,6 +196,7 @@ def optimize(
     gain_points: int = 0,
     granularity: str = "block",
     select: bool | Callable[[nn.Module], Any] | None = None,
+    profile_cache: str | Path | None = None,
     progress: bool = True,
 ) -> OptimizedTransformer:
     """Optimise ``model`` to at most ``budget`` of its FLOPs per generation.
@@ -242,6 +243,11 @@ def optimize(
             per candidate, plus one of the full model unless the profile was measured in the
             same call (its plain run is the reference) (``opt.report`` gives the total cost of
             ``optimize`` in calibration generations).
+        profile_cache: a directory to keep profiles in across processes (see
+            :mod:`dit_opt.profile_cache`; within a process a profile is always reused when the
+            same model, the same calibration object and the same profile settings come again,
+            e.g. at another budget). ``opt.report["profile_cached"]`` says where the profile
+            came from (``"memory"``, ``"disk"`` or ``None``: measured now).
         progress: show progress bars.
 
     Returns:
@@ -289,8 +295,19 @@ def optimize(
             check_model(cal.model, model, "the given profile")
             ctx["profile"] = cal
             return
+        from dit_opt import profile_cache as kept
+        from dit_opt.fingerprint import model_fingerprint
         from dit_opt.selection import measure_outputs
 
+        fingerprint = model_fingerprint(model)
+        settings = {"max_age": max_age, "prune_rates": list(prune_rates), "widths": list(widths), "probe_rows": 4,
+                    "gain_points": gain_points, "blocks": blocks,
+                    "inputs": repr(OptimizedTransformer._signature(ctx["inputs"]))}
+        hit, ctx["profile_cached"] = kept.lookup(fingerprint, cal, ctx["inputs"], settings, profile_cache)
+        if hit is not None:
+            check_model(hit.profile.model, model, "the kept profile", now=fingerprint)
+            ctx["profile"], ctx["reference"] = hit.profile, hit.reference
+            return
         reference: list = []
 
         def recording(m: nn.Module) -> Any:
@@ -303,6 +320,8 @@ def optimize(
         ctx["profile"] = _measure(ctx["graph"], recording, max_age=max_age, prune_rates=prune_rates,
                                   widths=widths, probe_rows=4, gain_points=gain_points, probes=0, progress=progress)
         ctx["reference"] = reference[0] if reference else None
+        kept.store(kept.CachedProfile(ctx["profile"], ctx["reference"]), fingerprint, cal, ctx["inputs"], settings,
+                   profile_cache)
 
     def do_solve() -> None:
         from solvers import solve, solver_defaults
@@ -371,14 +390,15 @@ def _cost_report(ctx: dict[str, Any], times: dict[str, float]) -> dict[str, Any]
     one plain run of the calibration, measured by the profile): all of it (``generations``), and
     the profile's and the selection's shares; the rest is capture, solving and lowering."""
     report = ctx["profile"].report
-    measured_now = not isinstance(ctx["calibration"], SensitivityProfile)
+    measured_now = not isinstance(ctx["calibration"], SensitivityProfile) and not ctx.get("profile_cached")
     plain = report.get("plain_calibration_seconds")
     runs = ctx.get("selection_runs", 0) if ctx["selection"] else 0  # each candidate (and the full model) once
     seconds = sum(times.values())
+    cached = ctx.get("profile_cached")
     if not plain:  # no timing unit (a profile made elsewhere without one): count runs
         return {"profile_generations": 0.0, "selection_runs": runs, "selection_generations": float(runs),
                 "other_generations": 0.0, "generations": float(runs), "plain_calibration_seconds": plain,
-                "seconds": seconds}
+                "seconds": seconds, "profile_cached": cached}
     profile_s = times.get("profile", 0.0) if measured_now else 0.0
     select_s = times.get("select", 0.0) if runs else 0.0
     return {
@@ -389,6 +409,7 @@ def _cost_report(ctx: dict[str, Any], times: dict[str, float]) -> dict[str, Any]
         "generations": seconds / plain,
         "plain_calibration_seconds": plain,
         "seconds": seconds,
+        "profile_cached": cached,
     }
 
 

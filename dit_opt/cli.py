@@ -276,6 +276,9 @@ def optimize(
     samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Calibration images (classes cycle)."),
     steps: int | None = _STEPS,
     threads: int | None = _THREADS,
+    profile_cache: Annotated[Path | None, typer.Option(
+        "--profile-cache", help="A directory where profiles are kept: a later run on the same model, "
+        "calibration and settings (at any budget) reuses the profile instead of measuring it.")] = None,
 ) -> None:
     """Optimise a reference model to a FLOP budget and save the plan, profile and metadata to a directory."""
     import dit_opt
@@ -293,7 +296,7 @@ def optimize(
             # plans are compared on calibration noise even when the profile was saved earlier
             opt = dit_opt.optimize(sampler.transformer, budget, calibration=calibration, solver=solver,
                                    compile=False, example_inputs=sampler.example_inputs(), progress=False,
-                                   select=_calibration(sampler, samples, steps))
+                                   select=_calibration(sampler, samples, steps), profile_cache=profile_cache)
         opt.save(out)
     except DitOptError as e:
         raise _fail(e) from e
@@ -305,7 +308,8 @@ def optimize(
     typer.echo(opt.plan.summary())
     _echo_selection(opt)
     times = ", ".join(f"{k} {v:.1f} s" for k, v in opt.step_times.items())
-    typer.echo(f"steps: {times}\nwrote {out}")
+    kept = opt.report.get("profile_cached")
+    typer.echo(f"steps: {times}" + (f" (profile reused from {kept})" if kept else "") + f"\nwrote {out}")
 
 
 def _zoo_name_for(directory: Path) -> str:
