@@ -1,13 +1,16 @@
 """Export the lowered step variants with ``torch.export`` (``.pt2``) for serving.
 
-``export(opt, dir)`` writes one ``.pt2`` per distinct step variant and ``index.json``, which
-maps each step to its variant, names the flat inputs in order and lists the cache entries
-each variant reads (extra trailing inputs) and writes (extra trailing outputs).
-:class:`ExportedPlan` replays them: no capture, no profile, no solver.
+``export(opt, dir)`` writes ``weights.safetensors`` (every tensor the variants use, once: the
+model's weights, and the narrowed MLP slices of ``WIDTH`` actions), one ``.pt2`` per distinct
+step variant that takes its weights as leading inputs (so it holds no copy of them), and
+``index.json``, which maps each step to its variant, names the weights it takes, the flat
+inputs in order, and the cache entries each variant reads (extra trailing inputs) and writes
+(extra trailing outputs). :class:`ExportedPlan` replays them: no capture, no profile, no solver.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,33 @@ from dit_opt.errors import ArtifactError, DitOptError
 
 __all__ = ["export", "ExportedPlan"]
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+#: index versions :class:`ExportedPlan` reads (1: every variant carried its own weights)
+READABLE_VERSIONS = (1, 2)
+
+
+class _Functional(torch.nn.Module):
+    """A variant with its tensors as leading inputs (``torch.func.functional_call``), exported
+    without them as state."""
+
+    def __init__(self, gm: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.__dict__["variant"] = gm  # not a submodule: its tensors come in as inputs
+        self.names = names
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        n = len(self.names)
+        return torch.func.functional_call(self.variant, dict(zip(self.names, args[:n], strict=True)), args[n:])
+
+
+def _value_key(t: torch.Tensor) -> tuple:
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return (str(t.dtype), tuple(t.shape), hashlib.sha256(data).hexdigest())
+
+
+def _tensors(gm: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of ``gm`` under every name it has (tied ones included)."""
+    return [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
 
 
 def export(opt: Any, path: str | Path) -> Path:
@@ -27,7 +56,7 @@ def export(opt: Any, path: str | Path) -> Path:
     Args:
         opt: an :class:`~dit_opt.runtime.OptimizedTransformer`; one that has not captured its
             inputs yet (a loaded one before its first call) captures synthetic ones for its class.
-        path: the output directory (``index.json`` and ``variant_<k>.pt2``).
+        path: the output directory (``index.json``, ``weights.safetensors`` and ``variant_<k>.pt2``).
 
     Returns:
         ``path``.
@@ -36,23 +65,42 @@ def export(opt: Any, path: str | Path) -> Path:
         runner = opt.captured()
     except DitOptError as e:
         raise ArtifactError(f"nothing to export yet: {e}") from e
+    from safetensors.torch import save_file
+
     graph = runner.graph
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     flat = graph.flat_inputs(**graph.example_inputs)
     names = [str(n.target) for n in graph.gm.graph.nodes if n.op == "placeholder"]
-    files: dict[int, str] = {}
+    weights: dict[str, torch.Tensor] = {}  # w<k> -> tensor, each value once
+    seen: dict[tuple, str] = {}  # storage view -> w<k>
+    by_value: dict[tuple, str] = {}  # dtype, shape and bytes' digest -> w<k>
+    files: dict[int, tuple[str, list[str]]] = {}
     steps = []
     for step, v in enumerate(runner.variants):
         key = id(v.gm)
         if key not in files:
-            files[key] = f"variant_{len(files)}.pt2"
+            tensors = _tensors(v.gm)
+            keys = []
+            for _, t in tensors:
+                view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+                if view not in seen:
+                    # equal copies (the glue's, a narrowed block's untouched parts) are stored once too
+                    seen[view] = by_value.setdefault(_value_key(t), f"w{len(by_value)}")
+                    weights.setdefault(seen[view], t.detach().contiguous())
+                keys.append(seen[view])
+            files[key] = (f"variant_{len(files)}.pt2", keys)
             caches = opt.example_caches(runner, step)
             with torch.no_grad():
-                ep = torch.export.export(v.gm, tuple(flat) + tuple(caches), strict=False)
-            torch.export.save(ep, str(path / files[key]))
-        steps.append({"step": step, "file": files[key], "reads": list(v.reads), "writes": list(v.writes),
+                wrapper = _Functional(v.gm, [n for n, _ in tensors])
+                args = tuple(weights[k] for k in keys) + tuple(flat) + tuple(caches)
+                ep = torch.export.export(wrapper, args, strict=False)
+            ep.example_inputs = None  # saved with the program otherwise: a copy of every weight
+            torch.export.save(ep, str(path / files[key][0]))
+        file, keys = files[key]
+        steps.append({"step": step, "file": file, "weights": keys, "reads": list(v.reads), "writes": list(v.writes),
                       "num_outputs": v.gm.num_model_outputs, "actions": [str(a) for a in v.actions]})
+    save_file({k: t.cpu() for k, t in weights.items()}, str(path / "weights.safetensors"))
     index = {"version": INDEX_VERSION, "model": type(opt.model).__name__, "inputs": names, "steps": steps,
              "timesteps": list(opt.plan.timesteps or [])}
     (path / "index.json").write_text(json.dumps(index, indent=1))
@@ -74,9 +122,28 @@ class ExportedPlan:
             self.index = json.loads((path / "index.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError) as e:
             raise ArtifactError(f"{path}: no readable index.json ({e}); write one with dit_opt.export.export") from e
-        if self.index.get("version") != INDEX_VERSION:
-            raise ArtifactError(f"{path}: export format {self.index.get('version')!r}, expected {INDEX_VERSION}")
-        self.modules = {s["file"]: torch.export.load(str(path / s["file"])).module() for s in self.index["steps"]}
+        if self.index.get("version") not in READABLE_VERSIONS:
+            raise ArtifactError(f"{path}: export format {self.index.get('version')!r}, this dit-opt reads "
+                                f"{READABLE_VERSIONS}; export again")
+        self.weights: dict[str, torch.Tensor] = {}
+        if self.index["version"] >= 2:
+            from safetensors.torch import load_file
+
+            try:
+                self.weights = load_file(str(path / "weights.safetensors"))
+            except Exception as e:
+                raise ArtifactError(f"{path}: weights.safetensors is missing or corrupt ({type(e).__name__}: {e}); "
+                                    f"export again") from e
+        try:
+            self.modules = {s["file"]: torch.export.load(str(path / s["file"])).module()
+                            for s in self.index["steps"]}
+        except Exception as e:
+            raise ArtifactError(f"{path}: a step variant could not be loaded ({type(e).__name__}: {e}); "
+                                f"export again") from e
+        missing = {k for s in self.index["steps"] for k in s.get("weights", ())} - set(self.weights)
+        if missing:
+            raise ArtifactError(f"{path}: weights.safetensors lacks {sorted(missing)[:3]} that the variants take; "
+                                f"export again")
         self.cache: dict[str, torch.Tensor] = {}
 
     @property
@@ -88,7 +155,8 @@ class ExportedPlan:
         entry = self.index["steps"][step]
         if step == 0:
             self.cache.clear()
-        out = self.modules[entry["file"]](*flat_inputs, *[self.cache[k] for k in entry["reads"]])
+        weights = [self.weights[k] for k in entry.get("weights", ())]
+        out = self.modules[entry["file"]](*weights, *flat_inputs, *[self.cache[k] for k in entry["reads"]])
         n = entry["num_outputs"]
         for k, v in zip(entry["writes"], out[n:], strict=True):
             self.cache[k] = v
