@@ -102,7 +102,8 @@ def test_export_pt2_replays_the_plan(compiled_pair, tmp_path):
     assert not list(tmp_path.glob("*.pkl"))
     # the weights are written once, beside programs that take them as inputs
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    assert (tmp_path / "weights.safetensors").stat().st_size <= 1.5 * model_bytes
+    written = sum(f.stat().st_size for f in tmp_path.iterdir())
+    assert written <= 1.5 * model_bytes, (written, model_bytes)
     for f in tmp_path.glob("*.pt2"):
         ep = torch.export.load(str(f))
         assert not ep.state_dict and not ep.constants and ep.example_inputs is None, f.name
