@@ -24,7 +24,7 @@ from dit_opt.artifacts import ARTIFACT_VERSION, check_model, read, save
 from dit_opt.calibration import guarded, raised_by_calibration
 from dit_opt.errors import ConfigError, DitOptError, InputMismatchError
 from dit_opt.plan import Plan, check_budget
-from dit_opt.runtime import OptimizedTransformer
+from dit_opt.runtime import OptimizedTransformer, compile_mode
 from dit_opt.sensitivity import DEFAULT_ACTIONS, DEFAULT_MAX_AGE, SensitivityProfile, check_actions
 
 __all__ = ["optimize", "profile", "load", "save", "ARTIFACT_VERSION"]
@@ -186,7 +186,7 @@ def optimize(
     calibration: Callable[[nn.Module], Any] | list[dict] | SensitivityProfile | str | Path | None = None,
     example_inputs: dict[str, Any] | None = None,
     solver: str = "cpsat",
-    compile: bool = True,
+    compile: bool | str = True,
     blocks: list[str] | None = None,
     actions: tuple[str, ...] = DEFAULT_ACTIONS,
     max_age: int = DEFAULT_MAX_AGE,
@@ -213,7 +213,11 @@ def optimize(
         example_inputs: inputs of one forward; default: the calibration's first call.
         solver: ``"cpsat"`` (joint choice of all actions), ``"dp"`` (SODA interval DP, reuse
             only) or a baseline schedule (``"fora"``, ``"delta_dit"``, ``"toca"``).
-        compile: lower the blocks with ``torch.compile`` (Inductor); ``False`` keeps eager code.
+        compile: how the plan is lowered with ``torch.compile`` (Inductor): ``True`` or
+            ``"blocks"`` compiles each distinct block once and shares it across blocks and steps;
+            ``"step"`` compiles each distinct step variant as one graph (faster at run time, one
+            compile per distinct step on the first generation: see ``docs/speed.md``); ``False``
+            keeps eager FX code.
         blocks: block list names, when discovery picks the wrong ones.
         actions: action families the solver may use besides compute: ``reuse``, ``forecast``
             (reuse extrapolated by the polynomial through the unit's last 2 to 4 computes, the
@@ -266,6 +270,7 @@ def optimize(
         >>> print(opt.plan.summary())
     """
     budget = check_budget(budget)
+    compile_mode(compile)
     explicit = actions is not DEFAULT_ACTIONS
     actions = check_actions(actions)
     asked_cfg = explicit and "cfg" in actions
@@ -427,13 +432,13 @@ def _selection_calibration(select: Any, calibration: Any, solver: str) -> Any:
     return calibration if usable else None
 
 
-def load(path: str | Path, model: nn.Module, *, compile: bool = True) -> OptimizedTransformer:
+def load(path: str | Path, model: nn.Module, *, compile: bool | str = True) -> OptimizedTransformer:
     """Replay a saved optimisation on ``model`` without solving again.
 
     Args:
         path: a directory written by ``opt.save``.
         model: the same model (class, config and weights are checked).
-        compile: lower with ``torch.compile``.
+        compile: how to lower (as in :func:`optimize`: ``True``/``"blocks"``, ``"step"``, ``False``).
 
     Raises:
         ArtifactError: the directory is missing, corrupt (a checksum fails), of another format

@@ -22,13 +22,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from dit_opt.errors import DitOptError, InputMismatchError
+from dit_opt.errors import ConfigError, DitOptError, InputMismatchError
 from dit_opt.executor import half_rows, is_guidance_batch, narrow_block
 from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import Plan
 from dit_opt.steps import StepTracker, timestep_value
 
-__all__ = ["OptimizedTransformer"]
+__all__ = ["COMPILE_MODES", "OptimizedTransformer", "compile_mode"]
+
+#: how ``compile=`` lowers a plan: ``False`` eager FX code, ``"blocks"`` (``True``) each distinct
+#: block compiled once and shared, ``"step"`` each distinct step variant compiled whole
+COMPILE_MODES = (False, "blocks", "step")
+
+
+def compile_mode(compile: bool | str) -> bool | str:
+    """``compile=`` as one of :data:`COMPILE_MODES` (``True`` is ``"blocks"``).
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if compile is True:
+        return "blocks"
+    if compile is False or compile in ("blocks", "step"):
+        return compile
+    raise ConfigError(f"compile={compile!r} is not a lowering: use False (eager), True or 'blocks' (each block "
+                      f"compiled once, shared by every step), or 'step' (each step variant compiled whole: faster "
+                      f"at run time, a compile per distinct step)")
 
 
 #: id of a captured graph -> the model captured at half its batch (module-level CFG)
@@ -108,7 +127,7 @@ class OptimizedTransformer(nn.Module):
         *,
         profile: Any = None,
         graph: DiTGraph | None = None,
-        compile: bool = True,
+        compile: bool | str = True,
         solver: str = "cpsat",
         solver_options: dict | None = None,
         blocks: Any = None,
@@ -117,7 +136,7 @@ class OptimizedTransformer(nn.Module):
         self.model = model
         self.plan = plan
         self.profile = profile
-        self.compile = compile
+        self.compile = compile_mode(compile)
         self.solver = solver
         self.solver_options = dict(solver_options or {})
         self.blocks_arg = blocks
@@ -350,7 +369,7 @@ class OptimizedTransformer(nn.Module):
                         f"generations from their first step with the same inputs' shapes, or call opt.reset(); "
                         f"loops stepped in lockstep need a cache_context name each. The optimised module is unchanged."
                     )
-                out = step_variant.gm(*flat, *[state[k] for k in step_variant.reads])
+                out = step_variant(*flat, *[state[k] for k in step_variant.reads])
                 n = step_variant.gm.num_model_outputs
                 state.update(zip(step_variant.writes, out[n:], strict=True))
                 out = out[:n]
@@ -564,7 +583,14 @@ class OptimizedTransformer(nn.Module):
         return self._narrowed[key]
 
     def _lower(self, variants: list) -> list:
-        """Regional compilation: each distinct block module is compiled once and shared."""
+        """Lower the variants for ``self.compile`` (see :data:`COMPILE_MODES`).
+
+        ``"blocks"``: each distinct block module is compiled once (regional compilation) and
+        shared by every block call of every variant; the rest of a step runs as FX code.
+        ``"step"``: each distinct step variant is compiled as one graph (its glue, cache traffic
+        and forecasts fused, one guard check per step), its blocks marked as nested compile
+        regions so that their code is traced once and stamped out.
+        """
         if not self.compile:
             return variants
         import torch._dynamo
@@ -579,9 +605,24 @@ class OptimizedTransformer(nn.Module):
             for name, mod in list(v.gm.named_children()):
                 if _is_block(mod):
                     if id(mod) not in self._compiled:
-                        self._compiled[id(mod)] = torch.compile(mod)
+                        self._compiled[id(mod)] = torch.compile(mod) if self.compile == "blocks" else _Region(mod)
                     setattr(v.gm, name, self._compiled[id(mod)])
+        if self.compile == "step":
+            copies = {k: replace(v, call=torch.compile(v.gm)) for k, v in copies.items()}
         return [copies[id(v.gm)] for v in variants]
+
+
+class _Region(nn.Module):
+    """A block called from a whole-step compiled graph: a nested compile region (traced once,
+    its code reused at every call of any block with the same structure and shapes)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    @torch.compiler.nested_compile_region
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.block(*args, **kwargs)
 
 
 def _is_block(mod: nn.Module) -> bool:

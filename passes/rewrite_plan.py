@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import Any
 
 import torch.fx
 from torch import nn
@@ -42,6 +43,13 @@ class Variant:
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     actions: tuple[Action, ...]
+    #: what runs ``gm`` when it is lowered as a whole (a ``torch.compile`` of it); ``None``: ``gm`` itself
+    call: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        """Run the step: the model's flat inputs and the cache reads in, its flat outputs and
+        the cache writes out."""
+        return (self.gm if self.call is None else self.call)(*args)
 
     @cached_property
     def derives_guidance(self) -> bool:

@@ -107,3 +107,33 @@ def test_export_pt2_replays_the_plan(compiled_pair, tmp_path):
     for f in tmp_path.glob("*.pt2"):
         ep = torch.export.load(str(f))
         assert not ep.state_dict and not ep.constants and ep.example_inputs is None, f.name
+
+
+def test_step_lowering_compiles_each_step_whole_and_matches_eager(compiled_pair):
+    from torch._dynamo.utils import counters
+
+    from dit_opt.runtime import OptimizedTransformer
+
+    model, cal, _, _ = compiled_pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # FORA's schedule: few distinct steps, so few compiles
+        eager = dit_opt.optimize(model, 0.5, solver="fora", calibration=cal, select=False, compile=False,
+                                 progress=False)
+    whole = OptimizedTransformer(model, eager.plan, profile=eager.profile, compile="step")
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        a, b = cal(eager), cal(whole)
+    diff = float((a - b).abs().max())
+    assert diff <= 1e-3 * max(1.0, float(a.abs().max())), f"step lowering differs from eager by {diff}"
+    runner = next(iter(whole._runners.values()))
+    distinct = {id(v.gm) for v in runner.variants}
+    assert all(v.call is not None for v in runner.variants)
+    # one graph per distinct step (its blocks are nested regions inside it, not graphs of their own)
+    assert counters["stats"]["unique_graphs"] - before == len(distinct) < STEPS
+
+
+def test_an_unknown_lowering_is_refused_before_any_work():
+    model, _ = tiny_model("dit")
+    with pytest.raises(dit_opt.ConfigError, match="compile='fast' is not a lowering"):
+        dit_opt.optimize(model, 0.5, compile="fast", progress=False)
