@@ -156,13 +156,14 @@ def profile(
                     probe_rows=probe_rows, gain_points=gain_points, probes=probes, progress=progress)
 
 
-def _measure(graph, calibration, *, max_age, prune_rates, widths, probe_rows, gain_points, probes, progress):
+def _measure(graph, calibration, *, max_age, prune_rates, widths, probe_rows, gain_points, probes, progress,
+             fingerprint=None):
     """Sensitivity profile, step gains and (optionally) end-to-end validation, with their cost."""
     from dit_opt.validation import measure_step_gains, validate_sensitivity
     from passes.annotate_sensitivity import annotate_sensitivity
 
     _, prof = annotate_sensitivity(graph, calibration, max_age=max_age, prune_rates=prune_rates, widths=widths,
-                                   probe_rows=probe_rows, progress=progress)
+                                   probe_rows=probe_rows, progress=progress, fingerprint=fingerprint)
     extra = 0.0
     if gain_points:
         t0 = time.perf_counter()
@@ -323,7 +324,8 @@ def optimize(
             return cal(m)
 
         ctx["profile"] = _measure(ctx["graph"], recording, max_age=max_age, prune_rates=prune_rates,
-                                  widths=widths, probe_rows=4, gain_points=gain_points, probes=0, progress=progress)
+                                  widths=widths, probe_rows=4, gain_points=gain_points, probes=0, progress=progress,
+                                  fingerprint=fingerprint)
         ctx["reference"] = reference[0] if reference else None
         kept.store(kept.CachedProfile(ctx["profile"], ctx["reference"]), fingerprint, cal, ctx["inputs"], settings,
                    profile_cache)

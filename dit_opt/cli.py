@@ -132,6 +132,12 @@ def capture(
     typer.echo(f"captured in {graph.capture_seconds:.1f} s; FLOPs per forward: {graph.flops:,}")
 
 
+def _check_lowering(value: str) -> str:
+    if value not in ("blocks", "step"):
+        raise typer.BadParameter(f"{value!r} is not a lowering: use 'blocks' or 'step'")
+    return value
+
+
 @app.command()
 def demo(
     model: str = typer.Option("digits-dit", "--model", help=_ZOO_HELP),
@@ -143,6 +149,9 @@ def demo(
     steps: int | None = _STEPS,
     compile: bool = typer.Option(True, "--compile/--no-compile",
                                  help="Time compiled (torch.compile both sides) or eager models."),
+    lowering: str = typer.Option("blocks", "--lowering", callback=_check_lowering,
+                                 help="How the plan is compiled: 'blocks' (each block once, quick) or 'step' "
+                                 "(each step whole: faster, a compile per distinct step; docs/speed.md)."),
     repeats: int = typer.Option(3, "--repeats", callback=_check_positive, help="Timed runs per side (median)."),
     threads: int | None = _THREADS,
 ) -> None:
@@ -184,7 +193,7 @@ def demo(
             if compile:
                 # The plan is replayed compiled; the reference is torch.compile of the same model.
                 a = torch.compile(base)
-                b = OptimizedTransformer(base, opt.plan, profile=opt.profile, compile=True)
+                b = OptimizedTransformer(base, opt.plan, profile=opt.profile, compile=lowering)
             timing = time_alternating(lambda: generate(a), lambda: generate(b), repeats=repeats)
     except DitOptError as e:
         raise _fail(e) from e
@@ -194,7 +203,7 @@ def demo(
     _echo_selection(opt)
     typer.echo(f"FLOP fraction (counted): {fraction:.3f}   PSNR {metrics.psnr(fast, full):.2f} dB   "
                f"SSIM {metrics.ssim(fast, full):.4f}")
-    kind = "compiled vs compiled" if compile else "eager vs eager"
+    kind = f"compiled vs compiled, lowering {lowering!r}" if compile else "eager vs eager"
     typer.echo(f"speedup ({kind}, median of {repeats}): {timing['speedup']:.2f}x "
                f"({timing['a_s']:.2f} s -> {timing['b_s']:.2f} s per generation of {samples})")
     typer.echo(f"wrote {out}")

@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--model", default="digits-dit", choices=[*zoo.available(), "dit-s2"])
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
     ap.add_argument("--lowering", nargs="+", default=["blocks"], choices=["blocks", "step"])
+    ap.add_argument("--granularity", default="block", choices=["block", "module", "auto"],
+                    help="the plan's units (optimize's granularity=)")
     ap.add_argument("--samples", type=int, default=10, help="samples per generation")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's; dit-s2: 20)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -126,14 +128,16 @@ def main() -> None:
     profile_s = time.perf_counter() - t0
     baseline = torch.compile(model)
     loop_s = loop_seconds(gen, model, args.repeats)
-    print(f"{args.model}, {args.samples} samples, {platform.machine()} {platform.processor() or 'CPU'}, "
+    print(f"{args.model}, granularity {args.granularity}, {args.samples} samples, "
+          f"{platform.machine()} {platform.processor() or 'CPU'}, "
           f"{torch.get_num_threads()} threads, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
           f"profile {profile_s:.0f} s, loop outside the transformer {loop_s:.3f} s")
     print("| budget | lowering | FLOP fraction (counted) | FLOP ratio | wall-clock speedup | speedup / FLOP ratio "
           "| transformer-time speedup / FLOP ratio | first generation (compiles) |")
     print("|---|---|---|---|---|---|---|---|")
     for b in args.budgets:
-        eager = dit_opt.optimize(model, b, calibration=prof, compile=False, progress=False, select=False)
+        eager = dit_opt.optimize(model, b, calibration=prof, compile=False, progress=False, select=False,
+                                 granularity=args.granularity)
         frac = flop_fraction(gen, model, eager)
         for lowering in args.lowering:
             opt = OptimizedTransformer(model, eager.plan, profile=prof, compile=lowering)

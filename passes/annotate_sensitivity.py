@@ -685,6 +685,7 @@ def annotate_sensitivity(
     probe_rows: int | None = 4,
     forecast_orders: int = MAX_FORECAST_ORDER,
     progress: bool = True,
+    fingerprint: dict | None = None,
 ) -> tuple[PassResult, SensitivityProfile]:
     """Measure the sensitivity profile of ``graph``'s model on calibration trajectories.
 
@@ -698,6 +699,8 @@ def annotate_sensitivity(
             for all rows.
         forecast_orders: ``FORECAST`` orders measured, ``1 .. forecast_orders``.
         progress: show a progress bar.
+        fingerprint: the model's :func:`~dit_opt.fingerprint.model_fingerprint`, when the caller
+            has it already (hashing every weight of a large model takes seconds).
 
     Returns:
         ``(PassResult, profile)``; each block's top-graph node gets
@@ -783,7 +786,7 @@ def annotate_sensitivity(
         widths=tuple(widths),
         flops_fixed=float(graph.costs.outside_blocks),
         channel_order=order,
-        model=model_fingerprint(model),
+        model=fingerprint if fingerprint is not None else model_fingerprint(model),
         cfg_branch=probe.guidance.branch if "e_cfg" in errs else None,
         report={
             "calls": calls[0],

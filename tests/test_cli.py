@@ -65,6 +65,12 @@ def test_demo_rejects_budget_outside_unit_interval():
     assert "outside (0, 1]" in _text(result)
 
 
+def test_demo_rejects_an_unknown_lowering():
+    result = _run("demo", "--lowering", "fast")
+    assert result.exit_code == 2, result.output
+    assert "'fast' is not a lowering" in _text(result)
+
+
 def test_profile_rejects_unknown_model(tmp_path):
     result = _run("profile", "no-such-model", "--out", str(tmp_path / "p"))
     assert result.exit_code == 2, result.output
