@@ -107,6 +107,26 @@ def test_export_pt2_replays_the_plan(compiled_pair, tmp_path):
     for f in tmp_path.glob("*.pt2"):
         ep = torch.export.load(str(f))
         assert not ep.state_dict and not ep.constants and ep.example_inputs is None, f.name
+    # a damaged export is refused with what to do, whichever part is damaged
+    import json
+    import shutil
+
+    def damaged(what, harm):
+        copy = tmp_path.parent / f"{tmp_path.name}-{what}"
+        shutil.copytree(tmp_path, copy)
+        harm(copy)
+        with pytest.raises(dit_opt.ArtifactError, match="export again"):
+            ExportedPlan(copy)
+
+    damaged("weights", lambda d: (d / "weights.safetensors").unlink())
+    damaged("variant", lambda d: next(d.glob("*.pt2")).write_bytes(b"not a program"))
+    def edit_index(d, change):
+        index = json.loads((d / "index.json").read_text())
+        change(index)
+        (d / "index.json").write_text(json.dumps(index))
+
+    damaged("version", lambda d: edit_index(d, lambda i: i.update(version=99)))
+    damaged("lacks", lambda d: edit_index(d, lambda i: i["steps"][0]["weights"].append("w_missing")))
 
 
 def test_step_lowering_compiles_each_step_whole_and_matches_eager(compiled_pair):
