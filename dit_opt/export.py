@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from dit_opt.errors import ArtifactError, DitOptError
+from dit_opt.fingerprint import tensor_bytes
 
 __all__ = ["export", "ExportedPlan"]
 
@@ -43,8 +44,7 @@ class _Functional(torch.nn.Module):
 
 
 def _value_key(t: torch.Tensor) -> tuple:
-    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return (str(t.dtype), tuple(t.shape), hashlib.sha256(data).hexdigest())
+    return (str(t.dtype), tuple(t.shape), hashlib.sha256(tensor_bytes(t)).hexdigest())
 
 
 def _deflate(file: Path) -> None:
@@ -90,7 +90,8 @@ def export(opt: Any, path: str | Path) -> Path:
     by_value: dict[tuple, str] = {}  # dtype, shape and bytes' digest -> w<k>
     files: dict[int, tuple[str, list[str]]] = {}
     steps = []
-    for step, v in enumerate(runner.variants):
+    # one cache list per variant, each step run once (strict would run the last step for nothing)
+    for step, (v, caches) in enumerate(zip(runner.variants, opt.example_caches_by_step(runner), strict=False)):
         key = id(v.gm)
         if key not in files:
             tensors = _tensors(v.gm)
@@ -103,7 +104,6 @@ def export(opt: Any, path: str | Path) -> Path:
                     weights.setdefault(seen[view], t.detach().contiguous())
                 keys.append(seen[view])
             files[key] = (f"variant_{len(files)}.pt2", keys)
-            caches = opt.example_caches(runner, step)
             with torch.no_grad():
                 wrapper = _Functional(v.gm, [n for n, _ in tensors])
                 args = tuple(weights[k] for k in keys) + tuple(flat) + tuple(caches)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,7 +44,7 @@ def compile_mode(compile: bool | str) -> bool | str:
     """
     if compile is True:
         return "blocks"
-    if compile is False or compile in ("blocks", "step"):
+    if compile is False or (isinstance(compile, str) and compile in COMPILE_MODES):
         return compile
     raise ConfigError(f"compile={compile!r} is not a lowering: use False (eager), True or 'blocks' (each block "
                       f"compiled once, shared by every step), or 'step' (each step variant compiled whole: faster "
@@ -289,21 +290,25 @@ class OptimizedTransformer(nn.Module):
         with torch.no_grad():
             return torch._dynamo.explain(eager.gm)(*flat, *caches)
 
-    def example_caches(self, runner: _Runner, step: int) -> list[torch.Tensor]:
-        """Cache tensors that ``step`` reads, made by running steps ``0 .. step - 1`` on the
-        captured example inputs (for tracing, explaining and exporting a variant)."""
+    def example_caches_by_step(self, runner: _Runner) -> Iterator[list[torch.Tensor]]:
+        """For each step in turn, the cache tensors it reads, made by running the steps before it
+        on the captured example inputs (for tracing, explaining and exporting variants); each
+        step runs once, after its caches are yielded."""
         graph = runner.graph
         state: dict[str, torch.Tensor] = {}
         ts = self._active.timesteps or [None] * len(runner.variants)
-        with torch.no_grad():
-            for t in range(step):
-                inputs = dict(graph.example_inputs)
-                if ts[t] is not None and isinstance(inputs.get("timestep"), torch.Tensor):
-                    inputs["timestep"] = torch.full_like(inputs["timestep"], ts[t])
-                v = runner.variants[t]
+        for t, v in enumerate(runner.variants):
+            yield [state[k] for k in v.reads]
+            inputs = dict(graph.example_inputs)
+            if ts[t] is not None and isinstance(inputs.get("timestep"), torch.Tensor):
+                inputs["timestep"] = torch.full_like(inputs["timestep"], ts[t])
+            with torch.no_grad():  # not around the yield: the caller's grad mode is its own
                 out = v.gm(*graph.flat_inputs(**inputs), *[state[k] for k in v.reads])
-                state.update(zip(v.writes, out[v.gm.num_model_outputs:], strict=True))
-        return [state[k] for k in runner.variants[step].reads]
+            state.update(zip(v.writes, out[v.gm.num_model_outputs:], strict=True))
+
+    def example_caches(self, runner: _Runner, step: int) -> list[torch.Tensor]:
+        """Cache tensors that ``step`` reads (see :meth:`example_caches_by_step`)."""
+        return next(itertools.islice(self.example_caches_by_step(runner), step, None))
 
     def cache_bytes(self) -> int:
         """Bytes of cached tensors held now, over every branch."""
