@@ -306,8 +306,10 @@ def optimize(
         from dit_opt.selection import measure_outputs
 
         fingerprint = model_fingerprint(model)
-        settings = {"max_age": max_age, "prune_rates": list(prune_rates), "widths": list(widths), "probe_rows": 4,
-                    "gain_points": gain_points, "blocks": blocks,
+        measure = {"max_age": max_age, "prune_rates": prune_rates, "widths": widths, "probe_rows": 4,
+                   "gain_points": gain_points, "probes": 0}
+        # what the profile depends on besides the model and the calibration: the cache's key
+        settings = {**measure, "prune_rates": list(prune_rates), "widths": list(widths), "blocks": blocks,
                     "inputs": repr(OptimizedTransformer._signature(ctx["inputs"]))}
         hit, ctx["profile_cached"] = kept.lookup(fingerprint, cal, ctx["inputs"], settings, profile_cache)
         if hit is not None:
@@ -323,9 +325,7 @@ def optimize(
                 return None
             return cal(m)
 
-        ctx["profile"] = _measure(ctx["graph"], recording, max_age=max_age, prune_rates=prune_rates,
-                                  widths=widths, probe_rows=4, gain_points=gain_points, probes=0, progress=progress,
-                                  fingerprint=fingerprint)
+        ctx["profile"] = _measure(ctx["graph"], recording, **measure, progress=progress, fingerprint=fingerprint)
         ctx["reference"] = reference[0] if reference else None
         kept.store(kept.CachedProfile(ctx["profile"], ctx["reference"]), fingerprint, cal, ctx["inputs"], settings,
                    profile_cache)
@@ -397,11 +397,11 @@ def _cost_report(ctx: dict[str, Any], times: dict[str, float]) -> dict[str, Any]
     one plain run of the calibration, measured by the profile): all of it (``generations``), and
     the profile's and the selection's shares; the rest is capture, solving and lowering."""
     report = ctx["profile"].report
-    measured_now = not isinstance(ctx["calibration"], SensitivityProfile) and not ctx.get("profile_cached")
+    cached = ctx.get("profile_cached")
+    measured_now = not isinstance(ctx["calibration"], SensitivityProfile) and not cached
     plain = report.get("plain_calibration_seconds")
     runs = ctx.get("selection_runs", 0) if ctx["selection"] else 0  # each candidate (and the full model) once
     seconds = sum(times.values())
-    cached = ctx.get("profile_cached")
     if not plain:  # no timing unit (a profile made elsewhere without one): count runs
         return {"profile_generations": 0.0, "selection_runs": runs, "selection_generations": float(runs),
                 "other_generations": 0.0, "generations": float(runs), "plain_calibration_seconds": plain,

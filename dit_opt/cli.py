@@ -133,8 +133,11 @@ def capture(
 
 
 def _check_lowering(value: str) -> str:
-    if value not in ("blocks", "step"):
-        raise typer.BadParameter(f"{value!r} is not a lowering: use 'blocks' or 'step'")
+    from dit_opt.runtime import COMPILE_MODES
+
+    named = [m for m in COMPILE_MODES if m]
+    if value not in named:
+        raise typer.BadParameter(f"{value!r} is not a lowering: use " + " or ".join(repr(m) for m in named))
     return value
 
 

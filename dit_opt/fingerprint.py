@@ -15,7 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["model_fingerprint", "weights_digest", "legacy_weights_sum"]
+__all__ = ["model_fingerprint", "tensor_bytes", "weights_digest", "legacy_weights_sum"]
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of ``t``'s values, in order (a CPU copy of one tensor)."""
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -24,8 +29,7 @@ def weights_digest(model: nn.Module) -> str:
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            if t.numel():
-                h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(tensor_bytes(t))
     return h.hexdigest()
 
 
