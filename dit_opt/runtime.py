@@ -330,7 +330,6 @@ class OptimizedTransformer(nn.Module):
         t = timestep_value(inputs.get("timestep", 0.0))
         where = self._locate(t, inputs)
         step, branch = where.step, where.branch
-        plan = self._plan_for_step(step, t, where.first_t)
         key = self._signature(inputs)
         runner = self._runners.get(key)
         if runner is None:
@@ -339,6 +338,8 @@ class OptimizedTransformer(nn.Module):
             except InputMismatchError as e:
                 raise InputMismatchError(f"{e} (This call was rejected; the optimised module is unchanged.)") from e
             runner = self._runners[key] = self._make_runner(graph)
+        # only once the inputs fit: re-solving for another schedule can fail on its own
+        plan = self._plan_for_step(step, t, where.first_t)
         variants = runner.variants if plan is self.plan else self._variants_for(runner, plan)
         if step >= len(variants):
             warnings.warn(f"step {step} is beyond the plan's {len(variants)} steps: computing it in full",
