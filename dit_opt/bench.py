@@ -60,23 +60,46 @@ def rhythm_study(name: str, budget: float, max_age: int | None = None) -> Any:
 
     Returns:
         A namespace with ``sampler``, ``model``, ``calibration``, ``evaluation``, ``profile``,
-        ``full`` (images), ``reference`` (calibration outputs) and ``problem``.
+        ``full`` (images), ``reference`` (calibration outputs) and ``problem``, and three helpers:
+        ``cells(computes)``, the problem's actions (lists, before forecasts) that compute every
+        unit at the steps where ``computes[t]`` and reuse elsewhere (compute where reuse is not
+        allowed); ``error(plan)``, the plan's calibration error against the full model's; and
+        ``measure(plan)``, its ``(calibration error, evaluation PSNR)`` from one eager module.
     """
     import dataclasses
     from types import SimpleNamespace
 
     import dit_opt
-    from dit_opt import zoo
-    from dit_opt.selection import measure_outputs
+    from dit_opt import metrics, zoo
+    from dit_opt.plan import COMPUTE, REUSE
+    from dit_opt.selection import measure_outputs, relative_error
 
     sampler = zoo.load(name)
     model = sampler.transformer
     calibration, evaluation = sampling(sampler, 10, seed=1000, reset=True), sampling(sampler, 20, seed=0, reset=True)
     prof = dit_opt.profile(model, calibration, probes=0, progress=False)
-    problem = prof.to_problem(budget, granularity="module", max_age=max_age)
+    problem = dataclasses.replace(prof.to_problem(budget, granularity="module", max_age=max_age),
+                                  forecast_policy="always")
+    full, reference = evaluation(model), measure_outputs(calibration, model)
+    reuse = problem.menu_index(REUSE)
+
+    def cells(computes: Any) -> list[list]:
+        return [[COMPUTE if computes[t] or not problem.allowed[t, u, reuse] else REUSE
+                 for u in range(len(problem.units))] for t in range(problem.num_steps)]
+
+    def module(plan: Any) -> torch.nn.Module:
+        return dit_opt.OptimizedTransformer(model, plan, profile=prof, compile=False)
+
+    def error(plan: Any, opt: torch.nn.Module | None = None) -> float:
+        return relative_error(measure_outputs(calibration, opt or module(plan)), reference)
+
+    def measure(plan: Any) -> tuple[float, float]:
+        opt = module(plan)
+        return error(plan, opt), metrics.psnr(evaluation(opt), full)
+
     return SimpleNamespace(sampler=sampler, model=model, calibration=calibration, evaluation=evaluation,
-                           profile=prof, full=evaluation(model), reference=measure_outputs(calibration, model),
-                           problem=dataclasses.replace(problem, forecast_policy="always"))
+                           profile=prof, full=full, reference=reference, problem=problem, cells=cells, error=error,
+                           measure=measure)
 
 
 def cpu_name() -> str:

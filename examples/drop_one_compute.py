@@ -19,11 +19,8 @@ import warnings
 import numpy as np
 import torch
 
-import dit_opt
-from dit_opt import metrics, zoo
+from dit_opt import zoo
 from dit_opt.bench import rhythm_study
-from dit_opt.plan import COMPUTE, REUSE
-from dit_opt.selection import measure_outputs, relative_error
 from solvers import uniform
 from solvers.fill import fill, trim
 
@@ -39,23 +36,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     study = rhythm_study(args.model, args.budget)
-    model, calibration, evaluation, prof = study.model, study.calibration, study.evaluation, study.profile
-    full, ref, problem = study.full, study.reference, study.problem
-    T, U, reuse = problem.num_steps, len(problem.units), problem.menu_index(REUSE)
-    rhythm = uniform.schedule(T, args.warmup, args.interval)
+    problem = study.problem
+    rhythm = uniform.schedule(problem.num_steps, args.warmup, args.interval)
 
     def measure(computes: np.ndarray, label: str) -> None:
-        grid = problem.with_forecasts([[COMPUTE if computes[t] or not problem.allowed[t, u, reuse] else REUSE
-                                        for u in range(U)] for t in range(T)])
+        grid = problem.with_forecasts(study.cells(computes))
         plan = problem.with_budget(1.0).to_plan(grid, label, "HEURISTIC", 0.0)
         fitted = fill(problem, plan) if problem.is_within_budget(problem.evaluate(grid)[0]) else trim(problem, plan)
         for kind, p in (("as is", plan), ("to the budget", fitted)):
             if p is None:
                 print(f"| {label} | {kind} | - | - | - |")
                 continue
-            opt = dit_opt.OptimizedTransformer(model, p, profile=prof, compile=False)
-            error = relative_error(measure_outputs(calibration, opt), ref)
-            psnr = metrics.psnr(evaluation(opt), full)
+            error, psnr = study.measure(p)
             print(f"| {label} | {kind} | {p.flop_fraction:.3f} | {error:.3g} | {psnr:.2f} |", flush=True)
 
     print(f"computes of warm-up {args.warmup}, interval {args.interval}: {np.nonzero(rhythm)[0].tolist()}\n")

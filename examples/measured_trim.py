@@ -21,11 +21,9 @@ import warnings
 
 import torch
 
-import dit_opt
-from dit_opt import metrics, zoo
+from dit_opt import zoo
 from dit_opt.bench import machine, rhythm_study
 from dit_opt.plan import COMPUTE, REUSE
-from dit_opt.selection import measure_outputs, relative_error
 from solvers import uniform
 from solvers.fill import trim
 
@@ -42,11 +40,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     study = rhythm_study(args.model, args.budget)
-    model, calibration, evaluation, prof = study.model, study.calibration, study.evaluation, study.profile
-    full, ref, problem = study.full, study.reference, study.problem
+    problem = study.problem
     T, U, reuse = problem.num_steps, len(problem.units), problem.menu_index(REUSE)
     rhythm = uniform.schedule(T, args.warmup, args.interval, phase=1 if args.warmup else 0)
-    grid = [[COMPUTE if rhythm[t] or not problem.allowed[t, u, reuse] else REUSE for u in range(U)] for t in range(T)]
+    grid = study.cells(rhythm)
     unlimited = problem.with_budget(1.0)
     runs = 0
 
@@ -56,18 +53,18 @@ def main() -> None:
     def error(plan):
         nonlocal runs
         runs += 1
-        return relative_error(measure_outputs(calibration, dit_opt.OptimizedTransformer(
-            model, plan, profile=prof, compile=False)), ref)
+        return study.error(plan)
 
-    def psnr(plan):
-        return metrics.psnr(evaluation(dit_opt.OptimizedTransformer(model, plan, profile=prof, compile=False)), full)
+    def row(plan, label, cost):
+        err, psnr = study.measure(plan)
+        print(f"| {label} | {plan.flop_fraction:.3f} | {err:.3g} | {psnr:.2f} | {cost} |", flush=True)
 
     start = plan_of(grid, "rhythm")
     print(f"{args.model}, budget {args.budget}, warm-up {args.warmup}, interval {args.interval}, "
           f"computes {rhythm.nonzero()[0].tolist()}; {machine()}\n")
     print("| plan | FLOP fraction | calibration error | PSNR (dB) | calibration runs |")
     print("|---|---|---|---|---|")
-    print(f"| rhythm as is | {start.flop_fraction:.3f} | {error(start):.3g} | {psnr(start):.2f} | - |", flush=True)
+    row(start, "rhythm as is", "-")
     t0 = time.perf_counter()
     current = start
     while current.flop_fraction > args.budget + 1e-9:
@@ -95,11 +92,10 @@ def main() -> None:
             if current.flop_fraction <= args.budget + 1e-9:
                 break
     spent = time.perf_counter() - t0
-    print(f"| measured trim | {current.flop_fraction:.3f} | {error(current):.3g} | {psnr(current):.2f} | "
-          f"{runs - 2} ({spent:.0f} s) |")
+    row(current, "measured trim", f"{runs} ({spent:.0f} s)")
     modelled = trim(problem, start)
     if modelled is not None:
-        print(f"| modelled trim | {modelled.flop_fraction:.3f} | {error(modelled):.3g} | {psnr(modelled):.2f} | 0 |")
+        row(modelled, "modelled trim", "0")
 
 
 if __name__ == "__main__":

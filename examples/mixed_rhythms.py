@@ -19,11 +19,8 @@ import warnings
 import numpy as np
 import torch
 
-import dit_opt
-from dit_opt import metrics, zoo
+from dit_opt import zoo
 from dit_opt.bench import rhythm_study
-from dit_opt.plan import COMPUTE, REUSE
-from dit_opt.selection import measure_outputs, relative_error
 from solvers.fill import fill
 
 PAIRS = ((2, 3), (3, 2), (3, 4), (4, 3), (4, 5), (5, 4), (5, 6), (6, 5))
@@ -52,13 +49,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     study = rhythm_study(args.model, args.budget, args.max_age)
-    model, calibration, evaluation, prof = study.model, study.calibration, study.evaluation, study.profile
-    full, ref, problem = study.full, study.reference, study.problem
-    T, U, reuse = problem.num_steps, len(problem.units), problem.menu_index(REUSE)
+    problem = study.problem
+    T = problem.num_steps
 
     def grid(c: np.ndarray) -> list:
-        return problem.with_forecasts([[COMPUTE if c[t] or not problem.allowed[t, u, reuse] else REUSE
-                                        for u in range(U)] for t in range(T)])
+        return problem.with_forecasts(study.cells(c))
 
     seen: set[tuple] = set()
     print("| warm-up, intervals, switch | computes | plan | FLOP fraction | modelled error | calibration error | "
@@ -85,12 +80,9 @@ def main() -> None:
                 if plan.flop_fraction < args.budget - 0.05:
                     continue
                 for kind, p in (("as is", plan), ("filled", fill(problem, plan))):
-                    opt = dit_opt.OptimizedTransformer(model, p, profile=prof, compile=False)
-                    images = evaluation(opt)
-                    error = relative_error(measure_outputs(calibration, opt), ref)
+                    error, psnr = study.measure(p)
                     print(f"| {w}, {na} then {nb}, at {s} | {np.nonzero(c)[0].tolist()} | {kind} | "
-                          f"{p.flop_fraction:.3f} | {p.predicted_error:.3g} | {error:.3g} | "
-                          f"{metrics.psnr(images, full):.2f} |", flush=True)
+                          f"{p.flop_fraction:.3f} | {p.predicted_error:.3g} | {error:.3g} | {psnr:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
