@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dit_opt.artifacts import ARTIFACT_VERSION, check_model, read, save
-from dit_opt.calibration import guarded, raised_by_calibration
+from dit_opt.calibration import Generations, guarded, raised_by_calibration
 from dit_opt.errors import ConfigError, DitOptError, InputMismatchError
 from dit_opt.plan import Plan, check_budget
 from dit_opt.runtime import OptimizedTransformer, compile_mode
@@ -64,6 +64,7 @@ def _prepare(model, calibration, example_inputs):
     from dit_opt.calibration import synthetic_calibration
     from dit_opt.synthetic import example_inputs as synthetic_inputs
 
+    calibration = _as_generations(calibration)
     if isinstance(calibration, str | Path):
         calibration = SensitivityProfile.load(calibration)
     if isinstance(calibration, list):
@@ -119,13 +120,15 @@ def profile(
     gain_points: int = 0,
     probes: int = 6,
     progress: bool = True,
+    distributed: bool | Any = False,
 ) -> SensitivityProfile:
     """Measure the sensitivity profile of ``model`` (reusable across budgets).
 
     Args:
         model: a diffusers transformer.
-        calibration: runs complete denoising loops with the module it is given; ``None``
-            self-calibrates on synthetic inputs (known classes only; warns).
+        calibration: runs complete denoising loops with the module it is given, or a list of
+            such callables, one generation each (:class:`dit_opt.calibration.Generations`);
+            ``None`` self-calibrates on synthetic inputs (known classes only; warns).
         example_inputs: inputs of one forward; default: the calibration's first call.
         blocks, max_age, prune_rates, widths, probe_rows, progress: see
             ``passes.annotate_sensitivity.annotate_sensitivity``.
@@ -137,23 +140,78 @@ def profile(
         probes: single actions whose real final-output error is compared with the modelled
             one (``dit_opt.validation``); each costs one calibration run. The rank
             correlation lands in ``profile.report["validation"]``.
+        distributed: ``True`` (the default process group) or a ``torch.distributed``
+            ``ProcessGroup``: every rank of it calls ``profile`` with the same model, settings and
+            list of generations, runs its share of them (``generations[rank::world]``), and gets
+            the profile of all of them, the same on every rank (``docs/scale.md``); only rank 0
+            writes it (``prof.save``). ``False``: one process.
+
+    Raises:
+        ConfigError: ``distributed`` asks for a group while none is initialised (the message
+            gives the ``torchrun`` command), or the calibration is not a list of generations.
+        DistributedError: the ranks' models, settings or calibration shapes differ (the same
+            error on every rank); :class:`~dit_opt.errors.RankFailedError` where another rank
+            raised.
 
     Example:
         >>> prof = dit_opt.profile(sampler.transformer, lambda m: run(m))
         >>> prof.save("profile/")
     """
+    from dit_opt import distributed as spread_over
     from dit_opt.capture import capture
     from passes.annotate_flops import annotate_flops
 
-    calibration, example_inputs = _prepare(model, calibration, example_inputs)
-    if not callable(calibration):
-        raise DitOptError("profile() needs a calibration callable, not a saved profile")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = capture(model, example_inputs, blocks=blocks)
-    annotate_flops(graph)
-    return _measure(graph, calibration, max_age=max_age, prune_rates=prune_rates, widths=widths,
-                    probe_rows=probe_rows, gain_points=gain_points, probes=probes, progress=progress)
+    group = spread_over.resolve(distributed)
+    calibration = _as_generations(calibration)
+    total = None
+    if group is not None:
+        if not isinstance(calibration, Generations):
+            raise ConfigError("profile(..., distributed=True) gives each rank a share of the calibration's "
+                              "generations, so the calibration must be a list of callables, one denoising loop "
+                              "each (e.g. [lambda m, s=s: sample(m, seed=s) for s in seeds]), the same list on "
+                              f"every rank; got {type(calibration).__name__}")
+        total = len(calibration)
+        try:
+            calibration = calibration.share(group.rank, group.world)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        progress = progress and group.rank == 0
+    settings = {"blocks": blocks, "max_age": max_age, "prune_rates": list(prune_rates), "widths": list(widths),
+                "probe_rows": probe_rows, "gain_points": gain_points, "probes": probes}
+    with spread_over.spread(group):
+        calibration, example_inputs = _prepare(model, calibration, example_inputs)
+        if not callable(calibration):
+            raise DitOptError("profile() needs a calibration callable, not a saved profile")
+        fingerprint = None
+        if group is not None:
+            from dit_opt.fingerprint import model_fingerprint
+
+            fingerprint = model_fingerprint(model)
+            group.agree("the model (class, config and weight digest)", fingerprint,
+                        "load the same model and weights on every rank")
+            group.agree("the profile settings", settings, "call profile with the same arguments on every rank")
+            group.agree("the number of calibration generations", total,
+                        "give every rank the same list of generations (each runs its share)")
+            group.agree("the calibration's first call (input shapes and dtypes)",
+                        repr(OptimizedTransformer._signature(example_inputs)),
+                        "every rank's generations must call the model with the same shapes and dtypes")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = capture(model, example_inputs, blocks=blocks)
+        annotate_flops(graph)
+        prof = _measure(graph, calibration, max_age=max_age, prune_rates=prune_rates, widths=widths,
+                        probe_rows=probe_rows, gain_points=gain_points, probes=probes, progress=progress,
+                        fingerprint=fingerprint)
+        if group is not None:
+            prof.report["ranks"] = group.world
+    return prof
+
+
+def _as_generations(calibration: Any) -> Any:
+    """A list or tuple of callables as :class:`~dit_opt.calibration.Generations`; anything else as it is."""
+    if isinstance(calibration, list | tuple) and calibration and all(callable(c) for c in calibration):
+        return Generations(calibration)
+    return calibration
 
 
 def _measure(graph, calibration, *, max_age, prune_rates, widths, probe_rows, gain_points, probes, progress,
@@ -207,9 +265,9 @@ def optimize(
         budget: FLOP fraction in (0, 1]; ``1.0`` computes everything (exact).
         calibration: a callable that runs complete denoising loops with the module it is
             given (``lambda m: (setattr(sampler, "transformer", m), sampler(class_labels=[0, 1]))``),
-            recorded trajectories (a list of per-call keyword dicts, see
-            ``dit_opt.calibration.record_trajectories``), a profile saved earlier (object or
-            directory), or ``None`` to self-calibrate on
+            a list of such callables (one generation each, run in turn), recorded trajectories
+            (a list of per-call keyword dicts, see ``dit_opt.calibration.record_trajectories``), a
+            profile saved earlier (object or directory), or ``None`` to self-calibrate on
             synthetic inputs (known diffusers classes; warns).
         example_inputs: inputs of one forward; default: the calibration's first call.
         solver: ``"cpsat"`` (joint choice of all actions), ``"dp"`` (SODA interval DP, reuse

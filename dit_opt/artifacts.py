@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from dit_opt import distributed
 from dit_opt.errors import ArtifactError
 from dit_opt.fingerprint import legacy_weights_sum, model_fingerprint
 from dit_opt.plan import Plan
@@ -64,6 +65,8 @@ def save(opt: Any, path: str | Path) -> Path:
     from dit_opt import __version__
 
     path = Path(path)
+    if not distributed.is_writer():  # every rank holds the same optimisation: rank 0 writes it
+        return path
     path.mkdir(parents=True, exist_ok=True)
     (path / "plan.json").write_text(opt.plan.to_json(indent=1))
     files = ["plan.json"]

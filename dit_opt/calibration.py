@@ -12,6 +12,9 @@ is what makes caching work. A calibration is any ``callable(module)`` that sampl
   hand: random inputs of the right shapes and the default schedule of its family. Random
   latents and conditioning are far from real use; it exists so that
   ``optimize(model, budget)`` always works, and it warns.
+* :class:`Generations` is a calibration made of separate generations (a list of callables,
+  one loop each): it runs them in turn, and ``profile(..., distributed=True)`` gives each rank
+  its share of them (:mod:`dit_opt.distributed`).
 * :func:`guarded` marks what a calibration itself raises (:func:`raised_by_calibration`), so
   that ``optimize`` lets the user's exception through as itself instead of as its own failure.
 """
@@ -20,16 +23,19 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from dit_opt.synthetic import example_inputs
 
 __all__ = [
+    "Generations",
+    "returned_tensors",
     "calibration_from_pipeline",
     "synthetic_calibration",
     "record_trajectories",
@@ -79,6 +85,68 @@ def _through_machinery(tb: Any) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def returned_tensors(result: Any) -> list[torch.Tensor]:
+    """The tensors a calibration returned, as float CPU tensors: a tensor, a tuple or list of
+    tensors, an object with an ``images`` tensor (a pipeline's output) or a numpy array; ``[]``
+    for anything else (then the transformer's outputs are what is compared)."""
+    images = getattr(result, "images", None)
+    if images is not None:
+        result = images
+    if isinstance(result, torch.Tensor):
+        return [result.detach().float().cpu()]
+    if isinstance(result, tuple | list) and result and all(isinstance(r, torch.Tensor) for r in result):
+        return [r.detach().float().cpu() for r in result]
+    if isinstance(result, np.ndarray):
+        return [torch.from_numpy(np.asarray(result, dtype=np.float32))]
+    return []
+
+
+class Generations:
+    """A calibration made of separate generations: ``generations[i](module)`` runs one complete
+    denoising loop (its own seeds, prompts or classes) with ``module`` as the transformer.
+
+    Called, it runs them in turn and returns what they returned, their tensors concatenated in
+    a list (so the selection compares all of them). :meth:`share` is one rank's part of them
+    under ``profile(..., distributed=True)``; the profile of the shares, summed over the ranks,
+    is the profile of the whole list in one process. ``optimize`` and ``profile`` accept the
+    list itself (``calibration=[gen_a, gen_b, ...]``).
+
+    Example:
+        >>> gens = Generations([lambda m, s=s: sample(m, seed=s) for s in range(8)])  # doctest: +SKIP
+        >>> prof = dit_opt.profile(model, gens, distributed=True)                     # doctest: +SKIP
+    """
+
+    def __init__(self, generations: Sequence[Callable[[nn.Module], Any]]):
+        generations = list(generations)
+        if not generations or not all(callable(g) for g in generations):
+            raise TypeError("Generations needs a non-empty list of callables, each running one denoising loop "
+                            "with the module it is given")
+        self.generations = generations
+
+    def __len__(self) -> int:
+        return len(self.generations)
+
+    def __call__(self, module: nn.Module) -> list[torch.Tensor] | None:
+        out: list[torch.Tensor] = []
+        returned_all = True
+        for generation in self.generations:
+            got = returned_tensors(generation(module))
+            returned_all &= bool(got)
+            out += got
+        return out if returned_all else None
+
+    def share(self, rank: int, world: int) -> Generations:
+        """Generations ``rank, rank + world, ...``: one rank's part of them.
+
+        Raises:
+            ValueError: fewer generations than ranks (a rank would have none).
+        """
+        if len(self.generations) < world:
+            raise ValueError(f"{len(self.generations)} calibration generation(s) for {world} ranks: every rank "
+                             f"needs at least one; pass at least {world} (e.g. one per seed or prompt)")
+        return Generations(self.generations[rank::world])
 
 
 #: class name -> schedule family used by :func:`synthetic_calibration`.

@@ -15,6 +15,8 @@ __all__ = [
     "InfeasibleBudgetError",
     "ArtifactError",
     "ConfigError",
+    "DistributedError",
+    "RankFailedError",
 ]
 
 
@@ -44,3 +46,12 @@ class ArtifactError(DitOptError):
 
 class ConfigError(DitOptError, ValueError):
     """A configuration value is invalid (also a ``ValueError``)."""
+
+
+class DistributedError(DitOptError):
+    """The ranks of a distributed run disagree (the model, the settings or the calibration's
+    shapes differ between them); raised the same on every rank."""
+
+
+class RankFailedError(DistributedError):
+    """Another rank raised while this one waited for it; the message names the rank and its error."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dit_opt import distributed
 from dit_opt.errors import ArtifactError
 from dit_opt.sensitivity import SensitivityProfile
 from dit_opt.steps import call_fingerprint, timestep_value
@@ -112,7 +113,7 @@ def store(entry: CachedProfile, fingerprint: dict, calibration: Any, first_call:
         _MEMORY[key] = entry
         if identity[0] == "object":
             weakref.finalize(_base(calibration), _MEMORY.pop, key, None)
-    if directory is not None:
+    if directory is not None and distributed.is_writer():  # under torch.distributed rank 0 keeps it
         path = Path(directory) / _disk_key(fingerprint, calibration, first_call, settings)
         tmp = path.with_name(path.name + ".partial")
         entry.profile.save(tmp)  # written whole, then renamed: a stopped save leaves no entry

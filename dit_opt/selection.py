@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dit_opt import distributed
+from dit_opt.calibration import returned_tensors
 from dit_opt.plan import Plan
 from dit_opt.sensitivity import SHORT_MAX_AGE
 
@@ -162,12 +164,13 @@ def measure_outputs(calibration: Callable[[nn.Module], Any], module: nn.Module) 
             result = calibration(module)
     finally:
         handle.remove()
-    returned = _tensors(result)
+    returned = returned_tensors(result)
     return returned if returned else calls
 
 
 def relative_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
-    """``sum ||got - ref||^2 / sum ||ref||^2`` over matching tensors.
+    """``sum ||got - ref||^2 / sum ||ref||^2`` over matching tensors (and over the ranks of the
+    active process group, :func:`dit_opt.distributed.active`, each with its share of them).
 
     Raises:
         ValueError: the two runs produced different numbers or shapes of outputs.
@@ -177,6 +180,9 @@ def relative_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> 
                          "full model (or other shapes); it must be deterministic to compare plans")
     num = sum(float((g.float() - r.float()).pow(2).sum()) for g, r in zip(got, ref, strict=True))
     den = sum(float(r.float().pow(2).sum()) for r in ref)
+    group = distributed.active()
+    if group is not None:  # each rank ran its share of the generations: the error of all of them
+        num, den = group.all_sum([num, den]).tolist()
     return num / max(den, 1e-30)
 
 
@@ -204,16 +210,3 @@ def select_plan(
     scored = [Candidate(plan, relative_error(measure_outputs(calibration, build(plan)), ref)) for plan in plans]
     best = min(scored, key=lambda c: c.error)
     return best.plan, scored
-
-
-def _tensors(result: Any) -> list[torch.Tensor]:
-    images = getattr(result, "images", None)
-    if images is not None:
-        result = images
-    if isinstance(result, torch.Tensor):
-        return [result.detach().float().cpu()]
-    if isinstance(result, tuple | list) and result and all(isinstance(r, torch.Tensor) for r in result):
-        return [r.detach().float().cpu() for r in result]
-    if isinstance(result, np.ndarray):
-        return [torch.from_numpy(np.asarray(result, dtype=np.float32))]
-    return []

@@ -24,6 +24,7 @@ import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 
+from dit_opt import distributed
 from dit_opt.errors import ArtifactError, ConfigError
 from dit_opt.plan import Unit
 
@@ -418,10 +419,22 @@ class SensitivityProfile:
         new_step = float(np.abs(np.diff(ts)).mean()) if len(ts) > 1 else cal_step
         return new_step / cal_step if cal_step else 1.0
 
+    def tables(self) -> dict[str, np.ndarray]:
+        """Every error and FLOP table the profile holds (those it measured), by name, as saved."""
+        return {name: np.asarray(getattr(self, name)) for name in (*_ARRAYS, *_OPTIONAL)
+                if getattr(self, name) is not None}
+
     # ---- artifact --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write ``profile.safetensors`` and ``profile.json`` into directory ``path``."""
+        """Write ``profile.safetensors`` and ``profile.json`` into directory ``path``.
+
+        Each file is written whole under a temporary name and then renamed, the JSON last (a save
+        that stops leaves the previous profile, or none, never half of one). Under
+        ``torch.distributed`` only rank 0 writes (every rank holds the same profile).
+        """
         path = Path(path)
+        if not distributed.is_writer():
+            return path
         path.mkdir(parents=True, exist_ok=True)
         tensors = {name: np.ascontiguousarray(getattr(self, name), dtype=np.float64) for name in _ARRAYS}
         for k, v in self.channel_order.items():
@@ -429,7 +442,9 @@ class SensitivityProfile:
         for name in _OPTIONAL:
             if getattr(self, name) is not None:
                 tensors[name] = np.asarray(getattr(self, name), dtype=np.float64)
-        save_np(tensors, str(path / "profile.safetensors"))
+        partial = path / "profile.safetensors.partial"
+        save_np(tensors, str(partial))
+        partial.replace(path / "profile.safetensors")
         meta = {
             "version": PROFILE_VERSION,
             "units": [str(u) for u in self.units],
@@ -442,7 +457,9 @@ class SensitivityProfile:
             "model": self.model,
             "report": self.report,
         }
-        (path / "profile.json").write_text(json.dumps(meta, indent=1))
+        partial = path / "profile.json.partial"
+        partial.write_text(json.dumps(meta, indent=1))
+        partial.replace(path / "profile.json")
         return path
 
     @classmethod

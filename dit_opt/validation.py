@@ -20,24 +20,29 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from dit_opt.calibration import returned_tensors
 from dit_opt.ir import DiTGraph
 from dit_opt.plan import COMPUTE, Action
+from dit_opt.selection import relative_error
 from dit_opt.sensitivity import SensitivityProfile
 
 __all__ = ["validate_sensitivity", "measure_step_gains", "final_output"]
 
 
-def final_output(result: Any) -> torch.Tensor:
-    """The tensor a calibration returned (a tensor, or a pipeline output with ``images``)."""
-    if isinstance(result, torch.Tensor):
-        return result.detach().float()
-    images = getattr(result, "images", None)
-    if images is not None:
-        return torch.as_tensor(np.asarray(images), dtype=torch.float32)
-    raise TypeError(
-        f"the calibration returned a {type(result).__name__}; to validate the profile it must return the "
-        f"generated samples (a tensor, or a pipeline output with .images)"
-    )
+def final_output(result: Any) -> list[torch.Tensor]:
+    """The samples a calibration returned (a tensor, a list of them, or a pipeline output with
+    ``images``), as float tensors.
+
+    Raises:
+        TypeError: it returned none.
+    """
+    samples = returned_tensors(result)
+    if not samples:
+        raise TypeError(
+            f"the calibration returned a {type(result).__name__}; to validate the profile it must return the "
+            f"generated samples (a tensor, or a pipeline output with .images)"
+        )
+    return samples
 
 
 class _SingleActions:
@@ -69,7 +74,7 @@ class _SingleActions:
         opt.reset()
         with torch.no_grad():
             out = final_output(self.calibration(opt))
-        return float((out - self.reference).pow(2).sum() / self.reference.pow(2).sum().clamp_min(1e-30))
+        return relative_error(out, self.reference)
 
 
 def profile_errors(problem: Any) -> np.ndarray:

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from dit_opt import distributed
 from dit_opt.errors import ConfigError
 from dit_opt.executor import (
     bind_inputs,
@@ -98,11 +99,18 @@ def measure_channel_order(graph: DiTGraph, calibration: Callable[[torch.nn.Modul
             act = block.get_submodule(name).net[0]
 
             def hook(mod, args, out, key=key):
-                s = out.detach().float().abs().reshape(-1, out.shape[-1]).mean(0)
+                s = out.detach().double().abs().reshape(-1, out.shape[-1]).mean(0)
                 stats[key] = stats.get(key, 0) + s
 
             handles.append(act.register_forward_hook(hook))
     seconds = run_hooked(calibration, model, handles)
+    group = distributed.active()
+    if group is not None:  # each rank saw its share of the generations: the statistics of all of them
+        keys = sorted(stats)
+        group.agree("the MLPs the calibration ran", keys, "every rank must load the same model")
+        sizes = [stats[k].numel() for k in keys]
+        total = group.all_sum(np.concatenate([stats[k].double().cpu().numpy() for k in keys]) if keys else [])
+        stats = {k: torch.from_numpy(v) for k, v in zip(keys, np.split(total, np.cumsum(sizes)[:-1]), strict=True)}
     order = {}
     for spec in graph.blocks:
         block = model.get_submodule(spec.name)
@@ -590,6 +598,36 @@ class _Probe:
             return 0.0 if not cfg_sq else reuse_error
         return reuse_error * cfg_sq / reuse_sq
 
+    def reduce(self, group: distributed.Group) -> None:
+        """Sum what every rank measured on its share of the generations into what one process
+        measures on all of them: the error sums and call counts per step, the guidance fits and
+        calls, the modules found unprunable.
+
+        Raises:
+            DistributedError: the ranks' calibrations ran other steps or timesteps (the same error
+                on every rank).
+        """
+        steps = sorted(self.sums)
+        group.agree("the calibration's denoising steps (step, timestep)", [(t, self.timesteps[t]) for t in steps],
+                    "every rank's generations must use the same scheduler and number of steps")
+        names = list(self.shape)
+        flat = [np.asarray([self.counts.get(t, 0) for t in steps], dtype=np.float64)]
+        flat += [self.sums[t][name].ravel() for t in steps for name in names]
+        total = group.all_sum(np.concatenate(flat))
+        self.counts = {t: int(round(c)) for t, c in zip(steps, total[:len(steps)], strict=True)}
+        at = len(steps)
+        for t in steps:
+            for name in names:
+                size = self.sums[t][name].size
+                self.sums[t][name] = total[at:at + size].reshape(self.shape[name])
+                at += size
+        g = self.guidance
+        merged = group.gather((g.calls, g.batched_calls, [c.tolist() for c in g.coefs], sorted(self.unprunable)))
+        g.calls = sum(m[0] for m in merged)
+        g.batched_calls = sum(m[1] for m in merged)
+        g.coefs = [np.asarray(c) for m in merged for c in m[2]]
+        self.unprunable = {tuple(x) for m in merged for x in m[3]}
+
     def arrays(self) -> tuple[list[float], dict[str, np.ndarray]]:
         """Timesteps and the mean errors per step (``e_cfg`` and ``e_module_cfg`` only where every
         call was a guidance batch)."""
@@ -730,6 +768,10 @@ def annotate_sensitivity(
 
         handles.append(model.register_forward_pre_hook(tick, with_kwargs=True))
         run_hooked(calibration, model, handles)
+    group = distributed.active()
+    if group is not None:
+        calls[0] = int(group.all_sum([calls[0]])[0])
+        probe.reduce(group)
     if not probe.sums:
         raise ValueError(
             f"{type(model).__name__}: the calibration never called the model; it must run complete "

@@ -1,0 +1,226 @@
+"""Profiling spread over processes (gloo, 2 processes spawned from the test), and its errors."""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dit_opt
+from dit_opt.calibration import Generations, synthetic_calibration
+from dit_opt.errors import ConfigError, DistributedError, RankFailedError
+from dit_opt.testing import tiny_model
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():  # pragma: no cover - builds without torch.distributed
+    pytest.skip("this build of torch has no torch.distributed", allow_module_level=True)
+
+STEPS = 5
+
+
+def _generations(model, count: int = 3) -> list:
+    return [synthetic_calibration(model, num_inference_steps=STEPS, seed=s, warn=False) for s in range(count)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(worker, out: Path, *args) -> list:
+    """Run ``worker(rank, world, port, out, *args)`` in 2 processes; each one's pickled result."""
+    import torch.multiprocessing as mp
+
+    port = _free_port()
+    mp.start_processes(worker, args=(2, port, out, *args), nprocs=2, join=True, start_method="spawn")
+    return [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(2)]
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)  # both ranks and the one-process reference compute alike
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+def _profile_worker(rank: int, world: int, port: int, out: Path) -> None:
+    _init(rank, world, port)
+    try:
+        model, _ = tiny_model("dit")
+        gens = _generations(model)
+        prof = dit_opt.profile(model, gens, probes=3, progress=False, distributed=True)
+        prof.save(out / "saved")
+        result = {"tables": prof.tables(), "order": {k: v.tolist() for k, v in prof.channel_order.items()},
+                  "validation": prof.report["validation"]["probes"], "ranks": prof.report.get("ranks")}
+        if rank == 0:  # the same generations in one process
+            alone = dit_opt.profile(model, gens, probes=3, progress=False)
+            result["alone"] = {"tables": alone.tables(), "validation": alone.report["validation"]["probes"],
+                               "order": {k: v.tolist() for k, v in alone.channel_order.items()}}
+        (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _max_relative_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for name in a:
+        x, y = np.asarray(a[name], dtype=np.float64), np.asarray(b[name], dtype=np.float64)
+        assert x.shape == y.shape, name
+        assert np.array_equal(np.isnan(x), np.isnan(y)), name
+        ok = np.isfinite(x)
+        rel = np.abs(x[ok] - y[ok]) / np.maximum(np.abs(y[ok]), 1e-300)
+        worst = max(worst, float(rel.max(initial=0.0)))
+    return worst
+
+
+def test_two_process_profile_equals_one_process(tmp_path):
+    r0, r1 = _spawn(_profile_worker, tmp_path)
+    assert r0["ranks"] == r1["ranks"] == 2
+    # every rank ends with the same profile, the one one process measures on all generations
+    assert _max_relative_difference(r0["tables"], r1["tables"]) == 0.0
+    assert _max_relative_difference(r0["tables"], r0["alone"]["tables"]) <= 1e-6
+    assert r0["order"] == r0["alone"]["order"]
+    measured = [p["measured"] for p in r0["validation"]]
+    alone = [p["measured"] for p in r0["alone"]["validation"]]
+    np.testing.assert_allclose(measured, alone, rtol=1e-6)
+    # rank 0 wrote the profile, whole
+    saved = dit_opt.SensitivityProfile.load(tmp_path / "saved")
+    assert _max_relative_difference(saved.tables(), r0["tables"]) == 0.0
+    assert not list((tmp_path / "saved").glob("*.partial"))
+
+
+#: what each rank changes in the mismatch run, in turn, in one process group
+MISMATCHES = ("model", "settings", "count", "raises")
+
+
+def _mismatch_worker(rank: int, world: int, port: int, out: Path) -> None:
+    _init(rank, world, port)
+    results = {}
+    try:
+        for kind in MISMATCHES:  # the group stays usable after each error: all ranks raised alike
+            model, _ = tiny_model("dit", seed=rank if kind == "model" else 0)
+            gens = _generations(model, 2 + (rank if kind == "count" else 0))
+            max_age = 3 + (rank if kind == "settings" else 0)
+            if kind == "raises" and rank == 1:
+                gens[1] = _raising  # rank 1's share: generations 1, 3, ...
+            try:
+                dit_opt.profile(model, gens, probes=0, max_age=max_age, progress=False, distributed=True)
+                results[kind] = None
+            except Exception as e:  # what each rank raised
+                results[kind] = (type(e).__name__, str(e))
+        (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+class CalibrationBroke(Exception):
+    pass
+
+
+def _raising(module):
+    raise CalibrationBroke("the user's calibration broke")
+
+
+@pytest.fixture(scope="module")
+def mismatches(tmp_path_factory):
+    """Each rank's error for each kind of :data:`MISMATCHES` (one spawn of 2 processes)."""
+    return _spawn(_mismatch_worker, tmp_path_factory.mktemp("mismatch"))
+
+
+@pytest.mark.parametrize("kind, what", [("model", "the model"), ("settings", "the profile settings"),
+                                        ("count", "the number of calibration generations")])
+def test_ranks_that_differ_get_the_same_error(mismatches, kind, what):
+    r0, r1 = (m[kind] for m in mismatches)
+    assert r0 == r1, "every rank raises the same error"
+    assert r0[0] == DistributedError.__name__
+    assert r0[1].startswith(what) and "differs between the ranks" in r0[1]
+
+
+def test_a_rank_that_raises_stops_the_others(mismatches):
+    r0, r1 = (m["raises"] for m in mismatches)
+    assert r1 == ("CalibrationBroke", "the user's calibration broke")  # its own exception, as itself
+    assert r0[0] == RankFailedError.__name__
+    assert "rank 1 of 2 failed" in r0[1] and "CalibrationBroke" in r0[1]
+
+
+def test_distributed_without_a_process_group_says_how_to_start_one():
+    model, _ = tiny_model("dit")
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node"):
+        dit_opt.profile(model, _generations(model), distributed=True)
+
+
+def test_distributed_needs_a_list_of_generations(monkeypatch):
+    from dit_opt import distributed
+
+    model, _ = tiny_model("dit")
+    monkeypatch.setattr(distributed, "resolve", lambda d: distributed.Group(rank=0, world=2))
+    with pytest.raises(ConfigError, match="list of callables"):
+        dit_opt.profile(model, synthetic_calibration(model, num_inference_steps=STEPS, warn=False), distributed=True)
+    with pytest.raises(ConfigError, match="every rank needs at least one"):
+        dit_opt.profile(model, _generations(model, 1), distributed=True)
+
+
+def test_generations_run_in_turn_and_share_by_rank():
+    calls = []
+    gens = Generations([lambda m, i=i: (calls.append(i), torch.full((1,), float(i)))[1] for i in range(5)])
+    out = gens(torch.nn.Identity())
+    assert calls == [0, 1, 2, 3, 4] and [float(t) for t in out] == [0, 1, 2, 3, 4]
+    assert [len(gens.share(r, 2)) for r in range(2)] == [3, 2]
+    calls.clear()
+    gens.share(1, 2)(torch.nn.Identity())
+    assert calls == [1, 3]
+    with pytest.raises(TypeError, match="list of callables"):
+        Generations([])
+
+
+def _dying_worker(rank: int, world: int, port: int, out: Path) -> None:
+    import datetime
+    import os
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    model, _ = tiny_model("dit")
+    gens = _generations(model, 2)
+    if rank == 1:
+        calls = [0]
+
+        def dies(module, inner=gens[1]):
+            calls[0] += 1
+            if calls[0] > 1:  # past the first call: the ranks are in the profile's measurement
+                os._exit(3)
+            return inner(module)
+
+        gens[1] = dies
+    try:
+        dit_opt.profile(model, gens, probes=0, progress=False, distributed=True)
+        result = None
+    except Exception as e:
+        result = (type(e).__name__, str(e))
+    (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+
+
+def test_a_rank_that_dies_stops_the_others_within_the_timeout(tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx, port = mp.get_context("spawn"), _free_port()
+    procs = [ctx.Process(target=_dying_worker, args=(r, 2, port, tmp_path)) for r in range(2)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(not p.is_alive() for p in procs), "a rank hangs"
+    assert procs[1].exitcode == 3
+    kind, message = pickle.loads((tmp_path / "rank0.pkl").read_bytes())
+    assert time.perf_counter() - t0 < 90
+    assert kind == RankFailedError.__name__ and "stopped answering" in message
