@@ -12,10 +12,12 @@ two such lists and get both.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,7 +27,7 @@ from torch import nn
 from dit_opt.errors import CaptureError, InputMismatchError, NoBlocksFoundError
 from dit_opt.ir import META_BLOCK, ROLES, BlockSpec, DiTGraph, StreamSpec, TensorSpec
 
-__all__ = ["capture", "find_block_lists"]
+__all__ = ["capture", "context_parallel_config", "find_block_lists"]
 
 # A list must hold at least this share of the model's parameters to count as a block list.
 _MIN_PARAM_SHARE = 0.10
@@ -96,6 +98,39 @@ def _describe(candidates: list[tuple[str, int, str]]) -> str:
     return ", ".join(f"{n} ({c}, {p:,} params)" for n, p, c in candidates)
 
 
+def context_parallel_config(model: nn.Module) -> Any | None:
+    """The diffusers context-parallel config the model runs under
+    (``model.enable_parallelism(config=ContextParallelConfig(...))``), or ``None``."""
+    config = getattr(model, "_parallel_config", None)
+    return getattr(config, "context_parallel_config", None) if config is not None else None
+
+
+@contextlib.contextmanager
+def _tuple_outputs(model: nn.Module) -> Iterator[None]:
+    """Call a context-parallel model with ``return_dict=False`` inside the ``with``: diffusers'
+    context-parallel hooks split its inputs and gather its outputs, and gather only tuples. (The
+    capture then traces through them: each rank's graph holds its shard's split and the gather,
+    its blocks see their shard of the sequence.)"""
+    if context_parallel_config(model) is None or "return_dict" not in inspect.signature(model.forward).parameters:
+        yield
+        return
+    saved = model.__dict__.get("forward")  # diffusers' hook registry keeps its wrapper here
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return inner(*args, **{**kwargs, "return_dict": False})
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if saved is None:
+            del model.forward
+        else:
+            model.forward = saved
+
+
 def capture(
     model: nn.Module,
     example_inputs: dict[str, Any],
@@ -138,7 +173,7 @@ def capture(
     records: dict[str, dict[str, Any]] = {}
     handles = [_record_io(blk, records.setdefault(f"{ln}.{i}", {})) for ln, i, blk in block_modules]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _tuple_outputs(model):
             reference = model(**example_inputs)
     except Exception as e:
         raise InputMismatchError(
@@ -156,7 +191,7 @@ def capture(
         )
 
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _tuple_outputs(model):
             warnings.simplefilter("ignore")
             exported = torch.export.export(
                 model, (), dict(example_inputs), strict=False, preserve_module_call_signature=names

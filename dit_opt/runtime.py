@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dit_opt.capture import context_parallel_config
 from dit_opt.errors import ConfigError, DitOptError, InputMismatchError
 from dit_opt.executor import half_rows, is_guidance_batch, narrow_block
 from dit_opt.ir import BlockSpec, DiTGraph
@@ -387,6 +388,11 @@ class OptimizedTransformer(nn.Module):
         self._record(step, plan, step_variant)
         if not return_dict and hasattr(result, "to_tuple"):
             return result.to_tuple()
+        if return_dict and isinstance(result, tuple) and context_parallel_config(self.model) is not None:
+            # captured with return_dict=False, as diffusers' context-parallel hooks need
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=result[0])
         return result
 
     def _locate(self, t: float, inputs: dict[str, Any]) -> _Located:
@@ -599,6 +605,12 @@ class OptimizedTransformer(nn.Module):
         """
         if not self.compile:
             return variants
+        if self.compile == "step" and context_parallel_config(self.model) is not None:
+            # Dynamo's nested compile regions reject the blocks' aliased outputs under the
+            # context-parallel split (torch 2.13); regional compilation lowers them
+            raise ConfigError(f"compile='step' does not lower a {type(self.model).__name__} under diffusers' context "
+                              f"parallelism; load or optimise it with compile=True (each block compiled once) or "
+                              f"compile=False")
         import torch._dynamo
 
         from passes.rewrite_plan import copy_variant
