@@ -15,7 +15,9 @@ a message; a failure inside dit-opt (a :class:`dit_opt.DitOptError`) is printed 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -257,24 +259,56 @@ def profile(
     probes: int = typer.Option(0, "--probes", min=0,
                                help="Single actions whose real error is checked against the model (1 run each)."),
     threads: int | None = _THREADS,
+    generations: int = typer.Option(1, "--generations", callback=_check_positive,
+                                    help="Split the calibration into this many generations (seeds 1000, 1001, ...), "
+                                         "--samples divided among them."),
+    distributed: bool = typer.Option(False, "--distributed", help="Run under torchrun: each process profiles its "
+                                     "share of the generations (gloo on CPU, NCCL on GPUs); rank 0 writes."),
 ) -> None:
-    """Measure a reference model's sensitivity profile on calibration noise and save it (reused across budgets)."""
+    """Measure a reference model's sensitivity profile on calibration noise and save it (reused across budgets).
+
+    On N processes: torchrun --nproc-per-node=N -m dit_opt.cli profile MODEL --out DIR --generations N --distributed
+    """
+    import torch
+
     import dit_opt
+    from dit_opt import distributed as spread
+    from dit_opt.bench import sampling
     from dit_opt.errors import DitOptError
 
     _set_threads(threads)
     sampler = _load_sampler(model)
+    if generations > samples:
+        raise _fail(ValueError(f"--generations {generations} > --samples {samples}: every generation needs an image"))
+    if generations == 1:
+        calibration = _calibration(sampler, samples, steps)
+    else:
+        sizes = [samples // generations + (i < samples % generations) for i in range(generations)]
+        calibration = [sampling(sampler, n, _CALIBRATION_SEED + i, steps) for i, n in enumerate(sizes)]
+    started = False
     try:
-        with _console.status(f"profiling {model} ..."), warnings.catch_warnings():
+        if distributed and not torch.distributed.is_initialized() and "WORLD_SIZE" in os.environ:
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            started = True
+        rank = torch.distributed.get_rank() if distributed and torch.distributed.is_initialized() else 0
+        status = _console.status(f"profiling {model} ...") if rank == 0 else contextlib.nullcontext()
+        with status, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            prof = dit_opt.profile(sampler.transformer, _calibration(sampler, samples, steps), probes=probes,
-                                   progress=False)
+            prof = dit_opt.profile(sampler.transformer, calibration, probes=probes, progress=False,
+                                   distributed=distributed)
+        prof.save(out)
+        if spread.is_writer():
+            (Path(out) / "zoo.json").write_text(json.dumps({_ZOO_KEY: model, "samples": samples, "steps": steps,
+                                                            "generations": generations}))
+            seconds = prof.report.get("profile_seconds")
+            ranks = prof.report.get("ranks", 1)
+            typer.echo(f"profiled {model} in {seconds:.1f} s on {ranks} process(es); wrote {out}"
+                       if seconds is not None else f"wrote {out}")
     except DitOptError as e:
         raise _fail(e) from e
-    prof.save(out)
-    (Path(out) / "zoo.json").write_text(json.dumps({_ZOO_KEY: model, "samples": samples, "steps": steps}))
-    seconds = prof.report.get("profile_seconds")
-    typer.echo(f"profiled {model} in {seconds:.1f} s; wrote {out}" if seconds is not None else f"wrote {out}")
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
 
 
 @app.command()

@@ -77,6 +77,16 @@ def test_profile_rejects_unknown_model(tmp_path):
     assert "unknown reference model" in _text(result) and "digits-dit" in _text(result)
 
 
+def test_profile_distributed_without_torchrun_says_how_to_start_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    result = _run("profile", "digits-dit", "--out", str(tmp_path / "p"), *TINY, "--generations", "2", "--distributed")
+    assert result.exit_code == 1, result.output
+    assert "torchrun --nproc-per-node" in _text(result)
+    assert not (tmp_path / "p").exists()
+    result = _run("profile", "digits-dit", "--out", str(tmp_path / "p"), *TINY, "--generations", "3")
+    assert result.exit_code == 1 and "every generation needs an image" in _text(result)
+
+
 def test_optimize_records_zoo_model(saved):
     meta = json.loads((saved / "opt" / "dit_opt.json").read_text())
     assert meta["zoo_model"] == "digits-mmdit"

@@ -23,8 +23,9 @@ if not dist.is_available():  # pragma: no cover - builds without torch.distribut
 STEPS = 5
 
 
-def _generations(model, count: int = 3) -> list:
-    return [synthetic_calibration(model, num_inference_steps=STEPS, seed=s, warn=False) for s in range(count)]
+def _generations(model, count: int = 3, batch: int = 2) -> list:
+    return [synthetic_calibration(model, num_inference_steps=STEPS, seed=s, batch_size=batch, warn=False)
+            for s in range(count)]
 
 
 def _free_port() -> int:
@@ -96,7 +97,7 @@ def test_two_process_profile_equals_one_process(tmp_path):
 
 
 #: what each rank changes in the mismatch run, in turn, in one process group
-MISMATCHES = ("model", "settings", "count", "raises")
+MISMATCHES = ("model", "settings", "count", "shapes", "raises")
 
 
 def _mismatch_worker(rank: int, world: int, port: int, out: Path) -> None:
@@ -105,7 +106,7 @@ def _mismatch_worker(rank: int, world: int, port: int, out: Path) -> None:
     try:
         for kind in MISMATCHES:  # the group stays usable after each error: all ranks raised alike
             model, _ = tiny_model("dit", seed=rank if kind == "model" else 0)
-            gens = _generations(model, 2 + (rank if kind == "count" else 0))
+            gens = _generations(model, 2 + (rank if kind == "count" else 0), batch=2 + 2 * (kind == "shapes") * rank)
             max_age = 3 + (rank if kind == "settings" else 0)
             if kind == "raises" and rank == 1:
                 gens[1] = _raising  # rank 1's share: generations 1, 3, ...
@@ -134,7 +135,8 @@ def mismatches(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind, what", [("model", "the model"), ("settings", "the profile settings"),
-                                        ("count", "the number of calibration generations")])
+                                        ("count", "the number of calibration generations"),
+                                        ("shapes", "the calibration's first call")])
 def test_ranks_that_differ_get_the_same_error(mismatches, kind, what):
     r0, r1 = (m[kind] for m in mismatches)
     assert r0 == r1, "every rank raises the same error"
