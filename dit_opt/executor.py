@@ -125,18 +125,20 @@ def cfg_merge_output(y_half: torch.Tensor, cached: torch.Tensor, branch: int) ->
     return torch.cat([y_half - diff, y_half])
 
 
-def forecast(x: torch.Tensor, residuals: tuple[torch.Tensor, ...], weights: tuple[float, ...]) -> torch.Tensor:
+def forecast(x: torch.Tensor, residuals: tuple[torch.Tensor, ...], weights: torch.Tensor | tuple[float, ...]
+             ) -> torch.Tensor:
     """``FORECAST``: the input plus the residual extrapolated from the unit's last computes.
 
     ``residuals`` are the cached residuals of the unit's last ``k + 1`` ``COMPUTE`` steps, newest
     first, and ``weights`` the Lagrange weights of the degree-``k`` polynomial through them at
-    their actual spacing (:func:`dit_opt.plan.forecast_weights`, constants of the step's graph).
+    their actual spacing (:func:`dit_opt.plan.forecast_weights`; in a step graph a 1-D tensor
+    input, so that one graph serves every spacing).
     Order 1 is TaylorSeer's first-order step ``r0 + (n / d) * (r0 - r1)``.
     """
     return x + combine(residuals, weights)
 
 
-def combine(values: tuple[torch.Tensor, ...], weights: tuple[float, ...]) -> torch.Tensor:
+def combine(values: tuple[torch.Tensor, ...], weights: torch.Tensor | tuple[float, ...]) -> torch.Tensor:
     """``sum_i weights[i] * values[i]``: a polynomial extrapolation of cached values."""
     out = values[0] * weights[0]
     for v, w in zip(values[1:], weights[1:], strict=True):

@@ -5,8 +5,9 @@ model's weights, and the narrowed MLP slices of ``WIDTH`` actions), one ``.pt2``
 step variant that takes its weights as leading inputs (so it holds no copy of them; its graph
 is stored deflated), and
 ``index.json``, which maps each step to its variant, names the weights it takes, the flat
-inputs in order, and the cache entries each variant reads (extra trailing inputs) and writes
-(extra trailing outputs). :class:`ExportedPlan` replays them: no capture, no profile, no solver.
+inputs in order, the cache entries each variant reads (extra trailing inputs) and writes
+(extra trailing outputs), and each step's forecast weights (read like cache entries: steps
+that differ only in them share a variant). :class:`ExportedPlan` replays them: no capture, no profile, no solver.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from dit_opt.fingerprint import tensor_bytes
 
 __all__ = ["export", "ExportedPlan"]
 
-INDEX_VERSION = 2
-#: index versions :class:`ExportedPlan` reads (1: every variant carried its own weights)
-READABLE_VERSIONS = (1, 2)
+INDEX_VERSION = 3
+#: index versions :class:`ExportedPlan` reads (1: every variant carried its own weights; 2: its
+#: forecast weights were constants of its graph)
+READABLE_VERSIONS = (1, 2, 3)
 
 
 class _Functional(torch.nn.Module):
@@ -112,8 +114,10 @@ def export(opt: Any, path: str | Path) -> Path:
             torch.export.save(ep, str(path / files[key][0]))
             _deflate(path / files[key][0])
         file, keys = files[key]
+        forecast = {k: w.tolist() for k, w in runner.step_inputs(opt.plan, step).items()}
         steps.append({"step": step, "file": file, "weights": keys, "reads": list(v.reads), "writes": list(v.writes),
-                      "num_outputs": v.gm.num_model_outputs, "actions": [str(a) for a in v.actions]})
+                      "forecast_weights": forecast, "num_outputs": v.gm.num_model_outputs,
+                      "actions": [str(a) for a in v.actions]})
     save_file({k: t.cpu() for k, t in weights.items()}, str(path / "weights.safetensors"))
     index = {"version": INDEX_VERSION, "model": type(opt.model).__name__, "inputs": names, "steps": steps,
              "timesteps": list(opt.plan.timesteps or [])}
@@ -159,6 +163,9 @@ class ExportedPlan:
             raise ArtifactError(f"{path}: weights.safetensors lacks {sorted(missing)[:3]} that the variants take; "
                                 f"export again")
         self.cache: dict[str, torch.Tensor] = {}
+        # version 3: a step's forecast weights are inputs (one variant serves every spacing)
+        self._forecast_weights = [{k: torch.tensor(w, dtype=torch.float32) for k, w in
+                                   s.get("forecast_weights", {}).items()} for s in self.index["steps"]]
 
     @property
     def num_steps(self) -> int:
@@ -170,7 +177,8 @@ class ExportedPlan:
         if step == 0:
             self.cache.clear()
         weights = [self.weights[k] for k in entry.get("weights", ())]
-        out = self.modules[entry["file"]](*weights, *flat_inputs, *[self.cache[k] for k in entry["reads"]])
+        feed = {**self.cache, **self._forecast_weights[step]}
+        out = self.modules[entry["file"]](*weights, *flat_inputs, *[feed[k] for k in entry["reads"]])
         n = entry["num_outputs"]
         for k, v in zip(entry["writes"], out[n:], strict=True):
             self.cache[k] = v

@@ -78,6 +78,18 @@ class _Runner:
     variants: list
     by_plan: dict[tuple, list] = field(default_factory=dict)  # variants of re-solved or unguided plans
     warned_unguided: bool = False
+    weights: dict[int, list] = field(default_factory=dict)  # id(plan) -> per step, its forecast weights
+
+    def step_inputs(self, plan: Plan, step: int) -> dict[str, torch.Tensor]:
+        """The forecast weights ``plan``'s step ``step`` reads (inputs beside the cache reads)."""
+        if id(plan) not in self.weights:
+            from passes.rewrite_plan import step_weights
+
+            ref = self.graph.example_inputs.get("hidden_states")
+            device = ref.device if isinstance(ref, torch.Tensor) else None
+            self.weights[id(plan)] = step_weights(plan, device=device)
+        per_step = self.weights[id(plan)]
+        return per_step[step] if step < len(per_step) else {}
 
 
 @dataclass(frozen=True)
@@ -299,12 +311,13 @@ class OptimizedTransformer(nn.Module):
         state: dict[str, torch.Tensor] = {}
         ts = self._active.timesteps or [None] * len(runner.variants)
         for t, v in enumerate(runner.variants):
-            yield [state[k] for k in v.reads]
+            feed = {**state, **runner.step_inputs(self.plan, t)}  # runner.variants are self.plan's
+            yield [feed[k] for k in v.reads]
             inputs = dict(graph.example_inputs)
             if ts[t] is not None and isinstance(inputs.get("timestep"), torch.Tensor):
                 inputs["timestep"] = torch.full_like(inputs["timestep"], ts[t])
             with torch.no_grad():  # not around the yield: the caller's grad mode is its own
-                out = v.gm(*graph.flat_inputs(**inputs), *[state[k] for k in v.reads])
+                out = v.gm(*graph.flat_inputs(**inputs), *[feed[k] for k in v.reads])
             state.update(zip(v.writes, out[v.gm.num_model_outputs:], strict=True))
 
     def example_caches(self, runner: _Runner, step: int) -> list[torch.Tensor]:
@@ -367,7 +380,8 @@ class OptimizedTransformer(nn.Module):
             if step_variant is None:
                 out = graph.gm(*flat)
             else:
-                missing = [k for k in step_variant.reads if k not in state]
+                feed = {**state, **runner.step_inputs(plan, step)}
+                missing = [k for k in step_variant.reads if k not in feed]
                 if missing:
                     why = ("the inputs' shapes changed since the generation's first step" if held is not None
                            and held.signature != key else "no earlier step of this generation wrote them")
@@ -376,7 +390,7 @@ class OptimizedTransformer(nn.Module):
                         f"generations from their first step with the same inputs' shapes, or call opt.reset(); "
                         f"loops stepped in lockstep need a cache_context name each. The optimised module is unchanged."
                     )
-                out = step_variant(*flat, *[state[k] for k in step_variant.reads])
+                out = step_variant(*flat, *[feed[k] for k in step_variant.reads])
                 n = step_variant.gm.num_model_outputs
                 state.update(zip(step_variant.writes, out[n:], strict=True))
                 out = out[:n]

@@ -4,7 +4,8 @@
 residual ``out - in`` written by the block's last ``COMPUTE``). ``FORECAST`` of order ``k``
 replaces it by ``input + sum_i w_i * residual_i`` over the residuals of the block's last
 ``k + 1`` computes (``res``, ``prev``, ``hist2``, ``hist3``, newest first), with the Lagrange
-weights of :func:`dit_opt.plan.forecast_weights`. ``COMPUTE`` keeps the call and returns
+weights of :func:`dit_opt.plan.forecast_weights` read from the step's input
+``<block>/weights`` (:func:`passes.step_graph.weights_key`). ``COMPUTE`` keeps the call and returns
 ``out - in`` (and, for later ``PRUNE`` steps, the input itself; for later ``FORECAST`` steps, the
 older residuals shifted one place down) as cache writes.
 """
@@ -18,7 +19,7 @@ from dit_opt.executor import forecast, reuse
 from dit_opt.ir import BlockSpec
 from dit_opt.plan import Action, ActionKind
 from passes.infra import PassResult
-from passes.step_graph import StepGraph, cache_key
+from passes.step_graph import StepGraph, cache_key, weights_key
 
 __all__ = ["rewrite_cache", "history_kind"]
 
@@ -31,7 +32,7 @@ def history_kind(i: int) -> str:
 
 def rewrite_cache(
     sg: StepGraph, spec: BlockSpec, action: Action, *, write_residual: bool = True, write_input: bool = False,
-    keep: int = 0, weights: tuple[float, ...] | None = None,
+    keep: int = 0,
 ) -> PassResult:
     """Rewrite ``spec``'s block node for ``COMPUTE`` (cache writes) or ``REUSE``/``FORECAST`` (reads).
 
@@ -43,8 +44,6 @@ def rewrite_cache(
         write_input: on ``COMPUTE``, write the inputs too (a later ``PRUNE`` scores tokens by drift).
         keep: on ``COMPUTE``, how many older residuals to keep, shifted one place down (``res`` to
             ``prev``, ``prev`` to ``hist2``, ...): a later ``FORECAST`` of order ``k`` reads ``k``.
-        weights: on ``FORECAST``, the extrapolation weights of the last ``k + 1`` residuals,
-            newest first.
 
     Raises:
         DitOptError: ``REUSE`` of a block whose output does not continue an input stream.
@@ -70,8 +69,6 @@ def rewrite_cache(
         return PassResult(sg, True)
     if action.kind not in (ActionKind.REUSE, ActionKind.FORECAST):
         raise ValueError(f"rewrite_cache handles COMPUTE, REUSE and FORECAST, not {action}")
-    if action.kind is ActionKind.FORECAST and (weights is None or len(weights) != action.order + 1):
-        raise ValueError(f"block {spec.name}: {action} needs {action.order + 1} extrapolation weights, got {weights}")
     outs = []
     with sg.fx.inserting_before(node):
         for o, x in zip(spec.outputs, ins, strict=True):
@@ -86,8 +83,8 @@ def rewrite_cache(
             res = sg.read(cache_key(spec.name, "res", o.position))
             if action.kind is ActionKind.FORECAST:
                 history = tuple(sg.read(cache_key(spec.name, history_kind(i), o.position))
-                                for i in range(len(weights)))
-                outs.append(sg.fx.call_function(forecast, (x, history, tuple(float(w) for w in weights))))
+                                for i in range(action.order + 1))
+                outs.append(sg.fx.call_function(forecast, (x, history, sg.read(weights_key(spec.name)))))
             else:
                 outs.append(sg.fx.call_function(reuse, (x, res)))
     packed = sg.pack(spec, outs, after=max((n for n in outs if n is not None), key=_order))

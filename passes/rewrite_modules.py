@@ -56,7 +56,7 @@ from dit_opt.plan import Action, ActionKind
 from passes.infra import PassResult
 from passes.rewrite_cache import history_kind
 from passes.rewrite_cfg import half_of
-from passes.step_graph import StepGraph, eliminate_dead_code
+from passes.step_graph import StepGraph, eliminate_dead_code, weights_key
 
 __all__ = ["rewrite_modules", "module_key", "module_token_input", "output_kind"]
 
@@ -181,7 +181,6 @@ def rewrite_modules(
     *,
     write_inputs: dict[str, bool] | None = None,
     keeps: dict[str, int] | None = None,
-    weights: dict[str, tuple[float, ...] | None] | None = None,
     half_module: Any = None,
     cache: dict | None = None,
 ) -> PassResult:
@@ -197,8 +196,6 @@ def rewrite_modules(
             ``PRUNE`` (sub-modules that cannot be pruned write none).
         keeps: role -> on ``COMPUTE``, how many outputs of earlier computes to keep, shifted one
             place down (``out`` to ``prev``, ``prev`` to ``hist2``, ...) for a later ``FORECAST``.
-        weights: role -> on ``FORECAST``, the extrapolation weights of the role's outputs at its
-            last computes, newest first (:func:`dit_opt.plan.forecast_weights`).
         half_module: ``(spec, name) -> module`` for ``CFG``: the sub-module ``name`` of the block as
             captured at half the batch (a captured sub-module graph is specialised to its batch).
         cache: a dict to share rewritten block graphs in: the steps of a plan (and the plans
@@ -209,16 +206,16 @@ def rewrite_modules(
             cannot be pruned (the message says why).
     """
     key = (spec.name, *(tuple(sorted((d or {}).items(), key=lambda kv: kv[0]))
-                         for d in (actions, writes, write_inputs, keeps, weights)))
+                         for d in (actions, writes, write_inputs, keeps)))
     if cache is None or key not in cache:
-        built = _block_graph(sg, spec, actions, writes, narrow_mlp, write_inputs, keeps, weights, half_module)
+        built = _block_graph(sg, spec, actions, writes, narrow_mlp, write_inputs, keeps, half_module)
         if cache is None:
             return _wire(sg, spec, *built)
         cache[key] = built
     return _wire(sg, spec, *cache[key])
 
 
-def _block_graph(sg, spec, actions, writes, narrow_mlp, write_inputs, keeps, weights, half_module
+def _block_graph(sg, spec, actions, writes, narrow_mlp, write_inputs, keeps, half_module
                  ) -> tuple[nn.Module, list[tuple[str, str]], list[str]]:
     """The rewritten block graph (see :func:`rewrite_modules`), the cache keys it reads (with
     the names of their placeholders) and the keys of its extra outputs, in order."""
@@ -251,17 +248,14 @@ def _block_graph(sg, spec, actions, writes, narrow_mlp, write_inputs, keeps, wei
         outs = [(u.args[1], u) for u in users] if tuple_out else [(None, n)]
         keys = [(module_key(spec.name, n.target, i), v) for i, v in outs]
         if action.kind in (ActionKind.REUSE, ActionKind.FORECAST):
-            w = (weights or {}).get(role)
-            if action.kind is ActionKind.FORECAST and (w is None or len(w) != action.order + 1):
-                raise DitOptError(f"block {spec.name}: {action} of {n.target} needs {action.order + 1} "
-                                  f"extrapolation weights, got {w}")
             for i, value in outs:
                 if action.kind is ActionKind.REUSE:
                     served = read(module_key(spec.name, n.target, i))
                 else:
-                    history = tuple(read(module_key(spec.name, n.target, i, output_kind(j))) for j in range(len(w)))
+                    history = tuple(read(module_key(spec.name, n.target, i, output_kind(j)))
+                                    for j in range(action.order + 1))
                     with g.inserting_before(n):
-                        served = g.call_function(combine, (history, tuple(float(x) for x in w)))
+                        served = g.call_function(combine, (history, read(weights_key(f"{spec.name}.{role}"))))
                     served.meta["val"] = value.meta.get("val")
                 value.replace_all_uses_with(served)
             for u in users if tuple_out else []:

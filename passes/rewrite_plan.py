@@ -7,8 +7,10 @@ through the rewrite pass of its action (``rewrite_cache``, ``rewrite_prune``,
 later step of the same unit reads before its next ``COMPUTE``; before a ``FORECAST`` of order
 ``k`` the computes it extrapolates from also keep the residuals of the ones before them
 (``prev``, ``hist2``, ...), and the forecast's weights (:func:`dit_opt.plan.forecast_weights`)
-are constants of the step's graph. For a module unit the "residual" entry is the module's output and
-the "input" entry its token input (read by a module ``PRUNE``).
+are an input of the step's graph (:func:`step_weights`, fed by the runtime), so steps that
+differ only in their weights (the same actions at other spacings) share one graph. For a
+module unit the "residual" entry is the module's output and the "input" entry its token input
+(read by a module ``PRUNE``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
+import torch
 import torch.fx
 from torch import nn
 
@@ -30,9 +33,9 @@ from passes.rewrite_modules import rewrite_modules
 from passes.rewrite_prune import rewrite_prune
 from passes.rewrite_skip import rewrite_skip
 from passes.rewrite_width import rewrite_width
-from passes.step_graph import StepGraph
+from passes.step_graph import StepGraph, weights_key
 
-__all__ = ["Variant", "build_variants", "cache_needs", "copy_variant"]
+__all__ = ["Variant", "build_variants", "cache_needs", "copy_variant", "step_weights"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,23 @@ def forecast_plan_weights(plan: Plan) -> list[list[tuple[float, ...] | None]]:
     return out
 
 
+def step_weights(plan: Plan, dtype: torch.dtype = torch.float32, device: Any = None
+                 ) -> list[dict[str, torch.Tensor]]:
+    """Per step, the ``FORECAST`` weights its graph reads, by input name
+    (:func:`passes.step_graph.weights_key`: ``<block>/weights``, ``<block>.<role>/weights`` for a
+    module unit), as 1-D tensors of ``dtype`` on ``device``; the runtime feeds them beside the
+    cache reads."""
+    out: list[dict[str, torch.Tensor]] = []
+    for row in forecast_plan_weights(plan):
+        step = {}
+        for unit, w in zip(plan.units, row, strict=True):
+            if w is not None:
+                name = f"{unit.list_name}.{unit.index}" + ("" if unit.role is None else f".{unit.role.value}")
+                step[weights_key(name)] = torch.tensor(w, dtype=dtype, device=device)
+        out.append(step)
+    return out
+
+
 def build_variants(
     graph: DiTGraph,
     plan: Plan,
@@ -122,8 +142,8 @@ def build_variants(
         half_module: returns a block's sub-module as captured at half the batch (module-level
             ``CFG``: the captured sub-module graphs are specialised to the batch they saw).
         cache: shared by the builds of plans on one graph (and one ``narrowed`` /
-            ``narrow_mlp`` / ``half_module``): a step given the same actions, cache writes and
-            forecast weights in two plans is built once, and so is a block rewritten the same
+            ``narrow_mlp`` / ``half_module``): a step given the same actions and cache writes in
+            two plans is built once, and so is a block rewritten the same
             way in two steps (``rewrite_modules``). The variants are then shared too: whoever
             changes one's modules (compiling them) must do it on a copy (:func:`copy_variant`).
 
@@ -145,16 +165,15 @@ def build_variants(
             raise DitOptError(f"plan has both block-level and module-level units for block {name}; use one granularity")
         order.append((specs[name], units))
     needs = cache_needs(plan)
-    weights = forecast_plan_weights(plan)
+    forecast_plan_weights(plan)  # checks every FORECAST has the computes it extrapolates from
     cache = {} if cache is None else cache
     out = []
     for t in range(plan.num_steps):
         # everything _build reads besides the graph and the module makers (fixed per cache)
-        key = ("step", plan.units, guidance, tuple(str(a) for a in plan.actions[t]), tuple(needs[t]),
-               tuple(weights[t]))
+        # (the forecast weights are inputs: steps with the same actions at other spacings share a graph)
+        key = ("step", plan.units, guidance, tuple(str(a) for a in plan.actions[t]), tuple(needs[t]))
         if key not in cache:
-            cache[key] = _build(graph, order, plan, t, needs[t], weights[t], narrowed, narrow_mlp, guidance,
-                                half_module, cache)
+            cache[key] = _build(graph, order, plan, t, needs[t], narrowed, narrow_mlp, guidance, half_module, cache)
         out.append(cache[key])
     return out
 
@@ -167,7 +186,7 @@ def copy_variant(variant: Variant) -> Variant:
     return replace(variant, gm=gm)
 
 
-def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, guidance, half_module, cache) -> Variant:
+def _build(graph, order, plan, t, needs, narrowed, narrow_mlp, guidance, half_module, cache) -> Variant:
     sg = StepGraph(graph)
     actions = plan.actions[t]
     if not guidance:  # no guidance half to derive: the block computes (a CFG step writes no cache)
@@ -178,14 +197,13 @@ def _build(graph, order, plan, t, needs, weights, narrowed, narrow_mlp, guidance
                             {plan.units[u].role.value: needs[u][0] for u in units}, narrow_mlp,
                             write_inputs={plan.units[u].role.value: needs[u][1] for u in units},
                             keeps={plan.units[u].role.value: needs[u][2] for u in units},
-                            weights={plan.units[u].role.value: weights[u] for u in units},
                             half_module=half_module, cache=cache)
             continue
         (u,) = units
         action, (res, inp, keep) = actions[u], needs[u]
         kind = action.kind
         if kind in (ActionKind.COMPUTE, ActionKind.REUSE, ActionKind.FORECAST):
-            rewrite_cache(sg, spec, action, write_residual=res, write_input=inp, keep=keep, weights=weights[u])
+            rewrite_cache(sg, spec, action, write_residual=res, write_input=inp, keep=keep)
         elif kind is ActionKind.PRUNE:
             rewrite_prune(sg, spec, action.rate)
         elif kind is ActionKind.WIDTH:

@@ -35,6 +35,14 @@ def cache_key(block: str, kind: str, position: int) -> str:
     return f"{block}/{kind}{position}"
 
 
+def weights_key(unit: str) -> str:
+    """Name of the input that carries a unit's ``FORECAST`` weights at a step, ``<unit>/weights``
+    (``unit`` a block, or ``<block>.<role>`` for a module unit): a 1-D tensor the runtime feeds per
+    step (:func:`passes.rewrite_plan.step_weights`), so steps that differ only in their weights
+    share one graph."""
+    return f"{unit}/weights"
+
+
 def _attr_name(qualname: str) -> str:
     return qualname.replace(".", "_")
 

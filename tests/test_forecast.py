@@ -113,6 +113,10 @@ def test_forecast_is_exact_on_polynomials_of_its_order(order, data):
     x = torch.randn(3, 5, generator=gen, dtype=torch.float64)
     got = forecast(x, tuple(value(c) for c in computes), forecast_weights(t, computes))
     torch.testing.assert_close(got, x + value(t), rtol=1e-9, atol=1e-9)
+    # as a step graph runs it: the weights a tensor input
+    weights = torch.tensor(forecast_weights(t, computes), dtype=torch.float64)
+    torch.testing.assert_close(forecast(x, tuple(value(c) for c in computes), weights), x + value(t),
+                               rtol=1e-9, atol=1e-9)
 
 
 def test_plan_rejects_forecast_without_enough_computes():
@@ -220,3 +224,40 @@ def test_plans_read_older_caches_at_low_budgets_only(tiny_dit):
     assert plan.max_age == DEFAULT_MAX_AGE
     with pytest.raises(ConfigError, match="profile measured caches up to"):
         prof.to_problem(0.5, max_age=DEFAULT_MAX_AGE + 1)
+
+
+def test_steps_that_differ_only_in_forecast_weights_share_one_graph(tiny_dit, tmp_path):
+    """Forecast weights are inputs of a step's graph: forecasts at other spacings (steps 2 and
+    5 below: from computes at 0, 1 and at 0, 4) run one graph, each with its own weights, and
+    the export replays them."""
+    from dit_opt.export import ExportedPlan
+
+    model, cal, prof = tiny_dit
+    U = len(prof.units)
+    rows = {0: COMPUTE, 1: COMPUTE, 2: FORECAST, 3: REUSE, 4: COMPUTE, 5: FORECAST, 6: COMPUTE, 7: COMPUTE}
+    grid = [[rows[t]] * U for t in range(STEPS)]
+    grid[3] = [COMPUTE] * U  # steps 2 and 5 then write and read the same cache entries
+    plan = unbudgeted_plan(prof, grid)
+    opt = dit_opt.OptimizedTransformer(model, plan, profile=prof, compile=False)
+    with torch.no_grad():
+        cal(opt)
+    runner = next(iter(opt._runners.values()))
+    assert runner.variants[2].gm is runner.variants[5].gm
+    w2, w5 = (runner.step_inputs(plan, t) for t in (2, 5))
+    assert w2.keys() == w5.keys() and w2
+    assert next(iter(w2.values())).tolist() == pytest.approx(forecast_weights(2, [1, 0]))
+    assert next(iter(w5.values())).tolist() == pytest.approx(forecast_weights(5, [4, 3]))
+    # the export keeps one program per distinct graph and feeds each step its weights
+    opt.export(tmp_path)
+    served = ExportedPlan(tmp_path)
+    index = served.index
+    assert index["steps"][2]["file"] == index["steps"][5]["file"]
+    assert index["steps"][5]["forecast_weights"]
+    base = runner.graph.example_inputs
+    opt.reset()
+    with torch.no_grad():
+        for step, t in enumerate(prof.timesteps):
+            inputs = dict(base, timestep=torch.full_like(base["timestep"], t))
+            want = opt(**inputs).sample
+            (out,) = served(step, *runner.graph.flat_inputs(**inputs))
+            assert float((want - out).abs().max()) <= 1e-5, f"step {step}"
