@@ -99,7 +99,9 @@ def measure_channel_order(graph: DiTGraph, calibration: Callable[[torch.nn.Modul
             act = block.get_submodule(name).net[0]
 
             def hook(mod, args, out, key=key):
-                s = out.detach().double().abs().reshape(-1, out.shape[-1]).mean(0)
+                # each call's mean in float32, the sum over calls in float64 (the same on any
+                # split of the generations over ranks, up to summation order)
+                s = out.detach().float().abs().reshape(-1, out.shape[-1]).mean(0).double()
                 stats[key] = stats.get(key, 0) + s
 
             handles.append(act.register_forward_hook(hook))
