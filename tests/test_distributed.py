@@ -44,9 +44,20 @@ def _spawn(worker, out: Path, *args) -> list:
 
 
 def _init(rank: int, world: int, port: int) -> None:
+    import datetime
+
     torch.set_num_threads(1)  # both ranks and the one-process reference compute alike
     warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a short timeout: a test that leaves the ranks out of step fails instead of hanging
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+
+
+def _finish() -> None:
+    """Leave the group together: a rank that tears gloo down while the other still talks to it
+    can abort the process."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _profile_worker(rank: int, world: int, port: int, out: Path) -> None:
@@ -64,7 +75,7 @@ def _profile_worker(rank: int, world: int, port: int, out: Path) -> None:
                                "order": {k: v.tolist() for k, v in alone.channel_order.items()}}
         (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def _max_relative_difference(a: dict, b: dict) -> float:
@@ -117,7 +128,7 @@ def _mismatch_worker(rank: int, world: int, port: int, out: Path) -> None:
                 results[kind] = (type(e).__name__, str(e))
         (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 class CalibrationBroke(Exception):
@@ -266,7 +277,7 @@ def _sharded_worker(rank: int, world: int, port: int, out: Path) -> None:
                   "step_error": step_error}
         (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
     finally:
-        dist.destroy_process_group()
+        _finish()
 
 
 def test_an_optimised_module_runs_sharded_under_diffusers_context_parallelism(tmp_path):
