@@ -27,7 +27,7 @@ import contextvars
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +35,6 @@ import torch
 from dit_opt.errors import ConfigError, DistributedError, RankFailedError
 
 __all__ = ["Group", "resolve", "spread", "active", "is_writer", "TORCHRUN_HINT"]
-
-T = TypeVar("T")
 
 #: How to start the processes, quoted by every error that finds no process group.
 TORCHRUN_HINT = ("torchrun --nproc-per-node=2 your_script.py (or torch.distributed.init_process_group(...) "
@@ -65,10 +63,6 @@ class Group:
         if dist.get_backend(self.group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-
-    def share(self, items: Sequence[T]) -> list[T]:
-        """This rank's items: ``items[rank], items[rank + world], ...``."""
-        return list(items[self.rank::self.world])
 
     # Every collective starts with an exchange of status (``_sync``): a rank whose work raised
     # sends its error there instead (``fail``, from ``spread``), so the others stop at their next

@@ -436,12 +436,9 @@ class SensitivityProfile:
         if not distributed.is_writer():
             return path
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {name: np.ascontiguousarray(getattr(self, name), dtype=np.float64) for name in _ARRAYS}
+        tensors = {name: np.ascontiguousarray(table, dtype=np.float64) for name, table in self.tables().items()}
         for k, v in self.channel_order.items():
             tensors[f"order/{k}"] = v.cpu().numpy().astype(np.int64)
-        for name in _OPTIONAL:
-            if getattr(self, name) is not None:
-                tensors[name] = np.asarray(getattr(self, name), dtype=np.float64)
         partial = path / "profile.safetensors.partial"
         save_np(tensors, str(partial))
         partial.replace(path / "profile.safetensors")

@@ -111,7 +111,7 @@ def measure_channel_order(graph: DiTGraph, calibration: Callable[[torch.nn.Modul
         keys = sorted(stats)
         group.agree("the MLPs the calibration ran", keys, "every rank must load the same model")
         sizes = [stats[k].numel() for k in keys]
-        total = group.all_sum(np.concatenate([stats[k].double().cpu().numpy() for k in keys]) if keys else [])
+        total = group.all_sum(np.concatenate([stats[k].cpu().numpy() for k in keys]) if keys else [])
         stats = {k: torch.from_numpy(v) for k, v in zip(keys, np.split(total, np.cumsum(sizes)[:-1]), strict=True)}
     order = {}
     for spec in graph.blocks:

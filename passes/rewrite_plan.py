@@ -113,9 +113,8 @@ def step_weights(plan: Plan, dtype: torch.dtype = torch.float32, device: Any = N
     for row in forecast_plan_weights(plan):
         step = {}
         for unit, w in zip(plan.units, row, strict=True):
-            if w is not None:
-                name = f"{unit.list_name}.{unit.index}" + ("" if unit.role is None else f".{unit.role.value}")
-                step[weights_key(name)] = torch.tensor(w, dtype=dtype, device=device)
+            if w is not None:  # str(unit): the block, or <block>.<role>
+                step[weights_key(str(unit))] = torch.tensor(w, dtype=dtype, device=device)
         out.append(step)
     return out
 
@@ -165,7 +164,6 @@ def build_variants(
             raise DitOptError(f"plan has both block-level and module-level units for block {name}; use one granularity")
         order.append((specs[name], units))
     needs = cache_needs(plan)
-    forecast_plan_weights(plan)  # checks every FORECAST has the computes it extrapolates from
     cache = {} if cache is None else cache
     out = []
     for t in range(plan.num_steps):
