@@ -228,7 +228,7 @@ def test_plans_read_older_caches_at_low_budgets_only(tiny_dit):
 
 def test_steps_that_differ_only_in_forecast_weights_share_one_graph(tiny_dit, tmp_path):
     """Forecast weights are inputs of a step's graph: forecasts at other spacings (steps 2 and
-    5 below: from computes at 0, 1 and at 0, 4) run one graph, each with its own weights, and
+    5 below: from computes at 1, 0 and at 4, 3) run one graph, each with its own weights, and
     the export replays them."""
     from dit_opt.export import ExportedPlan
 
