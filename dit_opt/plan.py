@@ -16,7 +16,13 @@ Rules every plan obeys (re-checked by :meth:`Plan.validate`):
   polynomial through them, at their actual spacing), so it needs ``k + 1`` of them, each at most
   ``max_age`` steps after the one before;
 * ``WIDTH`` applies only to an MLP (role ``mlp``) or a whole block (role ``None``);
-* the predicted FLOPs are within ``budget * full_flops``.
+* ``STEP`` (the whole step forecast: no unit and none of the glue runs, the model's output is
+  the polynomial of order ``k`` through its outputs at the last ``k + 1`` *full* steps, those at
+  which every unit computes; order 0 reuses the last one's) is taken by every unit of a step or
+  by none, at the same order, after ``k + 1`` full steps, the newest at most ``max_age`` steps earlier and each at most
+  ``max_age + 1`` after the one before;
+* the predicted FLOPs are within ``budget * full_flops``; the glue (``flops_fixed``) is spent at
+  every step but a ``STEP`` one, ``flops_fixed / num_steps`` each.
 
 Example:
     >>> plan = Plan.from_json(open("plan.json").read())      # doctest: +SKIP
@@ -56,6 +62,8 @@ __all__ = [
     "compute_history",
     "after_step",
     "forecast_weights",
+    "step_forecasts",
+    "full_steps",
 ]
 
 #: Version of the serialised plan format; bumped on any incompatible change.
@@ -97,6 +105,7 @@ class ActionKind(Enum):
     WIDTH = "width"
     SKIP = "skip"
     CFG = "cfg"
+    STEP = "step"
 
     @property
     def code(self) -> str:
@@ -112,6 +121,7 @@ _KIND_CODE = {
     ActionKind.WIDTH: "W",
     ActionKind.SKIP: "S",
     ActionKind.CFG: "G",
+    ActionKind.STEP: "T",
 }
 _CODE_KIND = {code: kind for kind, code in _KIND_CODE.items()}
 
@@ -124,8 +134,12 @@ class Action:
         kind: the action family.
         rate: for ``PRUNE``, the fraction of tokens recomputed, in (0, 1); otherwise ``None``.
         width: for ``WIDTH``, the MLP prefix width, in (0, 1); otherwise ``None``.
-        order: for ``FORECAST``, the polynomial order ``1 .. MAX_FORECAST_ORDER`` (default 1);
-            otherwise ``None``. Written ``F`` (order 1), ``F2``, ``F3``.
+        order: for ``FORECAST``, the polynomial order ``1 .. MAX_FORECAST_ORDER`` (default 1), for
+            ``STEP`` ``0 .. MAX_FORECAST_ORDER`` (0: the last full step's output reused, TeaCache's
+            whole-step reuse); otherwise ``None``. Written ``F`` (order 1), ``F2``, ``F3``; ``T0``,
+            ``T``, ``T2``, ``T3``. ``STEP`` is the whole step forecast (see the module docstring):
+            every unit of the step takes it, and the model's output is extrapolated from its last
+            full steps.
         branch: for ``CFG``, which half of a classifier-free-guidance batch is derived rather
             than computed (0: the first, 1: the second); otherwise ``None``. Written ``G0``, ``G1``.
             The unit runs on the other half only, and the derived half's residual is the
@@ -158,10 +172,11 @@ class Action:
                 raise ValueError(f"CFG needs branch 0 or 1 (the derived half of the batch), got {self.branch!r}")
         elif self.branch is not None:
             raise ValueError(f"{self.kind.name} takes no branch, got branch={self.branch!r}")
-        if self.kind is ActionKind.FORECAST:
+        if self.kind in (ActionKind.FORECAST, ActionKind.STEP):
             order = 1 if self.order is None else self.order
-            if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_FORECAST_ORDER:
-                raise ValueError(f"FORECAST needs order in 1..{MAX_FORECAST_ORDER}, got {self.order!r}")
+            lowest = 0 if self.kind is ActionKind.STEP else 1  # a STEP of order 0 reuses the last full step's output
+            if isinstance(order, bool) or not isinstance(order, int) or not lowest <= order <= MAX_FORECAST_ORDER:
+                raise ValueError(f"{self.kind.name} needs order in {lowest}..{MAX_FORECAST_ORDER}, got {self.order!r}")
             object.__setattr__(self, "order", order)
         elif self.order is not None:
             raise ValueError(f"{self.kind.name} takes no order, got order={self.order!r}")
@@ -185,8 +200,8 @@ class Action:
             return f"P{self.rate!r}"
         if self.kind is ActionKind.WIDTH:
             return f"W{self.width!r}"
-        if self.kind is ActionKind.FORECAST and self.order > 1:
-            return f"F{self.order}"
+        if self.kind in (ActionKind.FORECAST, ActionKind.STEP) and self.order != 1:
+            return f"{self.kind.code}{self.order}"
         if self.kind is ActionKind.CFG:
             return f"G{self.branch}"
         return self.kind.code
@@ -194,7 +209,7 @@ class Action:
     @classmethod
     def parse(cls, text: str) -> Action:
         """Parse the short form written by ``str``: ``C``, ``R``, ``F``, ``F2``, ``F3``, ``P0.25``, ``W0.5``, ``S``,
-        ``G0``, ``G1``.
+        ``G0``, ``G1``, ``T``, ``T2``, ``T3``.
 
         Raises:
             ValueError: the text is not an action.
@@ -203,11 +218,12 @@ class Action:
         kind = _CODE_KIND.get(text[:1])
         if kind is None:
             raise ValueError(f"unknown action {text!r}; expected one of C, R, F<order>, P<rate>, W<width>, S, "
-                             f"G<branch>")
+                             f"G<branch>, T<order>")
         arg = text[1:]
-        if kind is ActionKind.FORECAST:
+        if kind in (ActionKind.FORECAST, ActionKind.STEP):
             if arg and not arg.isdigit():
-                raise ValueError(f"action {text!r}: FORECAST takes an order 1..{MAX_FORECAST_ORDER}, e.g. F2")
+                raise ValueError(f"action {text!r}: {kind.name} takes an order up to {MAX_FORECAST_ORDER}, "
+                                 f"e.g. {kind.code}2")
             return cls(kind, order=int(arg) if arg else 1)
         if kind is ActionKind.CFG:
             if arg not in ("0", "1"):
@@ -268,6 +284,24 @@ def forecast_weights(step: int | float, computes: Sequence[int | float]) -> tupl
                 w *= (float(step) - xj) / (xi - xj)
         out.append(w)
     return tuple(out)
+
+
+def full_steps(actions: Sequence[Sequence[Action]]) -> list[bool]:
+    """Per step, whether every unit computes (the model's output there is exact for its input:
+    what a later ``STEP`` extrapolates from)."""
+    return [bool(row) and all(a.kind is ActionKind.COMPUTE for a in row) for row in actions]
+
+
+def step_forecasts(actions: Sequence[Sequence[Action]], depth: int = MAX_FORECAST_ORDER + 1
+                   ) -> Iterator[tuple[int, Action | None, tuple[int, ...]]]:
+    """Along the steps of an action grid: ``(step, its STEP action or None, the last full steps
+    before it, newest first)``, at most ``depth`` of them."""
+    full: tuple[int, ...] = ()
+    for t, (row, is_full) in enumerate(zip(actions, full_steps(actions), strict=True)):
+        step = row[0] if row and row[0].kind is ActionKind.STEP else None
+        yield t, step, full
+        if is_full:
+            full = (t, *full)[:depth]
 
 
 #: The parameterless actions, shared instances.
@@ -362,8 +396,9 @@ class Plan:
         actions: ``actions[t][u]``, a tuple of ``T`` tuples of ``U`` actions.
         budget: FLOP fraction the plan was solved for, in (0, 1].
         full_flops: FLOPs of the unoptimised loop (all units computed, plus ``flops_fixed``).
-        flops_fixed: FLOPs outside the units (embeddings, final layer), always spent.
-        predicted_flops: FLOPs of the plan, ``sum(step_flops) + flops_fixed``.
+        flops_fixed: FLOPs outside the units (embeddings, final layer) over the loop, spent at
+            every step but a ``STEP`` one (:meth:`glue_flops`).
+        predicted_flops: FLOPs of the plan, ``sum(step_flops) + flops_fixed * glue_steps / num_steps``.
         step_flops: FLOPs of the units at each step.
         predicted_error: modelled error of the plan (sum over steps and units).
         max_age: oldest cache (in steps) that ``REUSE``/``PRUNE`` may read.
@@ -434,6 +469,19 @@ class Plan:
             for action in row:
                 if not isinstance(action, Action):
                     raise ValueError(f"{action!r} in Plan.actions is not an Action")
+        for t, step, full in step_forecasts(self.actions):
+            row = self.actions[t]
+            if any(a.kind is ActionKind.STEP for a in row) and any(a != row[0] for a in row):
+                raise ValueError(f"step {t}: a STEP (whole step forecast) must be every unit's action at that "
+                                 f"step, at one order (got {sorted({str(a) for a in row})})")
+            if step is not None:
+                used = full[:step.order + 1]
+                if len(used) < step.order + 1 or t - used[0] > self.max_age \
+                        or any(a - b > self.max_age + 1 for a, b in pairwise(used)):
+                    raise ValueError(
+                        f"step {t}: {step} extrapolates the model's output from the last {step.order + 1} full steps "
+                        f"(every unit COMPUTE), the newest at most max_age = {self.max_age} steps earlier and each "
+                        f"at most {self.max_age + 1} after the one before (they are {list(reversed(used))})")
         for u, unit in enumerate(self.units):
             for t, action, computes in compute_history(self.actions, u):
                 where = f"step {t}, unit {unit}: {action}"
@@ -453,10 +501,11 @@ class Plan:
                         )
                 if action.kind is ActionKind.WIDTH and not unit.allows_width:
                     raise ValueError(f"{where}: WIDTH applies only to an MLP or a whole block")
-        total = math.fsum(self.step_flops) + self.flops_fixed
+        total = math.fsum(self.step_flops) + self.flops_fixed * self.glue_steps / T
         if not math.isclose(total, self.predicted_flops, rel_tol=1e-9, abs_tol=1e-9):
             raise ValueError(
-                f"predicted_flops={self.predicted_flops!r} but sum(step_flops) + flops_fixed = {total!r}"
+                f"predicted_flops={self.predicted_flops!r} but sum(step_flops) + flops_fixed x (steps that run "
+                f"the glue) / num_steps = {total!r}"
             )
         if self.predicted_flops > self.budget * self.full_flops:
             raise ValueError(
@@ -482,6 +531,19 @@ class Plan:
     def actions_at(self, step: int) -> dict[Unit, Action]:
         """All actions at ``step``, keyed by unit in plan order."""
         return dict(zip(self.units, self.actions[step], strict=True))
+
+    def is_step_forecast(self, step: int) -> bool:
+        """Whether ``step`` is a whole step forecast (``STEP``: no unit and none of the glue runs)."""
+        return bool(self.actions[step]) and self.actions[step][0].kind is ActionKind.STEP
+
+    @property
+    def glue_steps(self) -> int:
+        """How many steps run the model's glue (embeddings, final layer): all but the ``STEP`` ones."""
+        return sum(not self.is_step_forecast(t) for t in range(self.num_steps))
+
+    def glue_flops(self, step: int) -> float:
+        """FLOPs of the glue at ``step``: ``flops_fixed / num_steps``, none at a ``STEP``."""
+        return 0.0 if self.is_step_forecast(step) else self.flops_fixed / self.num_steps
 
     @property
     def flop_fraction(self) -> float:
@@ -566,7 +628,7 @@ class Plan:
 
         # A bare Figure with the Agg canvas: no pyplot global state, no display needed.
         kinds = list(ActionKind)
-        colours = ["#3b6ea5", "#59a14f", "#9ad17f", "#f28e2b", "#b07aa1", "#e15759", "#76b7b2"]
+        colours = ["#3b6ea5", "#59a14f", "#9ad17f", "#f28e2b", "#b07aa1", "#e15759", "#76b7b2", "#edc948"]
         grid = np.array([[kinds.index(a.kind) for a in row] for row in self.actions]).T
         fig = Figure(figsize=(max(6.0, 0.16 * self.num_steps + 3), max(3.0, 0.12 * len(self.units) + 1.5)))
         FigureCanvasAgg(fig)

@@ -275,10 +275,11 @@ class OptimizedTransformer(nn.Module):
         return runner.variants[step].gm
 
     def stats(self) -> dict[str, Any]:
-        """After a generation: per step the actions that ran, modelled FLOPs and cache memory held."""
+        """After a generation: per step the actions that ran, modelled FLOPs (the glue's included)
+        and cache memory held."""
         steps = self._stats.steps
         plan = self._active
-        spent = sum(s["flops"] for s in steps) + float(plan.flops_fixed) * len(steps) / max(1, plan.num_steps)
+        spent = sum(s["flops"] for s in steps)
         full = float(plan.full_flops) * len(steps) / max(1, plan.num_steps)
         return {
             "generations": self._stats.generations,
@@ -499,7 +500,7 @@ class OptimizedTransformer(nn.Module):
             counts = {}
             for a in variant.actions:
                 counts[a.kind.value] = counts.get(a.kind.value, 0) + 1
-            flops = float(plan.step_flops[step])
+            flops = float(plan.step_flops[step]) + plan.glue_flops(step)
         entry = {"step": step, "actions": counts, "flops": flops, "cache_bytes": self.cache_bytes()}
         steps = self._stats.steps
         if step < len(steps):

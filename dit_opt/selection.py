@@ -63,6 +63,9 @@ LATE_WEIGHTS = (16.0,)
 UNIFORM_RHYTHMS = 3
 #: How many of them are measured again under TaylorSeer's policy (a forecast at every cache read).
 ALWAYS_RHYTHMS = 2
+#: How many rhythms are measured with whole step forecasts (``STEP``) between their computes, per
+#: order (one order throughout a plan: the calibration ranks the orders, the modelled error not).
+STEP_RHYTHMS = {1: 2, 2: 1, 3: 1}
 
 
 def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] | None = None,
@@ -129,6 +132,13 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
         makers.append(lambda: [_renamed(fill(always, p), prefix) for p in uniform.dearest(always, ALWAYS_RHYTHMS)])
         makers.append(lambda: [_renamed(t, prefix) for p in uniform.above(always, 2)
                                if (t := trim(always, p)) is not None])
+    if rhythms.e_step is not None:
+        # the same rhythms with the whole step forecast between computes (no unit and no glue
+        # runs there: the model's output extrapolated), whose saved glue buys denser rhythms
+        whole = replace(rhythms, forecast_policy="always")
+        prefix = "module:always" if module_problem is not None else "always"
+        for k, rhythms_k in STEP_RHYTHMS.items():
+            makers.append(lambda k=k, n=rhythms_k: [_renamed(p, prefix) for p in uniform.dearest(whole, n, True, k)])
     for make in makers:
         try:
             made = make()

@@ -35,7 +35,7 @@ __all__ = ["PROFILE_VERSION", "ACTION_FAMILIES", "DEFAULT_ACTIONS", "DEFAULT_MAX
 PROFILE_VERSION = 1
 
 _OPTIONAL = ("step_gain", "e_module_reuse", "flops_module", "e_forecast", "e_module_skip", "e_module_prune",
-             "flops_module_prune", "e_module_forecast", "e_cfg", "e_module_cfg")
+             "flops_module_prune", "e_module_forecast", "e_cfg", "e_module_cfg", "e_step")
 #: The action families a plan may use besides ``compute`` (``actions=`` of ``to_problem`` and ``optimize``).
 ACTION_FAMILIES = ("reuse", "forecast", "prune", "width", "skip", "cfg")
 #: The default ``actions``: every family (``cfg`` where the calibration ran guidance batches).
@@ -148,6 +148,10 @@ class SensitivityProfile:
         e_module_cfg: ``(T, U, 3, max_age + 1)``: ``CFG`` of each role's sub-modules (their outputs on
             half ``cfg_branch`` derived from the other half's plus the halves' difference ``n``
             steps earlier); ``None`` with ``e_cfg``, or in profiles made before module ``CFG`` existed.
+        e_step: ``(T, K + 1, max_age + 1, max_age + 1)``: ``STEP``, the whole step forecast of order
+            ``k = 0 .. K`` (the index; 0: the output reused, the same at every ``d``) at age ``n``
+            from the model's outputs ``d`` steps apart, relative to the model's
+            output (NaN where not available); ``None`` in profiles made before it existed.
         cfg_branch: the derived half (0 or 1): the one whose output the sampler weighs less
             in its guided update (the unconditional one), measured from the calibration's
             steps (``None`` with ``e_cfg``).
@@ -184,6 +188,7 @@ class SensitivityProfile:
     e_module_forecast: np.ndarray | None = None
     e_cfg: np.ndarray | None = None
     e_module_cfg: np.ndarray | None = None
+    e_step: np.ndarray | None = None
     cfg_branch: int | None = None
     channel_order: dict[str, torch.Tensor] = field(default_factory=dict)
     step_gain: np.ndarray | None = None
@@ -274,6 +279,12 @@ class SensitivityProfile:
             # the unit runs on half the batch: half its FLOPs (attention included: it is per sample)
             kw.update(e_cfg=np.nan_to_num(e_cfg, nan=inf_safe), flops_cfg=tile(self.flops_compute / 2),
                       cfg_branch=self.cfg_branch)
+        if "forecast" in actions and self.e_step is not None and (
+                timesteps is None and (num_steps is None or num_steps == self.num_steps)):
+            # the whole step forecast, on the calibrated schedule only (STEP rows are made by
+            # solvers.uniform's whole rhythms, never by a re-solve for another schedule)
+            kw.update(e_step=np.nan_to_num(self.e_step if gain is None else self.e_step * gain[:, None, None, None],
+                                           nan=np.inf))
         problem = Problem(units=self.units, num_steps=T, max_age=self.max_age, budget=budget,
                           flops_compute=tile(self.flops_compute), flops_fixed=float(self.flops_fixed) * T,
                           timesteps=tuple(ts), **kw)
@@ -361,7 +372,8 @@ class SensitivityProfile:
             kw.update(widths=self.widths, e_width=e_width, flops_width=flops_width)
         problem = Problem(units=units, num_steps=T, max_age=M, budget=budget,
                           flops_compute=np.broadcast_to(fm, (T, len(pairs))).copy(),
-                          flops_fixed=(float(self.flops_fixed) + rest) * T, timesteps=block.timesteps, **kw)
+                          flops_fixed=(float(self.flops_fixed) + rest) * T, timesteps=block.timesteps,
+                          e_step=block.e_step, **kw)
         allowed = problem.allowed.copy()
         for a, act in enumerate(problem.actions):
             if str(act).startswith("W"):

@@ -18,6 +18,9 @@ candidate action would have produced:
   (importance calibrated in a first, plain pass: ``E|h_j| * ||W_out[:, j]||``);
 * ``SKIP``: the block returns its input (free).
 
+For the whole step (``STEP``: the model's output extrapolated from its outputs at earlier steps,
+no unit and no glue run), the same forecasts are scored on the model's output (free).
+
 For module-level units (each block's attention, cross-attention and MLP, ``MODULE_ROLES``), the
 outputs of the role's sub-modules are recorded during the true block call and the block is
 re-run with them replaced:
@@ -323,7 +326,8 @@ class _Probe:
                       "e_prune": (U, M + 1, K), "e_width": (U, J), "e_skip": (U,),
                       "e_module_reuse": (U, R, M + 1), "e_module_skip": (U, R),
                       "e_module_forecast": (U, R, forecast_orders, M + 1, M + 1),
-                      "e_module_prune": (U, R, M + 1, K), "e_cfg": (U, M + 1), "e_module_cfg": (U, R, M + 1)}
+                      "e_module_prune": (U, R, M + 1, K), "e_cfg": (U, M + 1), "e_module_cfg": (U, R, M + 1),
+                      "e_step": (forecast_orders + 1, M + 1, M + 1)}
         # Guidance batches (one call whose two halves of hidden_states are equal): CFG is
         # measured only if every call is one; the derived half is the one the sampler's update
         # weighs less (see _Guidance)
@@ -386,6 +390,28 @@ class _Probe:
 
     def post_model(self, module, args, kwargs, output):
         self.guidance.after(output)
+        self._observe_output(output)
+
+    def _observe_output(self, output) -> None:
+        """``STEP`` (the whole step forecast) of every order, age and spacing: the model's output
+        extrapolated from its outputs ``n``, ``n + d``, ... steps earlier against the true one,
+        relative to it (free: a Gram of the outputs, as for block forecasts)."""
+        sample = output.sample if hasattr(output, "sample") else output[0] if isinstance(output, tuple | list) \
+            else output
+        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
+            return
+        t = self.step
+        acc = self.sums.setdefault(t, {k: np.zeros(s) for k, s in self.shape.items()})
+        norm = float(sample.detach().float().pow(2).sum()) or 1.0
+        gram = self.grams.setdefault(("model", self.branch), _Gram((self.forecast_orders + 1) * self.max_age))
+        gram.add(t, [sample.detach().float()])
+        for n in range(1, self.max_age + 1):
+            reuse = gram.miss(t, [t - n])
+            if reuse is None:
+                continue
+            acc["e_step"][0, n, :] += reuse / norm  # order 0: the output n steps earlier (any spacing)
+            for k, d, err in gram.forecast_misses(t, n, self.max_age, self.forecast_orders):
+                acc["e_step"][k, n, d] += err / norm
 
     def block_hook(self, u: int):
         spec = self.graph.blocks[u]
@@ -785,13 +811,15 @@ def annotate_sensitivity(
     # FORECAST of order k needs k + 1 computes before the step: where the oldest would precede
     # step 0 there is nothing to extrapolate from, marked NaN (not offered to the solver).
     for t in range(len(timesteps)):
+        errs["e_step"][t, 0, t + 1:] = np.nan  # order 0 reads the output n steps earlier
         for k in range(1, forecast_orders + 1):
             for n in range(1, max_age + 1):
                 for d in range(1, max_age + 1):
                     if t - n - k * d < 0:
                         errs["e_forecast"][t, :, k - 1, n, d] = np.nan
                         errs["e_module_forecast"][t, :, :, k - 1, n, d] = np.nan
-    for name in ("e_forecast", "e_module_forecast"):
+                        errs["e_step"][t, k, n, d] = np.nan
+    for name in ("e_forecast", "e_module_forecast", "e_step"):
         errs[name][..., 0, :] = np.nan
         errs[name][..., 0] = np.nan
     errs["e_module_prune"][:, :, :, MODULE_PRUNE_MAX_AGE + 1:] = np.nan  # not measured

@@ -3,7 +3,9 @@
 The plan is the only input besides the captured graph: for each step, each block node goes
 through the rewrite pass of its action (``rewrite_cache``, ``rewrite_prune``,
 ``rewrite_width``, ``rewrite_skip``, ``rewrite_cfg``), or, for module-level units, each block through
-``rewrite_modules`` with the actions of its roles. A ``COMPUTE`` writes the cache entries that a
+``rewrite_modules`` with the actions of its roles; a ``STEP`` step (the whole step forecast) goes
+through ``rewrite_step`` instead, and the full steps it extrapolates from write the model's
+outputs (``rewrite_step.write_outputs``). A ``COMPUTE`` writes the cache entries that a
 later step of the same unit reads before its next ``COMPUTE``; before a ``FORECAST`` of order
 ``k`` the computes it extrapolates from also keep the residuals of the ones before them
 (``prev``, ``hist2``, ...), and the forecast's weights (:func:`dit_opt.plan.forecast_weights`)
@@ -26,16 +28,17 @@ from torch import nn
 
 from dit_opt.errors import DitOptError
 from dit_opt.ir import BlockSpec, DiTGraph
-from dit_opt.plan import COMPUTE, Action, ActionKind, Plan, compute_history, forecast_weights
+from dit_opt.plan import COMPUTE, Action, ActionKind, Plan, compute_history, forecast_weights, step_forecasts
 from passes.rewrite_cache import rewrite_cache
 from passes.rewrite_cfg import rewrite_cfg
 from passes.rewrite_modules import rewrite_modules
 from passes.rewrite_prune import rewrite_prune
 from passes.rewrite_skip import rewrite_skip
+from passes.rewrite_step import OUTPUT, rewrite_step, write_outputs
 from passes.rewrite_width import rewrite_width
 from passes.step_graph import StepGraph, weights_key
 
-__all__ = ["Variant", "build_variants", "cache_needs", "copy_variant", "step_weights"]
+__all__ = ["Variant", "build_variants", "cache_needs", "copy_variant", "output_needs", "step_weights"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,24 @@ def cache_needs(plan: Plan) -> list[list[tuple[bool, bool, int]]]:
     return needs
 
 
+def output_needs(plan: Plan) -> list[int | None]:
+    """Per step, ``None``, or for a full step that a later ``STEP`` reads how many older model
+    outputs it keeps shifted down beside its own (``passes.rewrite_step.write_outputs``)."""
+    needs: list[int | None] = [None] * plan.num_steps
+    for _, step, full in step_forecasts(plan.actions):
+        if step is not None:
+            for i, c in enumerate(full[:step.order + 1]):
+                needs[c] = max(needs[c] or 0, step.order - i)
+    return needs
+
+
+def step_forecast_weights(plan: Plan) -> list[tuple[float, ...] | None]:
+    """Per step, the weights of its ``STEP`` over the last ``order + 1`` full steps, newest first
+    (``None`` at a step that is not one)."""
+    return [None if step is None else forecast_weights(t, full[:step.order + 1])
+            for t, step, full in step_forecasts(plan.actions)]
+
+
 def forecast_plan_weights(plan: Plan) -> list[list[tuple[float, ...] | None]]:
     """Per step and unit, the extrapolation weights of a ``FORECAST`` over the unit's last
     ``order + 1`` computes, newest first (``None`` elsewhere)."""
@@ -107,14 +128,16 @@ def step_weights(plan: Plan, dtype: torch.dtype = torch.float32, device: Any = N
                  ) -> list[dict[str, torch.Tensor]]:
     """Per step, the ``FORECAST`` weights its graph reads, by input name
     (:func:`passes.step_graph.weights_key`: ``<block>/weights``, ``<block>.<role>/weights`` for a
-    module unit), as 1-D tensors of ``dtype`` on ``device``; the runtime feeds them beside the
-    cache reads."""
+    module unit; ``model_output/weights`` for a ``STEP``), as 1-D tensors of ``dtype`` on
+    ``device``; the runtime feeds them beside the cache reads."""
     out: list[dict[str, torch.Tensor]] = []
-    for row in forecast_plan_weights(plan):
+    for row, whole in zip(forecast_plan_weights(plan), step_forecast_weights(plan), strict=True):
         step = {}
         for unit, w in zip(plan.units, row, strict=True):
             if w is not None:  # str(unit): the block, or <block>.<role>
                 step[weights_key(str(unit))] = torch.tensor(w, dtype=dtype, device=device)
+        if whole is not None:
+            step[weights_key(OUTPUT)] = torch.tensor(whole, dtype=dtype, device=device)
         out.append(step)
     return out
 
@@ -163,15 +186,16 @@ def build_variants(
         if None in roles and len(units) > 1:
             raise DitOptError(f"plan has both block-level and module-level units for block {name}; use one granularity")
         order.append((specs[name], units))
-    needs = cache_needs(plan)
+    needs, outputs = cache_needs(plan), output_needs(plan)
     cache = {} if cache is None else cache
     out = []
     for t in range(plan.num_steps):
         # everything _build reads besides the graph and the module makers (fixed per cache)
         # (the forecast weights are inputs: steps with the same actions at other spacings share a graph)
-        key = ("step", plan.units, guidance, tuple(str(a) for a in plan.actions[t]), tuple(needs[t]))
+        key = ("step", plan.units, guidance, tuple(str(a) for a in plan.actions[t]), tuple(needs[t]), outputs[t])
         if key not in cache:
-            cache[key] = _build(graph, order, plan, t, needs[t], narrowed, narrow_mlp, guidance, half_module, cache)
+            cache[key] = _build(graph, order, plan, t, needs[t], outputs[t], narrowed, narrow_mlp, guidance,
+                                half_module, cache)
         out.append(cache[key])
     return out
 
@@ -184,9 +208,12 @@ def copy_variant(variant: Variant) -> Variant:
     return replace(variant, gm=gm)
 
 
-def _build(graph, order, plan, t, needs, narrowed, narrow_mlp, guidance, half_module, cache) -> Variant:
+def _build(graph, order, plan, t, needs, keep_outputs, narrowed, narrow_mlp, guidance, half_module, cache) -> Variant:
     sg = StepGraph(graph)
     actions = plan.actions[t]
+    if plan.is_step_forecast(t):
+        rewrite_step(sg, actions[0].order)
+        return Variant(sg.build(class_name=f"StepVariant{t}"), tuple(sg.reads), tuple(sg.writes), tuple(actions))
     if not guidance:  # no guidance half to derive: the block computes (a CFG step writes no cache)
         actions = tuple(COMPUTE if a.kind is ActionKind.CFG else a for a in actions)
     for spec, units in order:
@@ -210,5 +237,7 @@ def _build(graph, order, plan, t, needs, narrowed, narrow_mlp, guidance, half_mo
             rewrite_skip(sg, spec)
         elif kind is ActionKind.CFG:
             rewrite_cfg(sg, spec, action.branch)
+    if keep_outputs is not None:  # a later STEP extrapolates from this full step's outputs
+        write_outputs(sg, keep_outputs)
     gm = sg.build(class_name=f"StepVariant{t}")  # named for the first step built with it
     return Variant(gm, tuple(sg.reads), tuple(sg.writes), tuple(actions))

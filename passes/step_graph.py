@@ -135,6 +135,19 @@ class StepGraph:
         self.writes.append(key)
         self._write_nodes.append(value)
 
+    def model_outputs(self) -> list[torch.fx.Node | Any]:
+        """The model's flat outputs as the graph returns them now (before the cache writes)."""
+        flat = next(n for n in self.fx.nodes if n.op == "output").args[0]
+        return list(flat) if isinstance(flat, tuple | list) else [flat]
+
+    def set_model_outputs(self, values: list[torch.fx.Node | Any]) -> None:
+        """Return ``values`` as the model's flat outputs (as many as :meth:`model_outputs`)."""
+        output = next(n for n in self.fx.nodes if n.op == "output")
+        if len(values) != len(self.model_outputs()):
+            raise ValueError(f"the model has {len(self.model_outputs())} flat outputs, got {len(values)}")
+        flat = output.args[0]
+        output.args = (tuple(values) if isinstance(flat, tuple | list) else values[0],)
+
     def add_module(self, qualname: str, module: nn.Module) -> str:
         """Register ``module`` for ``call_module`` under ``qualname``; return the target."""
         self.modules[qualname] = module

@@ -83,13 +83,15 @@ def solve(problem: Problem, max_warmup: int = 4, warmup: int | None = None, inte
     return problem.to_plan(grid, f"{SOLVER_NAME}(w={w},N={n},p={p})", "HEURISTIC", time.perf_counter() - start)
 
 
-def settings(problem: Problem, warmups=range(0, 5), intervals=None, phase: int | None = None
-             ) -> list[tuple[float, float, tuple, tuple[int, int, int]]]:
+def settings(problem: Problem, warmups=range(0, 5), intervals=None, phase: int | None = None, whole: bool = False,
+             order: int | None = None) -> list[tuple[float, float, tuple, tuple[int, int, int]]]:
     """Every feasible ``(w, N, p)`` of the rule: ``(FLOPs, modelled error, action grid, (w, N, p))``.
 
     ``dit_opt.selection`` measures the ones that spend the most of the budget: the modelled error
     ranks these schedules poorly (it adds up errors measured one at a time), the calibration
-    does not.
+    does not. With ``whole``, every step between computes that can be is a whole step forecast
+    (``STEP``: no unit and no glue runs; :meth:`Problem.with_step_forecasts`, of ``order`` or
+    the order measured best at each step), the others as without.
     """
     reuse = problem.menu_index(REUSE)
     intervals = range(1, problem.max_age + 2) if intervals is None else intervals
@@ -102,16 +104,22 @@ def settings(problem: Problem, warmups=range(0, 5), intervals=None, phase: int |
             grid = [[COMPUTE if computes[t] or not problem.allowed[t, u, reuse] else REUSE
                      for u in range(len(problem.units))] for t in range(problem.num_steps)]
             grid = problem.with_forecasts(grid)
+            if whole:
+                grid = problem.with_step_forecasts(grid, order)
             flops, error = problem.evaluate(grid)
             if problem.is_within_budget(flops):
                 out.append((flops, error, grid, (w, n, p)))
     return out
 
 
-def dearest(problem: Problem, k: int) -> list[Plan]:
+def dearest(problem: Problem, k: int, whole: bool = False, order: int | None = None) -> list[Plan]:
     """Plans of the ``k`` feasible settings that spend the most FLOPs, one per interval ``N`` (ties:
-    least modelled error): the rhythms worth measuring at this budget."""
-    return _per_interval(problem, sorted(settings(problem), key=lambda s: (-s[0], s[1])), k)
+    least modelled error): the rhythms worth measuring at this budget (``whole``: with whole
+    step forecasts of ``order`` between computes, see :func:`settings`; named
+    ``uniform+step<order>(...)``)."""
+    scored = sorted(settings(problem, whole=whole, order=order), key=lambda s: (-s[0], s[1]))
+    name = f"{SOLVER_NAME}+step{'' if order is None else order}" if whole else SOLVER_NAME
+    return _per_interval(problem, scored, k, name)
 
 
 def above(problem: Problem, k: int) -> list[Plan]:
@@ -123,7 +131,7 @@ def above(problem: Problem, k: int) -> list[Plan]:
     return _per_interval(full, sorted(over, key=lambda s: (s[0], s[1])), k)
 
 
-def _per_interval(problem: Problem, scored: list, k: int) -> list[Plan]:
+def _per_interval(problem: Problem, scored: list, k: int, name: str = SOLVER_NAME) -> list[Plan]:
     """Plans of the first ``k`` of ``scored`` (:func:`settings` rows, in order) with distinct intervals."""
     start = time.perf_counter()
     out: list[Plan] = []
@@ -132,6 +140,5 @@ def _per_interval(problem: Problem, scored: list, k: int) -> list[Plan]:
         if n in taken or len(out) == k:
             continue
         taken.add(n)
-        out.append(problem.to_plan(grid, f"{SOLVER_NAME}(w={w},N={n},p={p})", "HEURISTIC",
-                                   time.perf_counter() - start))
+        out.append(problem.to_plan(grid, f"{name}(w={w},N={n},p={p})", "HEURISTIC", time.perf_counter() - start))
     return out

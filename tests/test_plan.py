@@ -167,7 +167,7 @@ def test_plan_accessors(plan: Plan) -> None:
     assert list(plan.actions_at(0).values()) == [COMPUTE] * 3
     assert plan.flop_fraction == pytest.approx(0.7)
     assert plan.counts() == {ActionKind.COMPUTE: 6, ActionKind.REUSE: 3, ActionKind.FORECAST: 0, ActionKind.PRUNE: 1,
-                             ActionKind.WIDTH: 1, ActionKind.SKIP: 1, ActionKind.CFG: 0}
+                             ActionKind.WIDTH: 1, ActionKind.SKIP: 1, ActionKind.CFG: 0, ActionKind.STEP: 0}
     with pytest.raises(KeyError, match="not in the plan"):
         plan.action(0, "blocks.7")
 
