@@ -474,7 +474,7 @@ class Plan:
             if any(a.kind is ActionKind.STEP for a in row) and any(a != row[0] for a in row):
                 raise ValueError(f"step {t}: a STEP (whole step forecast) must be every unit's action at that "
                                  f"step, at one order (got {sorted({str(a) for a in row})})")
-            if step is not None:
+            if step is not None and t > 0:  # step 0: the rule that every unit computes says it
                 used = full[:step.order + 1]
                 if len(used) < step.order + 1 or t - used[0] > self.max_age \
                         or any(a - b > self.max_age + 1 for a, b in pairwise(used)):
