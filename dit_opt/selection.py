@@ -1,20 +1,21 @@
 """Choose among candidate plans by the error they cause, measured on the calibration.
 
-The solver's objective is a model: the sum of each action's error measured alone. Where that
-model is optimistic (low budgets, long runs of reuse in many blocks at once), a plan that is
-worse in the model can be better in the real output. So ``dit_opt.optimize`` makes more than
-one candidate at the same budget (:func:`candidate_plans`: the main solver's plan, the same
-solver's plans with the errors of late steps weighted more, TaylorSeer's rule of
-:mod:`solvers.uniform` (a warm-up, then one interval for every unit, with forecasts) at the
-rhythms that spend the most of the budget, and FORA's uniform interval, the schedules with their
-unspent budget filled (:mod:`solvers.fill`), and, given a module-level problem, its solver plan
-and uniform plan; then TaylorSeer's own policy, a forecast at every cache read
-(``Problem.forecast_policy="always"``, of the order measured best), at the
-rhythms just within the budget (filled) and just over it (trimmed, :func:`solvers.fill.trim`), at
-module granularity where offered), runs each through the calibration next to the full model, and
-keeps the one whose outputs are closest to the full model's. The modelled error ranks the uniform rhythms
-poorly (on ``digits-mmdit``, of interval 3 with warm-up 2 or 3, both at 0.394 of the FLOPs, it
-ranks first the one that measures 5.3 dB worse: 43.9 against 49.2 dB), which is why several are
+The solver's objective is a model: the sum of each action's error measured alone. Where that model
+is optimistic (low budgets, long runs of reuse in many blocks at once), a plan that is worse in
+the model can be better in the real output. So ``dit_opt.optimize`` makes more than one candidate
+at the same budget (:func:`candidate_plans`: the main solver's plan, the same solver's plans with
+the errors of late steps weighted more, TaylorSeer's rule of :mod:`solvers.uniform` (a warm-up,
+then one interval for every unit, with forecasts) at the rhythms that spend the most of the
+budget, and FORA's uniform interval, the schedules with their unspent budget filled
+(:mod:`solvers.fill`), and, given a module-level problem, its solver plan and uniform plan; then
+TaylorSeer's own policy, a forecast at every cache read (``Problem.forecast_policy="always"``, of
+the order measured best), at the rhythms just within the budget (filled) and just over it
+(trimmed, :func:`solvers.fill.trim`), at module granularity where offered; and the dearest rhythms
+with a whole step forecast (``STEP``) at every step between their computes, one order per plan,
+:data:`STEP_RHYTHMS`), runs each through the calibration next to the full model, and keeps the one
+whose outputs are closest to the full model's. The modelled error ranks the uniform rhythms poorly
+(on ``digits-mmdit``, of interval 3 with warm-up 2 or 3, both at 0.394 of the FLOPs, it ranks
+first the one that measures 5.3 dB worse: 43.9 against 49.2 dB), which is why several are
 measured.
 
 What is compared: the calibration's return value when it is a tensor (or a tuple/list of
@@ -83,8 +84,10 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     :data:`~dit_opt.sensitivity.LONG_CACHE_BUDGET`), the finest uniform plan is also made at that
     age limit. Then, on ``module_problem`` if given (else ``problem``), under the forecast policy
     ``"always"``: the :data:`ALWAYS_RHYTHMS` dearest rhythms within the budget, filled, and the
-    cheapest two over it (:func:`solvers.uniform.above`), trimmed. A family that cannot meet the
-    budget is left out. Every plan's predicted error is that of its own problem (unweighted).
+    cheapest two over it (:func:`solvers.uniform.above`), trimmed; and where the problem has
+    ``STEP`` errors, the dearest rhythms with ``STEP`` between their computes
+    (:data:`STEP_RHYTHMS` per order). A family that cannot meet the budget is left out. Every
+    plan's predicted error is that of its own problem (unweighted).
     """
     from dit_opt.errors import DitOptError
     from solvers import solve, uniform
