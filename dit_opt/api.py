@@ -271,7 +271,7 @@ def optimize(
             synthetic inputs (known diffusers classes; warns).
         example_inputs: inputs of one forward; default: the calibration's first call.
         solver: ``"cpsat"`` (joint choice of all actions), ``"dp"`` (SODA interval DP, reuse
-            only) or a baseline schedule (``"fora"``, ``"delta_dit"``, ``"toca"``).
+            only) or a baseline schedule (``"fora"``, ``"delta_dit"``, ``"toca"``, ``"soda"``).
         compile: how the plan is lowered with ``torch.compile`` (Inductor): ``True`` or
             ``"blocks"`` compiles each distinct block once and shares it across blocks and steps;
             ``"step"`` compiles each distinct step variant as one graph (faster at run time, one

@@ -318,7 +318,8 @@ def optimize(
     budget: float = typer.Option(0.5, "--budget", callback=_check_budget, help="FLOP fraction in (0, 1]."),
     profile_dir: Annotated[Path | None, typer.Option("--profile", help="A profile saved by `dit-opt profile` "
                                                      "(default: profile now).")] = None,
-    solver: str = typer.Option("cpsat", "--solver", help="cpsat, dp, or a baseline schedule: fora, delta_dit, toca."),
+    solver: str = typer.Option("cpsat", "--solver",
+                               help="cpsat, dp, or a baseline schedule: fora, delta_dit, toca, soda."),
     samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Calibration images (classes cycle)."),
     steps: int | None = _STEPS,
     threads: int | None = _THREADS,

@@ -11,6 +11,7 @@ the CLI and configs can name them:
 ``fora``        FORA: uniform reuse interval
 ``delta_dit``   Delta-DiT: rear blocks cached early, front blocks late
 ``toca``        ToCa-like: uniform token pruning between full computes
+``soda``        SODA's rule: the caching DP, then pruning where it beats the reuse, rate by sensitivity
 ==============  ===========================================================================
 
 Example:
@@ -39,6 +40,7 @@ SOLVERS: dict[str, tuple[str, str]] = {
     "fora": ("solvers.baselines", "fora"),
     "delta_dit": ("solvers.baselines", "delta_dit"),
     "toca": ("solvers.baselines", "toca_like"),
+    "soda": ("solvers.baselines", "soda"),
 }
 
 

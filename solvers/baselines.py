@@ -24,7 +24,7 @@ from dit_opt.errors import ConfigError, InfeasibleBudgetError
 from dit_opt.plan import ActionKind, Plan
 from solvers.problem import Problem
 
-__all__ = ["fora", "delta_dit", "toca_like"]
+__all__ = ["fora", "delta_dit", "toca_like", "soda"]
 
 STATUS = "HEURISTIC"
 
@@ -138,6 +138,80 @@ def toca_like(problem: Problem, interval: int | None = None, rate: float | None 
         candidates.append(((n, r), _periodic(problem, n, _all_units(problem), prune)))
     # ties: shorter interval first, then the higher rate (more tokens recomputed)
     return _pick(problem, "toca", candidates, start, lambda nr: (nr[0], -nr[1]), "ToCa (interval N, rate)")
+
+
+def soda(problem: Problem, steps: int = 24) -> Plan:
+    """SODA's rule (sensitivity-oriented caching and pruning): SODA's interval DP for the
+    compute/reuse schedule, then pruning where the profile says it pays.
+
+    Each ``REUSE`` of the DP plan (age ``n``) becomes ``PRUNE`` at a rate that grows with the cell's
+    sensitivity (its reuse error ``e_reuse[t, u, n]``: the cells' percentile ``q`` among all the
+    plan's reuses picks rate ``prune_rates[floor(q K)]``), but only where the pruning error at that
+    rate is below the reuse error (else the nearest lower rate that is, else the reuse stays).
+    Pruning spends FLOPs, so the DP runs at the largest of ``steps`` budgets between the problem's
+    smallest feasible one and its own budget at which the pruned plan still meets the budget.
+    Without the PRUNE family it is the DP plan alone (with a warning). Forecasts are not used,
+    as published.
+
+    This is the rule the solver's pruning choices are compared with: ``solvers.cpsat`` chooses
+    the same actions jointly, under the same budget, by the modelled error.
+
+    Returns:
+        The plan (status ``HEURISTIC``).
+
+    Raises:
+        InfeasibleBudgetError: no DP plan meets the budget.
+        ConfigError: the problem has no REUSE family.
+    """
+    from solvers import dp
+
+    start = time.perf_counter()
+    problem = problem.without_forecasts()
+    reuse = _menu_index(problem, ActionKind.REUSE)
+    cached = problem.restrict((ActionKind.COMPUTE, ActionKind.REUSE))
+    if not problem.prune_rates:
+        warnings.warn("soda: the problem has no PRUNE family (no prunable block), so SODA is its caching DP "
+                      "alone", UserWarning, stacklevel=2)
+        try:
+            plan = dp.solve(cached)
+        except InfeasibleBudgetError as e:
+            raise InfeasibleBudgetError(f"SODA (its caching DP) cannot meet budget={problem.budget!r}: {e}") from e
+        return problem.to_plan(plan.actions, "soda", STATUS, time.perf_counter() - start)
+    prunes = [i for i, a in enumerate(problem.actions) if a.kind is ActionKind.PRUNE]
+    rates = [problem.actions[i].rate for i in prunes]
+    order = np.argsort(rates)
+    lowest = cached.min_feasible_budget()
+    for b in np.linspace(problem.budget, lowest, steps):
+        try:
+            base = dp.solve(cached.with_budget(max(float(b), lowest)))
+        except InfeasibleBudgetError:
+            continue
+        choice = np.array([[problem.actions.index(a) for a in row] for row in base.actions])
+        cells = []  # (t, u, age) of every reuse
+        for u in range(len(problem.units)):
+            last = 0
+            for t in range(problem.num_steps):
+                if choice[t, u] == 0:
+                    last = t
+                elif choice[t, u] == reuse:
+                    cells.append((t, u, t - last))
+        if cells:
+            sens = np.array([problem.e_reuse[t, u, n] for t, u, n in cells])
+            rank = sens.argsort().argsort() / max(1, len(cells) - 1)  # percentile q in [0, 1]
+            for (t, u, n), q in zip(cells, rank, strict=True):
+                target = min(int(q * len(rates)), len(rates) - 1)  # position among the rates, ascending
+                for k in order[target::-1]:  # that rate, else the nearest lower one that beats the reuse
+                    a = prunes[k]
+                    if problem.allowed[t, u, a] and problem.e_prune[t, u, n, k] < problem.e_reuse[t, u, n]:
+                        choice[t, u] = a
+                        break
+        flops, _ = problem.evaluate(problem.grid(choice))
+        if problem.is_within_budget(flops):
+            return problem.to_plan(problem.grid(choice), "soda", STATUS, time.perf_counter() - start)
+    raise InfeasibleBudgetError(
+        f"SODA (caching DP, then pruning) cannot meet budget={problem.budget!r}; the smallest feasible budget "
+        f"of its caching schedule is {lowest!r}"
+    )
 
 
 def _menu_index(problem: Problem, kind: ActionKind) -> int:

@@ -248,7 +248,7 @@ def test_registry() -> None:
 def test_baselines_meet_budget(seed: int, T: int, U: int, M: int, budget: float, prune: bool) -> None:
     problem = make_problem(seed, T, U, M, budget, prune=prune, disable=0.0)
     best = None
-    for name in ("fora", "delta_dit", "toca"):
+    for name in ("fora", "delta_dit", "toca", "soda"):
         try:
             plan = solvers.solve(problem, name)
         except InfeasibleBudgetError as exc:
@@ -258,6 +258,33 @@ def test_baselines_meet_budget(seed: int, T: int, U: int, M: int, budget: float,
         assert plan.status == "HEURISTIC"
         best = best if best is not None else cpsat.solve(problem)
         assert plan.predicted_error >= best.predicted_error - 1e-6
+
+
+def test_soda_prunes_where_it_beats_the_reuse_at_rates_growing_with_sensitivity() -> None:
+    problem = make_problem(3, 10, 3, 3, 0.6, width=False, skip=False, disable=0.0)
+    plan = solvers.solve(problem, "soda")
+    check_plan(plan, problem)
+    cells = []  # (reuse error, rate) of every cache read
+    for u in range(len(problem.units)):
+        last = 0
+        for t, row in enumerate(plan.actions):
+            a = row[u]
+            if a.kind is ActionKind.COMPUTE:
+                last = t
+            elif a.kind is ActionKind.PRUNE:
+                k = problem.prune_rates.index(a.rate)
+                assert problem.e_prune[t, u, t - last, k] < problem.e_reuse[t, u, t - last]
+                cells.append((problem.e_reuse[t, u, t - last], a.rate))
+            else:
+                assert a.kind is ActionKind.REUSE
+                cells.append((problem.e_reuse[t, u, t - last], 0.0))
+    assert any(rate for _, rate in cells)
+    # the highest rate goes to the more sensitive half of the cache reads only
+    median = np.median([e for e, _ in cells])
+    assert all(e >= median for e, rate in cells if rate == max(problem.prune_rates))
+    with pytest.warns(UserWarning, match="no PRUNE family"):
+        alone = solvers.solve(make_problem(3, 10, 3, 3, 0.6, prune=False, width=False, skip=False), "soda")
+    assert alone.counts()[ActionKind.PRUNE] == 0
 
 
 def test_fora_picks_smallest_interval() -> None:

@@ -6,7 +6,7 @@ every row:
 
 * the full model;
 * dit-opt (solver ``cpsat``) at each target FLOP budget;
-* dit-opt's baseline schedules (``fora``, ``delta_dit``, ``toca``) at the same budgets, solved from
+* dit-opt's baseline schedules (``fora``, ``delta_dit``, ``toca``, ``soda``) at the same budgets, solved from
   the same sensitivity profile (one profile per model, calibrated on other seeds than the
   evaluation);
 * diffusers' cache hooks (FirstBlockCache, PyramidAttentionBroadcast, FasterCache, TaylorSeer,

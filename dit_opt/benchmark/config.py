@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: dit-opt's own solver and its baseline schedules, all solved from the same profile.
-SOLVERS = ("cpsat", "fora", "delta_dit", "toca")
+SOLVERS = ("cpsat", "fora", "delta_dit", "toca", "soda")
 #: Peer names in report order: diffusers hooks, then the optional ``cache-dit`` package.
 PEERS = ("fbc", "pab", "fastercache", "taylorseer", "magcache", "cachedit_dbcache", "cachedit_taylorseer",
          "cachedit_foca", "cachedit_dmd", "cachedit_scm")
