@@ -140,18 +140,19 @@ def toca_like(problem: Problem, interval: int | None = None, rate: float | None 
     return _pick(problem, "toca", candidates, start, lambda nr: (nr[0], -nr[1]), "ToCa (interval N, rate)")
 
 
-def soda(problem: Problem, steps: int = 24) -> Plan:
+def soda(problem: Problem, steps: int = 16, shares: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1, 0.0)) -> Plan:
     """SODA's rule (sensitivity-oriented caching and pruning): SODA's interval DP for the
     compute/reuse schedule, then pruning where the profile says it pays.
 
-    Each ``REUSE`` of the DP plan (age ``n``) becomes ``PRUNE`` at a rate that grows with the cell's
-    sensitivity (its reuse error ``e_reuse[t, u, n]``: the cells' percentile ``q`` among all the
-    plan's reuses picks rate ``prune_rates[floor(q K)]``), but only where the pruning error at that
-    rate is below the reuse error (else the nearest lower rate that is, else the reuse stays).
-    Pruning spends FLOPs, so the DP runs at the largest of ``steps`` budgets between the problem's
-    smallest feasible one and its own budget at which the pruned plan still meets the budget.
-    Without the PRUNE family it is the DP plan alone (with a warning). Forecasts are not used,
-    as published.
+    Of the DP plan's reuses (age ``n``), the most sensitive share ``s`` (by their reuse error
+    ``e_reuse[t, u, n]``) become ``PRUNE`` at a rate that grows with the sensitivity (a cell's
+    percentile ``q`` among them picks ``prune_rates[floor(q K)]``), but only where the pruning
+    error at that rate is below the reuse error (else the nearest lower rate where it is, else the
+    reuse stays). Pruning spends FLOPs, so the DP runs at one of ``steps`` budgets between the
+    smallest feasible one and the problem's, with ``s`` one of ``shares``: of the pairs that meet
+    the budget, the one of least modelled error (``s = 0`` at the problem's budget is the DP plan,
+    always feasible when any plan is). Without the PRUNE family it is the DP plan alone (with a
+    warning). Forecasts are not used, as published.
 
     This is the rule the solver's pruning choices are compared with: ``solvers.cpsat`` chooses
     the same actions jointly, under the same budget, by the modelled error.
@@ -169,49 +170,49 @@ def soda(problem: Problem, steps: int = 24) -> Plan:
     problem = problem.without_forecasts()
     reuse = _menu_index(problem, ActionKind.REUSE)
     cached = problem.restrict((ActionKind.COMPUTE, ActionKind.REUSE))
+    try:
+        plain = dp.solve(cached)
+    except InfeasibleBudgetError as e:
+        raise InfeasibleBudgetError(f"SODA (its caching DP) cannot meet budget={problem.budget!r}: {e}") from e
     if not problem.prune_rates:
         warnings.warn("soda: the problem has no PRUNE family (no prunable block), so SODA is its caching DP "
                       "alone", UserWarning, stacklevel=2)
-        try:
-            plan = dp.solve(cached)
-        except InfeasibleBudgetError as e:
-            raise InfeasibleBudgetError(f"SODA (its caching DP) cannot meet budget={problem.budget!r}: {e}") from e
-        return problem.to_plan(plan.actions, "soda", STATUS, time.perf_counter() - start)
+        return problem.to_plan(plain.actions, "soda", STATUS, time.perf_counter() - start)
     prunes = [i for i, a in enumerate(problem.actions) if a.kind is ActionKind.PRUNE]
-    rates = [problem.actions[i].rate for i in prunes]
-    order = np.argsort(rates)
+    by_rate = sorted(range(len(prunes)), key=lambda k: problem.actions[prunes[k]].rate)
     lowest = cached.min_feasible_budget()
+    best: tuple[float, np.ndarray] | None = None
     for b in np.linspace(problem.budget, lowest, steps):
         try:
             base = dp.solve(cached.with_budget(max(float(b), lowest)))
         except InfeasibleBudgetError:
             continue
-        choice = np.array([[problem.actions.index(a) for a in row] for row in base.actions])
-        cells = []  # (t, u, age) of every reuse
+        dp_choice = np.array([[problem.actions.index(a) for a in row] for row in base.actions])
+        cells = []  # (t, u, age) of every reuse, least sensitive first
         for u in range(len(problem.units)):
             last = 0
             for t in range(problem.num_steps):
-                if choice[t, u] == 0:
+                if dp_choice[t, u] == 0:
                     last = t
-                elif choice[t, u] == reuse:
+                elif dp_choice[t, u] == reuse:
                     cells.append((t, u, t - last))
-        if cells:
-            sens = np.array([problem.e_reuse[t, u, n] for t, u, n in cells])
-            rank = sens.argsort().argsort() / max(1, len(cells) - 1)  # percentile q in [0, 1]
-            for (t, u, n), q in zip(cells, rank, strict=True):
-                target = min(int(q * len(rates)), len(rates) - 1)  # position among the rates, ascending
-                for k in order[target::-1]:  # that rate, else the nearest lower one that beats the reuse
-                    a = prunes[k]
+        cells.sort(key=lambda c: problem.e_reuse[c])
+        for share in shares:
+            choice = dp_choice.copy()
+            pruned = cells[len(cells) - int(round(share * len(cells))):] if share > 0 else []
+            for i, (t, u, n) in enumerate(pruned):
+                q = i / max(1, len(pruned) - 1)
+                for k in by_rate[min(int(q * len(prunes)), len(prunes) - 1)::-1]:
+                    a = prunes[k]  # that rate, else the nearest lower one that beats the reuse
                     if problem.allowed[t, u, a] and problem.e_prune[t, u, n, k] < problem.e_reuse[t, u, n]:
                         choice[t, u] = a
                         break
-        flops, _ = problem.evaluate(problem.grid(choice))
-        if problem.is_within_budget(flops):
-            return problem.to_plan(problem.grid(choice), "soda", STATUS, time.perf_counter() - start)
-    raise InfeasibleBudgetError(
-        f"SODA (caching DP, then pruning) cannot meet budget={problem.budget!r}; the smallest feasible budget "
-        f"of its caching schedule is {lowest!r}"
-    )
+            flops, error = problem.evaluate(problem.grid(choice))
+            if problem.is_within_budget(flops) and (best is None or error < best[0]):
+                best = (error, choice)
+    choice = best[1] if best is not None else np.array([[problem.actions.index(a) for a in row]
+                                                        for row in plain.actions])
+    return problem.to_plan(problem.grid(choice), "soda", STATUS, time.perf_counter() - start)
 
 
 def _menu_index(problem: Problem, kind: ActionKind) -> int:
