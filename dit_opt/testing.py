@@ -14,7 +14,8 @@ from torch import nn
 
 from dit_opt.synthetic import example_inputs
 
-__all__ = ["TINY_CONFIGS", "record_inputs", "tiny_model", "tiny_names", "unbudgeted_plan"]
+__all__ = ["TINY_CONFIGS", "assert_export_replays", "record_inputs", "record_outputs", "tiny_model", "tiny_names",
+           "unbudgeted_plan"]
 
 #: name -> (diffusers class name, config kwargs, expected block counts per list)
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, int]]] = {
@@ -117,19 +118,42 @@ def unbudgeted_plan(profile: Any, grid: Any, granularity: str = "block") -> Any:
                 max_age=profile.max_age, solver="test", status="HEURISTIC", wall_time_s=0.0)
 
 
-def record_inputs(calibration: Any, module: Any, hooked: Any) -> list:
-    """The first 3-D tensor input (batch, tokens, channels) of ``hooked`` at every call, over one
-    run of ``calibration(module)``: what a block (or its first norm) received, for comparing a
-    rewritten run with the original one."""
+def _recorded(calibration: Any, module: Any, hooked: Any, register: str, grab: Any) -> list:
+    """Run ``calibration(module)`` without grad with ``grab`` hooked on ``hooked`` (by
+    ``register``, e.g. ``"register_forward_hook"``); what ``grab`` appended."""
     seen: list = []
-
-    def grab(m: Any, args: tuple, kwargs: dict) -> None:
-        seen.append(next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() == 3).clone())
-
-    handle = hooked.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = getattr(hooked, register)(lambda *a, **kw: seen.append(grab(*a, **kw)), with_kwargs=True)
     try:
         with torch.no_grad():
             calibration(module)
     finally:
         handle.remove()
     return seen
+
+
+def record_outputs(calibration: Any, module: Any) -> list:
+    """The output ``sample`` of ``module`` at every call, over one run of ``calibration(module)``."""
+    return _recorded(calibration, module, module, "register_forward_hook",
+                     lambda m, args, kwargs, out: out.sample.detach().clone())
+
+
+def assert_export_replays(opt: Any, served: Any, timesteps: Any, atol: float = 1e-5) -> None:
+    """``served`` (an :class:`dit_opt.export.ExportedPlan` of ``opt``) gives ``opt``'s outputs at
+    every step of a generation on the captured example inputs at ``timesteps``."""
+    runner = opt.captured()
+    base = runner.graph.example_inputs
+    opt.reset()
+    with torch.no_grad():
+        for step, t in enumerate(timesteps):
+            inputs = dict(base, timestep=torch.full_like(base["timestep"], t))
+            want = opt(**inputs).sample
+            (out,) = served(step, *runner.graph.flat_inputs(**inputs))
+            assert float((want - out).abs().max()) <= atol, f"step {step}"
+
+
+def record_inputs(calibration: Any, module: Any, hooked: Any) -> list:
+    """The first 3-D tensor input (batch, tokens, channels) of ``hooked`` at every call, over one
+    run of ``calibration(module)``: what a block (or its first norm) received, for comparing a
+    rewritten run with the original one."""
+    return _recorded(calibration, module, hooked, "register_forward_pre_hook", lambda m, args, kwargs: next(
+        a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() == 3).clone())

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import dit_opt
 from dit_opt.executor import forecast
 from dit_opt.plan import COMPUTE, FORECAST, MAX_FORECAST_ORDER, REUSE, Action, ActionKind, Plan, Unit, forecast_weights
-from dit_opt.testing import record_inputs, unbudgeted_plan
+from dit_opt.testing import assert_export_replays, record_inputs, unbudgeted_plan
 from passes.rewrite_plan import cache_needs, forecast_plan_weights
 from solvers import solve
 from solvers.problem import Problem
@@ -253,11 +253,4 @@ def test_steps_that_differ_only_in_forecast_weights_share_one_graph(tiny_dit, tm
     index = served.index
     assert index["steps"][2]["file"] == index["steps"][5]["file"]
     assert index["steps"][5]["forecast_weights"]
-    base = runner.graph.example_inputs
-    opt.reset()
-    with torch.no_grad():
-        for step, t in enumerate(prof.timesteps):
-            inputs = dict(base, timestep=torch.full_like(base["timestep"], t))
-            want = opt(**inputs).sample
-            (out,) = served(step, *runner.graph.flat_inputs(**inputs))
-            assert float((want - out).abs().max()) <= 1e-5, f"step {step}"
+    assert_export_replays(opt, served, prof.timesteps)

@@ -12,6 +12,7 @@ import dit_opt
 from dit_opt.executor import combine
 from dit_opt.flops import count_flops
 from dit_opt.plan import COMPUTE, MAX_FORECAST_ORDER, REUSE, Action, ActionKind, Plan, Unit, forecast_weights
+from dit_opt.testing import assert_export_replays, record_outputs
 from passes.rewrite_plan import output_needs, step_weights
 from passes.rewrite_step import OUTPUT
 from passes.step_graph import weights_key
@@ -98,17 +99,6 @@ def tiny_dit(profiled):
     return profiled("dit", STEPS)
 
 
-def _outputs(calibration, module) -> list[torch.Tensor]:
-    seen: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda m, a, out: seen.append(out.sample.detach().clone()))
-    try:
-        with torch.no_grad():
-            calibration(module)
-    finally:
-        handle.remove()
-    return seen
-
-
 @pytest.mark.parametrize("order", range(MAX_FORECAST_ORDER + 1))
 def test_runtime_error_matches_the_profile(tiny_dit, order):
     """Every step computes but the last, a STEP of ``order``: its output's error against the full
@@ -123,7 +113,7 @@ def test_runtime_error_matches_the_profile(tiny_dit, order):
     opt = dit_opt.OptimizedTransformer(model, plan, profile=prof, compile=False)
     with torch.no_grad():
         cal(opt)  # captures
-    ref, got = _outputs(cal, model), _outputs(cal, opt)
+    ref, got = record_outputs(cal, model), record_outputs(cal, opt)
     last = [k for k in range(len(ref)) if k % STEPS == STEPS - 1]
     assert all(torch.equal(got[k], ref[k]) for k in range(len(ref)) if k % STEPS != STEPS - 1)
     errs = [float((got[k] - ref[k]).pow(2).sum() / ref[k].pow(2).sum()) for k in last]
@@ -152,16 +142,7 @@ def test_rhythms_with_step_forecasts_are_counted_within_budget(tiny_dit, tmp_pat
         want = cal(opt)
         assert torch.equal(cal(back), want)
     opt.export(tmp_path / "export")
-    served = ExportedPlan(tmp_path / "export")
-    runner = next(iter(opt._runners.values()))
-    base = runner.graph.example_inputs
-    opt.reset()
-    with torch.no_grad():
-        for step, t in enumerate(prof.timesteps):
-            inputs = dict(base, timestep=torch.full_like(base["timestep"], t))
-            want = opt(**inputs).sample
-            (out,) = served(step, *runner.graph.flat_inputs(**inputs))
-            assert float((want - out).abs().max()) <= 1e-5, f"step {step}"
+    assert_export_replays(opt, ExportedPlan(tmp_path / "export"), prof.timesteps)
 
 
 def test_optimize_measures_step_candidates(tiny_dit):
