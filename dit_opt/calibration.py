@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dit_opt.executor import model_sample
 from dit_opt.synthetic import example_inputs
 
 __all__ = [
@@ -226,7 +227,7 @@ def synthetic_calibration(
             inputs["hidden_states"] = latents
             inputs["timestep"] = torch.full((latents.shape[0],), float(tt), device=latents.device)
             out = module(**inputs)
-            pred = out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
+            pred = model_sample(out)
             pred = pred[:, : latents.shape[1]] if pred.shape != latents.shape else pred
             latents = sched.step(pred, t, latents).prev_sample
         return latents

@@ -22,6 +22,7 @@ from torch import nn
 from dit_opt.ir import BlockSpec
 
 __all__ = [
+    "model_sample",
     "bind_inputs",
     "stream_inputs",
     "pack_outputs",
@@ -41,6 +42,14 @@ __all__ = [
     "mlp_linears",
     "narrow_block",
 ]
+
+
+def model_sample(output: Any) -> Any:
+    """The prediction in a transformer's return value: ``.sample`` of a diffusers output, the
+    first element of a tuple or list, or the value itself."""
+    if hasattr(output, "sample"):
+        return output.sample
+    return output[0] if isinstance(output, tuple | list) else output
 
 
 def bind_inputs(block: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -19,8 +19,8 @@ Rules every plan obeys (re-checked by :meth:`Plan.validate`):
 * ``STEP`` (the whole step forecast: no unit and none of the glue runs, the model's output is
   the polynomial of order ``k`` through its outputs at the last ``k + 1`` *full* steps, those at
   which every unit computes; order 0 reuses the last one's) is taken by every unit of a step or
-  by none, at the same order, after ``k + 1`` full steps, the newest at most ``max_age`` steps earlier and each at most
-  ``max_age + 1`` after the one before;
+  by none, at the same order, after ``k + 1`` full steps, the newest at most ``max_age`` steps
+  earlier and each at most ``max_age + 1`` after the one before;
 * the predicted FLOPs are within ``budget * full_flops``; the glue (``flops_fixed``) is spent at
   every step but a ``STEP`` one, ``flops_fixed / num_steps`` each.
 
@@ -62,6 +62,7 @@ __all__ = [
     "compute_history",
     "after_step",
     "forecast_weights",
+    "step_action",
     "step_forecasts",
     "full_steps",
 ]
@@ -292,14 +293,31 @@ def full_steps(actions: Sequence[Sequence[Action]]) -> list[bool]:
     return [bool(row) and all(a.kind is ActionKind.COMPUTE for a in row) for row in actions]
 
 
+def step_action(row: Sequence[Action], t: int = 0) -> Action | None:
+    """The ``STEP`` a step's row takes (every unit the same), or ``None`` if it is no ``STEP``.
+
+    Raises:
+        ValueError: some units of the row take a ``STEP`` and others not, or at another order.
+    """
+    if not any(a.kind is ActionKind.STEP for a in row):
+        return None
+    if any(a != row[0] for a in row):
+        raise ValueError(f"step {t}: a STEP (whole step forecast) must be every unit's action at that "
+                         f"step, at one order (got {sorted({str(a) for a in row})})")
+    return row[0]
+
+
 def step_forecasts(actions: Sequence[Sequence[Action]], depth: int = MAX_FORECAST_ORDER + 1
                    ) -> Iterator[tuple[int, Action | None, tuple[int, ...]]]:
     """Along the steps of an action grid: ``(step, its STEP action or None, the last full steps
-    before it, newest first)``, at most ``depth`` of them."""
+    before it, newest first)``, at most ``depth`` of them.
+
+    Raises:
+        ValueError: a row mixes ``STEP`` with other actions (:func:`step_action`).
+    """
     full: tuple[int, ...] = ()
     for t, (row, is_full) in enumerate(zip(actions, full_steps(actions), strict=True)):
-        step = row[0] if row and row[0].kind is ActionKind.STEP else None
-        yield t, step, full
+        yield t, step_action(row, t), full
         if is_full:
             full = (t, *full)[:depth]
 
@@ -469,11 +487,7 @@ class Plan:
             for action in row:
                 if not isinstance(action, Action):
                     raise ValueError(f"{action!r} in Plan.actions is not an Action")
-        for t, step, full in step_forecasts(self.actions):
-            row = self.actions[t]
-            if any(a.kind is ActionKind.STEP for a in row) and any(a != row[0] for a in row):
-                raise ValueError(f"step {t}: a STEP (whole step forecast) must be every unit's action at that "
-                                 f"step, at one order (got {sorted({str(a) for a in row})})")
+        for t, step, full in step_forecasts(self.actions):  # (a row mixing STEP with others raises)
             if step is not None and t > 0:  # step 0: the rule that every unit computes says it
                 used = full[:step.order + 1]
                 if len(used) < step.order + 1 or t - used[0] > self.max_age \
@@ -534,7 +548,7 @@ class Plan:
 
     def is_step_forecast(self, step: int) -> bool:
         """Whether ``step`` is a whole step forecast (``STEP``: no unit and none of the glue runs)."""
-        return bool(self.actions[step]) and self.actions[step][0].kind is ActionKind.STEP
+        return step_action(self.actions[step], step) is not None
 
     @property
     def glue_steps(self) -> int:

@@ -36,6 +36,7 @@ from torch import nn
 
 from dit_opt import distributed
 from dit_opt.calibration import returned_tensors
+from dit_opt.executor import model_sample
 from dit_opt.plan import Plan
 from dit_opt.sensitivity import SHORT_MAX_AGE
 
@@ -129,19 +130,17 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     # (filled) and just over it (trimmed). (With order 1 only, as TaylorSeer's default, it was
     # kept once in 15 reference-model budgets, and then measured worse on the evaluation.)
     rhythms = module_problem if module_problem is not None else problem
+    always = replace(rhythms, forecast_policy="always")
+    prefix = "module:always" if module_problem is not None else "always"
     if rhythms.e_forecast is not None:
-        always = replace(rhythms, forecast_policy="always")
-        prefix = "module:always" if module_problem is not None else "always"
         makers.append(lambda: [_renamed(fill(always, p), prefix) for p in uniform.dearest(always, ALWAYS_RHYTHMS)])
         makers.append(lambda: [_renamed(t, prefix) for p in uniform.above(always, 2)
                                if (t := trim(always, p)) is not None])
     if rhythms.e_step is not None:
         # the same rhythms with the whole step forecast between computes (no unit and no glue
         # runs there: the model's output extrapolated), whose saved glue buys denser rhythms
-        whole = replace(rhythms, forecast_policy="always")
-        prefix = "module:always" if module_problem is not None else "always"
         for k, rhythms_k in STEP_RHYTHMS.items():
-            makers.append(lambda k=k, n=rhythms_k: [_renamed(p, prefix) for p in uniform.dearest(whole, n, True, k)])
+            makers.append(lambda k=k, n=rhythms_k: [_renamed(p, prefix) for p in uniform.dearest(always, n, True, k)])
     for make in makers:
         try:
             made = make()
@@ -168,8 +167,7 @@ def measure_outputs(calibration: Callable[[nn.Module], Any], module: nn.Module) 
     calls: list[torch.Tensor] = []
 
     def hook(mod, args, out):
-        sample = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple | list) else out
-        calls.append(sample.detach().float().cpu())
+        calls.append(model_sample(out).detach().float().cpu())
 
     handle = module.register_forward_hook(hook)
     try:

@@ -64,6 +64,7 @@ from dit_opt.executor import (
     halves_diff,
     is_guidance_batch,
     mlp_linears,
+    model_sample,
     narrow_block,
     prunable,
     scatter_tokens,
@@ -392,16 +393,21 @@ class _Probe:
         self.guidance.after(output)
         self._observe_output(output)
 
+    def _sums_at(self, t: int) -> dict[str, np.ndarray]:
+        """The error sums of step ``t`` (zeros on its first call)."""
+        if t not in self.sums:
+            self.sums[t] = {k: np.zeros(s) for k, s in self.shape.items()}
+        return self.sums[t]
+
     def _observe_output(self, output) -> None:
         """``STEP`` (the whole step forecast) of every order, age and spacing: the model's output
         extrapolated from its outputs ``n``, ``n + d``, ... steps earlier against the true one,
         relative to it (free: a Gram of the outputs, as for block forecasts)."""
-        sample = output.sample if hasattr(output, "sample") else output[0] if isinstance(output, tuple | list) \
-            else output
+        sample = model_sample(output)
         if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
             return
         t = self.step
-        acc = self.sums.setdefault(t, {k: np.zeros(s) for k, s in self.shape.items()})
+        acc = self._sums_at(t)
         norm = float(sample.detach().float().pow(2).sum()) or 1.0
         gram = self.grams.setdefault(("model", self.branch), _Gram((self.forecast_orders + 1) * self.max_age))
         gram.add(t, [sample.detach().float()])
@@ -449,7 +455,7 @@ class _Probe:
         t, key = self.step, (u, self.branch)
         res = {i: (y - x).float() for i, x, y in pairs}
         norm = sum(float(y.float().pow(2).sum()) for _, _, y in pairs) or 1.0
-        acc = self.sums.setdefault(t, {k: np.zeros(s) for k, s in self.shape.items()})
+        acc = self._sums_at(t)
         if u == 0:
             self.counts[t] = self.counts.get(t, 0) + 1
         hist = self.history.setdefault(key, {})
@@ -734,7 +740,7 @@ class _Guidance:
     def after(self, output: Any) -> None:
         if self.last is None:
             return
-        out = output.sample if hasattr(output, "sample") else output[0] if isinstance(output, tuple | list) else output
+        out = model_sample(output)
         if isinstance(out, torch.Tensor):
             self.last = (self.last[0], self.last[1], out.detach().double())
         else:

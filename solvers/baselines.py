@@ -178,16 +178,19 @@ def soda(problem: Problem, steps: int = 16, shares: tuple[float, ...] = (1.0, 0.
         warnings.warn("soda: the problem has no PRUNE family (no prunable block), so SODA is its caching DP "
                       "alone", UserWarning, stacklevel=2)
         return problem.to_plan(plain.actions, "soda", STATUS, time.perf_counter() - start)
+    def indices(plan: Plan) -> np.ndarray:
+        return np.array([[problem.actions.index(a) for a in row] for row in plan.actions])
+
     prunes = [i for i, a in enumerate(problem.actions) if a.kind is ActionKind.PRUNE]
     by_rate = sorted(range(len(prunes)), key=lambda k: problem.actions[prunes[k]].rate)
     lowest = cached.min_feasible_budget()
-    best: tuple[float, np.ndarray] | None = None
+    best = (problem.evaluate(plain.actions)[1], indices(plain))  # share 0 at the problem's budget
     for b in np.linspace(problem.budget, lowest, steps):
         try:
             base = dp.solve(cached.with_budget(max(float(b), lowest)))
         except InfeasibleBudgetError:
             continue
-        dp_choice = np.array([[problem.actions.index(a) for a in row] for row in base.actions])
+        dp_choice = indices(base)
         cells = []  # (t, u, age) of every reuse, least sensitive first
         for u in range(len(problem.units)):
             last = 0
@@ -208,11 +211,9 @@ def soda(problem: Problem, steps: int = 16, shares: tuple[float, ...] = (1.0, 0.
                         choice[t, u] = a
                         break
             flops, error = problem.evaluate(problem.grid(choice))
-            if problem.is_within_budget(flops) and (best is None or error < best[0]):
+            if problem.is_within_budget(flops) and error < best[0]:
                 best = (error, choice)
-    choice = best[1] if best is not None else np.array([[problem.actions.index(a) for a in row]
-                                                        for row in plain.actions])
-    return problem.to_plan(problem.grid(choice), "soda", STATUS, time.perf_counter() - start)
+    return problem.to_plan(problem.grid(best[1]), "soda", STATUS, time.perf_counter() - start)
 
 
 def _menu_index(problem: Problem, kind: ActionKind) -> int:
