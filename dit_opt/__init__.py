@@ -18,6 +18,7 @@ from dit_opt.errors import (
     NoBlocksFoundError,
 )
 from dit_opt.ir import BlockSpec, DiTGraph
+from dit_opt.pipelines import attach, restore
 from dit_opt.plan import Action, ActionKind, Plan, Unit
 from dit_opt.runtime import OptimizedTransformer
 from dit_opt.sensitivity import SensitivityProfile
@@ -29,6 +30,8 @@ __all__ = [
     "optimize",
     "profile",
     "load",
+    "attach",
+    "restore",
     "capture",
     "calibration_from_pipeline",
     "synthetic_calibration",

@@ -261,11 +261,18 @@ def optimize(
     """Optimise ``model`` to at most ``budget`` of its FLOPs per generation.
 
     Args:
-        model: a diffusers transformer (any class :func:`dit_opt.capture` supports).
+        model: a diffusers transformer (any class :func:`dit_opt.capture` supports), or a
+            diffusers pipeline with one: its transformer is optimised, calibrated with the
+            pipeline's own calls, and put in its place (:func:`dit_opt.attach`: every generation
+            then runs a plan for its own step count and schedule; :func:`dit_opt.restore` undoes
+            it).
         budget: FLOP fraction in (0, 1]; ``1.0`` computes everything (exact).
-        calibration: a callable that runs complete denoising loops with the module it is
-            given (``lambda m: (setattr(sampler, "transformer", m), sampler(class_labels=[0, 1]))``),
-            a list of such callables (one generation each, run in turn), recorded trajectories
+        calibration: for a pipeline, a dict of its call arguments (``dict(prompt=[...],
+            num_inference_steps=10, generator=...)``: the pipeline runs with them, its generators
+            re-seeded each run), or anything below. For a transformer: a callable that runs
+            complete denoising loops with the module it is given
+            (``lambda m: (setattr(sampler, "transformer", m), sampler(class_labels=[0, 1]))``), a list
+            of such callables (one generation each, run in turn), recorded trajectories
             (a list of per-call keyword dicts, see ``dit_opt.calibration.record_trajectories``), a
             profile saved earlier (object or directory), or ``None`` to self-calibrate on
             synthetic inputs (known diffusers classes; warns).
@@ -327,7 +334,15 @@ def optimize(
         >>> opt = dit_opt.optimize(sampler.transformer, budget=0.5, calibration=cal)
         >>> sampler.transformer = opt
         >>> print(opt.plan.summary())
+        >>> opt = dit_opt.optimize(pipe, budget=0.5, calibration=dict(prompt=["a cat", "a dog"]))
     """
+    from dit_opt import pipelines
+
+    if pipelines.is_pipeline(model):
+        # every argument as given, but the transformer and a calibration made of the pipeline
+        options = {k: v for k, v in locals().items() if k not in ("model", "pipelines")}
+        options["calibration"] = pipelines.pipeline_calibration(model, calibration)
+        return pipelines.attach(model, optimize(model.transformer, **options))
     budget = check_budget(budget)
     compile_mode(compile)
     explicit = actions is not DEFAULT_ACTIONS

@@ -165,14 +165,24 @@ SCHEDULE_FAMILIES = {
 def calibration_from_pipeline(pipe: Any, **call_kwargs: Any) -> Callable[[nn.Module], Any]:
     """A calibration that runs ``pipe(**call_kwargs)`` with the given module as its transformer.
 
-    The pipeline's own transformer is put back afterwards.
+    The pipeline's own transformer is put back afterwards. A ``generator`` among the arguments
+    (one ``torch.Generator`` or a list of them, the diffusers habit) is put back to its state of
+    now before every run, so that every run draws the same noise: ``optimize`` compares each
+    candidate plan with the full model on the same noise.
 
     Example:
-        >>> cal = calibration_from_pipeline(pipe, prompt=["a cat"] * 4, num_inference_steps=28)
+        >>> cal = calibration_from_pipeline(pipe, prompt=["a cat"] * 4, num_inference_steps=28,
+        ...                                 generator=torch.Generator().manual_seed(0))
         >>> opt = dit_opt.optimize(pipe.transformer, budget=0.5, calibration=cal)
     """
+    generators = call_kwargs.get("generator")
+    generators = [g for g in (generators if isinstance(generators, list | tuple) else [generators])
+                  if isinstance(g, torch.Generator)]
+    states = [g.get_state() for g in generators]
 
     def run(module: nn.Module) -> Any:
+        for g, state in zip(generators, states, strict=True):
+            g.set_state(state)
         original = pipe.transformer
         pipe.transformer = module
         try:

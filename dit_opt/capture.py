@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import io
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -196,7 +197,9 @@ def capture(
             exported = torch.export.export(
                 model, (), dict(example_inputs), strict=False, preserve_module_call_signature=names
             )
-            module = torch.export.unflatten(exported)
+            # torch 2.13's unflatten prints debugging lines ("Checking mutability ...") to stdout
+            with contextlib.redirect_stdout(io.StringIO()):
+                module = torch.export.unflatten(exported)
             _run_generated_code(module)
     except Exception as e:
         raise CaptureError(

@@ -55,3 +55,17 @@ class DistributedError(DitOptError):
 
 class RankFailedError(DistributedError):
     """Another rank raised while this one waited for it; the message names the rank and its error."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the caller's code: the first frame outside dit-opt's
+    packages and torch (a pipeline's or the user's call of the transformer), not the library
+    line that noticed, nor torch's ``Module.__call__`` between them."""
+    import sys
+    import warnings
+
+    inside = ("dit_opt", "passes", "solvers", "torch")
+    frame, level = sys._getframe(1), 2  # stacklevel 1 is this function, 2 its caller
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in inside:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

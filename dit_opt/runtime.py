@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dit_opt import errors, schedules
 from dit_opt.capture import context_parallel_config
 from dit_opt.errors import ConfigError, DitOptError, InputMismatchError
 from dit_opt.executor import half_rows, is_guidance_batch, narrow_block
@@ -157,9 +158,8 @@ class OptimizedTransformer(nn.Module):
         self.step_times: dict[str, float] = {}
         self.report: dict[str, Any] = {}
         self.selection: list = []
-        self._plans: dict[tuple[float, ...], Plan] = {}
-        if plan.timesteps is not None:
-            self._plans[tuple(plan.timesteps)] = plan
+        self._plans: dict[tuple[float, ...], Plan] = {}  # re-solved for other schedules
+        self._warned_guesses: set[tuple[float, ...]] = set()
         self._active = plan
         self._runners: dict[Any, _Runner] = {}
         self._narrowed: dict[tuple[str, float], nn.Module] = {}
@@ -168,6 +168,9 @@ class OptimizedTransformer(nn.Module):
         self._states: dict[Any, _BranchState] = {}
         self._context: str | None = None
         self._context_step: int | None = None
+        self._context_steps: int | None = None  # num_inference_steps a pipeline's cache_context gave
+        self._declared: tuple[float, ...] | None = None  # set_schedule's timesteps
+        self._loop_known = False  # whether the running loop's plan was chosen for its schedule
         self._ctx_trackers: dict[str, StepTracker] = {}
         self._stats = _Stats()
         self._first_t: float | None = None
@@ -213,14 +216,51 @@ class OptimizedTransformer(nn.Module):
             name: the branch (e.g. ``"cond"``, ``"uncond"``); each name tracks its own steps.
             step_index: the denoising step of the calls inside, where the pipeline gives it:
                 it decides the step (0 starts a new generation) in place of the timestep.
-            details: what else a pipeline passes (``sigma``, ``num_inference_steps``, ...); not used.
+            details: what else a pipeline passes. ``num_inference_steps``, where given, is the
+                loop's step count: a loop of another length than the calibrated one runs a plan
+                re-solved for it (its timesteps guessed from the calibrated schedule's shape
+                unless declared by :meth:`set_schedule`). The rest (``sigma``, ...) is not used.
         """
-        previous = self._context, self._context_step
+        previous = self._context, self._context_step, self._context_steps
+        steps = details.get("num_inference_steps")
         self._context, self._context_step = name, None if step_index is None else int(step_index)
+        self._context_steps = None if steps is None else int(steps)
         try:
             yield
         finally:
-            self._context, self._context_step = previous
+            self._context, self._context_step, self._context_steps = previous
+
+    def set_schedule(self, timesteps: Any) -> None:
+        """Declare the schedule of the generations that follow, so that each runs a plan made for
+        its loop (re-solved from the stored profile where it differs from the calibrated one).
+
+        :func:`dit_opt.attach` calls this whenever the pipeline's scheduler sets its timesteps;
+        call it yourself after ``pipe.scheduler.set_timesteps(...)`` when you put the module
+        into a pipeline by hand. Without it, a loop that is not the calibrated one is guessed
+        from its first two timesteps (``dit_opt.schedules.guess``), which can miss the step
+        count of shifted flow-matching schedules.
+
+        Args:
+            timesteps: the scheduler's timesteps (``pipe.scheduler.timesteps``), as the scheduler
+                holds them: a loop that starts inside them (image-to-image) and pipelines that
+                scale them for the transformer (Flux: ``t / 1000``) are found from each
+                generation's first call (``dit_opt.schedules.locate``). ``None`` forgets them.
+
+        Raises:
+            ConfigError: ``timesteps`` is not a non-empty sequence of finite numbers.
+        """
+        if timesteps is None:
+            self._declared = None
+            return
+        try:
+            values = np.asarray(timesteps.detach().cpu() if isinstance(timesteps, torch.Tensor) else
+                                [float(t) for t in timesteps], dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"set_schedule needs the scheduler's timesteps (e.g. pipe.scheduler.timesteps), "
+                              f"a sequence of numbers; got {type(timesteps).__name__}") from e
+        if values.size == 0 or not np.isfinite(values).all():
+            raise ConfigError(f"set_schedule needs a non-empty sequence of finite timesteps, got {values.tolist()[:8]}")
+        self._declared = tuple(float(t) for t in values)
 
     def reset(self) -> None:
         """Forget every cache: the next call starts a new generation."""
@@ -228,6 +268,7 @@ class OptimizedTransformer(nn.Module):
         self._states.clear()
         self._ctx_trackers.clear()
         self._first_t = None
+        self._loop_known = False
 
     def save(self, path: Any) -> Any:
         """Write the plan, profile, permutations and metadata to directory ``path`` (see :func:`dit_opt.load`)."""
@@ -354,11 +395,14 @@ class OptimizedTransformer(nn.Module):
                 raise InputMismatchError(f"{e} (This call was rejected; the optimised module is unchanged.)") from e
             runner = self._runners[key] = self._make_runner(graph)
         # only once the inputs fit: re-solving for another schedule can fail on its own
-        plan = self._plan_for_step(step, t, where.first_t)
+        plan, loop_known = self._plan_for_step(step, t, where.first_t)
         variants = runner.variants if plan is self.plan else self._variants_for(runner, plan)
         if step >= len(variants):
-            warnings.warn(f"step {step} is beyond the plan's {len(variants)} steps: computing it in full",
-                          stacklevel=3)
+            if step == len(variants):  # once per loop
+                errors.warn(f"dit-opt: this loop runs past its plan's {len(variants)} steps: step {step} and the "
+                            f"ones after it compute in full, above the FLOP budget. Declare the loop's schedule "
+                            f"(dit_opt.attach(pipe, opt) once, or opt.set_schedule(pipe.scheduler.timesteps) "
+                            f"before each call) so that it runs a plan made for all its steps")
             step_variant = None
         else:
             step_variant = variants[step]
@@ -398,7 +442,7 @@ class OptimizedTransformer(nn.Module):
             result = graph.unflatten_output(out)
         # the call ran: commit it
         where.commit()
-        self._active = plan
+        self._active, self._loop_known = plan, loop_known
         self._states[branch] = _BranchState(signature=key, cache=state)
         self._record(step, plan, step_variant)
         if not return_dict and hasattr(result, "to_tuple"):
@@ -446,30 +490,57 @@ class OptimizedTransformer(nn.Module):
             self._stats = _Stats(generations=self._stats.generations + 1)
             self._first_t = t
 
-    def _plan_for_step(self, step: int, t: float, first_t: float | None) -> Plan:
-        """The plan of the running loop: re-solved from the profile when its schedule differs
-        (the caller makes it the active one once the call has run)."""
+    def _plan_for_step(self, step: int, t: float, first_t: float | None) -> tuple[Plan, bool]:
+        """The plan of the running loop, and whether it was chosen for the loop's own schedule
+        (the caller makes both the active ones once the call has run): at the first step, the
+        plan for the declared schedule (:meth:`set_schedule`, or the step count a pipeline's
+        ``cache_context`` gives) where there is one; at the second, where none was declared
+        and the loop is not the calibrated one, the plan for the schedule guessed from its first
+        two timesteps. Plans for other schedules are re-solved from the profile."""
+        cal = None if self.plan.timesteps is None else np.asarray(self.plan.timesteps, dtype=np.float64)
         if step == 0:
-            return self.plan
-        if step == 1 and self.plan.timesteps is not None:
-            cal = np.asarray(self.plan.timesteps, dtype=np.float64)
+            if self._declared is not None:
+                loop = schedules.locate(self._declared, t)
+                if loop is not None:
+                    return self.plan_for_schedule(loop), True
+                errors.warn(f"dit-opt: the generation starts at timestep {t:g}, which is not in the schedule "
+                            f"declared by set_schedule ({len(self._declared)} timesteps from "
+                            f"{self._declared[0]:g}): its plan is guessed from its first timesteps. Call "
+                            f"opt.set_schedule(pipe.scheduler.timesteps) after the scheduler's set_timesteps, "
+                            f"or use dit_opt.attach(pipe, opt), which does it")
+            steps = self._context_steps
+            if steps is not None and cal is not None and steps != len(cal):
+                return self.plan_for_schedule(schedules.resample(cal, steps, first=t)), True
+            return self.plan, self._context_steps is not None
+        if step == 1 and not self._loop_known and cal is not None:
             t0 = first_t if first_t is not None else t
-            span = abs(cal[0] - cal[-1]) or 1.0
-            if abs(t0 - cal[0]) > 1e-3 * span or abs(t - cal[1]) > 1e-3 * span:
-                return self.plan_for_schedule(_estimate_schedule(t0, t, cal))
-            return self.plan
-        return self._active
+            if not schedules.same_schedule([t0, t], cal[:2]):
+                loop = schedules.guess(t0, t, cal)
+                if loop not in self._warned_guesses:
+                    self._warned_guesses.add(loop)
+                    errors.warn(
+                        f"dit-opt: this loop is not the calibrated one (its first timesteps {t0:g}, {t:g}; the "
+                        f"plan's {cal[0]:g}, {cal[1]:g}) and its schedule was not declared, so it runs a plan "
+                        f"re-solved for {len(loop)} steps guessed from those two timesteps. If the loop has "
+                        f"another length, its FLOPs miss the budget (shifted flow-matching schedules are not "
+                        f"guessed exactly). Declare the schedule: dit_opt.attach(pipe, opt) once, or "
+                        f"opt.set_schedule(pipe.scheduler.timesteps) before each call of the pipeline")
+                return self.plan_for_schedule(loop), False
+        return self._active, self._loop_known
 
     def plan_for_schedule(self, timesteps: Any) -> Plan:
         """The plan for another schedule, re-solved from the stored profile (no re-profiling).
 
         Args:
-            timesteps: the scheduler's timestep values (e.g. ``pipe.scheduler.timesteps``).
+            timesteps: the loop's timestep values as the transformer receives them (the plan's
+                own schedule gives the plan itself).
 
         Raises:
             DitOptError: no profile is stored with this module.
         """
         ts = tuple(round(float(t), 6) for t in timesteps)
+        if self.plan.timesteps is not None and schedules.same_schedule(ts, self.plan.timesteps):
+            return self.plan
         if ts in self._plans:
             return self._plans[ts]
         if self.profile is None:
@@ -478,11 +549,16 @@ class OptimizedTransformer(nn.Module):
                 f"sensitivity profile is stored to re-solve it; optimise again or save/load with the profile"
             )
         from solvers import solve, solver_defaults
+        from solvers.fill import fill
 
         # the same granularity as the plan: the caches step 0 wrote are the plan's units'
         granularity = "module" if any(u.role is not None for u in self.plan.units) else "block"
         problem = self.profile.to_problem(self.plan.budget, timesteps=ts, granularity=granularity)
+        # what the solver leaves of the budget filled where the modelled error falls (as
+        # optimize's candidates are): on a longer loop than calibrated CP-SAT can stop well below it
         plan = solve(problem, self.solver, **solver_defaults(self.solver, self.solver_options))
+        if self.solver in ("cpsat", "dp"):  # (a baseline's plan is its rule's, as published)
+            plan = fill(problem, plan)
         self._plans[ts] = plan
         return plan
 
@@ -662,12 +738,3 @@ def _is_block(mod: nn.Module) -> bool:
     # Blocks (original or narrowed) are the only diffusers modules a variant calls directly;
     # the pre/post-processing it calls are torch.export InterpreterModules (or containers).
     return not type(mod).__module__.startswith("torch.") and not hasattr(mod, "graph")
-
-
-def _estimate_schedule(t0: float, t1: float, calibrated: np.ndarray) -> tuple[float, ...]:
-    """A schedule from its first two timesteps, ending where the calibrated one ends."""
-    end = float(calibrated[-1])
-    stride = abs(t1 - t0) or 1.0
-    n = max(2, int(round(abs(t0 - end) / stride)) + 1)
-    return tuple(float(x) for x in np.linspace(t0, end, n))
-

@@ -7,6 +7,8 @@ denoising steps: use the reference models in :mod:`dit_opt.zoo` for fidelity.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -14,8 +16,8 @@ from torch import nn
 
 from dit_opt.synthetic import example_inputs
 
-__all__ = ["TINY_CONFIGS", "assert_export_replays", "record_inputs", "record_outputs", "tiny_model", "tiny_names",
-           "unbudgeted_plan"]
+__all__ = ["TINY_CONFIGS", "assert_export_replays", "counted_flops", "record_inputs", "record_outputs", "tiny_model",
+           "tiny_names", "unbudgeted_plan"]
 
 #: name -> (diffusers class name, config kwargs, expected block counts per list)
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, int]]] = {
@@ -74,12 +76,13 @@ def tiny_names() -> list[str]:
     return list(TINY_CONFIGS)
 
 
-def tiny_model(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
+def tiny_model(name: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, dict[str, Any]]:
     """A tiny randomly initialised model and example inputs for one forward (batch 2).
 
     Args:
         name: one of :func:`tiny_names` (``"dit"``, ``"pixart"``, ``"sd3"``, ``"flux"``, ...).
         seed: seed of the weights and the inputs.
+        overrides: config entries to change (e.g. ``num_embeds_ada_norm=1000``).
 
     Returns:
         ``(model in eval mode, example inputs)``.
@@ -93,7 +96,7 @@ def tiny_model(name: str, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
 
     cls_name, cfg, _ = TINY_CONFIGS[name]
     torch.manual_seed(seed)
-    model = getattr(diffusers, cls_name)(**cfg).eval()
+    model = getattr(diffusers, cls_name)(**{**cfg, **overrides}).eval()
     # adaLN-Zero initialises the gates to zero, which makes a fresh block an identity and
     # hides every bug; perturb all weights so each block really computes something.
     with torch.no_grad():
@@ -157,3 +160,39 @@ def record_inputs(calibration: Any, module: Any, hooked: Any) -> list:
     rewritten run with the original one."""
     return _recorded(calibration, module, hooked, "register_forward_pre_hook", lambda m, args, kwargs: next(
         a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() == 3).clone())
+
+
+@contextlib.contextmanager
+def counted_flops(module: nn.Module) -> Iterator[list[int]]:
+    """Count the FLOPs of ``module``'s own calls (``torch.utils.flop_counter``, attention
+    included) while the block runs, e.g. a transformer's inside a whole pipeline call (its text
+    encoders and VAE not counted): yields a one-element list holding the running total.
+
+    Example:
+        >>> with counted_flops(pipe.transformer) as flops:
+        ...     pipe(**call)
+        >>> flops[0]
+    """
+    from dit_opt.flops import flop_counter
+
+    total, active = [0], []
+
+    def enter(mod: nn.Module, args: Any, kwargs: Any) -> None:
+        counter = flop_counter()
+        counter.__enter__()
+        active.append(counter)
+
+    def leave(mod: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        counter = active.pop()
+        counter.__exit__(None, None, None)
+        total[0] += int(counter.get_total_flops())
+
+    handles = [module.register_forward_pre_hook(enter, with_kwargs=True),
+               module.register_forward_hook(leave, with_kwargs=True)]
+    try:
+        yield total
+    finally:
+        for h in handles:
+            h.remove()
+        while active:  # a call that raised never reached its forward hook
+            active.pop().__exit__(None, None, None)

@@ -1,0 +1,213 @@
+"""dit-opt inside real diffusers pipelines (tiny ones, built offline): the one-call entry, the
+schedule the pipeline sets, any step count, and calibration runs on the same noise."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import dit_opt
+from dit_opt import schedules
+from dit_opt.errors import ConfigError
+from dit_opt.testing import counted_flops
+from dit_opt.tiny_pipelines import tiny_pipeline
+
+pytest.importorskip("transformers")
+
+CALIBRATION_STEPS = 10
+BUDGET = 0.5
+
+
+def _images(pipe, call, seed=0):
+    out = pipe(**dict(call, generator=torch.Generator().manual_seed(seed))).images
+    return torch.as_tensor(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
+
+
+@pytest.fixture(scope="module", params=["dit", "sd3"])
+def attached(request):
+    """(pipe, default call, original transformer, its images and FLOPs at the default step
+    count, the optimised module), optimised at 10 steps through ``dit_opt.optimize(pipe, ...)``."""
+    pipe, call = tiny_pipeline(request.param)
+    original = pipe.transformer
+    with counted_flops(original) as flops:
+        full = _images(pipe, call)
+    calibration = dict(call, num_inference_steps=CALIBRATION_STEPS, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dit_opt.optimize(pipe, budget=BUDGET, calibration=calibration, compile=False, progress=False)
+    yield pipe, call, original, full, flops[0], opt
+    if pipe.transformer is opt:
+        dit_opt.restore(pipe)
+
+
+def test_optimize_pipe_attaches_and_holds_the_budget_at_the_default_step_count(attached):
+    """Calibrated at 10 steps, run at the pipeline's default (50 DDIM, 28 shifted flow-matching
+    steps): the counted transformer FLOPs stay within the budget, and nothing warns. (SD3 used to
+    spend 0.625 of the FLOPs at budget 0.5: its schedule was guessed as a uniform grid.)"""
+    pipe, call, original, full, full_flops, opt = attached
+    assert pipe.transformer is opt and opt.model is original
+    assert opt.plan.num_steps == CALIBRATION_STEPS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with counted_flops(pipe.transformer) as flops:
+            images = _images(pipe, call)
+    assert flops[0] <= (BUDGET + 0.01) * full_flops
+    assert flops[0] >= (BUDGET - 0.1) * full_flops  # the budget is spent, not left on the table
+    assert opt._active.num_steps == call["num_inference_steps"]
+    assert torch.isfinite(images).all() and images.shape == full.shape
+    assert torch.equal(_images(pipe, call), images)  # the same call twice: the same images
+
+
+def test_restore_puts_the_original_back_untouched(attached):
+    pipe, call, original, full, _, opt = attached
+    dit_opt.restore(pipe)
+    try:
+        assert pipe.transformer is original
+        assert "set_timesteps" not in vars(pipe.scheduler)
+        assert torch.equal(_images(pipe, call), full)
+        with pytest.raises(ConfigError, match="nothing to restore"):
+            dit_opt.restore(pipe)
+    finally:
+        dit_opt.attach(pipe, opt)
+
+
+def test_put_in_by_hand_warns_at_the_pipeline_with_the_fix(attached):
+    """``pipe.transformer = opt`` without attach: a loop that is not the calibrated one is
+    guessed, and the warning points at the pipeline's call of the transformer (not torch) and
+    names the fix; declaring the schedule by hand then silences it."""
+    pipe, call, original, _, full_flops, opt = attached
+    dit_opt.restore(pipe)
+    try:
+        pipe.transformer = opt
+        opt.set_schedule(None)
+        with pytest.warns(UserWarning, match=r"dit_opt.attach\(pipe, opt\)") as caught:
+            _images(pipe, call)
+        mine = [w for w in caught if "dit-opt" in str(w.message)]
+        assert mine and all("diffusers/pipelines" in w.filename.replace("\\", "/") for w in mine)
+        pipe.scheduler.set_timesteps(call["num_inference_steps"])
+        opt.set_schedule(pipe.scheduler.timesteps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with counted_flops(opt) as flops:
+                _images(pipe, call)
+        assert flops[0] <= (BUDGET + 0.01) * full_flops
+    finally:
+        pipe.transformer = original
+        opt.set_schedule(None)
+        dit_opt.attach(pipe, opt)
+
+
+def test_budget_one_is_exact_inside_the_pipeline():
+    pipe, call = tiny_pipeline("sd3", seed=3)
+    call = dict(call, num_inference_steps=6)
+    full = _images(pipe, call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dit_opt.optimize(pipe, budget=1.0, calibration=dict(call, num_inference_steps=4), compile=False,
+                         progress=False)
+    torch.testing.assert_close(_images(pipe, call), full, atol=1e-5, rtol=0)
+    dit_opt.restore(pipe)
+
+
+def test_calibration_from_pipeline_reseeds_its_generator():
+    """Each calibration run draws the same noise (one generator was consumed across runs, so
+    each candidate plan was compared with the full model on other noise)."""
+    pipe, call = tiny_pipeline("sd3")
+    call = dict(call, num_inference_steps=3, generator=torch.Generator().manual_seed(5))
+    cal = dit_opt.calibration_from_pipeline(pipe, **call)
+    first, second = cal(pipe.transformer).images, cal(pipe.transformer).images
+    assert torch.equal(first, second)
+    lists = dit_opt.calibration_from_pipeline(pipe, **dict(call, generator=[torch.Generator().manual_seed(i)
+                                                                             for i in range(2)]))
+    assert torch.equal(lists(pipe.transformer).images, lists(pipe.transformer).images)
+
+
+def test_pipeline_entry_errors(attached):
+    pipe, call, original, *_ = attached
+    with pytest.raises(ConfigError, match=r"calibration=dict\(prompt="):
+        dit_opt.optimize(pipe, budget=0.5)
+    with pytest.raises(ConfigError, match="diffusers pipeline"):
+        dit_opt.attach(original, original)
+    with pytest.raises(ConfigError, match="optimised module of this pipeline's transformer"):
+        other, _ = tiny_pipeline("sd3", seed=7)
+        dit_opt.attach(other, pipe.transformer)
+
+
+# ---- schedules -------------------------------------------------------------------------------
+def test_locate_finds_the_loop_in_the_declared_schedule():
+    declared = [1000.0, 800.0, 600.0, 400.0]
+    assert schedules.locate(declared, 1000.0) == (1000.0, 800.0, 600.0, 400.0)
+    assert schedules.locate(declared, 0.6) == (0.6, 0.4)  # Flux: t / 1000, a loop from the third step
+    assert np.allclose(schedules.locate(declared, 0.2), (0.2, 0.4, 0.6))  # Lumina2: 1 - t / 1000
+    assert schedules.locate(declared, 123.0) is None
+
+
+def test_guess_is_exact_for_ddim_and_near_for_shifted_flow_matching():
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    ddim = DDIMScheduler()
+    ddim.set_timesteps(10)
+    calibrated = ddim.timesteps.tolist()
+    for n in (7, 25, 50):
+        ddim.set_timesteps(n)
+        ts = ddim.timesteps.tolist()
+        assert schedules.same_schedule(schedules.guess(ts[0], ts[1], calibrated), ts)
+    flow = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    flow.set_timesteps(10)
+    calibrated = flow.timesteps.tolist()
+    flow.set_timesteps(28)
+    ts = flow.timesteps.tolist()
+    assert abs(len(schedules.guess(ts[0], ts[1], calibrated)) - 28) <= 2
+    assert len(schedules.guess(ts[0], ts[1], calibrated, num_steps=28)) == 28
+
+
+def test_set_schedule_checks_its_input(profiled):
+    model, _, prof = profiled("dit", CALIBRATION_STEPS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dit_opt.optimize(model, budget=0.5, calibration=prof, compile=False, progress=False)
+    for bad in ([], [1.0, float("nan")], "abc", object()):
+        with pytest.raises(ConfigError, match="set_schedule"):
+            opt.set_schedule(bad)
+
+
+def _loop(opt, timesteps, context_steps=None):
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            if context_steps is None:
+                out = opt(hidden_states=x, timestep=torch.full((2,), float(t)), class_labels=labels).sample
+            else:
+                with opt.cache_context("cond", step_index=i, num_inference_steps=context_steps):
+                    out = opt(hidden_states=x, timestep=torch.full((2,), float(t)), class_labels=labels).sample
+            x = x - 0.01 * out[:, :4]
+    return x
+
+
+def test_a_loop_inside_its_declared_schedule_and_a_pipeline_given_step_count(profiled):
+    """Image-to-image loops start inside the schedule the scheduler set; pipelines that pass
+    ``num_inference_steps`` to ``cache_context`` give the loop's length: either way the loop runs
+    a plan for all its steps, within the budget, without a warning."""
+    from diffusers import DDIMScheduler
+
+    model, _, prof = profiled("dit", CALIBRATION_STEPS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dit_opt.optimize(model, budget=0.5, calibration=prof, compile=False, progress=False)
+    sched = DDIMScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(20)
+    opt.set_schedule(sched.timesteps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _loop(opt, sched.timesteps[8:])
+        assert opt._active.num_steps == 12
+        assert sum(s["flops"] for s in opt.stats()["steps"]) <= 0.5 * opt._active.full_flops * (1 + 1e-9)
+        opt.set_schedule(None)
+        opt.reset()
+        sched.set_timesteps(16)
+        _loop(opt, sched.timesteps, context_steps=16)
+        assert opt._active.num_steps == 16
