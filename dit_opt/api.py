@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dit_opt import errors
 from dit_opt.artifacts import ARTIFACT_VERSION, check_model, read, save
 from dit_opt.calibration import Generations, guarded, raised_by_calibration
 from dit_opt.errors import ConfigError, DitOptError, InputMismatchError
@@ -376,7 +377,7 @@ def optimize(
             return
         from dit_opt import profile_cache as kept
         from dit_opt.fingerprint import model_fingerprint
-        from dit_opt.selection import measure_outputs
+        from dit_opt.selection import measure_outputs, repeat_error
 
         fingerprint = model_fingerprint(model)
         measure = {"max_age": max_age, "prune_rates": prune_rates, "widths": widths, "probe_rows": 4,
@@ -390,16 +391,23 @@ def optimize(
             ctx["profile"], ctx["reference"] = hit.profile, hit.reference
             return
         reference: list = []
+        repeated: list = []
 
         def recording(m: nn.Module) -> Any:
             # the profile's first run is plain: its outputs are the selection's reference too
             if not reference:
                 reference.append(measure_outputs(cal, m))
                 return None
+            if not repeated:
+                # its next run follows the full model as well (the measurements are on the side):
+                # whether the calibration repeats itself, which comparing plans on it needs
+                repeated.append(repeat_error(measure_outputs(cal, m), reference[0]))
+                return None
             return cal(m)
 
         ctx["profile"] = _measure(ctx["graph"], recording, **measure, progress=progress, fingerprint=fingerprint)
         ctx["reference"] = reference[0] if reference else None
+        ctx["repeat_error"] = repeated[0] if repeated else None
         kept.store(kept.CachedProfile(ctx["profile"], ctx["reference"]), fingerprint, cal, ctx["inputs"], settings,
                    profile_cache)
 
@@ -430,10 +438,18 @@ def optimize(
             ctx["candidates"] = candidate_plans(problem, ctx["plan"], run_solver, module_problem, run_solver)
 
     def do_select() -> None:
-        from dit_opt.selection import select_plan
+        from dit_opt.selection import is_repeatable, select_plan
 
         ctx["selection"] = []
         if ctx["select_with"] is None or len(ctx["candidates"]) < 2:
+            return
+        if ctx["select_with"] is ctx["calibration"] and not is_repeatable(ctx.get("repeat_error")):
+            errors.warn(
+                f"dit-opt: two runs of the full model through the calibration differ (relative error "
+                f"{ctx['repeat_error']:.3g}), so comparing plans on it would compare noise: the solver's plan is kept "
+                f"without measuring the {len(ctx['candidates'])} candidates. Make the calibration draw the same noise "
+                f"every run: seed its generator inside it, or pass generator=torch.Generator().manual_seed(0) to "
+                f"calibration_from_pipeline (which re-seeds it per run)")
             return
 
         def build(plan: Plan) -> OptimizedTransformer:

@@ -40,7 +40,13 @@ from dit_opt.executor import model_sample
 from dit_opt.plan import Plan
 from dit_opt.sensitivity import SHORT_MAX_AGE
 
-__all__ = ["Candidate", "candidate_plans", "measure_outputs", "relative_error", "select_plan"]
+__all__ = ["REPEAT_TOLERANCE", "Candidate", "candidate_plans", "is_repeatable", "measure_outputs", "relative_error",
+           "repeat_error", "select_plan"]
+
+#: Largest relative error between two runs of the full model through a calibration for its
+#: comparisons of plans to be trusted (a repeatable calibration gives 0, or float noise; the
+#: candidates' errors are 1e-6 and up).
+REPEAT_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -195,6 +201,21 @@ def relative_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> 
     if group is not None:  # each rank ran its share of the generations: the error of all of them
         num, den = group.all_sum([num, den]).tolist()
     return num / max(den, 1e-30)
+
+
+def repeat_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    """The relative error of a second run of the full model against the first (:func:`relative_error`),
+    ``inf`` when the two runs returned different numbers or shapes of outputs."""
+    try:
+        return relative_error(got, ref)
+    except ValueError:
+        return float("inf")
+
+
+def is_repeatable(error: float | None) -> bool:
+    """Whether a calibration whose two full-model runs differ by ``error`` (``None``: not
+    measured) can rank plans."""
+    return error is None or error <= REPEAT_TOLERANCE
 
 
 def select_plan(

@@ -74,8 +74,11 @@ def solve(problem: Problem, solver: str = "cpsat", **options: Any) -> Plan:
 def solver_defaults(solver: str, options: dict[str, Any] | None) -> dict[str, Any]:
     """``options`` completed with the defaults dit-opt solves with.
 
-    CP-SAT stops within 0.5 % of its proven bound and after 10 s unless told otherwise: proving
-    exactness costs seconds and changes the plan's modelled error by less than the gap.
+    CP-SAT stops within 0.5 % of its proven bound and after 2 deterministic seconds (its count of
+    work done, the same on every machine: the plan is reproducible) unless told otherwise:
+    proving exactness costs seconds and changes the plan's modelled error by less than the gap.
+    (Against the wall-clock portfolio it replaced, 10 s on 2 cores, the plans of ``digits-dit``
+    at budgets 0.7 to 0.2 have the same modelled error to within 0.5 %.)
 
     Example:
         >>> solver_defaults("cpsat", {"time_limit_s": 2.0})
@@ -84,5 +87,5 @@ def solver_defaults(solver: str, options: dict[str, Any] | None) -> dict[str, An
     out = dict(options or {})
     if solver == "cpsat":
         out.setdefault("relative_gap", 0.005)
-        out.setdefault("time_limit_s", 10.0)
+        out.setdefault("time_limit_s", 2.0)
     return out

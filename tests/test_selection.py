@@ -170,3 +170,33 @@ def test_low_budgets_also_measure_the_uniform_rule_within_the_short_age_limit(ti
     plans = candidate_plans(prof.to_problem(LONG_CACHE_BUDGET), solve(prof.to_problem(LONG_CACHE_BUDGET), "fora"),
                             module_problem=high)
     assert not any("short" in p.solver for p in plans)
+
+
+def test_a_calibration_that_does_not_repeat_itself_ranks_no_plans():
+    """Two full-model runs through the calibration are compared before plans are (the profile's
+    second run is one, at no cost): fresh noise every run, as an unseeded generator gives, would
+    rank the candidates by noise. The solver's plan is kept, with a warning naming the fix; a
+    repeatable calibration measures the candidates."""
+    from dit_opt.testing import tiny_model
+
+    model, _ = tiny_model("dit")
+
+    def loop(seed):
+        def run(module):
+            g = torch.Generator().manual_seed(seed) if seed is not None else None
+            x = torch.randn(2, 4, 8, 8, generator=g)
+            with torch.no_grad():
+                for t in (900, 700, 500, 300, 100):
+                    out = module(hidden_states=x, timestep=torch.tensor([t, t]), class_labels=torch.tensor([1, 2]))
+                    x = x - 0.1 * out.sample[:, :4]
+            return x
+        return run
+
+    with pytest.warns(UserWarning, match="seed its generator") as caught:
+        noisy = dit_opt.optimize(model, 0.7, calibration=loop(None), compile=False, progress=False)
+    assert noisy.selection == [] and noisy.plan.solver.startswith("cpsat")
+    assert any(w.filename == __file__ for w in caught if "dit-opt" in str(w.message))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seeded = dit_opt.optimize(model, 0.7, calibration=loop(0), compile=False, progress=False)
+    assert len(seeded.selection) >= 2

@@ -328,3 +328,39 @@ def test_baseline_without_its_family_says_so() -> None:
     problem = make_problem(2, 4, 2, 2, 0.9).restrict([ActionKind.SKIP])
     with pytest.raises(ConfigError, match="REUSE action family"):
         baselines.fora(problem)
+
+
+_SOLVE_IN_A_PROCESS = """
+import sys
+import numpy as np
+from dit_opt.plan import Unit
+from solvers import cpsat
+from solvers.problem import Problem
+T, U, M = 40, 12, 4
+rng = np.random.default_rng(0)
+scale = rng.uniform(0.5, 2.0, size=(T, U, 1))
+e_reuse = scale * np.arange(M + 1)[None, None, :] ** 1.5 * rng.uniform(0.8, 1.2, size=(T, U, M + 1))
+problem = Problem(units=tuple(Unit("blocks", i) for i in range(U)), num_steps=T, max_age=M, budget=0.4,
+                  flops_compute=rng.uniform(5, 15, size=(T, U)), e_reuse=e_reuse, flops_reuse=np.zeros((T, U)),
+                  e_skip=rng.uniform(1, 4, size=(T, U)), widths=(0.5,), e_width=rng.uniform(0.2, 2, size=(T, U, 1)),
+                  flops_width=rng.uniform(2, 7, size=(T, U, 1)))
+plan = cpsat.solve(problem, time_limit_s=0.3, num_workers=int(sys.argv[1]))
+print(plan.status, repr(plan.predicted_error), [[str(a) for a in row] for row in plan.actions])
+"""
+
+
+def test_cpsat_gives_the_same_plan_in_every_process():
+    """CP-SAT stopped by its time limit (not by proving the optimum) returns the same plan in two
+    processes with other worker counts, hash seeds and load: its limit is deterministic time."""
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for workers, seed in ((2, "1"), (1, "2")):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        run = subprocess.run([sys.executable, "-c", _SOLVE_IN_A_PROCESS, str(workers)], capture_output=True,
+                             text=True, env=env, timeout=300, check=True)
+        outs.append(run.stdout)
+    assert outs[0].startswith("FEASIBLE")  # the limit stopped the search: what a wall clock would make vary
+    assert outs[0] == outs[1]
