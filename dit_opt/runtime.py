@@ -115,6 +115,12 @@ class _Located:
 class _Stats:
     steps: list[dict[str, Any]] = field(default_factory=list)
     generations: int = 0
+    extra_calls: int = 0
+
+
+#: Forward arguments with which a pipeline leaves blocks out of a call on purpose (SD3's
+#: skip-layer guidance: ``skip_layers``). Such a call runs the model as it is, outside the plan.
+SKIPPING_ARGUMENTS = ("skip_layers",)
 
 
 class OptimizedTransformer(nn.Module):
@@ -317,7 +323,8 @@ class OptimizedTransformer(nn.Module):
 
     def stats(self) -> dict[str, Any]:
         """After a generation: per step the actions that ran, modelled FLOPs (the glue's included)
-        and cache memory held."""
+        and cache memory held; ``extra_calls``, the calls that ran the model as it is, outside
+        the plan (skip-layer guidance's, :data:`SKIPPING_ARGUMENTS`), not in ``flop_fraction``."""
         steps = self._stats.steps
         plan = self._active
         spent = sum(s["flops"] for s in steps)
@@ -327,6 +334,7 @@ class OptimizedTransformer(nn.Module):
             "steps": steps,
             "flop_fraction": spent / full if steps else None,
             "cache_bytes": self.cache_bytes(),
+            "extra_calls": self._stats.extra_calls,
         }
 
     def explain(self, step: int) -> Any:
@@ -383,6 +391,13 @@ class OptimizedTransformer(nn.Module):
                                      f"the optimised module is unchanged") from e
         named.pop("return_dict", None)
         inputs = {k: v for k, v in named.items() if v is not None}
+        skipped = [k for k in SKIPPING_ARGUMENTS if inputs.get(k) is not None and len(inputs[k]) > 0]
+        if skipped:
+            # a call with blocks left out on purpose (skip-layer guidance's extra call in a step):
+            # the model as it is, with no step counted and no cache read or written
+            self._stats.extra_calls += 1
+            with torch.no_grad():
+                return self.model(*args, return_dict=return_dict, **kwargs)
         t = timestep_value(inputs.get("timestep", 0.0))
         where = self._locate(t, inputs)
         step, branch = where.step, where.branch

@@ -83,9 +83,10 @@ def solve(
         deterministic: the same plan in every process and on every machine: the workers'
             search interleaved in fixed batches (CP-SAT's ``interleave_search``) and
             ``time_limit_s`` counted in CP-SAT's deterministic time (work done, not seconds: on
-            2 shared cores one deterministic second took 0.2 to 7 wall seconds), with a wall-clock stop at ``WALL_CLOCK_FACTOR`` times it as
-            a safeguard only. ``False``: parallel portfolio workers under a wall-clock limit
-            (what stops them depends on the machine's load).
+            2 shared cores one deterministic second took 0.2 to 7 wall seconds), with a
+            wall-clock stop at ``WALL_CLOCK_FACTOR`` times it as a safeguard only. ``False``:
+            parallel portfolio workers under a wall-clock limit (what stops them depends on the
+            machine's load).
 
     Returns:
         The plan; ``status`` is ``OPTIMAL`` or ``FEASIBLE`` and ``gap`` the relative gap.

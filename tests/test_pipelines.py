@@ -211,3 +211,21 @@ def test_a_loop_inside_its_declared_schedule_and_a_pipeline_given_step_count(pro
         sched.set_timesteps(16)
         _loop(opt, sched.timesteps, context_steps=16)
         assert opt._active.num_steps == 16
+
+
+def test_skip_layer_guidance_calls_run_the_model_as_it_is():
+    """SD3's skip-layer guidance calls the transformer a third time in a step with a block left
+    out (``skip_layers``): that call runs the model as it is, outside the plan (it used to start a
+    new capture that failed with NoBlocksFoundError), and the plan's steps go on."""
+    pipe, call = tiny_pipeline("sd3")
+    call = dict(call, num_inference_steps=10, skip_guidance_layers=[1])
+    full = _images(pipe, call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dit_opt.optimize(pipe, budget=BUDGET, calibration=dict(call, skip_guidance_layers=None),
+                               compile=False, progress=False)
+    images = _images(pipe, call)
+    stats = opt.stats()
+    dit_opt.restore(pipe)
+    assert stats["extra_calls"] > 0 and len(stats["steps"]) == 10
+    assert float(((images - full) ** 2).mean()) < 1e-3 * float((full ** 2).mean())
