@@ -166,6 +166,7 @@ class OptimizedTransformer(nn.Module):
         self.selection: list = []
         self._plans: dict[tuple[float, ...], Plan] = {}  # re-solved for other schedules
         self._warned_guesses: set[tuple[float, ...]] = set()
+        self._warned_past = -1  # the generation last warned of running past its plan
         self._active = plan
         self._runners: dict[Any, _Runner] = {}
         self._narrowed: dict[tuple[str, float], nn.Module] = {}
@@ -413,7 +414,8 @@ class OptimizedTransformer(nn.Module):
         plan, loop_known = self._plan_for_step(step, t, where.first_t)
         variants = runner.variants if plan is self.plan else self._variants_for(runner, plan)
         if step >= len(variants):
-            if step == len(variants):  # once per loop
+            if self._warned_past != self._stats.generations:  # once per generation
+                self._warned_past = self._stats.generations
                 errors.warn(f"dit-opt: this loop runs past its plan's {len(variants)} steps: step {step} and the "
                             f"ones after it compute in full, above the FLOP budget. Declare the loop's schedule "
                             f"(dit_opt.attach(pipe, opt) once, or opt.set_schedule(pipe.scheduler.timesteps) "

@@ -2,8 +2,9 @@
 
 Each is the diffusers pipeline class itself, with the tiny transformer of
 :func:`dit_opt.testing.tiny_model`, a one-level VAE, and, where the pipeline encodes text, tiny
-CLIP text encoders made from configs and a CLIP tokenizer written here (a character vocabulary,
-no merges): nothing is downloaded. Text encoders need ``transformers`` (in the ``test`` extra).
+CLIP and T5 text encoders made from configs, with tokenizers written here (CLIP: a character
+vocabulary, no merges; T5: a unigram model over characters): nothing is downloaded. Text
+encoders need ``transformers`` (in the ``test`` extra).
 
 Example:
     >>> pipe, call = tiny_pipeline("sd3")
@@ -27,6 +28,9 @@ __all__ = ["PIPELINES", "tiny_pipeline"]
 PIPELINES = {
     "dit": "DiTPipeline: class-conditional, DDIM, classifier-free guidance batched",
     "sd3": "StableDiffusion3Pipeline: two CLIP text encoders (no T5), shifted flow matching, guidance batched",
+    "pixart": "PixArtSigmaPipeline: a T5 text encoder, DPM-Solver++, guidance batched",
+    "flux": "FluxPipeline: CLIP and T5 text encoders, flow matching shifted by the image size, no guidance batch",
+    "flux-cfg": "FluxPipeline with true CFG (a negative prompt): the two branches called apart, in cache_context",
 }
 
 
@@ -46,7 +50,8 @@ def tiny_pipeline(name: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
     from diffusers import AutoencoderKL
 
     # DiTPipeline's unconditional label is class 1000, as in the ImageNet models
-    transformer, _ = tiny_model(name, seed=seed, **({"num_embeds_ada_norm": 1000} if name == "dit" else {}))
+    transformer, _ = tiny_model(name.split("-")[0], seed=seed,
+                                **({"num_embeds_ada_norm": 1000} if name == "dit" else {}))
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), latent_channels=4,
@@ -58,7 +63,7 @@ def tiny_pipeline(name: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
         pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(),
                            id2label={i: f"class{i}" for i in range(10)})
         call = dict(class_labels=[1, 2], num_inference_steps=50, generator=generator, output_type="np")
-    else:
+    elif name == "sd3":
         from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
         tokenizer, encoders = _clip_text_encoders(2, seed)
@@ -68,27 +73,72 @@ def tiny_pipeline(name: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
             text_encoder_3=None, tokenizer_3=None)
         call = dict(prompt=["a cat", "a dog"], num_inference_steps=28, height=16, width=16, max_sequence_length=8,
                     generator=generator, output_type="pt")
+    elif name == "pixart":
+        from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+        tokenizer, encoder = _t5_text_encoder(transformer.config.caption_channels, seed)
+        pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
+                                   scheduler=DPMSolverMultistepScheduler())
+        call = dict(prompt=["a cat", "a dog"], num_inference_steps=20, height=8, width=8, max_sequence_length=8,
+                    clean_caption=False, use_resolution_binning=False, generator=generator, output_type="pt")
+    else:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        clip, clip_encoders = _clip_text_encoders(1, seed, hidden=transformer.config.pooled_projection_dim,
+                                                  projection=False)
+        t5, t5_encoder = _t5_text_encoder(transformer.config.joint_attention_dim, seed)
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=256, max_image_seq_len=4096)
+        pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip_encoders[0], tokenizer=clip,
+                            text_encoder_2=t5_encoder, tokenizer_2=t5, transformer=transformer)
+        call = dict(prompt=["a cat", "a dog"], num_inference_steps=28, height=8, width=8, max_sequence_length=8,
+                    guidance_scale=1.0, generator=generator, output_type="pt")
+        if name == "flux-cfg":
+            call.update(negative_prompt=["blurry", "dark"], true_cfg_scale=4.0)
     pipe.set_progress_bar_config(disable=True)
     return pipe, call
 
 
-def _clip_text_encoders(n: int, seed: int) -> tuple[Any, list[Any]]:
-    """A CLIP tokenizer over single characters and ``n`` tiny CLIP text encoders with projections."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+def _clip_text_encoders(n: int, seed: int, hidden: int = 16, projection: bool = True) -> tuple[Any, list[Any]]:
+    """A CLIP tokenizer over single characters and ``n`` tiny CLIP text encoders (with
+    projections of size ``hidden``, or, without, pooling to ``hidden``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
+    for c in CHARACTERS:
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
     folder = Path(tempfile.mkdtemp(prefix="dit_opt_clip_"))
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=77, projection_dim=16, bos_token_id=0,
-                            eos_token_id=1, pad_token_id=1)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                            projection_dim=hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     encoders = []
     for i in range(n):
         torch.manual_seed(seed + 1 + i)
-        encoders.append(CLIPTextModelWithProjection(config).eval())
+        encoders.append((CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval())
     return tokenizer, encoders
+
+
+def _t5_text_encoder(width: int, seed: int) -> tuple[Any, Any]:
+    """A T5 tokenizer (a unigram model over single characters, built with ``tokenizers``) and a
+    one-layer T5 encoder of ``width`` channels."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "\u2581" + CHARACTERS]
+    model = Tokenizer(models.Unigram(vocab, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    tokenizer = T5TokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0, model_max_length=64)
+    torch.manual_seed(seed + 11)
+    config = T5Config(vocab_size=len(vocab), d_model=width, d_kv=16, d_ff=2 * width, num_layers=1, num_heads=2,
+                      relative_attention_num_buckets=8)
+    return tokenizer, T5EncoderModel(config).eval()
+
+
+#: The characters the tiny tokenizers know.
+CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
