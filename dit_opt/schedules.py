@@ -13,9 +13,9 @@ Wan, ...), divided by 1000 (Flux) or as ``1 - t / 1000`` (Lumina2): :data:`TIMES
 pipeline that gives only the step count (``cache_context(..., num_inference_steps=N)``) and an
 undeclared loop are guessed (:func:`guess`): the calibrated schedule's shape, stretched to the
 loop's first timestep and resampled at the step count that matches its second. That is exact for
-schedules whose shape does not change with the step count (DDIM, DDPM, uniform grids); for
-shifted flow matching, whose last step moves with the step count, the count can be off by a few
-steps, and the runtime says so.
+schedules whose shape and last step do not change with the step count (DDIM's default spacing,
+uniform grids); where the last step moves with the count (DPM-Solver's spacing, shifted flow
+matching) the count can be off by a step or two, and the runtime says so.
 """
 
 from __future__ import annotations
