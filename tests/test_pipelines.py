@@ -42,7 +42,9 @@ def attached(request):
     calibration = dict(call, num_inference_steps=CALIBRATION_STEPS, generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = dit_opt.optimize(pipe, budget=BUDGET, calibration=calibration, compile=False, progress=False)
+        # (select=False: the candidates' comparison is tested elsewhere, and costs a run each)
+        opt = dit_opt.optimize(pipe, budget=BUDGET, calibration=calibration, compile=False, progress=False,
+                               select=False)
     yield pipe, call, original, full, flops[0], opt
     if pipe.transformer is opt:
         dit_opt.restore(pipe)
