@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None, prog: str = "benchmark.py") -> list[Row]
     if args.merge and args.commands:
         command = Path(args.commands).read_text().strip() + "\n" + command
     discussion = Path(args.discussion).read_text() if args.discussion else ""
-    write_report(rows, cfg, args.out, command.strip(), seconds, figure=rel, discussion=discussion)
+    write_report(rows, cfg, args.out, command.strip(), seconds, figure=rel, discussion=discussion,
+                 merged=bool(args.merge))
     for model in dict.fromkeys(r.model for r in rows):
         print(f"\n{model}")
         print("\n".join(table([r for r in rows if r.model == model])))

@@ -110,13 +110,20 @@ def plot_pareto(rows: Sequence[Row], path: str | Path) -> Path:
 
 
 def write_report(rows: Sequence[Row], cfg: BenchConfig, path: str | Path, command: str, seconds: float,
-                 figure: str | None = None, discussion: str = "") -> Path:
-    """Write the markdown report: machine, date, command, one table per model, the verdict."""
+                 figure: str | None = None, discussion: str = "", merged: bool = False) -> Path:
+    """Write the markdown report: machine, date, command, one table per model, the verdict.
+
+    ``merged``: the rows come from earlier runs (``--merge``), whose dates are in ``command``; the
+    header then gives the date of the merge and the longest run's time, not a measurement date.
+    """
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    header = (f"Rows measured on {machine()} by the commands below, on the dates they give (the longest run "
+              f"took {seconds / 60:.1f} min); report merged {date}." if merged else
+              f"Measured {date} on {machine()}; the run took {seconds / 60:.1f} min.")
     lines = [
         "# Benchmarks",
         "",
-        f"Measured {date} on {machine()}; the run took {seconds / 60:.1f} min.",
+        header,
         "",
         "Command:",
         "",
