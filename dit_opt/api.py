@@ -294,7 +294,8 @@ def optimize(
             ``ConfigError`` where it did not).
         max_age, prune_rates, widths: the candidate actions measured by the profile (caches
             up to ``max_age`` steps old; a plan below budget 0.4 may read all of them, from 0.4 up
-            at most 4: :meth:`dit_opt.sensitivity.SensitivityProfile.planned_max_age`).
+            at most 4: :meth:`dit_opt.sensitivity.SensitivityProfile.planned_max_age`). Without
+            ``prune`` (``width``) in ``actions`` the profile measures no pruning rate (width).
         gain_points: see :func:`profile` (how errors at each step grow into the output).
         granularity: ``"block"`` (one action per block and step), ``"module"`` (one per
             attention, cross-attention and MLP of each block; reuse, forecast, skip, prune where
@@ -380,10 +381,14 @@ def optimize(
         from dit_opt.selection import measure_outputs, repeat_error
 
         fingerprint = model_fingerprint(model)
-        measure = {"max_age": max_age, "prune_rates": prune_rates, "widths": widths, "probe_rows": 4,
+        # a family the solver may not use is not measured: PRUNE and WIDTH cost block re-runs, and
+        # a block that cannot run them is then never run that way
+        measure = {"max_age": max_age, "prune_rates": prune_rates if "prune" in actions else (),
+                   "widths": widths if "width" in actions else (), "probe_rows": 4,
                    "gain_points": gain_points, "probes": 0}
         # what the profile depends on besides the model and the calibration: the cache's key
-        settings = {**measure, "prune_rates": list(prune_rates), "widths": list(widths), "blocks": blocks,
+        settings = {**measure, "prune_rates": list(measure["prune_rates"]), "widths": list(measure["widths"]),
+                    "blocks": blocks,
                     "inputs": repr(OptimizedTransformer._signature(ctx["inputs"]))}
         hit, ctx["profile_cached"] = kept.lookup(fingerprint, cal, ctx["inputs"], settings, profile_cache)
         if hit is not None:
@@ -477,7 +482,8 @@ def optimize(
     opt = ctx["opt"]
     opt.step_times = times
     opt.selection = ctx["selection"]
-    opt.report = _cost_report(ctx, times)
+    # where the profile found PRUNE impossible (a block or module that cannot run on a token subset)
+    opt.report = {**_cost_report(ctx, times), "prune_excluded": dict(ctx["profile"].report.get("prune_excluded", {}))}
     return opt
 
 

@@ -225,6 +225,8 @@ def _echo_selection(opt: Any) -> None:
                    f"{r['profile_generations']:.1f}, {r['selection_runs']} selection runs "
                    f"{r['selection_generations']:.1f}, capture, solving and lowering "
                    f"{r.get('other_generations', 0.0):.1f})")
+    for where, reason in (r or {}).get("prune_excluded", {}).items():
+        typer.echo(f"prune left out on {where}: it cannot run on a token subset ({reason})")
 
 
 def _save_grid(top: Any, bottom: Any, path: Path, title: str) -> None:

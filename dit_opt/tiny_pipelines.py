@@ -31,6 +31,8 @@ PIPELINES = {
     "pixart": "PixArtSigmaPipeline: a T5 text encoder, DPM-Solver++, guidance batched",
     "flux": "FluxPipeline: CLIP and T5 text encoders, flow matching shifted by the image size, no guidance batch",
     "flux-cfg": "FluxPipeline with true CFG (a negative prompt): the two branches called apart, in cache_context",
+    "sana": "SanaPipeline: a Gemma2 text encoder, a DC-AE, flow DPM-Solver++ (shift 3), guidance batched, "
+            "a Mix-FFN that reshapes tokens to the image grid",
 }
 
 
@@ -81,6 +83,31 @@ def tiny_pipeline(name: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
                                    scheduler=DPMSolverMultistepScheduler())
         call = dict(prompt=["a cat", "a dog"], num_inference_steps=20, height=8, width=8, max_sequence_length=8,
                     clean_caption=False, use_resolution_binning=False, generator=generator, output_type="pt")
+    elif name == "sana":
+        from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline
+        from transformers import Gemma2Config, Gemma2Model
+
+        tokenizer = _character_tokenizer()
+        torch.manual_seed(seed + 21)
+        encoder = Gemma2Model(Gemma2Config(
+            vocab_size=tokenizer.vocab_size, hidden_size=transformer.config.caption_channels, intermediate_size=32,
+            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0)).eval()
+        torch.manual_seed(seed)
+        dc_ae = AutoencoderDC(
+            in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+            decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+            decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+            encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+            upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+            scaling_factor=0.41407).eval()
+        scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=dc_ae, transformer=transformer,
+                            scheduler=scheduler)
+        # 32x32 pixels (the least Sana takes): 16x16 latents, 256 tokens, over which the blocks' Mix-FFN
+        # convolves on the image grid: no block can run on a token subset
+        call = dict(prompt=["a cat", "a dog"], num_inference_steps=20, height=32, width=32, max_sequence_length=8,
+                    complex_human_instruction=None, clean_caption=False, use_resolution_binning=False,
+                    generator=generator, output_type="pt")
     else:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
@@ -125,19 +152,27 @@ def _clip_text_encoders(n: int, seed: int, hidden: int = 16, projection: bool = 
 def _t5_text_encoder(width: int, seed: int) -> tuple[Any, Any]:
     """A T5 tokenizer (a unigram model over single characters, built with ``tokenizers``) and a
     one-layer T5 encoder of ``width`` channels."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _character_tokenizer()
+    torch.manual_seed(seed + 11)
+    config = T5Config(vocab_size=tokenizer.vocab_size, d_model=width, d_kv=16, d_ff=2 * width, num_layers=1,
+                      num_heads=2, relative_attention_num_buckets=8)
+    return tokenizer, T5EncoderModel(config).eval()
+
+
+def _character_tokenizer() -> Any:
+    """A T5-style tokenizer (a unigram model over single characters, built with ``tokenizers``;
+    pad 0, end of sequence 1, unknown 2), for the T5 and Gemma2 encoders alike."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import T5TokenizerFast
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "\u2581" + CHARACTERS]
     model = Tokenizer(models.Unigram(vocab, unk_id=2))
     model.pre_tokenizer = pre_tokenizers.Metaspace()
     model.decoder = decoders.Metaspace()
-    tokenizer = T5TokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                extra_ids=0, model_max_length=64)
-    torch.manual_seed(seed + 11)
-    config = T5Config(vocab_size=len(vocab), d_model=width, d_kv=16, d_ff=2 * width, num_layers=1, num_heads=2,
-                      relative_attention_num_buckets=8)
-    return tokenizer, T5EncoderModel(config).eval()
+    return T5TokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=64)
 
 
 #: The characters the tiny tokenizers know.

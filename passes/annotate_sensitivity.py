@@ -345,6 +345,9 @@ class _Probe:
                               if (shapes := _module_prune_inputs(graph, spec, role)) is not None}
                              for spec in graph.blocks]
         self.unprunable: set[tuple[int, str]] = set()  # token input not as captured: not measured
+        #: (unit, role or "block") -> why PRUNE does not run there (it raised on a token subset):
+        #: left out of the profile, and named in its report
+        self.prune_excluded: dict[tuple[int, str], str] = {}
         self.current: dict[tuple[int, str, str], Any] = {}
         self.current_in: dict[tuple[int, str, str], torch.Tensor] = {}
         self.mod_history: dict[tuple[int, Any], dict[int, dict]] = {}
@@ -512,8 +515,15 @@ class _Probe:
                         approx = scatter_tokens(base, idx, got)
                         return float((approx.float() - y[sl].float()).pow(2).sum()) / p_norm
 
-                    acc["e_prune"][u, n, k] += self._at_age(bases, "block", f"prune {r:g}", n, gram.miss(t, [t - n]),
-                                                            prune_error, measured_up_to=BLOCK_PRUNE_MEASURED_AGE)
+                    err = self._excluding((u, "block"), lambda r=r, n=n, prune_error=prune_error: self._at_age(
+                        bases, "block", f"prune {r:g}", n, gram.miss(t, [t - n]), prune_error,
+                        measured_up_to=BLOCK_PRUNE_MEASURED_AGE))
+                    if err is None:
+                        self.prunable[u] = False
+                        break
+                    acc["e_prune"][u, n, k] += err
+                if not self.prunable[u]:
+                    break
         self._module_actions(u, t, key, module, p_args, p_kwargs, sl, pairs, p_norm, acc)
         hist[t] = ({i: r for i, r in res.items()}, {i: x.detach() for i, x, _ in pairs})
         for old_t in [s for s in hist if s < t - self.max_age]:  # PRUNE reads age <= max_age
@@ -585,11 +595,28 @@ class _Probe:
 
                     # a self-attention pruned attends among the kept tokens only: its error does not
                     # scale with the cache's miss (the estimate is 1.7 to 3 times off), so it is measured
-                    acc["e_module_prune"][u, r, n, k] += (
+                    err = self._excluding((u, role), lambda rate=rate, prune_error=prune_error, role=role, sq=sq: (
                         prune_error() if role == "attn" else
-                        self._at_age(youngest, role, f"prune {rate:g}", n, sq, prune_error))
+                        self._at_age(youngest, role, f"prune {rate:g}", n, sq, prune_error)))
+                    if err is None:
+                        self.unprunable.add((u, role))
+                        prune = False
+                        break
+                    acc["e_module_prune"][u, r, n, k] += err
         for old_t in [s for s in mhist if s < t - self.max_age]:  # REUSE and PRUNE read age <= max_age
             del mhist[old_t]
+
+    def _excluding(self, key: tuple[int, str], measure: Callable[[], float]) -> float | None:
+        """``measure()``, or ``None`` with ``key`` excluded from ``PRUNE`` if it raises: a block or
+        module that reshapes its tokens to the image grid (Sana's Mix-FFN), convolves over them or
+        reads a token-indexed side input cannot run on a token subset, and the plan must never
+        ask it to. The first error's message is kept as the reason."""
+        try:
+            return measure()
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self.prune_excluded.setdefault(key, f"{type(e).__name__}: {reason[:200]}")
+            return None
 
     def _at_age(self, bases: dict, role: str, action: str, n: int, sq: float | None,
                 measure: Callable[[], float], measured_up_to: int = 1) -> float:
@@ -656,11 +683,20 @@ class _Probe:
                 self.sums[t][name] = total[at:at + size].reshape(self.shape[name])
                 at += size
         g = self.guidance
-        merged = group.gather((g.calls, g.batched_calls, [c.tolist() for c in g.coefs], sorted(self.unprunable)))
+        merged = group.gather((g.calls, g.batched_calls, [c.tolist() for c in g.coefs], sorted(self.unprunable),
+                               sorted(self.prune_excluded.items())))
         g.calls = sum(m[0] for m in merged)
         g.batched_calls = sum(m[1] for m in merged)
         g.coefs = [np.asarray(c) for m in merged for c in m[2]]
         self.unprunable = {tuple(x) for m in merged for x in m[3]}
+        for m in merged:
+            for key, reason in m[4]:
+                self.prune_excluded.setdefault(tuple(key), reason)
+        for u, role in self.prune_excluded:
+            if role == "block":
+                self.prunable[u] = False
+            else:
+                self.unprunable.add((u, role))
 
     def arrays(self) -> tuple[list[float], dict[str, np.ndarray]]:
         """Timesteps and the mean errors per step (``e_cfg`` and ``e_module_cfg`` only where every
@@ -872,6 +908,9 @@ def annotate_sensitivity(
             "profile_seconds": time.perf_counter() - t0,
             "cost_in_generations": (time.perf_counter() - t0) / max(plain_seconds, 1e-9),
             "probe_rows": probe_rows,
+            # where PRUNE could not run on a token subset, and why ("transformer_blocks.0 mlp": ...)
+            "prune_excluded": {f"{graph.blocks[u].name} {role}".replace(" block", ""): reason
+                               for (u, role), reason in sorted(probe.prune_excluded.items())},
             **({"cfg_amplification": probe.guidance.amplification} if "e_cfg" in errs else {}),
         },
         **errs,
