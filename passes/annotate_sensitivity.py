@@ -595,7 +595,8 @@ class _Probe:
 
                     # a self-attention pruned attends among the kept tokens only: its error does not
                     # scale with the cache's miss (the estimate is 1.7 to 3 times off), so it is measured
-                    err = self._excluding((u, role), lambda rate=rate, prune_error=prune_error, role=role, sq=sq: (
+                    err = self._excluding((u, role), lambda rate=rate, prune_error=prune_error, role=role, sq=sq, n=n,
+                                          youngest=youngest: (
                         prune_error() if role == "attn" else
                         self._at_age(youngest, role, f"prune {rate:g}", n, sq, prune_error)))
                     if err is None:
