@@ -33,6 +33,8 @@ PIPELINES = {
     "flux-cfg": "FluxPipeline with true CFG (a negative prompt): the two branches called apart, in cache_context",
     "sana": "SanaPipeline: a Gemma2 text encoder, a DC-AE, flow DPM-Solver++ (shift 3), guidance batched, "
             "a Mix-FFN that reshapes tokens to the image grid",
+    "wan": "WanPipeline: a UMT5 text encoder, a video VAE (5 frames), flow matching (shift 3), the two guidance "
+           "branches called apart in cache_context(name, step_index=..., num_inference_steps=...)",
 }
 
 
@@ -109,6 +111,25 @@ def tiny_pipeline(name: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
         call = dict(prompt=["a cat", "a dog"], num_inference_steps=20, height=32, width=32, max_sequence_length=8,
                     complex_human_instruction=None, clean_caption=False, use_resolution_binning=False,
                     generator=generator, output_type="pt")
+    elif name == "wan":
+        from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        tokenizer = _character_tokenizer()
+        torch.manual_seed(seed + 31)
+        encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=tokenizer.vocab_size, d_model=transformer.config.text_dim, d_kv=16,
+            d_ff=2 * transformer.config.text_dim, num_layers=1, num_heads=2, relative_attention_num_buckets=8)).eval()
+        torch.manual_seed(seed)
+        video_vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                                     latents_std=[1.0] * 4).eval()
+        pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=video_vae,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
+        # 5 frames of 32x32: 2 latent frames of 4x4, 8 tokens after the (1, 2, 2) patches
+        call = dict(prompt=["a cat", "a dog"], negative_prompt=["blurry", "dark"], height=32, width=32,
+                    num_frames=5, num_inference_steps=50, max_sequence_length=8, generator=generator,
+                    output_type="pt")
     else:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
