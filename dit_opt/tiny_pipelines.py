@@ -35,12 +35,15 @@ PIPELINES = {
             "a Mix-FFN that reshapes tokens to the image grid",
     "wan": "WanPipeline: a UMT5 text encoder, a video VAE (5 frames), flow matching (shift 3), the two guidance "
            "branches called apart in cache_context(name, step_index=..., num_inference_steps=...)",
+    "cogvideox": "CogVideoXPipeline: a T5 text encoder, CogVideoX's DDIM, guidance batched, 9 frames at the "
+                 "transformer's configured size (its positional embedding is made for it); latents out (the "
+                 "video VAE's decode would cost ten times the transformer)",
 }
 
 
 def tiny_pipeline(name: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    """A tiny pipeline and the arguments of one call of it (two images, 16x16, its default step
-    count, a seeded generator, tensors out).
+    """A tiny pipeline and the arguments of one call of it (two images or videos of 8 to 64
+    pixels, its default step count, a seeded generator, tensors out; CogVideoX latents).
 
     Args:
         name: one of :data:`PIPELINES`.
@@ -130,6 +133,20 @@ def tiny_pipeline(name: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
         call = dict(prompt=["a cat", "a dog"], negative_prompt=["blurry", "dark"], height=32, width=32,
                     num_frames=5, num_inference_steps=50, max_sequence_length=8, generator=generator,
                     output_type="pt")
+    elif name == "cogvideox":
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+
+        tokenizer, encoder = _t5_text_encoder(transformer.config.text_embed_dim, seed)
+        torch.manual_seed(seed)
+        video_vae = AutoencoderKLCogVideoX(
+            in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+            up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+            layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4).eval()
+        pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=video_vae, transformer=transformer,
+                                 scheduler=CogVideoXDDIMScheduler())
+        # 64x64 pixels, 9 frames: the transformer's 8x8 latents and 3 latent frames
+        call = dict(prompt=["a cat", "a dog"], height=64, width=64, num_frames=9, num_inference_steps=50,
+                    max_sequence_length=8, generator=generator, output_type="latent")
     else:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 

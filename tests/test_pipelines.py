@@ -32,7 +32,7 @@ def _no_dit_opt_warnings(caught):
     assert not mine, mine
 
 
-@pytest.fixture(scope="module", params=["dit", "sd3", "pixart", "flux", "flux-cfg", "sana", "wan"])
+@pytest.fixture(scope="module", params=["dit", "sd3", "pixart", "flux", "flux-cfg", "sana", "wan", "cogvideox"])
 def attached(request):
     """(pipe, default call, original transformer, its images and FLOPs at the default step
     count, the optimised module), optimised at 10 steps through ``dit_opt.optimize(pipe, ...)``."""
