@@ -93,6 +93,16 @@ def test_restore_puts_the_original_back_untouched(attached):
         dit_opt.attach(pipe, opt)
 
 
+def _quiet_within_budget(pipe, call, opt, full_flops):
+    """One call: no dit-opt warning, and the optimised transformer's FLOPs within the budget."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with counted_flops(opt) as flops:
+            _images(pipe, call)
+    _no_dit_opt_warnings(caught)
+    assert flops[0] <= (BUDGET + 0.01) * full_flops
+
+
 def test_put_in_by_hand_warns_at_the_pipeline_with_the_fix(attached):
     """``pipe.transformer = opt`` without attach: a loop that is not the calibrated one is
     guessed, and the warning points at the pipeline's call of the transformer (not torch) and
@@ -105,12 +115,7 @@ def test_put_in_by_hand_warns_at_the_pipeline_with_the_fix(attached):
         opt.set_schedule(None)
         if type(pipe).__name__ == "WanPipeline":
             # its cache_context(name, num_inference_steps=N, ...) says the loop: nothing to guess
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                with counted_flops(opt) as flops:
-                    _images(pipe, call)
-            _no_dit_opt_warnings(caught)
-            assert flops[0] <= (BUDGET + 0.01) * full_flops
+            _quiet_within_budget(pipe, call, opt, full_flops)
             return
         with pytest.warns(UserWarning, match=r"dit_opt.attach\(pipe, opt\)") as caught:
             _images(pipe, call)
@@ -121,12 +126,7 @@ def test_put_in_by_hand_warns_at_the_pipeline_with_the_fix(attached):
             # scheduler's own call gives them, which attach declares)
             pipe.scheduler.set_timesteps(call["num_inference_steps"])
             opt.set_schedule(pipe.scheduler.timesteps)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                with counted_flops(opt) as flops:
-                    _images(pipe, call)
-            _no_dit_opt_warnings(caught)
-            assert flops[0] <= (BUDGET + 0.01) * full_flops
+            _quiet_within_budget(pipe, call, opt, full_flops)
     finally:
         pipe.transformer = original
         opt.set_schedule(None)
