@@ -129,7 +129,8 @@ def profile(
         model: a diffusers transformer.
         calibration: runs complete denoising loops with the module it is given, or a list of
             such callables, one generation each (:class:`dit_opt.calibration.Generations`);
-            ``None`` self-calibrates on synthetic inputs (known classes only; warns).
+            ``None`` self-calibrates on synthetic inputs derived from the model
+            (:mod:`dit_opt.synthetic`; warns).
         example_inputs: inputs of one forward; default: the calibration's first call.
         blocks, max_age, prune_rates, widths, probe_rows, progress: see
             ``passes.annotate_sensitivity.annotate_sensitivity``.
@@ -276,7 +277,7 @@ def optimize(
             of such callables (one generation each, run in turn), recorded trajectories
             (a list of per-call keyword dicts, see ``dit_opt.calibration.record_trajectories``), a
             profile saved earlier (object or directory), or ``None`` to self-calibrate on
-            synthetic inputs (known diffusers classes; warns).
+            synthetic inputs derived from the model (:mod:`dit_opt.synthetic`; warns).
         example_inputs: inputs of one forward; default: the calibration's first call.
         solver: ``"cpsat"`` (joint choice of all actions), ``"dp"`` (SODA interval DP, reuse
             only) or a baseline schedule (``"fora"``, ``"delta_dit"``, ``"toca"``, ``"soda"``).

@@ -8,8 +8,9 @@ is what makes caching work. A calibration is any ``callable(module)`` that sampl
 * :func:`record_trajectories` records the transformer's inputs of every call of a loop, and
   :func:`calibration_from_trajectories` replays recorded inputs (a list of keyword dicts, one
   per call, in call order): profiling only needs the true inputs of each step.
-* :func:`synthetic_calibration` makes one for a known diffusers class with no pipeline at
-  hand: random inputs of the right shapes and the default schedule of its family. Random
+* :func:`synthetic_calibration` makes one for any diffusers transformer with no pipeline at
+  hand: random inputs of the right shapes, derived from the model (:mod:`dit_opt.synthetic`),
+  and the default schedule of its family (:func:`schedule_family`). Random
   latents and conditioning are far from real use; it exists so that
   ``optimize(model, budget)`` always works, and it warns.
 * :class:`Generations` is a calibration made of separate generations (a list of callables,
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dit_opt.errors import InputMismatchError
 from dit_opt.executor import model_sample
 from dit_opt.synthetic import example_inputs
 
@@ -150,16 +152,29 @@ class Generations:
         return Generations(self.generations[rank::world])
 
 
-#: class name -> schedule family used by :func:`synthetic_calibration`.
+#: class name -> the schedule family of the class's pipelines, where the model alone does not tell it
+#: (see :func:`schedule_family`): CogVideoX is a DDIM model without learned variance.
 SCHEDULE_FAMILIES = {
-    "DiTTransformer2DModel": "ddim",
-    "PixArtTransformer2DModel": "ddim",
     "CogVideoXTransformer3DModel": "ddim",
-    "SD3Transformer2DModel": "flow",
-    "FluxTransformer2DModel": "flow_unit",  # Flux pipelines pass timestep / 1000
-    "SanaTransformer2DModel": "flow",
-    "WanTransformer3DModel": "flow",
 }
+
+
+def schedule_family(model: nn.Module) -> str:
+    """The denoising loop :func:`synthetic_calibration` runs for ``model``: ``"ddim"`` for a model that
+    predicts a learned variance as well (``out_channels == 2 * in_channels``, DiT and PixArt),
+    ``"flow_unit"`` (flow matching, timesteps in ``[0, 1]``) for one that takes unit timesteps
+    (:func:`dit_opt.synthetic.unit_timesteps`: Flux, Chroma, Qwen-Image, AuraFlow), ``"flow"``
+    (flow matching on 0-1000) otherwise; :data:`SCHEDULE_FAMILIES` where that rule is wrong."""
+    from dit_opt.synthetic import unit_timesteps
+
+    cls = type(model).__name__
+    if cls in SCHEDULE_FAMILIES:
+        return SCHEDULE_FAMILIES[cls]
+    cfg = getattr(model, "config", None)
+    c_in, c_out = getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None)
+    if c_in and c_out and c_out == 2 * c_in:
+        return "ddim"
+    return "flow_unit" if unit_timesteps(model) else "flow"
 
 
 def calibration_from_pipeline(pipe: Any, **call_kwargs: Any) -> Callable[[nn.Module], Any]:
@@ -197,7 +212,8 @@ def synthetic_calibration(
     model: nn.Module, *, num_inference_steps: int | None = None, batch_size: int = 2, seed: int = 0,
     warn: bool = True,
 ) -> Callable[[nn.Module], Any]:
-    """A calibration on synthetic inputs for a known diffusers class (see :data:`SCHEDULE_FAMILIES`).
+    """A calibration on synthetic inputs for any diffusers transformer: the inputs of
+    :func:`dit_opt.synthetic.example_inputs`, the loop of :func:`schedule_family`.
 
     Args:
         model: the transformer (its config gives the shapes).
@@ -207,13 +223,17 @@ def synthetic_calibration(
         warn: emit a ``UserWarning`` saying that a real calibration is better.
 
     Raises:
-        dit_opt.InputMismatchError: the class has no synthetic inputs (pass a calibration).
+        dit_opt.InputMismatchError: no synthetic inputs can be derived for the model (pass a
+            calibration, or example inputs).
     """
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+    from dit_opt.synthetic import latent_argument, timestep_argument
+
     cls = type(model).__name__
-    family = SCHEDULE_FAMILIES.get(cls, "ddim")
-    base = example_inputs(model, batch_size=batch_size, seed=seed)  # raises for unknown classes
+    family = schedule_family(model)
+    base = example_inputs(model, batch_size=batch_size, seed=seed)  # raises where it cannot derive them
+    latent_name, timestep_name = latent_argument(model), timestep_argument(model)
     if warn:
         warnings.warn(
             f"{cls}: no calibration given, so dit-opt calibrates on synthetic inputs (random latents and "
@@ -231,20 +251,33 @@ def synthetic_calibration(
             sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
         sched.set_timesteps(steps)
         inputs = dict(base)
-        latents = inputs["hidden_states"].clone()
+        latents = inputs[latent_name].clone()
         for t in sched.timesteps:
             tt = t / 1000.0 if family == "flow_unit" else t
-            inputs["hidden_states"] = latents
-            inputs["timestep"] = torch.full((latents.shape[0],), float(tt), device=latents.device)
-            out = module(**inputs)
-            pred = model_sample(out)
-            pred = pred[:, : latents.shape[1]] if pred.shape != latents.shape else pred
+            inputs[latent_name] = latents
+            if timestep_name is not None:
+                inputs[timestep_name] = torch.full((latents.shape[0],), float(tt), device=latents.device)
+            pred = _as_latent(model_sample(module(**inputs)), latents)
             latents = sched.step(pred, t, latents).prev_sample
         return latents
 
     # the same loops for the same model and arguments: a kept profile of one serves the other
     run._dit_opt_identity = ("synthetic", steps, batch_size, seed)  # type: ignore[attr-defined]
     return run
+
+
+def _as_latent(pred: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """The part of a prediction that steps the latent: a learned variance (the extra channels of a
+    ``2 * in_channels`` output) is dropped."""
+    if pred.shape == latents.shape:
+        return pred
+    if pred.dim() == latents.dim():
+        differ = [d for d in range(pred.dim()) if pred.shape[d] != latents.shape[d]]
+        if len(differ) == 1 and pred.shape[differ[0]] > latents.shape[differ[0]]:
+            return pred.narrow(differ[0], 0, latents.shape[differ[0]])
+    raise InputMismatchError(
+        f"the model's prediction {tuple(pred.shape)} does not fit its latent {tuple(latents.shape)}, so the "
+        f"synthetic denoising loop cannot step it: pass a calibration that runs the model's pipeline")
 
 
 def record_trajectories(model: nn.Module, calibration: Callable[[nn.Module], Any]) -> list[dict[str, Any]]:

@@ -210,6 +210,14 @@ def capture(
         ) from e
 
     gm = torch.fx.GraphModule(module, module.graph, class_name=f"{cls}Graph")
+    if blocks is None:
+        # A discovered list whose blocks another module calls (HunyuanVideo's token refiner
+        # inside its context embedder) is that module's glue, not the model's blocks.
+        top = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        inner = {ln for ln, i, _ in block_modules if f"{ln}.{i}" not in top}
+        if inner and len(inner) < len(list_names):
+            block_modules = [(ln, i, blk) for ln, i, blk in block_modules if ln not in inner]
+            names = tuple(f"{ln}.{i}" for ln, i, _ in block_modules)
     specs = tuple(
         _block_spec(ln, i, blk, records[f"{ln}.{i}"], module.get_submodule(f"{ln}.{i}"))
         for ln, i, blk in block_modules
@@ -272,9 +280,9 @@ def _record_io(block: nn.Module, rec: dict[str, Any]) -> Any:
 
 
 def _block_spec(list_name: str, index: int, block: nn.Module, rec: dict[str, Any], sub: nn.Module) -> BlockSpec:
-    params = [p for p in inspect.signature(block.forward).parameters.values() if p.kind != p.VAR_KEYWORD]
+    positional = _positional_name(block)
     inputs: list[tuple[str, TensorSpec]] = []
-    named = [(params[i].name if i < len(params) else f"arg{i}", a) for i, a in enumerate(rec["args"])]
+    named = [(positional(i), a) for i, a in enumerate(rec["args"])]
     for k, v in [*named, *rec["kwargs"].items()]:
         if isinstance(v, torch.Tensor):
             inputs.append((k, TensorSpec.of(v)))
@@ -286,7 +294,7 @@ def _block_spec(list_name: str, index: int, block: nn.Module, rec: dict[str, Any
     # The block graph names positional inputs ``_positional_arg_<i>``: map them back to the
     # forward signature's names.
     sources = {
-        pos: {params[int(n.rsplit("_", 1)[1])].name if n.startswith("_positional_arg_") else n for n in v}
+        pos: {positional(int(n.rsplit("_", 1)[1])) if n.startswith("_positional_arg_") else n for n in v}
         for pos, v in _residual_sources(sub).items()
     }
     streams: list[StreamSpec] = []
@@ -315,6 +323,23 @@ def _block_spec(list_name: str, index: int, block: nn.Module, rec: dict[str, Any
         output_is_tuple=is_tuple,
         modules=_roles(block),
     )
+
+
+def _positional_name(block: nn.Module) -> Any:
+    """``name(i)``: the forward-signature name of the block's ``i``-th positional argument; one
+    past the named ones is ``<var>.<j>``, the ``j``-th of its ``*args`` (HunyuanVideo's blocks
+    take ``*args``), or ``arg<i>``."""
+    params = [p for p in inspect.signature(block.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var = next((p.name for p in inspect.signature(block.forward).parameters.values()
+                if p.kind == p.VAR_POSITIONAL), None)
+
+    def name(i: int) -> str:
+        if i < len(params):
+            return params[i].name
+        return f"{var}.{i - len(params)}" if var is not None else f"arg{i}"
+
+    return name
 
 
 # Ops through which a residual stream flows unchanged in identity (the skip path).

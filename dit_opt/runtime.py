@@ -295,7 +295,7 @@ class OptimizedTransformer(nn.Module):
 
         A module made by ``dit_opt.optimize`` has captured its calibration's shapes; a loaded one
         captures on its first call, or here from ``example_inputs`` (default: synthetic inputs
-        for a known diffusers class).
+        derived from the model).
 
         Raises:
             DitOptError: nothing is captured and no example inputs are known for this class.

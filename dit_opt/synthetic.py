@@ -1,14 +1,33 @@
-"""Synthetic example inputs of the right shapes for known diffusers transformer classes.
+"""Synthetic example inputs for any diffusers transformer, derived from the model itself.
 
-Capture needs one forward call's worth of inputs; with no pipeline at hand, these builders
-read the model's ``config`` and make inputs of the shapes its pipeline would pass. One
-builder per class, registered by class name; :func:`example_inputs` raises a clear error for
-an unknown class.
+Capture and self-calibration need one forward call's worth of inputs. With no pipeline at hand,
+:func:`example_inputs` derives them from the model, not from a table of classes:
+
+* **what to pass** from ``model.forward``'s signature: every required argument, and the optional
+  ones a pipeline passes (the conditioning, the timestep, positional ids, guidance), each made
+  by the rule for its name (:data:`ARGUMENT_RULES`);
+* **their shapes** from the config and the layers that read them: the latent's channels from
+  ``in_channels``, its layout from the module that embeds it (a ``Conv3d`` takes
+  ``(batch, channels, frames, height, width)``, a ``Conv2d`` an image or a video of images, a
+  ``Linear`` over the channels packed tokens), its size from ``sample_size`` (or a small grid
+  that the patch size divides), the text width from the config entry that sizes the text
+  projection (``caption_channels``, ``joint_attention_dim``, ...), positional ids and grid
+  sizes from the latent's token grid;
+* **which of the possible layouts** by running the model on each, most likely first: the first
+  that runs is kept.
+
+An argument with no default and no rule (a rotary table or a token list that the class's
+pipeline builds) gets an :class:`~dit_opt.errors.InputMismatchError` that names it and asks for
+``example_inputs=``. :func:`register` adds a builder by hand for a class whose derived inputs
+are wrong.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,14 +35,23 @@ from torch import nn
 
 from dit_opt.errors import InputMismatchError
 
-__all__ = ["example_inputs", "supported_classes", "register"]
+__all__ = ["ARGUMENT_RULES", "example_inputs", "latent_argument", "register", "timestep_argument",
+           "unit_timesteps"]
 
 _Builder = Callable[[nn.Module, int, int, torch.Generator], dict[str, Any]]
 _BUILDERS: dict[str, _Builder] = {}
 
+#: the names a latent, a timestep and a text sequence go by in diffusers' forward signatures
+_LATENT_NAMES = ("hidden_states", "sample", "x", "latents")
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+#: config entries that size the text conditioning, most specific first
+_TEXT_WIDTH_KEYS = ("caption_channels", "text_embed_dim", "text_dim", "joint_attention_dim", "cap_feat_dim",
+                    "text_hidden_size", "encoder_hid_dim", "cross_attention_dim")
+
 
 def register(*class_names: str) -> Callable[[_Builder], _Builder]:
-    """Register an input builder for the given model class names."""
+    """Register an input builder ``fn(model, batch_size, text_tokens, generator) -> kwargs`` for
+    the given model class names, used instead of the derived inputs."""
 
     def deco(fn: _Builder) -> _Builder:
         for name in class_names:
@@ -33,38 +61,345 @@ def register(*class_names: str) -> Callable[[_Builder], _Builder]:
     return deco
 
 
-def supported_classes() -> list[str]:
-    """Class names :func:`example_inputs` knows how to feed."""
-    return sorted(_BUILDERS)
+def latent_argument(model: nn.Module) -> str:
+    """The name of the forward argument that takes the noisy latent (``hidden_states`` mostly)."""
+    params = _parameters(model)
+    return next((n for n in _LATENT_NAMES if n in params), next(iter(params), "hidden_states"))
+
+
+def timestep_argument(model: nn.Module) -> str | None:
+    """The name of the forward argument that takes the timestep, or ``None``."""
+    params = _parameters(model)
+    return next((n for n in _TIMESTEP_NAMES if n in params), None)
+
+
+def unit_timesteps(model: nn.Module) -> bool:
+    """Whether the model takes timesteps in ``[0, 1]`` (its pipeline divides by 1000): its forward
+    multiplies the timestep by 1000, or its sinusoidal embedding scales by 1000 itself."""
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        source = ""
+    if re.search(r"\btimesteps?\b[^\n]*\*\s*1000\b", source):
+        return True
+    return any(type(m).__name__ == "Timesteps" and float(getattr(m, "scale", 1)) >= 1000 for m in model.modules())
 
 
 def example_inputs(
     model: nn.Module, batch_size: int = 2, *, text_tokens: int = 8, seed: int = 0, timestep: float = 500.0
 ) -> dict[str, Any]:
-    """Keyword inputs for one forward of ``model`` at its configured sample size.
+    """Keyword inputs for one forward of ``model``, derived from its signature, config and layers.
 
     Args:
-        model: a diffusers transformer of a supported class (see :func:`supported_classes`).
+        model: a diffusers transformer (any class; see the module docstring for how).
         batch_size: batch of the call (2 = one CFG pair).
-        text_tokens: length of the text/context sequence, for models that take one.
+        text_tokens: length of the text/context sequence (a config's fixed text length wins).
         seed: seed of the random inputs.
-        timestep: the timestep value passed (all samples get the same).
+        timestep: the timestep value passed on a 0-1000 scale (divided by 1000 for a model that
+            takes ``[0, 1]``, see :func:`unit_timesteps`); all samples get the same.
 
     Raises:
-        InputMismatchError: the class is not known; the message says to pass inputs by hand.
+        InputMismatchError: a required argument has no rule, or the model runs on none of the
+            derived layouts; the message names the argument or the layouts tried and asks for
+            ``example_inputs=``.
     """
     cls = type(model).__name__
-    builder = _BUILDERS.get(cls)
-    if builder is None:
-        raise InputMismatchError(
-            f"{cls}: no built-in example inputs for this class (known: {', '.join(supported_classes())}). "
-            f"Pass the inputs of one forward call yourself, e.g. example_inputs={{'hidden_states': x, ...}}, "
-            f"or a calibration that runs the model."
-        )
-    gen = torch.Generator().manual_seed(seed)
-    inputs = builder(model, batch_size, text_tokens, gen)
     p = next(model.parameters())
-    t = torch.full((batch_size,), float(timestep))
+    builder = _BUILDERS.get(cls)
+    if builder is not None:
+        inputs = builder(model, batch_size, text_tokens, torch.Generator().manual_seed(seed))
+        tname = timestep_argument(model)
+        if tname is not None and inputs.get(tname, 0) is None:
+            inputs[tname] = torch.full((batch_size,), _scaled(model, timestep))
+        return _placed(inputs, p)
+    params = _parameters(model)
+    missing = [n for n, q in params.items() if q.default is q.empty and n not in ARGUMENT_RULES
+               and n not in _LATENT_NAMES]
+    if missing:
+        raise InputMismatchError(
+            f"{cls}: cannot derive synthetic inputs for {cls}.forward's required argument(s) {missing} "
+            f"(dit-opt derives the latent and {len(ARGUMENT_RULES)} other arguments by name: "
+            f"dit_opt.synthetic.ARGUMENT_RULES). Pass the "
+            f"inputs of one forward call yourself, example_inputs={{'hidden_states': x, {missing[0]!r}: ...}}, "
+            f"or a calibration that runs the model (dit_opt.calibration_from_pipeline(pipe, ...))."
+        )
+    tried: list[str] = []
+    tried_error = None
+    for layout in _layouts(model):
+        for optional in (True, False):  # first as the pipelines call it, then with the required only
+            ctx = _Context(model, batch_size, _text_length(model, text_tokens), layout,
+                           torch.Generator().manual_seed(seed), _scaled(model, timestep))
+            inputs = _build(ctx, params, optional)
+            inputs = _placed(inputs, p)
+            error = _runs(model, inputs, batch_size)
+            if error is None:
+                return inputs
+            if optional or error != tried_error:  # the same error again says nothing new
+                tried.append(f"{layout.describe()}{'' if optional else ' (required arguments only)'}: {error}")
+            tried_error = error
+    raise InputMismatchError(
+        f"{cls}: the model runs on none of the synthetic inputs derived from its config "
+        f"({'; '.join(tried[:4])}). Pass the inputs of one forward call yourself, "
+        f"example_inputs={{'hidden_states': x, ...}}, or a calibration that runs the model."
+    )
+
+
+# ---- the latent -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Layout:
+    """One way of laying out the latent: ``kind`` is ``image`` (B, C, H, W), ``video`` (B, C, F, H, W),
+    ``frames`` (B, F, C, H, W) or ``tokens`` (B, F*h*w, C); ``grid`` the token grid (F, h, w) after
+    patching, which positional ids and grid-size arguments describe."""
+
+    kind: str
+    shape: tuple[int, ...]
+    grid: tuple[int, int, int]
+
+    def describe(self) -> str:
+        return f"latent {self.kind} {tuple(self.shape)}"
+
+
+def _layouts(model: nn.Module) -> list[_Layout]:
+    """The latent layouts the model may take, the one its embedding layer suggests first."""
+    cfg = getattr(model, "config", None)
+    channels = _cfg(cfg, "in_channels", "in_dim", "num_channels_latents", "in_chans") or 4
+    pt, ph, pw = _patch(cfg)
+    frames = _frames(cfg, pt)
+    h, w = _spatial(cfg, ph, pw)
+    hint = _embedder_kind(model, channels, ph * pw * pt)
+    layouts = {
+        "image": _Layout("image", (channels, h, w), (1, h // ph, w // pw)),
+        "video": _Layout("video", (channels, frames, h, w), (frames // pt, h // ph, w // pw)),
+        "frames": _Layout("frames", (frames, channels, h, w), (frames // pt, h // ph, w // pw)),
+        # packed latents: the tokens are the patches already, ``in_channels`` wide
+        "tokens": _Layout("tokens", (8 * 8, channels), (1, 8, 8)),
+        "video_tokens": _Layout("tokens", (frames * 8 * 8, channels), (frames, 8, 8)),
+    }
+    video = "3D" in type(model).__name__ or _cfg(cfg, "sample_frames", "num_frames", "video_length") is not None
+    order = {
+        "conv3d": ["video", "frames"],
+        "conv2d": ["frames", "video", "image"] if video else ["image", "frames", "video"],
+        "linear": ["video_tokens", "tokens"] if video else ["tokens", "image"],
+        "linear_patches": ["image", "video", "frames"],
+    }.get(hint, ["image", "tokens", "video", "frames"])
+    rest = [k for k in ("image", "tokens", "video", "frames", "video_tokens") if k not in order]
+    return [layouts[k] for k in order + rest]
+
+
+def _embedder_kind(model: nn.Module, channels: int, patch_volume: int) -> str | None:
+    """What kind of layer first reads ``channels``-wide input: ``conv3d``, ``conv2d``, ``linear``
+    (packed tokens) or ``linear_patches`` (patches flattened inside the model)."""
+    for _, m in model.named_modules():
+        if isinstance(m, nn.Conv3d) and m.in_channels == channels:
+            return "conv3d"
+        if isinstance(m, nn.Conv2d) and m.in_channels == channels:
+            return "conv2d"
+        if isinstance(m, nn.Linear) and m.in_features == channels:
+            return "linear"
+        if isinstance(m, nn.Linear) and patch_volume > 1 and m.in_features == channels * patch_volume:
+            return "linear_patches"
+    return None
+
+
+def _patch(cfg: Any) -> tuple[int, int, int]:
+    p = _cfg(cfg, "patch_size", "patch_size_hw") or 1
+    if isinstance(p, list | tuple):
+        return tuple(int(x) for x in p) if len(p) == 3 else (1, int(p[0]), int(p[-1]))
+    pt = _cfg(cfg, "patch_size_t", "temporal_patch_size") or 1
+    return int(pt), int(p), int(p)
+
+
+def _frames(cfg: Any, pt: int) -> int:
+    sample, ratio = _cfg(cfg, "sample_frames"), _cfg(cfg, "temporal_compression_ratio")
+    if sample is not None and ratio:  # CogVideoX: latent frames of the configured clip
+        return int(sample) // int(ratio) + 1
+    length = _cfg(cfg, "video_length")  # Latte: a learned table of that many frame positions
+    if length is not None:
+        return int(length)
+    return 3 if pt == 1 else 2 * pt
+
+
+def _spatial(cfg: Any, ph: int, pw: int) -> tuple[int, int]:
+    h, w = _cfg(cfg, "sample_height"), _cfg(cfg, "sample_width")
+    if h is None or w is None:
+        s = _cfg(cfg, "sample_size")
+        h, w = (s, s) if isinstance(s, int) else tuple(s) if s is not None else (8, 8)
+    # a grid the patch divides, at least 2 patches a side
+    return max(-(-int(h) // ph) * ph, 2 * ph), max(-(-int(w) // pw) * pw, 2 * pw)
+
+
+# ---- the other arguments ----------------------------------------------------------------------------
+@dataclass
+class _Context:
+    model: nn.Module
+    batch: int
+    text: int
+    layout: _Layout
+    gen: torch.Generator
+    timestep: float
+
+    @property
+    def cfg(self) -> Any:
+        return getattr(self.model, "config", None)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen)
+
+
+def _text(ctx: _Context) -> torch.Tensor:
+    return ctx.randn(ctx.batch, ctx.text, _text_width(ctx.model))
+
+
+def _mask(ctx: _Context) -> torch.Tensor:
+    return torch.ones(ctx.batch, ctx.text, dtype=torch.bool)
+
+
+def _pooled(ctx: _Context) -> torch.Tensor | None:
+    dim = _cfg(ctx.cfg, "pooled_projection_dim", "pooled_embed_dim", "text_embed_2_dim")
+    return None if dim is None else ctx.randn(ctx.batch, int(dim))
+
+
+def _labels(ctx: _Context) -> torch.Tensor | None:
+    embedded = any(type(m).__name__ == "LabelEmbedding" for m in ctx.model.modules())
+    classes = _cfg(ctx.cfg, "num_embeds_ada_norm", "num_classes")
+    return torch.randint(0, int(classes), (ctx.batch,), generator=ctx.gen) if embedded and classes else None
+
+
+def _axes(ctx: _Context) -> int:
+    axes = _cfg(ctx.cfg, "axes_dims_rope", "axes_dims")
+    return len(axes) if isinstance(axes, list | tuple) else 3
+
+
+def _image_ids(ctx: _Context) -> torch.Tensor:
+    f, h, w = ctx.layout.grid
+    ids = torch.zeros(f, h, w, _axes(ctx))
+    ids[..., -3] = torch.arange(f)[:, None, None] if _axes(ctx) > 3 else 0
+    ids[..., -2] = torch.arange(h)[None, :, None]
+    ids[..., -1] = torch.arange(w)[None, None, :]
+    return ids.reshape(f * h * w, -1)
+
+
+def _text_ids(ctx: _Context) -> torch.Tensor:
+    return torch.zeros(ctx.text, _axes(ctx))
+
+
+def _guidance(ctx: _Context) -> torch.Tensor | None:
+    if not _cfg(ctx.cfg, "guidance_embeds"):
+        return None
+    # the guidance scale on the timestep's scale, as the pipelines pass it
+    return torch.full((ctx.batch,), 3.5 if unit_timesteps(ctx.model) else 3500.0)
+
+
+def _timestep(ctx: _Context) -> torch.Tensor:
+    return torch.full((ctx.batch,), ctx.timestep)
+
+
+def _sizes(ctx: _Context) -> torch.Tensor:
+    f, h, w = ctx.layout.grid
+    _, ph, pw = _patch(ctx.cfg)
+    return torch.tensor([[h * ph * 8.0, w * pw * 8.0]] * ctx.batch)  # pixels: 8x the latent
+
+
+def _added_cond(ctx: _Context) -> dict[str, Any]:
+    if getattr(ctx.model, "use_additional_conditions", False):
+        return {"resolution": _sizes(ctx), "aspect_ratio": torch.tensor([[1.0]] * ctx.batch)}
+    return {"resolution": None, "aspect_ratio": None}
+
+
+#: forward argument name -> how it is made; ``None`` from a rule leaves the argument out
+ARGUMENT_RULES: dict[str, Callable[[_Context], Any]] = {
+    "timestep": _timestep, "timesteps": _timestep, "t": _timestep,
+    "encoder_hidden_states": _text, "cap_feats": _text, "encoder_hidden_states_t5": _text,
+    "encoder_attention_mask": _mask, "encoder_hidden_states_mask": _mask, "encoder_mask": _mask,
+    "text_embedding_mask": _mask, "text_embedding_mask_t5": _mask,
+    "pooled_projections": _pooled, "pooled_embeds": _pooled,
+    "class_labels": _labels,
+    "img_ids": _image_ids, "txt_ids": _text_ids,
+    "guidance": _guidance,
+    "img_shapes": lambda c: [tuple(c.layout.grid)] * c.batch,
+    "txt_seq_lens": lambda c: [c.text] * c.batch,
+    "num_frames": lambda c: c.layout.grid[0], "height": lambda c: c.layout.grid[1],
+    "width": lambda c: c.layout.grid[2],
+    "original_size": _sizes, "target_size": _sizes, "crop_coords": lambda c: torch.zeros(c.batch, 2),
+    "added_cond_kwargs": _added_cond,
+}
+
+#: arguments a pipeline passes although the forward gives them a default (conditioning)
+_PASSED = {"timestep", "timesteps", "t", "encoder_hidden_states", "cap_feats", "encoder_hidden_states_t5",
+           "pooled_projections", "pooled_embeds", "class_labels", "img_ids", "txt_ids", "guidance", "img_shapes",
+           "txt_seq_lens", "added_cond_kwargs", "num_frames", "height", "width"}
+# (an optional mask is left out: ``None`` means that every text token is attended to, as all-ones does)
+
+
+def _build(ctx: _Context, params: dict[str, inspect.Parameter], optional: bool) -> dict[str, Any]:
+    """The inputs, made in signature order (so the random draws follow the signature), class
+    labels first (the draws of the earlier hand-written DiT inputs, which reference results keep)."""
+    out: dict[str, Any] = {}
+    latent = latent_argument(ctx.model)
+    labels = _labels(ctx) if "class_labels" in params else None
+    for name, q in params.items():
+        if name == "class_labels":
+            if labels is not None:
+                out[name] = labels
+            continue
+        required = q.default is q.empty
+        if name == latent:
+            out[name] = ctx.randn(ctx.batch, *ctx.layout.shape)
+        elif name in ARGUMENT_RULES and (required or (optional and name in _PASSED)):
+            value = ARGUMENT_RULES[name](ctx)
+            if value is not None:
+                out[name] = value
+    return out
+
+
+def _runs(model: nn.Module, inputs: dict[str, Any], batch: int) -> str | None:
+    """``None`` if the model runs on ``inputs`` and returns a batch of predictions; else why not."""
+    from dit_opt.executor import model_sample
+
+    try:
+        with torch.no_grad():
+            out = model_sample(model(**inputs))
+    except Exception as e:  # the model tells which layout is wrong only by failing on it
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {text[0][:160] if text else ''}"
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != batch:
+        return f"returned {type(out).__name__} {getattr(out, 'shape', '')}, not a batch of {batch}"
+    return None
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+def _parameters(model: nn.Module) -> dict[str, inspect.Parameter]:
+    sig = inspect.signature(model.forward)
+    return {n: q for n, q in sig.parameters.items()
+            if n not in ("self", "return_dict") and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD)}
+
+
+def _cfg(cfg: Any, *keys: str) -> Any:
+    for k in keys:
+        v = getattr(cfg, k, None) if cfg is not None else None
+        if v is None and isinstance(cfg, dict):
+            v = cfg.get(k)
+        if v is not None:
+            return v
+    return None
+
+
+def _text_width(model: nn.Module) -> int:
+    width = _cfg(getattr(model, "config", None), *_TEXT_WIDTH_KEYS)
+    return int(width[0] if isinstance(width, list | tuple) else width) if width is not None else 32
+
+
+def _text_length(model: nn.Module, default: int) -> int:
+    fixed = _cfg(getattr(model, "config", None), "max_text_seq_length")  # a learned text position table
+    return int(fixed) if fixed is not None else default
+
+
+def _scaled(model: nn.Module, timestep: float) -> float:
+    return timestep / 1000.0 if unit_timesteps(model) else float(timestep)
+
+
+def _placed(inputs: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+    """Inputs on the model's device, floating ones in its dtype."""
     out: dict[str, Any] = {}
     for k, v in inputs.items():
         if isinstance(v, torch.Tensor):
@@ -72,112 +407,4 @@ def example_inputs(
             if v.is_floating_point():
                 v = v.to(p.dtype)
         out[k] = v
-    if "timestep" in out and out["timestep"] is None:
-        out["timestep"] = t.to(p.device)
     return out
-
-
-def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen)
-
-
-def _hw(cfg: Any) -> tuple[int, int]:
-    s = cfg.sample_size
-    return (s, s) if isinstance(s, int) else tuple(s)
-
-
-@register("DiTTransformer2DModel")
-def _dit(m: nn.Module, b: int, _: int, g: torch.Generator) -> dict[str, Any]:
-    c = m.config
-    h, w = _hw(c)
-    labels = torch.randint(0, c.num_embeds_ada_norm, (b,), generator=g)
-    return {"hidden_states": _randn(g, b, c.in_channels, h, w), "timestep": None, "class_labels": labels}
-
-
-@register("PixArtTransformer2DModel")
-def _pixart(m: nn.Module, b: int, n: int, g: torch.Generator) -> dict[str, Any]:
-    c = m.config
-    h, w = _hw(c)
-    out = {
-        "hidden_states": _randn(g, b, c.in_channels, h, w),
-        "encoder_hidden_states": _randn(g, b, n, c.caption_channels),
-        "timestep": None,
-    }
-    if getattr(c, "use_additional_conditions", None) or (c.sample_size == 128):
-        out["added_cond_kwargs"] = {
-            "resolution": torch.tensor([[h * 8.0, w * 8.0]] * b),
-            "aspect_ratio": torch.tensor([[1.0]] * b),
-        }
-    else:
-        out["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-    return out
-
-
-@register("SD3Transformer2DModel")
-def _sd3(m: nn.Module, b: int, n: int, g: torch.Generator) -> dict[str, Any]:
-    c = m.config
-    h, w = _hw(c)
-    return {
-        "hidden_states": _randn(g, b, c.in_channels, h, w),
-        "encoder_hidden_states": _randn(g, b, n, c.joint_attention_dim),
-        "pooled_projections": _randn(g, b, c.pooled_projection_dim),
-        "timestep": None,
-    }
-
-
-def _flux_ids(h: int, w: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    img = torch.zeros(h, w, 3)
-    img[..., 1] = torch.arange(h)[:, None]
-    img[..., 2] = torch.arange(w)[None, :]
-    return torch.zeros(n, 3), img.reshape(h * w, 3)
-
-
-@register("FluxTransformer2DModel")
-def _flux(m: nn.Module, b: int, n: int, g: torch.Generator) -> dict[str, Any]:
-    c = m.config
-    side = 8  # packed latent side: 8 x 8 = 64 image tokens
-    txt_ids, img_ids = _flux_ids(side, side, n)
-    out = {
-        "hidden_states": _randn(g, b, side * side, c.in_channels),
-        "encoder_hidden_states": _randn(g, b, n, c.joint_attention_dim),
-        "pooled_projections": _randn(g, b, c.pooled_projection_dim),
-        "timestep": torch.full((b,), 0.5),
-        "img_ids": img_ids,
-        "txt_ids": txt_ids,
-    }
-    if c.guidance_embeds:
-        out["guidance"] = torch.full((b,), 3.5)
-    return out
-
-
-@register("SanaTransformer2DModel")
-def _sana(m: nn.Module, b: int, n: int, g: torch.Generator) -> dict[str, Any]:
-    c = m.config
-    h, w = _hw(c)
-    return {
-        "hidden_states": _randn(g, b, c.in_channels, h, w),
-        "encoder_hidden_states": _randn(g, b, n, c.caption_channels),
-        "timestep": None,
-    }
-
-
-@register("WanTransformer3DModel")
-def _wan(m: nn.Module, b: int, n: int, g: torch.Generator) -> dict[str, Any]:
-    c = m.config
-    frames, side = 3, 8
-    return {
-        "hidden_states": _randn(g, b, c.in_channels, frames, side, side),
-        "encoder_hidden_states": _randn(g, b, n, c.text_dim),
-        "timestep": None,
-    }
-
-
-@register("CogVideoXTransformer3DModel")
-def _cogvideox(m: nn.Module, b: int, n: int, g: torch.Generator) -> dict[str, Any]:
-    c = m.config
-    h, w = c.sample_height, c.sample_width
-    return {
-        "hidden_states": _randn(g, b, c.sample_frames // c.temporal_compression_ratio + 1, c.in_channels, h, w),
-        "encoder_hidden_states": _randn(g, b, c.max_text_seq_length, c.text_embed_dim),
-        "timestep": None,
-    }

@@ -68,6 +68,41 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, int]]] = {
              temporal_compression_ratio=4, max_text_seq_length=8),
         {"transformer_blocks": 2},
     ),
+    # the next five have no hand-written inputs anywhere: dit_opt.synthetic derives them
+    "qwenimage": (
+        "QwenImageTransformer2DModel",
+        dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+             num_attention_heads=4, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4)),
+        {"transformer_blocks": 2},
+    ),
+    "auraflow": (
+        "AuraFlowTransformer2DModel",
+        dict(sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=2,
+             attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+             out_channels=4, pos_embed_max_size=256),
+        {"joint_transformer_blocks": 1, "single_transformer_blocks": 2},
+    ),
+    "chroma": (
+        "ChromaTransformer2DModel",
+        dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=2, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 4, 8), approximator_num_channels=8,
+             approximator_hidden_dim=16, approximator_layers=1),
+        {"transformer_blocks": 1, "single_transformer_blocks": 2},
+    ),
+    "ltx": (
+        "LTXVideoTransformer3DModel",
+        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+             num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16),
+        {"transformer_blocks": 2},
+    ),
+    "latte": (
+        "LatteTransformer3DModel",
+        dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+             caption_channels=8, in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True,
+             activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+             norm_elementwise_affine=False, norm_eps=1e-6, video_length=4),
+        {"transformer_blocks": 2, "temporal_transformer_blocks": 2},
+    ),
 }
 
 

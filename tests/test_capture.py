@@ -21,6 +21,11 @@ EXPECTED_ROLES = {
     "sana": {"attn", "cross_attn", "mlp", "norm"},
     "wan": {"attn", "cross_attn", "mlp", "norm"},
     "cogvideox": {"attn", "mlp", "norm"},
+    "qwenimage": {"attn", "mlp", "norm"},
+    "auraflow": {"attn", "mlp", "norm"},
+    "chroma": {"attn", "mlp", "norm"},
+    "ltx": {"attn", "cross_attn", "mlp", "norm"},
+    "latte": {"attn", "cross_attn", "mlp", "norm"},
 }
 
 
@@ -186,3 +191,25 @@ def test_capture_prints_nothing(capfd):
         warnings.simplefilter("ignore")
         capture(model, inputs)
     assert capfd.readouterr().out == ""
+
+
+def test_blocks_that_take_var_positional_args_inside_a_model_with_an_inner_block_list():
+    """HunyuanVideo: its blocks take ``*args`` (positional inputs past the named ones), and its
+    context embedder holds a list of refiner blocks, called by the embedder, not by the model."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from dit_opt.capture import capture
+    from dit_opt.synthetic import example_inputs
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(
+        attention_head_dim=10, guidance_embeds=True, in_channels=4, num_attention_heads=2, num_layers=1,
+        num_refiner_layers=1, num_single_layers=1, out_channels=4, patch_size=1, patch_size_t=1,
+        pooled_projection_dim=8, rope_axes_dim=[2, 4, 4], text_embed_dim=16).eval()
+    inputs = example_inputs(model)
+    g = capture(model, inputs)
+    assert g.list_names == ("transformer_blocks", "single_transformer_blocks")
+    ins = dict(g.block("transformer_blocks.0").inputs)
+    assert "freqs_cis.0" in ins and "hidden_states" in ins
+    with torch.no_grad():
+        assert float((model(**inputs).sample - g(**inputs).sample).abs().max()) <= 1e-5
