@@ -97,6 +97,25 @@ def _calibration(sampler: Any, samples: int, steps: int | None):
     return sampling(sampler, samples, _CALIBRATION_SEED, steps)
 
 
+def _profiled_calibration(profile_dir: Path, model: str) -> dict:
+    """The calibration settings ``dit-opt profile`` recorded beside a profile (``{}`` for a profile
+    saved by ``Profile.save``, which records none).
+
+    Raises:
+        typer.BadParameter: the profile was made for another reference model.
+    """
+    try:
+        recorded = json.loads((profile_dir / "zoo.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    made_for = recorded.get(_ZOO_KEY)
+    if made_for is not None and made_for != model:
+        raise typer.BadParameter(f"{profile_dir} is a profile of {made_for}, not of {model}; optimise {made_for} "
+                                 f"with it, or profile {model} with `dit-opt profile {model} --out DIR`",
+                                 param_hint="--profile")
+    return recorded
+
+
 def _fail(error: Exception) -> typer.Exit:
     """Print a dit-opt failure in red; the caller raises the returned ``Exit(1)``."""
     _err.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
@@ -322,8 +341,11 @@ def optimize(
                                                      "(default: profile now).")] = None,
     solver: str = typer.Option("cpsat", "--solver",
                                help="cpsat, dp, or a baseline schedule: fora, delta_dit, toca, soda."),
-    samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Calibration images (classes cycle)."),
-    steps: int | None = _STEPS,
+    samples: int | None = typer.Option(None, "--samples", callback=_check_positive,
+                                       help="Calibration images (classes cycle; default: the profile's, else 10)."),
+    steps: int | None = typer.Option(None, "--steps", callback=_check_positive,
+                                     help="Denoising steps of the calibration (default: the profile's, else the "
+                                     "model's own)."),
     threads: int | None = _THREADS,
     profile_cache: Annotated[Path | None, typer.Option(
         "--profile-cache", help="A directory where profiles are kept: a later run on the same model, "
@@ -338,6 +360,13 @@ def optimize(
     if profile_dir is not None and not (profile_dir / "profile.json").is_file():
         raise typer.BadParameter(f"{profile_dir} holds no profile.json; write one with `dit-opt profile MODEL "
                                  f"--out DIR`", param_hint="--profile")
+    if profile_dir is not None:
+        # Plans are compared on loops like the profiled ones: another step count would make every
+        # candidate a re-solved plan for a schedule the profile never saw.
+        recorded = _profiled_calibration(profile_dir, model)
+        samples = recorded.get("samples") if samples is None else samples
+        steps = recorded.get("steps") if steps is None else steps
+    samples = 10 if samples is None else samples
     calibration = str(profile_dir) if profile_dir is not None else _calibration(sampler, samples, steps)
     try:
         with _console.status(f"optimising {model} at budget {budget} ({solver}) ..."), warnings.catch_warnings():

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
 
 from dit_opt.testing import tiny_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one core per worker: the tiny models are Python-bound, so workers side by side beat threads
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ timing); what is checked is the wiring: exit codes, messages, and the files each
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -47,6 +48,10 @@ def saved(tmp_path_factory):
     out = _ok(_run("optimize", "digits-mmdit", "--budget", "0.5", "--out", str(opt), "--profile", str(prof),
                    "--threads", "1"))
     assert "Plan" in out and (opt / "dit_opt.json").is_file()
+    # the candidates are compared on the profile's loops (3 steps): on the model's default step
+    # count every candidate was the same re-solved plan, with one error for all
+    errors = re.findall(r"measured error ([0-9.e+-]+)", out)
+    assert len(errors) > 1 and len(set(errors)) > 1, out
     return root
 
 
@@ -97,6 +102,12 @@ def test_optimize_rejects_bad_budget_and_missing_profile(tmp_path):
     assert result.exit_code == 2 and "outside (0, 1]" in _text(result), result.output
     result = _run("optimize", "digits-mmdit", "--out", str(tmp_path / "o"), "--profile", str(tmp_path / "none"))
     assert result.exit_code == 2 and "no profile.json" in _text(result), result.output
+
+
+def test_optimize_rejects_a_profile_of_another_model(saved, tmp_path):
+    result = _run("optimize", "digits-dit", "--out", str(tmp_path / "o"), "--profile", str(saved / "prof"))
+    assert result.exit_code == 2 and "is a profile of digits-mmdit, not of digits-dit" in _text(result), result.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_inspect_prints_plan_graph_and_heatmap(saved, tmp_path):
