@@ -173,6 +173,13 @@ def capture(
     # reference output to check the capture against.
     records: dict[str, dict[str, Any]] = {}
     handles = [_record_io(blk, records.setdefault(f"{ln}.{i}", {})) for ln, i, blk in block_modules]
+    calls: dict[str, int] = {}  # role sub-module -> calls in the run (module-level units need one per block call)
+    for ln, i, blk in block_modules:
+        for _, mods in _roles(blk):
+            for m in mods:
+                key = f"{ln}.{i}.{m}"
+                handles.append(blk.get_submodule(m).register_forward_pre_hook(
+                    lambda *_, key=key: calls.__setitem__(key, calls.get(key, 0) + 1)))
     try:
         with torch.no_grad(), _tuple_outputs(model):
             reference = model(**example_inputs)
@@ -218,8 +225,12 @@ def capture(
         if inner and len(inner) < len(list_names):
             block_modules = [(ln, i, blk) for ln, i, blk in block_modules if ln not in inner]
             names = tuple(f"{ln}.{i}" for ln, i, _ in block_modules)
+    # A sub-module a block calls more than once (CogView4's ``ff``, on the image and then on the
+    # text tokens) has no one output to reuse, prune or skip: it is served only with its block.
+    repeated = tuple(sorted(k for k, n in calls.items() if n > 1 and k.rsplit(".", 1)[0] in set(names)))
     specs = tuple(
-        _block_spec(ln, i, blk, records[f"{ln}.{i}"], module.get_submodule(f"{ln}.{i}"))
+        _block_spec(ln, i, blk, records[f"{ln}.{i}"], module.get_submodule(f"{ln}.{i}"),
+                    exclude={k.removeprefix(f"{ln}.{i}.") for k in repeated if k.startswith(f"{ln}.{i}.")})
         for ln, i, blk in block_modules
     )
     graph = DiTGraph(
@@ -229,6 +240,7 @@ def capture(
         gm=gm,
         blocks=specs,
         example_inputs=dict(example_inputs),
+        repeated_modules=repeated,
     )
     for spec, node in graph.block_nodes():
         node.meta[META_BLOCK] = spec.name
@@ -279,7 +291,8 @@ def _record_io(block: nn.Module, rec: dict[str, Any]) -> Any:
     return block.register_forward_hook(hook, with_kwargs=True)
 
 
-def _block_spec(list_name: str, index: int, block: nn.Module, rec: dict[str, Any], sub: nn.Module) -> BlockSpec:
+def _block_spec(list_name: str, index: int, block: nn.Module, rec: dict[str, Any], sub: nn.Module,
+                exclude: set[str] = frozenset()) -> BlockSpec:
     positional = _positional_name(block)
     inputs: list[tuple[str, TensorSpec]] = []
     named = [(positional(i), a) for i, a in enumerate(rec["args"])]
@@ -321,7 +334,7 @@ def _block_spec(list_name: str, index: int, block: nn.Module, rec: dict[str, Any
         inputs=tuple(inputs),
         outputs=tuple(streams),
         output_is_tuple=is_tuple,
-        modules=_roles(block),
+        modules=tuple((r, kept) for r, mods in _roles(block) if (kept := tuple(m for m in mods if m not in exclude))),
     )
 
 

@@ -133,6 +133,8 @@ class DiTGraph:
         example_inputs: the keyword inputs the graph was captured with.
         flops: total FLOPs of one forward at the captured shapes (set by ``annotate_flops``).
         costs: the cost model (set by ``annotate_flops``), see ``passes.annotate_flops.CostModel``.
+        repeated_modules: role sub-modules (qualified names) that their block calls more than once
+            per call; they are left out of the blocks' roles (served only with their block).
     """
 
     model: torch.nn.Module
@@ -144,6 +146,7 @@ class DiTGraph:
     flops: int | None = None
     costs: Any = None
     capture_seconds: float = 0.0
+    repeated_modules: tuple[str, ...] = ()
 
     # ---- calling -------------------------------------------------------------------------
     def flat_inputs(self, *args: Any, **kwargs: Any) -> list[Any]:
@@ -217,6 +220,10 @@ class DiTGraph:
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        if self.repeated_modules:
+            head += (f"\nmodules called more than once per block call, so served only with their block (no "
+                     f"module-level action): {', '.join(self.repeated_modules[:6])}"
+                     f"{' ...' if len(self.repeated_modules) > 6 else ''}")
         lines = [head]
         for i, r in enumerate(rows):
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -103,6 +103,13 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, int]]] = {
              norm_elementwise_affine=False, norm_eps=1e-6, video_length=4),
         {"transformer_blocks": 2, "temporal_transformer_blocks": 2},
     ),
+    # its blocks call their ``ff`` twice (image tokens, then text tokens)
+    "cogview4": (
+        "CogView4Transformer2DModel",
+        dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+             num_attention_heads=2, text_embed_dim=16, time_embed_dim=16, condition_dim=4, sample_size=8),
+        {"transformer_blocks": 2},
+    ),
 }
 
 

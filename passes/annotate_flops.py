@@ -17,6 +17,7 @@ tensors with the token dimension doubled. Summed per sub-module and block, this 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,6 +149,7 @@ class _Counter:
 
     def module_cost(self, module: torch.nn.Module, qual: str, block: BlockSpec | None, role: str | None) -> Cost:
         cost = Cost()
+        targets = Counter(str(n.target) for n in module.graph.nodes if n.op == "call_module")
         for node in module.graph.nodes:
             if node.op == "call_module":
                 sub_qual = str(node.target) if not qual else f"{qual}.{node.target}"
@@ -157,6 +159,11 @@ class _Counter:
                 sub_role = role or (self.role_of.get(sub_qual) if sub_block is not None else None)
                 sub = module.get_submodule(str(node.target))
                 c = self.module_cost(sub, sub_qual, sub_block, sub_role)
+                if targets[str(node.target)] > 1 and c.total > 0:
+                    # unflatten shares one sub-graph between calls of a module whose graphs match
+                    # (CogView4's ``ff`` on image then text tokens): its shapes are one call's, so
+                    # the total is re-counted at this call's inputs and the split kept.
+                    c = c.scaled(_call_flops(node, sub) / c.total)
                 if block is None and sub_qual in self.specs:
                     self.blocks[sub_qual] = self.blocks.get(sub_qual, Cost()) + c
                 elif role is None and sub_role is not None and sub_qual in self.role_of:
@@ -192,6 +199,21 @@ def _node_flops(node: torch.fx.Node) -> int:
         return 0  # no tensor inputs: nothing to count
     with fake, flop_counter() as fc:
         node.target(*args, **kwargs)
+    return int(fc.get_total_flops())
+
+
+def _call_flops(node: torch.fx.Node, sub: torch.nn.Module) -> int:
+    """FLOPs of calling ``sub`` on the fake inputs recorded at ``node`` (its real parameters allowed)."""
+    args, kwargs = _vals(node.args), _vals(node.kwargs)
+    fake = detect_fake_mode([x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)])
+    if fake is None:
+        return 0
+    allowed, fake.allow_non_fake_inputs = fake.allow_non_fake_inputs, True
+    try:
+        with fake, flop_counter() as fc:
+            sub(*args, **kwargs)
+    finally:
+        fake.allow_non_fake_inputs = allowed
     return int(fc.get_total_flops())
 
 
