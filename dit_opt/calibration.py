@@ -257,8 +257,13 @@ def synthetic_calibration(
             inputs[latent_name] = latents
             if timestep_name is not None:
                 inputs[timestep_name] = torch.full((latents.shape[0],), float(tt), device=latents.device)
-            pred = _as_latent(model_sample(module(**inputs)), latents)
-            latents = sched.step(pred, t, latents).prev_sample
+            pred, dim = _as_latent(model_sample(module(**inputs)), latents)
+            if dim is None:
+                latents = sched.step(pred, t, latents).prev_sample
+            else:  # conditioning channels after the noisy ones (image-to-video): held as they are
+                n = pred.shape[dim]
+                noisy = sched.step(pred, t, latents.narrow(dim, 0, n)).prev_sample
+                latents = torch.cat([noisy, latents.narrow(dim, n, latents.shape[dim] - n)], dim)
         return latents
 
     # the same loops for the same model and arguments: a kept profile of one serves the other
@@ -266,15 +271,20 @@ def synthetic_calibration(
     return run
 
 
-def _as_latent(pred: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """The part of a prediction that steps the latent: a learned variance (the extra channels of a
-    ``2 * in_channels`` output) is dropped."""
+def _as_latent(pred: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    """The part of a prediction that steps the latent, and the dimension along which only a prefix
+    of the latent is stepped (``None``: all of it). A learned variance (the extra channels of a
+    ``2 * in_channels`` output) is dropped; a prediction narrower than the latent along one
+    dimension (channels of an image or mask concatenated to the noisy ones, as image-to-video
+    models take them) steps the latent's first channels and leaves the rest."""
     if pred.shape == latents.shape:
-        return pred
+        return pred, None
     if pred.dim() == latents.dim():
         differ = [d for d in range(pred.dim()) if pred.shape[d] != latents.shape[d]]
         if len(differ) == 1 and pred.shape[differ[0]] > latents.shape[differ[0]]:
-            return pred.narrow(differ[0], 0, latents.shape[differ[0]])
+            return pred.narrow(differ[0], 0, latents.shape[differ[0]]), None
+        if len(differ) == 1 and differ[0] > 0:
+            return pred, differ[0]
     raise InputMismatchError(
         f"the model's prediction {tuple(pred.shape)} does not fit its latent {tuple(latents.shape)}, so the "
         f"synthetic denoising loop cannot step it: pass a calibration that runs the model's pipeline")

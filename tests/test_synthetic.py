@@ -93,3 +93,21 @@ def test_a_registered_builder_wins(monkeypatch):
         "hidden_states": torch.zeros(b, 4, 8, 8), "timestep": None, "class_labels": torch.zeros(b, dtype=torch.long)})
     inputs = synthetic.example_inputs(model, batch_size=3)
     assert inputs["hidden_states"].abs().sum() == 0 and inputs["timestep"].tolist() == [500.0] * 3
+
+
+def test_conditioning_channels_after_the_noisy_ones_are_held():
+    """An image-to-video model takes its conditioning concatenated to the noisy channels (Motif:
+    33 in, 16 out): the synthetic loop steps the first 16 and leaves the rest as they are."""
+    from diffusers import MotifVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = MotifVideoTransformer3DModel(
+        in_channels=33, out_channels=16, num_layers=1, num_single_layers=1, num_decoder_layers=0,
+        num_attention_heads=2, attention_head_dim=12, patch_size=1, patch_size_t=1, text_embed_dim=32,
+        image_embed_dim=4, rope_axes_dim=[4, 4, 4], qk_norm="rms_norm", norm_type="layer_norm",
+        enable_text_cross_attention_dual=False, enable_text_cross_attention_single=False).eval()
+    latent = synthetic.example_inputs(model)["hidden_states"]
+    out = synthetic_calibration(model, num_inference_steps=3, warn=False)(model)
+    assert out.shape == latent.shape
+    assert torch.equal(out[:, 16:], latent[:, 16:])
+    assert not torch.allclose(out[:, :16], latent[:, :16])
