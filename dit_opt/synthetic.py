@@ -300,6 +300,16 @@ def _sizes(ctx: _Context) -> torch.Tensor:
     return torch.tensor([[h * ph * 8.0, w * pw * 8.0]] * ctx.batch)  # pixels: 8x the latent
 
 
+def _control(ctx: _Context) -> torch.Tensor | None:
+    """A control video beside the latent (VACE), as many channels as the config's control input."""
+    channels = _cfg(ctx.cfg, "vace_in_channels", "control_in_channels")
+    if channels is None:
+        return None
+    shape = list(ctx.layout.shape)
+    shape[{"frames": 1, "tokens": -1}.get(ctx.layout.kind, 0)] = int(channels)
+    return ctx.randn(ctx.batch, *shape)
+
+
 def _added_cond(ctx: _Context) -> dict[str, Any]:
     if getattr(ctx.model, "use_additional_conditions", False):
         return {"resolution": _sizes(ctx), "aspect_ratio": torch.tensor([[1.0]] * ctx.batch)}
@@ -322,12 +332,13 @@ ARGUMENT_RULES: dict[str, Callable[[_Context], Any]] = {
     "width": lambda c: c.layout.grid[2],
     "original_size": _sizes, "target_size": _sizes, "crop_coords": lambda c: torch.zeros(c.batch, 2),
     "added_cond_kwargs": _added_cond,
+    "control_hidden_states": _control,
 }
 
 #: arguments a pipeline passes although the forward gives them a default (conditioning)
 _PASSED = {"timestep", "timesteps", "t", "encoder_hidden_states", "cap_feats", "encoder_hidden_states_t5",
            "pooled_projections", "pooled_embeds", "class_labels", "img_ids", "txt_ids", "guidance", "img_shapes",
-           "txt_seq_lens", "added_cond_kwargs", "num_frames", "height", "width"}
+           "txt_seq_lens", "added_cond_kwargs", "num_frames", "height", "width", "control_hidden_states"}
 # (an optional mask is left out: ``None`` means that every text token is attended to, as all-ones does)
 
 

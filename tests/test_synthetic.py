@@ -111,3 +111,16 @@ def test_conditioning_channels_after_the_noisy_ones_are_held():
     assert out.shape == latent.shape
     assert torch.equal(out[:, 16:], latent[:, 16:])
     assert not torch.allclose(out[:, :16], latent[:, :16])
+
+
+def test_a_control_video_is_sized_by_the_config():
+    """VACE's blocks read a control video beside the latent (``vace_in_channels`` wide): without it
+    the model does not run."""
+    from diffusers import WanVACETransformer3DModel
+
+    model = WanVACETransformer3DModel(
+        patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, vace_layers=[0], vace_in_channels=48).eval()
+    inputs = synthetic.example_inputs(model)
+    assert inputs["control_hidden_states"].shape == (2, 48, *inputs["hidden_states"].shape[2:])
