@@ -26,6 +26,7 @@ import torch.fx
 from torch import nn
 
 from dit_opt.errors import CaptureError, InputMismatchError, NoBlocksFoundError
+from dit_opt.export_tables import exported_at, record_table_sizes
 from dit_opt.ir import META_BLOCK, ROLES, BlockSpec, DiTGraph, StreamSpec, TensorSpec
 
 __all__ = ["capture", "context_parallel_config", "find_block_lists"]
@@ -180,6 +181,8 @@ def capture(
                 key = f"{ln}.{i}.{m}"
                 handles.append(blk.get_submodule(m).register_forward_pre_hook(
                     lambda *_, key=key: calls.__setitem__(key, calls.get(key, 0) + 1)))
+    table_sizes: dict[str, tuple[int, int, int]] = {}  # positional tables forward computes (export_tables)
+    handles += record_table_sizes(model, table_sizes)
     try:
         with torch.no_grad(), _tuple_outputs(model):
             reference = model(**example_inputs)
@@ -199,7 +202,7 @@ def capture(
         )
 
     try:
-        with torch.no_grad(), warnings.catch_warnings(), _tuple_outputs(model):
+        with torch.no_grad(), warnings.catch_warnings(), _tuple_outputs(model), exported_at(model, table_sizes):
             warnings.simplefilter("ignore")
             exported = torch.export.export(
                 model, (), dict(example_inputs), strict=False, preserve_module_call_signature=names

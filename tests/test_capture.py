@@ -224,3 +224,21 @@ def test_blocks_that_take_var_positional_args_inside_a_model_with_an_inner_block
     assert "freqs_cis.0" in ins and "hidden_states" in ins
     with torch.no_grad():
         assert float((model(**inputs).sample - g(**inputs).sample).abs().max()) <= 1e-5
+
+
+def test_cogvideox_captures_at_another_resolution():
+    """CogVideoX computes its positional table in forward for any size but the configured one, and
+    torch.export left a fake tensor among the constants: the table is made for the capture's size."""
+    from dit_opt.capture import capture
+    from dit_opt.testing import tiny_model
+
+    model, inputs = tiny_model("cogvideox")  # configured for 8 x 8
+    before = model.patch_embed.pos_embedding.clone()
+    inputs = dict(inputs, hidden_states=torch.randn(2, 3, 4, 12, 16, generator=torch.Generator().manual_seed(1)))
+    g = capture(model, inputs)
+    with torch.no_grad():
+        ref = _tensors(model(**inputs))[0]
+        got = _tensors(g.gm(*g.flat_inputs(**inputs)))[0]
+    assert got.shape == (2, 3, 4, 12, 16)
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert model.patch_embed.sample_height == 8 and torch.equal(model.patch_embed.pos_embedding, before)
