@@ -202,7 +202,8 @@ def capture(
         )
 
     try:
-        with torch.no_grad(), warnings.catch_warnings(), _tuple_outputs(model), exported_at(model, table_sizes):
+        with torch.no_grad(), warnings.catch_warnings(), _tuple_outputs(model), exported_at(model, table_sizes), \
+                _fresh_passthrough_outputs(block_modules, records):
             warnings.simplefilter("ignore")
             exported = torch.export.export(
                 model, (), dict(example_inputs), strict=False, preserve_module_call_signature=names
@@ -284,6 +285,39 @@ def _check_inputs(model: nn.Module, inputs: Any) -> None:
             f"{cls}: example_inputs {sorted(inputs)} do not fit {cls}.forward ({e}). "
             f"Its parameters are {params}."
         ) from e
+
+
+@contextlib.contextmanager
+def _fresh_passthrough_outputs(block_modules: Sequence[tuple[str, int, nn.Module]],
+                               records: dict[str, dict[str, Any]]) -> Iterator[None]:
+    """Inside the ``with``, a block that returns one of its inputs as it is (Mochi's last block passes
+    the text stream through) returns a copy of it: ``torch.export.unflatten`` cannot give a
+    preserved module call an output that is its input ("Could not find output node")."""
+    patched = []
+    for ln, i, blk in block_modules:
+        rec = records.get(f"{ln}.{i}", {})
+        out = rec.get("output")
+        ins = [x for x in torch.utils._pytree.tree_leaves((rec.get("args", ()), rec.get("kwargs", {})))
+               if isinstance(x, torch.Tensor)]
+        if not isinstance(out, tuple | list) or not any(any(o is x for x in ins) for o in out):
+            continue
+        saved, inner = blk.__dict__.get("forward"), blk.forward
+
+        def forward(*args: Any, inner: Any = inner, **kwargs: Any) -> Any:
+            result = inner(*args, **kwargs)
+            given = [x for x in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+            return type(result)(o.clone() if any(o is x for x in given) else o for o in result)
+
+        blk.forward = forward
+        patched.append((blk, saved))
+    try:
+        yield
+    finally:
+        for blk, saved in patched:
+            if saved is None:
+                del blk.forward
+            else:
+                blk.forward = saved
 
 
 def _record_io(block: nn.Module, rec: dict[str, Any]) -> Any:

@@ -110,6 +110,15 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, int]]] = {
              num_attention_heads=2, text_embed_dim=16, time_embed_dim=16, condition_dim=4, sample_size=8),
         {"transformer_blocks": 2},
     ),
+    # its last block passes the text stream through; attention over the valid text tokens only
+    # (data-dependent sizes in the graph)
+    "mochi": (
+        "MochiTransformer3DModel",
+        dict(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+             in_channels=4, out_channels=None, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4,
+             activation_fn="swiglu", max_sequence_length=16),
+        {"transformer_blocks": 2},
+    ),
 }
 
 

@@ -199,7 +199,25 @@ def _node_flops(node: torch.fx.Node) -> int:
         return 0  # no tensor inputs: nothing to count
     with fake, flop_counter() as fc:
         node.target(*args, **kwargs)
-    return int(fc.get_total_flops())
+    return _concrete(fc.get_total_flops(), fake)
+
+
+def _concrete(flops: Any, fake: Any) -> int:
+    """``flops`` as an int. A count over a data-dependent size (Mochi's attention over the valid
+    text tokens, ``nonzero`` of the mask) has no value at capture time: it is counted at the
+    largest value the size can take (every text token valid, as in the example inputs)."""
+    if not isinstance(flops, torch.SymInt) or flops.node.expr.is_number:
+        return int(flops)
+    env = fake.shape_env
+    expr = flops.node.expr
+    values = {}
+    for sym in expr.free_symbols:
+        bound = env.var_to_range[sym].upper if sym in env.var_to_range else None
+        hint = env.var_to_val.get(sym)
+        if hint is None and (bound is None or not bound.is_finite):
+            raise ValueError(f"cannot count FLOPs over the unbounded data-dependent size {sym} ({expr})")
+        values[sym] = hint if hint is not None else bound
+    return int(expr.xreplace(values))
 
 
 def _call_flops(node: torch.fx.Node, sub: torch.nn.Module) -> int:
@@ -214,7 +232,7 @@ def _call_flops(node: torch.fx.Node, sub: torch.nn.Module) -> int:
             sub(*args, **kwargs)
     finally:
         fake.allow_non_fake_inputs = allowed
-    return int(fc.get_total_flops())
+    return _concrete(fc.get_total_flops(), fake)
 
 
 def _token_exponent(node: torch.fx.Node, block: BlockSpec, flops: int) -> int:

@@ -26,7 +26,8 @@ EXPECTED_ROLES = {
     "chroma": {"attn", "mlp", "norm"},
     "ltx": {"attn", "cross_attn", "mlp", "norm"},
     "latte": {"attn", "cross_attn", "mlp", "norm"},
-    "cogview4": {"attn", "norm"},  # its ff runs twice per block call: no module-level unit
+    "cogview4": {"attn", "norm"},
+    "mochi": {"attn", "mlp", "norm"},  # its ff runs twice per block call: no module-level unit
 }
 
 
