@@ -46,7 +46,7 @@ _LATENT_NAMES = ("hidden_states", "sample", "x", "latents")
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 #: config entries that size the text conditioning, most specific first
 _TEXT_WIDTH_KEYS = ("caption_channels", "text_embed_dim", "text_dim", "joint_attention_dim", "cap_feat_dim",
-                    "text_hidden_size", "encoder_hid_dim", "cross_attention_dim")
+                    "text_hidden_size", "encoder_hid_dim", "context_in_dim", "cross_attention_dim")
 
 
 def register(*class_names: str) -> Callable[[_Builder], _Builder]:
@@ -254,6 +254,39 @@ def _mask(ctx: _Context) -> torch.Tensor:
     return torch.ones(ctx.batch, ctx.text, dtype=torch.bool)
 
 
+def _t5_length(ctx: _Context) -> int:
+    return int(_cfg(ctx.cfg, "text_len_t5") or ctx.text)
+
+
+def _text_t5(ctx: _Context) -> torch.Tensor:
+    """A second (T5) text sequence beside the first, sized by its own config entries (HunyuanDiT)."""
+    width = _cfg(ctx.cfg, "cross_attention_dim_t5", "text_embed_dim_t5") or _text_width(ctx.model)
+    return ctx.randn(ctx.batch, _t5_length(ctx), int(width))
+
+
+def _mask_t5(ctx: _Context) -> torch.Tensor:
+    return torch.ones(ctx.batch, _t5_length(ctx), dtype=torch.bool)
+
+
+def _style_conditioned(ctx: _Context) -> bool:
+    return bool(_cfg(ctx.cfg, "use_style_cond_and_image_meta_size"))
+
+
+def _image_meta(ctx: _Context) -> torch.Tensor | None:
+    """Original size, target size and crop corner in pixels (HunyuanDiT's size conditioning)."""
+    if not _style_conditioned(ctx):
+        return None
+    size = _sizes(ctx)
+    return torch.cat([size, size, torch.zeros(ctx.batch, 2)], dim=1)
+
+
+def _padding_mask(ctx: _Context) -> torch.Tensor | None:
+    """No padding (zeros) over the latent's grid, for a model that concatenates it (Cosmos)."""
+    if not _cfg(ctx.cfg, "concat_padding_mask"):
+        return None
+    return torch.zeros(1, 1, *ctx.layout.shape[-2:]) if ctx.layout.kind != "tokens" else None
+
+
 def _pooled(ctx: _Context) -> torch.Tensor | None:
     dim = _cfg(ctx.cfg, "pooled_projection_dim", "pooled_embed_dim", "text_embed_2_dim")
     return None if dim is None else ctx.randn(ctx.batch, int(dim))
@@ -319,9 +352,12 @@ def _added_cond(ctx: _Context) -> dict[str, Any]:
 #: forward argument name -> how it is made; ``None`` from a rule leaves the argument out
 ARGUMENT_RULES: dict[str, Callable[[_Context], Any]] = {
     "timestep": _timestep, "timesteps": _timestep, "t": _timestep,
-    "encoder_hidden_states": _text, "cap_feats": _text, "encoder_hidden_states_t5": _text,
+    "encoder_hidden_states": _text, "cap_feats": _text, "encoder_hidden_states_t5": _text_t5,
     "encoder_attention_mask": _mask, "encoder_hidden_states_mask": _mask, "encoder_mask": _mask,
-    "text_embedding_mask": _mask, "text_embedding_mask_t5": _mask,
+    "text_embedding_mask": _mask, "text_embedding_mask_t5": _mask_t5,
+    "image_meta_size": _image_meta,
+    "style": lambda c: torch.zeros(c.batch, dtype=torch.long) if _style_conditioned(c) else None,
+    "padding_mask": _padding_mask,
     "pooled_projections": _pooled, "pooled_embeds": _pooled,
     "class_labels": _labels,
     "img_ids": _image_ids, "txt_ids": _text_ids,
@@ -338,8 +374,10 @@ ARGUMENT_RULES: dict[str, Callable[[_Context], Any]] = {
 #: arguments a pipeline passes although the forward gives them a default (conditioning)
 _PASSED = {"timestep", "timesteps", "t", "encoder_hidden_states", "cap_feats", "encoder_hidden_states_t5",
            "pooled_projections", "pooled_embeds", "class_labels", "img_ids", "txt_ids", "guidance", "img_shapes",
-           "txt_seq_lens", "added_cond_kwargs", "num_frames", "height", "width", "control_hidden_states"}
-# (an optional mask is left out: ``None`` means that every text token is attended to, as all-ones does)
+           "txt_seq_lens", "added_cond_kwargs", "num_frames", "height", "width", "control_hidden_states",
+           "image_meta_size", "style", "padding_mask", "text_embedding_mask", "text_embedding_mask_t5"}
+# (an optional ``encoder_attention_mask`` is left out: ``None`` means that every text token is
+# attended to, as all-ones does; HunyuanDiT's text masks have no such default)
 
 
 def _build(ctx: _Context, params: dict[str, inspect.Parameter], optional: bool) -> dict[str, Any]:
@@ -401,7 +439,8 @@ def _text_width(model: nn.Module) -> int:
 
 
 def _text_length(model: nn.Module, default: int) -> int:
-    fixed = _cfg(getattr(model, "config", None), "max_text_seq_length")  # a learned text position table
+    # a learned text position table (CogVideoX), a learned padding of that many tokens (HunyuanDiT)
+    fixed = _cfg(getattr(model, "config", None), "max_text_seq_length", "text_len")
     return int(fixed) if fixed is not None else default
 
 

@@ -124,3 +124,29 @@ def test_a_control_video_is_sized_by_the_config():
         rope_max_seq_len=32, vace_layers=[0], vace_in_channels=48).eval()
     inputs = synthetic.example_inputs(model)
     assert inputs["control_hidden_states"].shape == (2, 48, *inputs["hidden_states"].shape[2:])
+
+
+def test_two_text_encoders_and_size_conditioning():
+    """HunyuanDiT: a CLIP and a T5 sequence, each of its configured length and width with its own
+    mask, the size conditioning and the style; its one small block is still found as the block list."""
+    from diffusers import HunyuanDiT2DModel
+
+    from dit_opt.capture import capture
+
+    model = HunyuanDiT2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                              num_attention_heads=2, cross_attention_dim=8, cross_attention_dim_t5=16,
+                              hidden_size=16, pooled_projection_dim=4, text_len=4, text_len_t5=6,
+                              activation_fn="gelu-approximate").eval()
+    inputs = synthetic.example_inputs(model)
+    assert _shapes(inputs) == {"hidden_states": (2, 4, 8, 8), "timestep": (2,), "encoder_hidden_states": (2, 4, 8),
+                               "text_embedding_mask": (2, 4), "encoder_hidden_states_t5": (2, 6, 16),
+                               "text_embedding_mask_t5": (2, 6), "image_meta_size": (2, 6), "style": (2,)}
+    assert [b.name for b in capture(model, inputs).blocks] == ["blocks.0"]
+
+
+def test_text_width_from_the_context_projection():
+    from diffusers import PRXTransformer2DModel
+
+    model = PRXTransformer2DModel(in_channels=4, patch_size=2, context_in_dim=24, hidden_size=32, mlp_ratio=2.0,
+                                  num_heads=2, depth=1, axes_dim=[8, 8]).eval()
+    assert synthetic.example_inputs(model)["encoder_hidden_states"].shape == (2, 8, 24)
