@@ -23,6 +23,7 @@ from torch import nn
 from dit_opt import errors
 from dit_opt.artifacts import ARTIFACT_VERSION, check_model, read, save
 from dit_opt.calibration import Generations, guarded, raised_by_calibration
+from dit_opt.capture import check_capture_mode
 from dit_opt.errors import ConfigError, DitOptError, InputMismatchError
 from dit_opt.plan import Plan, check_budget
 from dit_opt.runtime import OptimizedTransformer, compile_mode
@@ -122,6 +123,7 @@ def profile(
     probes: int = 6,
     progress: bool = True,
     distributed: bool | Any = False,
+    capture_mode: str = "auto",
 ) -> SensitivityProfile:
     """Measure the sensitivity profile of ``model`` (reusable across budgets).
 
@@ -147,6 +149,7 @@ def profile(
             list of generations, runs its share of them (``generations[rank::world]``), and gets
             the profile of all of them, the same on every rank (``docs/scale.md``); only rank 0
             writes it (``prof.save``). ``False``: one process.
+        capture_mode: see :func:`optimize`.
 
     Raises:
         ConfigError: ``distributed`` asks for a group while none is initialised (the message
@@ -199,7 +202,7 @@ def profile(
                         "every rank's generations must call the model with the same shapes and dtypes")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = capture(model, example_inputs, blocks=blocks)
+            graph = capture(model, example_inputs, blocks=blocks, mode=capture_mode)
         annotate_flops(graph)
         prof = _measure(graph, calibration, max_age=max_age, prune_rates=prune_rates, widths=widths,
                         probe_rows=probe_rows, gain_points=gain_points, probes=probes, progress=progress,
@@ -259,6 +262,7 @@ def optimize(
     select: bool | Callable[[nn.Module], Any] | None = None,
     profile_cache: str | Path | None = None,
     progress: bool = True,
+    capture_mode: str = "auto",
 ) -> OptimizedTransformer:
     """Optimise ``model`` to at most ``budget`` of its FLOPs per generation.
 
@@ -322,6 +326,10 @@ def optimize(
             e.g. at another budget). ``opt.report["profile_cached"]`` says where the profile
             came from (``"memory"``, ``"disk"`` or ``None``: measured now).
         progress: show progress bars.
+        capture_mode: ``"auto"`` captures the model's forward as one graph, or block by block
+            where ``torch.export`` rejects it (the glue then runs as the model's own Python;
+            :mod:`dit_opt.blockwise`); ``"whole"`` or ``"blocks"`` asks for one of the two.
+            ``opt.report["capture"]`` says which was used and why.
 
     Returns:
         An :class:`~dit_opt.runtime.OptimizedTransformer`, a drop-in for ``pipe.transformer``.
@@ -348,6 +356,7 @@ def optimize(
         return pipelines.attach(model, optimize(model.transformer, **options))
     budget = check_budget(budget)
     compile_mode(compile)
+    check_capture_mode(capture_mode)
     explicit = actions is not DEFAULT_ACTIONS
     actions = check_actions(actions)
     asked_cfg = explicit and "cfg" in actions
@@ -364,7 +373,7 @@ def optimize(
         ctx["calibration"], ctx["inputs"] = cal, inputs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ctx["graph"] = capture(model, inputs, blocks=blocks)
+            ctx["graph"] = capture(model, inputs, blocks=blocks, mode=capture_mode)
 
     def do_flops() -> None:
         from passes.annotate_flops import annotate_flops
@@ -460,7 +469,8 @@ def optimize(
 
         def build(plan: Plan) -> OptimizedTransformer:
             return OptimizedTransformer(model, plan, profile=ctx["profile"], graph=ctx["graph"], compile=False,
-                                        solver=solver, solver_options=solver_options, blocks=blocks)
+                                        solver=solver, solver_options=solver_options, blocks=blocks,
+                                        capture_mode=capture_mode)
 
         same = ctx["select_with"] is ctx["calibration"]
         ctx["plan"], ctx["selection"] = select_plan(model, ctx["candidates"], ctx["select_with"], build,
@@ -470,7 +480,7 @@ def optimize(
     def do_rewrite_and_lower() -> None:
         ctx["opt"] = OptimizedTransformer(model, ctx["plan"], profile=ctx["profile"], graph=ctx["graph"],
                                           compile=compile, solver=solver, solver_options=solver_options,
-                                          blocks=blocks)
+                                          blocks=blocks, capture_mode=capture_mode)
 
     times = _run_steps([
         ("capture", do_capture),
@@ -484,7 +494,8 @@ def optimize(
     opt.step_times = times
     opt.selection = ctx["selection"]
     # where the profile found PRUNE impossible (a block or module that cannot run on a token subset)
-    opt.report = {**_cost_report(ctx, times), "prune_excluded": dict(ctx["profile"].report.get("prune_excluded", {}))}
+    opt.report = {**_cost_report(ctx, times), "prune_excluded": dict(ctx["profile"].report.get("prune_excluded", {})),
+                  "capture_mode": ctx["graph"].capture_mode, "capture": ctx["graph"].describe_capture()}
     return opt
 
 
@@ -544,4 +555,5 @@ def load(path: str | Path, model: nn.Module, *, compile: bool | str = True) -> O
     """
     plan, prof, meta = read(path, model)
     return OptimizedTransformer(model, plan, profile=prof, compile=compile, solver=meta.get("solver", "cpsat"),
-                                solver_options=meta.get("solver_options") or {}, blocks=meta.get("blocks"))
+                                solver_options=meta.get("solver_options") or {}, blocks=meta.get("blocks"),
+                                capture_mode=meta.get("capture_mode", "auto"))

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from dit_opt import distributed
+from dit_opt.capture import CAPTURE_MODES
 from dit_opt.errors import ArtifactError
 from dit_opt.fingerprint import legacy_weights_sum, model_fingerprint
 from dit_opt.plan import Plan
@@ -81,6 +82,7 @@ def save(opt: Any, path: str | Path) -> Path:
         "solver": opt.solver,
         "solver_options": opt.solver_options,
         "blocks": opt.blocks_arg,
+        "capture_mode": opt.capture_mode,
         "files": {f: _sha(path / f) for f in files},
     }
     (path / "dit_opt.json").write_text(json.dumps(meta, indent=1))
@@ -112,6 +114,9 @@ def read(path: str | Path, model: nn.Module) -> tuple[Plan, SensitivityProfile |
         if _sha(f) != digest:
             raise ArtifactError(f"{path}: {name} does not match its checksum (corrupt or edited); save it again")
     check_model(meta.get("model", {}), model, f"the optimisation saved in {path}")
+    if meta.get("capture_mode", "auto") not in CAPTURE_MODES:  # (saved before capture modes: "auto")
+        raise ArtifactError(f"{path}: dit_opt.json names capture mode {meta.get('capture_mode')!r}, not one of "
+                            f"{CAPTURE_MODES}; save the optimised model again")
     plan = Plan.from_json((path / "plan.json").read_text())
     prof = SensitivityProfile.load(path) if (path / "profile.json").is_file() else None
     return plan, prof, meta

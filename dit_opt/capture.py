@@ -3,7 +3,9 @@
 ``torch.fx.symbolic_trace`` fails on diffusers transformers (shape-dependent control
 flow), so capture uses ``torch.export.export(strict=False)`` with the blocks' call
 signatures preserved, then ``torch.export.unflatten``: the top graph calls each block as
-one ``call_module`` node and each block graph calls its sub-modules the same way.
+one ``call_module`` node and each block graph calls its sub-modules the same way. Where the
+export rejects the model's forward (Python glue over symbolic sizes, ``.numpy()``), the blocks
+are captured one by one and the glue runs as the model's own code (:mod:`dit_opt.blockwise`).
 
 Block lists are discovered, not hard-coded: the ``nn.ModuleList``s of same-class blocks
 that hold most of the parameters (so most of the FLOPs). Flux- and SD3-style MMDiTs have
@@ -26,11 +28,28 @@ import torch
 import torch.fx
 from torch import nn
 
-from dit_opt.errors import CaptureError, InputMismatchError, NoBlocksFoundError
+from dit_opt.blockwise import export_blocks, slice_views
+from dit_opt.errors import CaptureError, ConfigError, InputMismatchError, NoBlocksFoundError
 from dit_opt.export_tables import exported_at, record_table_sizes
 from dit_opt.ir import META_BLOCK, ROLES, BlockSpec, DiTGraph, StreamSpec, TensorSpec
 
-__all__ = ["capture", "context_parallel_config", "find_block_lists"]
+__all__ = ["CAPTURE_MODES", "capture", "check_capture_mode", "context_parallel_config", "find_block_lists"]
+
+#: ``capture(mode=...)``: the whole forward where ``torch.export`` takes it, else block by block
+#: (``"auto"``); only the whole forward; only block by block (see :mod:`dit_opt.blockwise`)
+CAPTURE_MODES = ("auto", "whole", "blocks")
+
+
+def check_capture_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`CAPTURE_MODES`.
+
+    Raises:
+        ConfigError: any other value (the message lists the valid ones).
+    """
+    if not isinstance(mode, str) or mode not in CAPTURE_MODES:
+        raise ConfigError(f"capture mode {mode!r} does not exist: use one of {CAPTURE_MODES} ('auto': the whole "
+                          f"forward, block by block where torch.export rejects it)")
+    return mode
 
 # A list must hold at least this share of the model's parameters to count as a block list.
 _MIN_PARAM_SHARE = 0.10
@@ -147,6 +166,7 @@ def capture(
     blocks: Sequence[str] | None = None,
     check: bool = True,
     atol: float = 1e-5,
+    mode: str = "auto",
 ) -> DiTGraph:
     """Capture ``model`` as a :class:`~dit_opt.ir.DiTGraph`.
 
@@ -156,6 +176,10 @@ def capture(
         blocks: names of the block lists, when discovery picks the wrong ones.
         check: run the captured graph once and compare with the model's own output.
         atol: tolerance of that comparison (float32).
+        mode: ``"auto"``: the whole forward as one graph, or, where ``torch.export`` rejects it,
+            block by block (:mod:`dit_opt.blockwise`: each block a graph, the glue the model's own
+            Python); ``"whole"``: only the former (a rejected export raises); ``"blocks"``: only
+            the latter.
 
     Returns:
         The captured graph, with a :class:`~dit_opt.ir.BlockSpec` per block. FLOPs are filled
@@ -164,7 +188,9 @@ def capture(
     Raises:
         InputMismatchError: ``example_inputs`` does not fit ``model.forward``.
         NoBlocksFoundError: no block list found (see :func:`find_block_lists`).
-        CaptureError: ``torch.export`` failed, or the captured graph computes something else.
+        CaptureError: ``torch.export`` failed (in ``"auto"`` mode: on the blocks too), or the
+            captured graph computes something else.
+        ConfigError: ``mode`` is not one of :data:`CAPTURE_MODES`.
 
     Example:
         >>> g = capture(model, {"hidden_states": x, "timestep": t, "class_labels": y})
@@ -172,6 +198,7 @@ def capture(
     """
     cls = type(model).__name__
     t0 = time.perf_counter()
+    check_capture_mode(mode)
     _check_inputs(model, example_inputs)
     list_names = find_block_lists(model, blocks)
     block_modules = [(ln, i, blk) for ln in list_names for i, blk in enumerate(model.get_submodule(ln))]
@@ -208,27 +235,38 @@ def capture(
             f"are not the model's transformer blocks. Name the right list: capture(model, inputs, blocks=[...])."
         )
 
-    try:
-        with torch.no_grad(), warnings.catch_warnings(), _tuple_outputs(model), exported_at(model, table_sizes), \
-                _fresh_passthrough_outputs(block_modules, records):
+    exported = module = blockwise = None
+    if mode != "blocks":
+        try:
+            with torch.no_grad(), warnings.catch_warnings(), _tuple_outputs(model), exported_at(model, table_sizes), \
+                    _fresh_passthrough_outputs(block_modules, records):
+                warnings.simplefilter("ignore")
+                exported = torch.export.export(
+                    model, (), dict(example_inputs), strict=False, preserve_module_call_signature=names
+                )
+                # torch 2.13's unflatten prints debugging lines ("Checking mutability ...") to stdout
+                with contextlib.redirect_stdout(io.StringIO()):
+                    module = torch.export.unflatten(exported)
+                _run_generated_code(module)
+        except Exception as e:
+            if mode == "whole":
+                raise CaptureError(
+                    f"{cls}: torch.export could not capture the model ({type(e).__name__}: {_first_line(e)}). "
+                    f"dit-opt needs a model that torch.export.export(model, (), inputs, strict=False) accepts "
+                    f"for mode='whole': remove data-dependent Python control flow (branching on tensor values, "
+                    f".item()) from forward, or capture with mode='auto' (block by block where the whole fails)."
+                ) from e
+            reason = f"{type(e).__name__}: {_first_line(e)[:200]}"
+    else:
+        reason = "mode='blocks' was asked for"
+    if module is None:
+        with warnings.catch_warnings(), _fresh_passthrough_outputs(block_modules, records):
             warnings.simplefilter("ignore")
-            exported = torch.export.export(
-                model, (), dict(example_inputs), strict=False, preserve_module_call_signature=names
-            )
-            # torch 2.13's unflatten prints debugging lines ("Checking mutability ...") to stdout
-            with contextlib.redirect_stdout(io.StringIO()):
-                module = torch.export.unflatten(exported)
-            _run_generated_code(module)
-    except Exception as e:
-        raise CaptureError(
-            f"{cls}: torch.export could not capture the model ({type(e).__name__}: {_first_line(e)}). "
-            f"dit-opt needs a model that torch.export.export(model, (), inputs, strict=False) accepts: "
-            f"remove data-dependent Python control flow (branching on tensor values, .item()) from "
-            f"forward, or name fewer block lists with capture(model, inputs, blocks=[...])."
-        ) from e
+            exported, module, blockwise = export_blocks(model, example_inputs, records, names, reference, reason)
+        _run_generated_code(module)
 
     gm = torch.fx.GraphModule(module, module.graph, class_name=f"{cls}Graph")
-    if blocks is None:
+    if blocks is None and blockwise is None:
         # A discovered list whose blocks another module calls (HunyuanVideo's token refiner
         # inside its context embedder) is that module's glue, not the model's blocks.
         top = {n.target for n in gm.graph.nodes if n.op == "call_module"}
@@ -252,9 +290,12 @@ def capture(
         blocks=specs,
         example_inputs=dict(example_inputs),
         repeated_modules=repeated,
+        blockwise=blockwise,
     )
     for spec, node in graph.block_nodes():
         node.meta[META_BLOCK] = spec.name
+    if blockwise is not None:
+        slice_views(gm, blockwise, {spec.name: node for spec, node in graph.block_nodes()})
     missing = sorted(set(names) - {s.name for s, _ in graph.block_nodes()})
     if missing:
         raise CaptureError(
@@ -331,6 +372,7 @@ def _record_io(block: nn.Module, rec: dict[str, Any]) -> Any:
     def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if "args" not in rec:  # the first call defines the contract
             rec["args"], rec["kwargs"], rec["output"] = args, kwargs, output
+        rec["calls"] = rec.get("calls", 0) + 1
 
     return block.register_forward_hook(hook, with_kwargs=True)
 

@@ -138,9 +138,10 @@ _THREADS = typer.Option(None, "--threads", help="torch threads (default: torch's
 @app.command()
 def capture(
     model: str = typer.Argument("dit", help="A built-in model: a tiny config (dit, pixart, sd3, flux, sana, "
-                                "wan) or a shipped reference model (digits-dit, digits-mmdit, crops-pixart)."),
+                                "wan, lumina2, ...: dit_opt.testing.tiny_names()) or a shipped reference model "
+                                "(digits-dit, digits-mmdit, crops-pixart)."),
 ) -> None:
-    """Capture a built-in model as an FX graph and print its block table and FLOPs."""
+    """Capture a built-in model as an FX graph and print its block table, capture mode and FLOPs."""
     from dit_opt.capture import capture as do_capture
     from passes.annotate_flops import annotate_flops
 
@@ -244,6 +245,8 @@ def _echo_selection(opt: Any) -> None:
                    f"{r['profile_generations']:.1f}, {r['selection_runs']} selection runs "
                    f"{r['selection_generations']:.1f}, capture, solving and lowering "
                    f"{r.get('other_generations', 0.0):.1f})")
+    if r and r.get("capture"):
+        typer.echo(f"capture: {r['capture']}")
     for where, reason in (r or {}).get("prune_excluded", {}).items():
         typer.echo(f"prune left out on {where}: it cannot run on a token subset ({reason})")
 

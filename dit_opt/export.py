@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dit_opt.errors import ArtifactError, DitOptError
+from dit_opt.errors import ArtifactError, ConfigError, DitOptError
 from dit_opt.fingerprint import tensor_bytes
 
 __all__ = ["export", "ExportedPlan"]
@@ -75,6 +75,10 @@ def export(opt: Any, path: str | Path) -> Path:
 
     Returns:
         ``path``.
+
+    Raises:
+        ArtifactError: nothing is captured and no inputs can be derived for the model.
+        ConfigError: the model was captured block by block (its glue is no program).
     """
     try:
         runner = opt.captured()
@@ -83,6 +87,10 @@ def export(opt: Any, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     graph = runner.graph
+    if graph.blockwise is not None:
+        raise ConfigError(f"opt.export writes each step as one torch.export program, but "
+                          f"{type(opt.model).__name__} was {graph.describe_capture()}, which no program holds. "
+                          f"Save the plan instead: opt.save(dir), then dit_opt.load(dir, model) replays it")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     flat = graph.flat_inputs(**graph.example_inputs)

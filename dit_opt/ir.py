@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
+
+if TYPE_CHECKING:
+    from dit_opt.blockwise import Blockwise
 
 __all__ = [
     "ROLES",
@@ -135,6 +138,10 @@ class DiTGraph:
         costs: the cost model (set by ``annotate_flops``), see ``passes.annotate_flops.CostModel``.
         repeated_modules: role sub-modules (qualified names) that their block calls more than once
             per call; they are left out of the blocks' roles (served only with their block).
+        blockwise: ``None`` for a whole-model capture (:attr:`gm` is the model's forward); for a
+            block-by-block one (``torch.export`` rejected the glue), what it recorded
+            (:class:`dit_opt.blockwise.Blockwise`): :attr:`gm` then holds the blocks side by
+            side and the model's own forward runs the glue.
     """
 
     model: torch.nn.Module
@@ -147,19 +154,61 @@ class DiTGraph:
     costs: Any = None
     capture_seconds: float = 0.0
     repeated_modules: tuple[str, ...] = ()
+    blockwise: Blockwise | None = None
+
+    @property
+    def capture_mode(self) -> str:
+        """``"whole"`` (the model's forward is one graph) or ``"blocks"`` (each block is; see
+        :mod:`dit_opt.blockwise`)."""
+        return "whole" if self.blockwise is None else "blocks"
+
+    def describe_capture(self) -> str:
+        """One line: the capture mode and, for a block-by-block capture, why."""
+        if self.blockwise is None:
+            return "captured whole (torch.export of the model's forward)"
+        return (f"captured block by block: torch.export rejected the model's forward ({self.blockwise.reason}), "
+                f"so the glue between the blocks runs as the model's own Python")
 
     # ---- calling -------------------------------------------------------------------------
     def flat_inputs(self, *args: Any, **kwargs: Any) -> list[Any]:
-        """Flatten model-style arguments into the flat list that :attr:`gm` takes."""
+        """Flatten model-style keyword arguments into the flat list that the step variants take
+        (:attr:`gm`'s inputs for a whole capture; the keyword inputs' pytree leaves for a
+        block-by-block one)."""
+        if self.blockwise is not None:
+            if args:
+                raise TypeError("a block-by-block capture takes the model's inputs by keyword")
+            return self.blockwise.flat_inputs(type(self.model).__name__, kwargs)
         return self.module.process_forward_inputs(*args, **kwargs)
 
     def unflatten_output(self, flat_out: Any) -> Any:
-        """Turn :attr:`gm`'s flat output back into the model's output type."""
+        """Turn a step variant's flat model outputs back into the model's output type."""
+        if self.blockwise is not None:
+            return pytree.tree_unflatten(list(flat_out), self.blockwise.out_spec)
         out_spec = self.module.module_call_graph[0].signature.out_spec
         return pytree.tree_unflatten(list(flat_out), out_spec)
 
+    def full(self, flat: list[Any]) -> list[Any]:
+        """The model's flat outputs with every block computed, from :meth:`flat_inputs`'s list."""
+        if self.blockwise is None:
+            out = self.gm(*flat)
+            return list(out) if isinstance(out, tuple | list) else [out]
+        kwargs = pytree.tree_unflatten(list(flat), self.blockwise.in_spec)
+        return pytree.tree_leaves(self.model(**kwargs))
+
     def run(self, gm: torch.fx.GraphModule | None = None, /, *args: Any, **kwargs: Any) -> Any:
-        """Call ``gm`` (default: :attr:`gm`) with model-style arguments; return the model's output type."""
+        """Call ``gm`` (default: :attr:`gm`) with model-style arguments; return the model's output type.
+
+        For a block-by-block capture and no ``gm``: the model's forward with each block run by its
+        captured graph (what checks a block-by-block capture)."""
+        if gm is None and self.blockwise is not None:
+            from dit_opt.blockwise import standins
+
+            def by_graph(name: str) -> Any:
+                sub = self.module.get_submodule(name)
+                return lambda a, k: sub(*a, **k)
+
+            with standins(self.model, {b.name: by_graph(b.name) for b in self.blocks}):
+                return self.model(*args, **kwargs)
         gm = self.gm if gm is None else gm
         return self.unflatten_output(gm(*self.flat_inputs(*args, **kwargs)))
 
@@ -224,7 +273,7 @@ class DiTGraph:
             head += (f"\nmodules called more than once per block call, so served only with their block (no "
                      f"module-level action): {', '.join(self.repeated_modules[:6])}"
                      f"{' ...' if len(self.repeated_modules) > 6 else ''}")
-        lines = [head]
+        lines = [head, self.describe_capture()]
         for i, r in enumerate(rows):
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
             if i == 0:

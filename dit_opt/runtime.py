@@ -152,6 +152,7 @@ class OptimizedTransformer(nn.Module):
         solver: str = "cpsat",
         solver_options: dict | None = None,
         blocks: Any = None,
+        capture_mode: str = "auto",
     ) -> None:
         super().__init__()
         self.model = model
@@ -161,6 +162,7 @@ class OptimizedTransformer(nn.Module):
         self.solver = solver
         self.solver_options = dict(solver_options or {})
         self.blocks_arg = blocks
+        self.capture_mode = capture_mode
         self.step_times: dict[str, float] = {}
         self.report: dict[str, Any] = {}
         self.selection: list = []
@@ -350,6 +352,15 @@ class OptimizedTransformer(nn.Module):
         graph = runner.graph
         eager = self._build(graph, self._active)[step]
         caches = self.example_caches(runner, step)
+        if graph.blockwise is not None:
+            # the glue is the model's Python: each block's rewritten graph is what lowers as one
+            from dit_opt.blockwise import block_leaves
+
+            feed = dict(zip(eager.reads, caches, strict=True))
+            leaves = block_leaves(graph.model, graph.blockwise, graph.example_inputs)
+            with torch.no_grad():
+                return {name: torch._dynamo.explain(v.gm)(*leaves[name], *[feed[k] for k in v.reads])
+                        for name, v in eager.blocks}
         flat = graph.flat_inputs(**graph.example_inputs)
         with torch.no_grad():
             return torch._dynamo.explain(eager.gm)(*flat, *caches)
@@ -368,8 +379,9 @@ class OptimizedTransformer(nn.Module):
             if ts[t] is not None and isinstance(inputs.get("timestep"), torch.Tensor):
                 inputs["timestep"] = torch.full_like(inputs["timestep"], ts[t])
             with torch.no_grad():  # not around the yield: the caller's grad mode is its own
-                out = v.gm(*graph.flat_inputs(**inputs), *[feed[k] for k in v.reads])
-            state.update(zip(v.writes, out[v.gm.num_model_outputs:], strict=True))
+                out = (v.gm if graph.blockwise is None else v)(*graph.flat_inputs(**inputs),
+                                                                 *[feed[k] for k in v.reads])
+            state.update(zip(v.writes, out[v.num_model_outputs:], strict=True))
 
     def example_caches(self, runner: _Runner, step: int) -> list[torch.Tensor]:
         """Cache tensors that ``step`` reads (see :meth:`example_caches_by_step`)."""
@@ -440,7 +452,7 @@ class OptimizedTransformer(nn.Module):
         flat = graph.flat_inputs(**inputs)
         with torch.no_grad():
             if step_variant is None:
-                out = graph.gm(*flat)
+                out = graph.full(flat)
             else:
                 feed = {**state, **runner.step_inputs(plan, step)}
                 missing = [k for k in step_variant.reads if k not in feed]
@@ -453,7 +465,7 @@ class OptimizedTransformer(nn.Module):
                         f"loops stepped in lockstep need a cache_context name each. The optimised module is unchanged."
                     )
                 out = step_variant(*flat, *[feed[k] for k in step_variant.reads])
-                n = step_variant.gm.num_model_outputs
+                n = step_variant.num_model_outputs
                 state.update(zip(step_variant.writes, out[n:], strict=True))
                 out = out[:n]
             result = graph.unflatten_output(out)
@@ -624,7 +636,7 @@ class OptimizedTransformer(nn.Module):
         # dispatch mode the caller runs under, such as a FlopCounterMode measuring a generation.
         with warnings.catch_warnings(), _disable_current_modes():
             warnings.simplefilter("ignore")
-            return capture(self.model, inputs, blocks=self.blocks_arg)
+            return capture(self.model, inputs, blocks=self.blocks_arg, mode=self.capture_mode)
 
     def _make_runner(self, graph: DiTGraph) -> _Runner:
         variants = self._lower(self._build(graph, self.plan))
@@ -709,7 +721,8 @@ class OptimizedTransformer(nn.Module):
         shared by every block call of every variant; the rest of a step runs as FX code.
         ``"step"``: each distinct step variant is compiled as one graph (its glue, cache traffic
         and forecasts fused, one guard check per step), its blocks marked as nested compile
-        regions so that their code is traced once and stamped out.
+        regions so that their code is traced once and stamped out. On a block-by-block capture
+        the unit is each block's rewritten graph (the glue between blocks is the model's Python).
         """
         if not self.compile:
             return variants
@@ -721,21 +734,30 @@ class OptimizedTransformer(nn.Module):
                               f"compile=False")
         import torch._dynamo
 
-        from passes.rewrite_plan import copy_variant
+        from passes.rewrite_plan import BlockwiseStep, copy_variant
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # the built variants are shared with the other modules built on this graph (eager
         # ones among them): the compiled blocks go into copies
-        copies = {id(v.gm): copy_variant(v) for v in variants}
-        for v in copies.values():
-            for name, mod in list(v.gm.named_children()):
-                if _is_block(mod):
-                    if id(mod) not in self._compiled:
-                        self._compiled[id(mod)] = torch.compile(mod) if self.compile == "blocks" else _Region(mod)
-                    setattr(v.gm, name, self._compiled[id(mod)])
-        if self.compile == "step":
-            copies = {k: replace(v, call=torch.compile(v.gm)) for k, v in copies.items()}
-        return [copies[id(v.gm)] for v in variants]
+        copies: dict[int, Any] = {}
+
+        def lowered(v: Any) -> Any:
+            if id(v.gm) not in copies:
+                c = copy_variant(v)
+                for name, mod in list(c.gm.named_children()):
+                    if _is_block(mod):
+                        if id(mod) not in self._compiled:
+                            self._compiled[id(mod)] = torch.compile(mod) if self.compile == "blocks" else _Region(mod)
+                        setattr(c.gm, name, self._compiled[id(mod)])
+                if self.compile == "step":
+                    c = replace(c, call=torch.compile(c.gm))
+                copies[id(v.gm)] = c
+            return copies[id(v.gm)]
+
+        # a block-by-block capture's step: each block's graph lowered, the glue stays the model's Python
+        steps: dict[int, Any] = {}
+        return [steps.setdefault(id(v), v.map_blocks(lowered)) if isinstance(v, BlockwiseStep) else lowered(v)
+                for v in variants]
 
 
 class _Region(nn.Module):

@@ -119,6 +119,15 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, int]]] = {
              activation_fn="swiglu", max_sequence_length=16),
         {"transformer_blocks": 2},
     ),
+    # torch.export rejects its forward (Python sets of symbolic sequence lengths): captured block
+    # by block (dit_opt.blockwise); three block lists, a mask passed as None to some blocks
+    "lumina2": (
+        "Lumina2Transformer2DModel",
+        dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=1,
+             num_attention_heads=3, num_kv_heads=1, multiple_of=2, ffn_dim_multiplier=None, norm_eps=1e-5,
+             scaling_factor=1.0, axes_dim_rope=(4, 2, 2), axes_lens=(128, 128, 128), cap_feat_dim=32),
+        {"noise_refiner": 1, "context_refiner": 1, "layers": 2},
+    ),
 }
 
 

@@ -132,6 +132,10 @@ def annotate_flops(graph: DiTGraph) -> PassResult:
     """
     counter = _Counter(graph)
     total = counter.module_cost(graph.module, "", None, None)
+    if graph.blockwise is not None:
+        # block by block, the top graph holds only the blocks: the glue (the model's own Python)
+        # costs what FlopCounterMode counted over the model's forward beyond them
+        total = total + Cost(c0=max(0.0, graph.blockwise.forward_flops - total.total))
     graph.flops = round(total.total)
     graph.costs = CostModel(total=graph.flops, blocks=counter.blocks, modules=counter.modules, roles=counter.roles)
     return PassResult(graph.gm, True)

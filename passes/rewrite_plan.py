@@ -29,6 +29,7 @@ from torch import nn
 from dit_opt.errors import DitOptError
 from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import COMPUTE, Action, ActionKind, Plan, compute_history, forecast_weights, step_forecasts
+from passes.blockwise_step import BlockwiseStep, step_forecast_step
 from passes.rewrite_cache import rewrite_cache
 from passes.rewrite_cfg import rewrite_cfg
 from passes.rewrite_modules import rewrite_modules
@@ -38,7 +39,7 @@ from passes.rewrite_step import OUTPUT, rewrite_step, write_outputs
 from passes.rewrite_width import rewrite_width
 from passes.step_graph import StepGraph, weights_key
 
-__all__ = ["Variant", "build_variants", "cache_needs", "copy_variant", "output_needs", "step_weights"]
+__all__ = ["BlockwiseStep", "Variant", "build_variants", "cache_needs", "copy_variant", "output_needs", "step_weights"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,11 @@ class Variant:
         """Run the step: the model's flat inputs and the cache reads in, its flat outputs and
         the cache writes out."""
         return (self.gm if self.call is None else self.call)(*args)
+
+    @property
+    def num_model_outputs(self) -> int:
+        """How many of the returned values are the model's flat outputs (the rest: cache writes)."""
+        return self.gm.num_model_outputs
 
     @cached_property
     def derives_guidance(self) -> bool:
@@ -194,10 +200,33 @@ def build_variants(
         # (the forecast weights are inputs: steps with the same actions at other spacings share a graph)
         key = ("step", plan.units, guidance, tuple(str(a) for a in plan.actions[t]), tuple(needs[t]), outputs[t])
         if key not in cache:
-            cache[key] = _build(graph, order, plan, t, needs[t], outputs[t], narrowed, narrow_mlp, guidance,
-                                half_module, cache)
+            build = _build if graph.blockwise is None else _build_blockwise
+            cache[key] = build(graph, order, plan, t, needs[t], outputs[t], narrowed, narrow_mlp, guidance,
+                               half_module, cache)
         out.append(cache[key])
     return out
+
+
+def _build_blockwise(graph, order, plan, t, needs, keep_outputs, narrowed, narrow_mlp, guidance, half_module,
+                     cache) -> BlockwiseStep:
+    """A block-by-block capture's step: each block's graph rewritten by :func:`_build` on the block's
+    slice of the top graph (built once per block and actions), the glue the model's own forward."""
+    actions = tuple(plan.actions[t])
+    if plan.is_step_forecast(t):
+        return step_forecast_step(graph, actions, actions[0].order)
+    blocks = []
+    for spec, units in order:
+        key = ("block", spec.name, guidance, tuple(plan.units[u] for u in units),
+               tuple(str(actions[u]) for u in units), tuple(needs[u] for u in units))
+        if key not in cache:
+            view = cache.get(("view", spec.name))
+            if view is None:
+                view = cache[("view", spec.name)] = replace(graph, gm=graph.blockwise.views[spec.name],
+                                                            blocks=(spec,), blockwise=None)
+            cache[key] = _build(view, [(spec, units)], plan, t, needs, None, narrowed, narrow_mlp, guidance,
+                                half_module, cache)
+        blocks.append((spec.name, cache[key]))
+    return BlockwiseStep(graph, tuple(blocks), actions, keep_outputs=keep_outputs)
 
 
 def copy_variant(variant: Variant) -> Variant:

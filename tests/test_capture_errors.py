@@ -76,12 +76,37 @@ def test_blocks_by_hand_and_small_custom_model():
     assert find_block_lists(GoodNet()) == ["transformer_blocks"]
 
 
-def test_untraceable_model():
+def test_untraceable_glue_is_captured_block_by_block():
+    inputs = {"hidden_states": torch.randn(1, 4, 16)}
+    g = capture(DataDependentNet(), inputs)
+    assert g.capture_mode == "blocks" and "block by block" in g.describe_capture()
+    with torch.no_grad():
+        assert torch.allclose(g(**inputs), DataDependentNet.forward(g.model, **inputs))
     with pytest.raises(dit_opt.CaptureError) as e:
-        capture(DataDependentNet(), {"hidden_states": torch.randn(1, 4, 16)})
+        capture(DataDependentNet(), inputs, mode="whole")
     msg = str(e.value)
     assert "DataDependentNet" in msg and "torch.export could not capture" in msg
-    assert "data-dependent" in msg
+    assert "data-dependent" in msg and "mode='auto'" in msg
+
+
+class _DataDependentBlock(_Block):
+    def forward(self, hidden_states):
+        if hidden_states.sum().item() > 0:  # a branch on a tensor value inside the block
+            return hidden_states + self.ff(hidden_states)
+        return hidden_states
+
+
+class DataDependentBlocksNet(DataDependentNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer_blocks = nn.ModuleList([_DataDependentBlock(), _DataDependentBlock()])
+
+
+def test_untraceable_blocks():
+    with pytest.raises(dit_opt.CaptureError) as e:
+        capture(DataDependentBlocksNet(), {"hidden_states": torch.randn(1, 4, 16)})
+    msg = str(e.value)
+    assert "DataDependentBlocksNet" in msg and "nor its blocks one by one" in msg
 
 
 def test_unknown_input_name():
