@@ -11,6 +11,7 @@ with a note naming the step (``except TheirError`` still catches it).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from dit_opt import errors
 from dit_opt.artifacts import ARTIFACT_VERSION, check_model, read, save
 from dit_opt.calibration import Generations, guarded, raised_by_calibration
 from dit_opt.capture import check_capture_mode
-from dit_opt.errors import ConfigError, DitOptError, InputMismatchError
+from dit_opt.errors import ConfigError, DitOptError, InfeasibleBudgetError, InputMismatchError
 from dit_opt.plan import Plan, check_budget
 from dit_opt.runtime import OptimizedTransformer, compile_mode
 from dit_opt.sensitivity import DEFAULT_ACTIONS, DEFAULT_MAX_AGE, SensitivityProfile, check_actions
@@ -441,7 +442,19 @@ def optimize(
                               "with guidance on")
         main = "block" if granularity == "auto" else granularity
         problem = profile.to_problem(budget, actions=actions, granularity=main)
-        ctx["plan"] = run_solver(problem)
+        try:
+            ctx["plan"] = run_solver(problem)
+        except InfeasibleBudgetError as e:
+            # below what the blocks alone can meet (the glue is a large share of the FLOPs): the
+            # whole step forecast runs no glue either, and may meet it
+            from dit_opt.selection import step_rhythm_plans
+
+            fits = step_rhythm_plans(dataclasses.replace(problem, forecast_policy="always"))
+            if not fits or solver not in ("cpsat", "dp"):
+                raise
+            errors.warn(f"dit-opt: {e}. With whole step forecasts between computes (no block and no glue run "
+                        f"there) the budget is met: the plan is chosen among those rhythms")
+            ctx["plan"] = max(fits, key=lambda p: (p.predicted_flops, -p.predicted_error))
         ctx["candidates"] = [ctx["plan"]]
         ctx["select_with"] = _selection_calibration(select, ctx["calibration"], solver)
         if ctx["select_with"] is not None:

@@ -41,7 +41,7 @@ from dit_opt.plan import Plan
 from dit_opt.sensitivity import SHORT_MAX_AGE
 
 __all__ = ["REPEAT_TOLERANCE", "Candidate", "candidate_plans", "is_repeatable", "measure_outputs", "relative_error",
-           "repeat_error", "select_plan"]
+           "repeat_error", "select_plan", "step_rhythm_plans"]
 
 #: Largest relative error between two runs of the full model through a calibration for its
 #: comparisons of plans to be trusted (a repeatable calibration gives 0, or float noise; the
@@ -145,8 +145,7 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     if rhythms.e_step is not None:
         # the same rhythms with the whole step forecast between computes (no unit and no glue
         # runs there: the model's output extrapolated), whose saved glue buys denser rhythms
-        for k, rhythms_k in STEP_RHYTHMS.items():
-            makers.append(lambda k=k, n=rhythms_k: [_renamed(p, prefix) for p in uniform.dearest(always, n, True, k)])
+        makers.append(lambda: [_renamed(p, prefix) for p in step_rhythm_plans(always)])
     for make in makers:
         try:
             made = make()
@@ -161,6 +160,25 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     for plan in plans:
         unique.setdefault((plan.units, plan.actions), plan)
     return list(unique.values())
+
+
+def step_rhythm_plans(problem: Any) -> list[Plan]:
+    """TaylorSeer's rhythms with the whole step forecast (``STEP``) between their computes, the
+    :data:`STEP_RHYTHMS` dearest within ``problem``'s budget per order; none where the problem has
+    no ``STEP`` errors. They meet budgets no plan of the blocks alone meets (the glue is not run
+    at a ``STEP``): :func:`dit_opt.optimize` falls back to them there."""
+    from dit_opt.errors import DitOptError
+    from solvers import uniform
+
+    if problem.e_step is None:
+        return []
+    plans: list[Plan] = []
+    for k, n in STEP_RHYTHMS.items():
+        try:
+            plans += uniform.dearest(problem, n, True, k)
+        except DitOptError:
+            continue
+    return plans
 
 
 def _renamed(plan: Plan, prefix: str) -> Plan:

@@ -119,6 +119,15 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, int]]] = {
              activation_fn="swiglu", max_sequence_length=16),
         {"transformer_blocks": 2},
     ),
+    # diffusers' test config: one block, so the glue (text, size and style embeddings) is over
+    # half the FLOPs and only whole step forecasts (no glue run) meet budget 0.5
+    "hunyuandit": (
+        "HunyuanDiT2DModel",
+        dict(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+             cross_attention_dim=8, cross_attention_dim_t5=8, pooled_projection_dim=4, hidden_size=16,
+             text_len=4, text_len_t5=4, activation_fn="gelu-approximate"),
+        {"blocks": 1},
+    ),
     # torch.export rejects its forward (Python sets of symbolic sequence lengths): captured block
     # by block (dit_opt.blockwise); three block lists, a mask passed as None to some blocks
     "lumina2": (

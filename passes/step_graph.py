@@ -183,12 +183,21 @@ class StepGraph:
         return gm
 
 
+#: ops ``torch.export`` inserts to check a value's metadata; they compute nothing the graph returns
+_ASSERTIONS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
+               torch.ops.aten.sym_constrain_range_for_size.default}
+
+
 def eliminate_dead_code(g: torch.fx.Graph, modules: dict[str, nn.Module]) -> None:
     """``g.eliminate_dead_code()`` before ``g`` has a ``GraphModule``: a ``call_module`` node's
     purity is read from ``modules`` (its target's ``_is_impure``, as fx does)."""
     def impure(n: torch.fx.Node) -> bool:
         if n.op == "call_module":
             return bool(getattr(modules[n.target], "_is_impure", False))
+        if n.op == "call_function" and n.target in _ASSERTIONS:
+            # export's checks of a value's shape and dtype: not a reason to compute the value (a
+            # STEP's graph would otherwise keep glue whose output nothing uses)
+            return False
         return n.is_impure()
 
     g.eliminate_dead_code(is_impure_node=impure)

@@ -29,6 +29,7 @@ EXPECTED_ROLES = {
     "cogview4": {"attn", "norm"},
     "mochi": {"attn", "mlp", "norm"},  # its ff runs twice per block call: no module-level unit
     "lumina2": {"attn", "mlp", "norm"},  # captured block by block
+    "hunyuandit": {"attn", "cross_attn", "mlp", "norm"},
 }
 
 
