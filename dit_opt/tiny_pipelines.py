@@ -35,6 +35,9 @@ PIPELINES = {
             "a Mix-FFN that reshapes tokens to the image grid",
     "wan": "WanPipeline: a UMT5 text encoder, a video VAE (5 frames), flow matching (shift 3), the two guidance "
            "branches called apart in cache_context(name, step_index=..., num_inference_steps=...)",
+    "lumina2": "Lumina2Pipeline: a Gemma2 text encoder, flow matching, the two guidance branches called apart; its "
+               "transformer captured block by block (torch.export rejects its forward), prompts of two lengths "
+               "(its joint blocks then get a mask, its refiners none)",
     "cogvideox": "CogVideoXPipeline: a T5 text encoder, CogVideoX's DDIM, guidance batched, 9 frames at the "
                  "transformer's configured size (its positional embedding is made for it); latents out (the "
                  "video VAE's decode would cost ten times the transformer)",
@@ -114,6 +117,22 @@ def tiny_pipeline(name: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
         call = dict(prompt=["a cat", "a dog"], num_inference_steps=20, height=32, width=32, max_sequence_length=8,
                     complex_human_instruction=None, clean_caption=False, use_resolution_binning=False,
                     generator=generator, output_type="pt")
+    elif name == "lumina2":
+        from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline
+        from transformers import Gemma2Config, Gemma2Model
+
+        tokenizer = _character_tokenizer()
+        torch.manual_seed(seed + 41)
+        encoder = Gemma2Model(Gemma2Config(
+            vocab_size=tokenizer.vocab_size, hidden_size=transformer.config.cap_feat_dim, intermediate_size=32,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0)).eval()
+        pipe = Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                               vae=vae, text_encoder=encoder, tokenizer=tokenizer)
+        # 32x32 pixels: 4x4 latents (the pipeline takes the VAE to downsample 8 times); prompts of two
+        # lengths and no system prompt, so that the text masks differ between the samples
+        call = dict(prompt=["a cat", "a large dog"], negative_prompt=["blurry", "dark"], height=32, width=32,
+                    num_inference_steps=30, max_sequence_length=32, system_prompt="", generator=generator,
+                    output_type="pt")
     elif name == "wan":
         from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
         from transformers import UMT5Config, UMT5EncoderModel

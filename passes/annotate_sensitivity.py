@@ -78,6 +78,7 @@ from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import MAX_FORECAST_ORDER, Unit, forecast_weights
 from dit_opt.sensitivity import DEFAULT_MAX_AGE, SensitivityProfile
 from dit_opt.steps import StepTracker, timestep_value
+from passes.call_costs import CallCosts
 from passes.infra import PassResult
 from passes.rewrite_modules import module_token_input
 
@@ -829,6 +830,10 @@ def annotate_sensitivity(
     handles += probe.module_hooks()
     for u, spec in enumerate(graph.blocks):
         handles.append(model.get_submodule(spec.name).register_forward_hook(probe.block_hook(u), with_kwargs=True))
+    # captured block by block, a block's inputs can change size from call to call: its FLOPs
+    # are the mean over the calibration's calls (passes.call_costs)
+    call_costs = CallCosts(graph, ignore=lambda: probe.busy) if graph.blockwise is not None else None
+    handles += call_costs.hooks() if call_costs is not None else []
     calls = [0]
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("profiling sensitivity", total=None)
@@ -873,6 +878,7 @@ def annotate_sensitivity(
         if probe.narrow[u] is None:
             errs["e_width"][:, u] = np.nan
     flops = action_flops(graph, prune_rates, widths)
+    per_call = call_costs.scales(group) if call_costs is not None else np.ones(U)
     flops["flops_module"] = np.full((U, len(MODULE_ROLES)), np.nan)
     flops["flops_module_prune"] = np.full((U, len(MODULE_ROLES), len(prune_rates)), np.nan)
     for u, spec in enumerate(graph.blocks):
@@ -893,6 +899,8 @@ def annotate_sensitivity(
             elems = sum(int(np.prod(s)) for s in shapes.values())
             for k, rate in enumerate(prune_rates):
                 flops["flops_module_prune"][u, r, k] = graph.costs.flops(spec.name, role, tokens=rate) + 4 * elems
+    for name, table in flops.items():
+        flops[name] = table * per_call.reshape((U,) + (1,) * (table.ndim - 1))
     prof = SensitivityProfile(
         units=tuple(Unit(s.list_name, s.index) for s in graph.blocks),
         timesteps=tuple(timesteps),

@@ -34,7 +34,8 @@ def _no_dit_opt_warnings(caught):
     assert not mine, mine
 
 
-@pytest.fixture(scope="module", params=["dit", "sd3", "pixart", "flux", "flux-cfg", "sana", "wan", "cogvideox"])
+@pytest.fixture(scope="module",
+                params=["dit", "sd3", "pixart", "flux", "flux-cfg", "sana", "wan", "cogvideox", "lumina2"])
 def attached(request):
     """(pipe, default call, original transformer, its images and FLOPs at the default step
     count, the optimised module), optimised at 10 steps through ``dit_opt.optimize(pipe, ...)``."""
@@ -78,6 +79,11 @@ def test_optimize_pipe_attaches_and_holds_the_budget_at_the_default_step_count(a
         assert all("unflatten" in reason for reason in opt.report["prune_excluded"].values())
         assert np.isnan(opt.profile.e_prune).all()
         assert opt.plan.counts()[ActionKind.PRUNE] == 0
+    if type(pipe).__name__ == "Lumina2Pipeline":
+        # torch.export rejects its forward: captured block by block, and its joint blocks' FLOPs
+        # averaged over the calibration's calls (fewer text tokens in the unconditional call:
+        # costed at the first call alone, it spent 0.57)
+        assert opt.report["capture_mode"] == "blocks"
 
 
 def test_restore_puts_the_original_back_untouched(attached):
@@ -109,6 +115,8 @@ def test_put_in_by_hand_warns_at_the_pipeline_with_the_fix(attached):
     names the fix; declaring the schedule by hand then silences it. A pipeline whose
     ``cache_context`` call gives ``num_inference_steps`` (Wan) needs no declaring."""
     pipe, call, original, _, full_flops, opt = attached
+    if type(pipe).__name__ == "Lumina2Pipeline":
+        pytest.skip("covered by the other pipelines (a suite-time budget)")
     dit_opt.restore(pipe)
     try:
         pipe.transformer = opt
