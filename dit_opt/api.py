@@ -74,8 +74,8 @@ def _prepare(model, calibration, example_inputs):
         from dit_opt.calibration import calibration_from_trajectories
 
         calibration = calibration_from_trajectories(calibration)
-    if calibration is None:
-        calibration = synthetic_calibration(model)
+    if calibration is None:  # self-calibration, around the given inputs where there are some
+        calibration = synthetic_calibration(model, example_inputs=example_inputs)
     if callable(calibration) and not isinstance(calibration, SensitivityProfile):
         calibration = guarded(calibration)
     if example_inputs is None:

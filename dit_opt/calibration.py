@@ -9,8 +9,9 @@ is what makes caching work. A calibration is any ``callable(module)`` that sampl
   :func:`calibration_from_trajectories` replays recorded inputs (a list of keyword dicts, one
   per call, in call order): profiling only needs the true inputs of each step.
 * :func:`synthetic_calibration` makes one for any diffusers transformer with no pipeline at
-  hand: random inputs of the right shapes, derived from the model (:mod:`dit_opt.synthetic`),
-  and the default schedule of its family (:func:`schedule_family`). Random
+  hand: random inputs of the right shapes, derived from the model (:mod:`dit_opt.synthetic`)
+  or built around one forward's inputs given by hand, and the default schedule of its family
+  (:func:`schedule_family`). Random
   latents and conditioning are far from real use; it exists so that
   ``optimize(model, budget)`` always works, and it warns.
 * :class:`Generations` is a calibration made of separate generations (a list of callables,
@@ -34,7 +35,7 @@ from torch import nn
 
 from dit_opt.errors import InputMismatchError
 from dit_opt.executor import model_sample
-from dit_opt.synthetic import example_inputs
+from dit_opt.synthetic import example_inputs as derived_inputs
 
 __all__ = [
     "Generations",
@@ -210,65 +211,129 @@ def calibration_from_pipeline(pipe: Any, **call_kwargs: Any) -> Callable[[nn.Mod
 
 def synthetic_calibration(
     model: nn.Module, *, num_inference_steps: int | None = None, batch_size: int = 2, seed: int = 0,
-    warn: bool = True,
+    warn: bool = True, example_inputs: dict[str, Any] | None = None,
 ) -> Callable[[nn.Module], Any]:
-    """A calibration on synthetic inputs for any diffusers transformer: the inputs of
-    :func:`dit_opt.synthetic.example_inputs`, the loop of :func:`schedule_family`.
+    """A calibration on synthetic inputs for any diffusers transformer: the loop of
+    :func:`schedule_family` around the inputs of :func:`dit_opt.synthetic.example_inputs`, or
+    around ``example_inputs`` where given.
+
+    Given inputs are one forward call's keyword arguments: every run starts its latent argument
+    (:func:`dit_opt.synthetic.latent_argument`) from seeded noise of the given latent's shape,
+    sets the timestep argument at each step (in the given timestep's shape) and passes
+    everything else as given. That is the way to self-calibrate a model whose inputs cannot be
+    derived (a rotary table or token indices that its pipeline builds).
 
     Args:
         model: the transformer (its config gives the shapes).
         num_inference_steps: loop length; default 50 (DDIM family) or 28 (flow matching).
-        batch_size: batch of each call.
+        batch_size: batch of each call (derived inputs only: given ones keep their batch).
         seed: seed of the synthetic latents and conditioning.
         warn: emit a ``UserWarning`` saying that a real calibration is better.
+        example_inputs: the keyword inputs of one forward call to build the loop around;
+            ``None`` derives them from the model.
 
     Raises:
         dit_opt.InputMismatchError: no synthetic inputs can be derived for the model (pass a
-            calibration, or example inputs).
-    """
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+            calibration, or example inputs), or the given ones have no latent tensor.
 
+    Example:
+        >>> cal = synthetic_calibration(model, example_inputs={"hidden_states": x, "timestep": t,
+        ...                                                    "image_rotary_emb": freqs})  # doctest: +SKIP
+        >>> opt = dit_opt.optimize(model, budget=0.5, calibration=cal)                       # doctest: +SKIP
+    """
+    from dit_opt.steps import call_fingerprint
     from dit_opt.synthetic import latent_argument, timestep_argument
 
     cls = type(model).__name__
     family = schedule_family(model)
-    base = example_inputs(model, batch_size=batch_size, seed=seed)  # raises where it cannot derive them
     latent_name, timestep_name = latent_argument(model), timestep_argument(model)
+    steps = num_inference_steps or (50 if family == "ddim" else 28)
+    if example_inputs is None:
+        base = derived_inputs(model, batch_size=batch_size, seed=seed)  # raises where it cannot derive them
+        identity: tuple = ("synthetic", steps, batch_size, seed)
+    else:
+        base = _noised(model, example_inputs, latent_name, seed)
+        # given inputs are part of what the loops are: the same ones (by shape, dtype and sums) share a profile
+        identity = ("synthetic", steps, seed, repr(call_fingerprint(example_inputs)[0]))
     if warn:
+        made = "random latents and conditioning" if example_inputs is None else "random latents, the given conditioning"
         warnings.warn(
-            f"{cls}: no calibration given, so dit-opt calibrates on synthetic inputs (random latents and "
-            f"conditioning, default {family} schedule). Plans are better with real trajectories: pass "
+            f"{cls}: no calibration given, so dit-opt calibrates on synthetic inputs ({made}, default {family} "
+            f"schedule). Plans are better with real trajectories: pass "
             f"calibration=dit_opt.calibration_from_pipeline(pipe, ...) or a callable that samples.",
             UserWarning,
             stacklevel=3,
         )
-    steps = num_inference_steps or (50 if family == "ddim" else 28)
+    given_t = base.get(timestep_name) if example_inputs is not None and timestep_name is not None else None
+    listed = isinstance(base[latent_name], list)  # one latent per sample (Z-Image): each stepped on its own
 
-    def run(module: nn.Module) -> torch.Tensor:
-        if family == "ddim":
-            sched = DDIMScheduler(num_train_timesteps=1000)
-        else:
-            sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-        sched.set_timesteps(steps)
+    def run(module: nn.Module) -> torch.Tensor | list[torch.Tensor]:
+        latents = [x.clone() for x in (base[latent_name] if listed else [base[latent_name]])]
+        scheds = [_scheduler(family, steps) for _ in latents]  # a flow scheduler counts its own steps
         inputs = dict(base)
-        latents = inputs[latent_name].clone()
-        for t in sched.timesteps:
-            tt = t / 1000.0 if family == "flow_unit" else t
-            inputs[latent_name] = latents
+        for t in scheds[0].timesteps:
+            tt = float(t / 1000.0 if family == "flow_unit" else t)
+            inputs[latent_name] = latents if listed else latents[0]
             if timestep_name is not None:
-                inputs[timestep_name] = torch.full((latents.shape[0],), float(tt), device=latents.device)
-            pred, dim = _as_latent(model_sample(module(**inputs)), latents)
-            if dim is None:
-                latents = sched.step(pred, t, latents).prev_sample
-            else:  # conditioning channels after the noisy ones (image-to-video): held as they are
-                n = pred.shape[dim]
-                noisy = sched.step(pred, t, latents.narrow(dim, 0, n)).prev_sample
-                latents = torch.cat([noisy, latents.narrow(dim, n, latents.shape[dim] - n)], dim)
-        return latents
+                batch = len(latents) if listed else latents[0].shape[0]
+                inputs[timestep_name] = _timestep_like(given_t, tt, batch, latents[0].device, family)
+            preds = model_sample(module(**inputs))
+            latents = [_step(sched, pred, t, x)
+                       for sched, pred, x in zip(scheds, preds if listed else [preds], latents, strict=True)]
+        return latents if listed else latents[0]
 
     # the same loops for the same model and arguments: a kept profile of one serves the other
-    run._dit_opt_identity = ("synthetic", steps, batch_size, seed)  # type: ignore[attr-defined]
+    run._dit_opt_identity = identity  # type: ignore[attr-defined]
     return run
+
+
+def _scheduler(family: str, steps: int) -> Any:
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if family == "ddim":
+        sched = DDIMScheduler(num_train_timesteps=1000)
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sched.set_timesteps(steps)
+    return sched
+
+
+def _step(sched: Any, pred: torch.Tensor, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """``latents`` one scheduler step on from the prediction ``pred`` at ``t``."""
+    pred, dim = _as_latent(pred, latents)
+    if dim is None:
+        return sched.step(pred, t, latents).prev_sample
+    # conditioning channels after the noisy ones (image-to-video): held as they are
+    n = pred.shape[dim]
+    noisy = sched.step(pred, t, latents.narrow(dim, 0, n)).prev_sample
+    return torch.cat([noisy, latents.narrow(dim, n, latents.shape[dim] - n)], dim)
+
+
+def _noised(model: nn.Module, inputs: dict[str, Any], latent_name: str, seed: int) -> dict[str, Any]:
+    """``inputs`` with the latent (a tensor, or a list of them, one per sample) replaced by seeded
+    noise of the same shapes, dtype and device."""
+    latent = inputs.get(latent_name)
+    parts = latent if isinstance(latent, list) and latent else [latent]
+    if not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in parts):
+        raise InputMismatchError(
+            f"{type(model).__name__}: the example inputs have no floating-point tensor {latent_name!r}, the "
+            f"argument the noisy latent goes by, so the synthetic denoising loop has nothing to denoise: pass "
+            f"example_inputs={{{latent_name!r}: latent, ...}} (one forward call's keyword arguments)")
+    gen = torch.Generator().manual_seed(seed)
+    noise = [torch.randn(x.shape, generator=gen).to(device=x.device, dtype=x.dtype) for x in parts]
+    return {**inputs, latent_name: noise if isinstance(latent, list) else noise[0]}
+
+
+def _timestep_like(given: Any, value: float, batch: int, device: torch.device, family: str) -> Any:
+    """The timestep ``value`` as the model takes it: in the shape of the ``given`` timestep (a
+    tensor, per sample or per frame; a number), or one per sample when none was given."""
+    if isinstance(given, torch.Tensor):
+        # an integer timestep stays integer in the DDIM family (whole timesteps), becomes float in flow matching's
+        dtype = given.dtype if given.is_floating_point() or family == "ddim" else torch.float32
+        return torch.full(given.shape, value, dtype=dtype, device=given.device)
+    if isinstance(given, int | float):
+        return value
+    return torch.full((batch,), value, device=device)
 
 
 def _as_latent(pred: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, int | None]:

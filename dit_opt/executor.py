@@ -45,10 +45,13 @@ __all__ = [
 
 
 def model_sample(output: Any) -> Any:
-    """The prediction in a transformer's return value: ``.sample`` of a diffusers output, the
-    first element of a tuple or list, or the value itself."""
+    """The prediction in a transformer's return value: ``.sample`` of a diffusers output (its first
+    field where it has another name: PriorTransformer's ``predicted_image_embedding``), the first
+    element of a tuple or list, or the value itself."""
     if hasattr(output, "sample"):
         return output.sample
+    if isinstance(output, dict) and output:  # a diffusers BaseOutput is an ordered dict of its fields
+        return next(iter(output.values()))
     return output[0] if isinstance(output, tuple | list) else output
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, bmm_flop, flop_registry, register_flop_formula, sdpa_flop_count
 
 __all__ = ["count_flops", "flop_counter", "ensure_attention_formulas"]
 
@@ -22,7 +22,14 @@ _aten = torch.ops.aten
 
 def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of the CPU flash-attention op: the same as CUDA flash attention."""
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+    if all(isinstance(d, int) for d in (*query_shape, *key_shape, *value_shape)):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+    # a size that depends on the data (FramePack's packed history, the valid tokens of a mask): torch's
+    # formula first checks that the key and value lengths agree, a guard such a size cannot answer
+    # (GuardOnDataDependentSymNode); the count is the same two products, over the key's length
+    b, h, s_q, d_q = query_shape
+    s_k, d_v = key_shape[2], value_shape[3]
+    return bmm_flop((b * h, s_q, d_q), (b * h, d_q, s_k)) + bmm_flop((b * h, s_q, s_k), (b * h, s_k, d_v))
 
 
 def ensure_attention_formulas() -> None:

@@ -18,8 +18,9 @@ Capture and self-calibration need one forward call's worth of inputs. With no pi
 
 An argument with no default and no rule (a rotary table or a token list that the class's
 pipeline builds) gets an :class:`~dit_opt.errors.InputMismatchError` that names it and asks for
-``example_inputs=``. :func:`register` adds a builder by hand for a class whose derived inputs
-are wrong.
+``example_inputs=``: given one forward's inputs, ``optimize`` self-calibrates around them
+(:func:`dit_opt.calibration.synthetic_calibration`). :func:`register` adds a builder by hand for
+a class whose derived inputs are wrong.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ def timestep_argument(model: nn.Module) -> str | None:
 
 def unit_timesteps(model: nn.Module) -> bool:
     """Whether the model takes timesteps in ``[0, 1]`` (its pipeline divides by 1000): its forward
-    multiplies the timestep by 1000, or its sinusoidal embedding scales by 1000 itself."""
+    multiplies the timestep by 1000 (literally, or by a ``t_scale`` of 1000 in its config: Z-Image),
+    or its sinusoidal embedding scales by 1000 itself."""
+    if float(_cfg(getattr(model, "config", None), "t_scale") or 1) >= 1000:
+        return True
     try:
         source = inspect.getsource(type(model).forward)
     except (OSError, TypeError):
@@ -119,9 +123,7 @@ def example_inputs(
         raise InputMismatchError(
             f"{cls}: cannot derive synthetic inputs for {cls}.forward's required argument(s) {missing} "
             f"(dit-opt derives the latent and {len(ARGUMENT_RULES)} other arguments by name: "
-            f"dit_opt.synthetic.ARGUMENT_RULES). Pass the "
-            f"inputs of one forward call yourself, example_inputs={{'hidden_states': x, {missing[0]!r}: ...}}, "
-            f"or a calibration that runs the model (dit_opt.calibration_from_pipeline(pipe, ...))."
+            f"dit_opt.synthetic.ARGUMENT_RULES). {_how_to_pass(model, missing)}"
         )
     tried: list[str] = []
     tried_error = None
@@ -139,9 +141,19 @@ def example_inputs(
             tried_error = error
     raise InputMismatchError(
         f"{cls}: the model runs on none of the synthetic inputs derived from its config "
-        f"({'; '.join(tried[:4])}). Pass the inputs of one forward call yourself, "
-        f"example_inputs={{'hidden_states': x, ...}}, or a calibration that runs the model."
+        f"({'; '.join(tried[:4])}). {_how_to_pass(model, [])}"
     )
+
+
+def _how_to_pass(model: nn.Module, missing: list[str]) -> str:
+    """The fix, for an error: one forward call's inputs by hand (optimize self-calibrates around
+    them), or a calibration that runs the model."""
+    named = "".join(f", {n!r}: ..." for n in missing)
+    return (f"Pass the keyword inputs of one forward call yourself, all of them as the class's pipeline passes them: "
+            f"dit_opt.optimize(model, budget, example_inputs={{{latent_argument(model)!r}: latent{named}, ...}}) "
+            f"self-calibrates on them (the latent replaced by noise, the timestep set at each step: "
+            f"dit_opt.synthetic_calibration(model, example_inputs=...)); or pass a calibration that runs the model "
+            f"(dit_opt.calibration_from_pipeline(pipe, ...)).")
 
 
 # ---- the latent -------------------------------------------------------------------------------------

@@ -1,17 +1,26 @@
 """What dit-opt does on every diffusers transformer class with a tiny test config: writes docs/coverage.md.
 
-The configs (``examples/coverage_configs.json``) are the tiny ones of diffusers' own test suite
-(``tests/models/transformers/``), for the classes the installed diffusers has; the weights are
-random (perturbed where zero-initialised, as ``dit_opt.testing.tiny_model`` does). Each class runs
-in its own process, with nothing but the model:
+The configs (``examples/coverage_configs.json``: ``{class: {"config": {...}, "inputs": {...},
+"note": "..."}}``) are the tiny ones of diffusers' own test suite (``tests/models/transformers/``),
+for the classes the installed diffusers has; the weights are random (perturbed where
+zero-initialised, as ``dit_opt.testing.tiny_model`` does). Each class runs in its own process,
+with nothing but the model:
 
-* **inputs**: :func:`dit_opt.synthetic.example_inputs` derives one forward's inputs;
-* **capture**: ``dit_opt.capture`` of that call, its largest difference from the model's output,
-  and the cost model's FLOPs against ``FlopCounterMode`` over the model's own forward;
-* **budget 0.5**: ``optimize(model, 0.5)`` on a 10-step synthetic calibration, the FLOPs counted
-  over that loop, as a fraction of the full model's;
+* **inputs**: :func:`dit_opt.synthetic.example_inputs` derives one forward's inputs (``derived``);
+  for a class whose inputs it cannot derive (a rotary table, token indices, a second modality),
+  the entry's ``"inputs"`` recipe gives those of the class's diffusers test (``get_dummy_inputs``;
+  ``diffusers tests``), built by :func:`build_inputs`, and they are passed as ``example_inputs=``;
+* **capture**: ``dit_opt.capture`` of that call (``whole`` model, or block by block) and its
+  largest difference from the model's output;
+* **flops**: the cost model's FLOPs against ``FlopCounterMode`` over the model's own forward;
+* **budget 0.5**: ``optimize(model, 0.5)`` on a 10-step synthetic calibration (around the
+  recipe's inputs where there is one), the FLOPs counted over that loop, as a fraction of the
+  full model's;
 * **budget 1.0**: the loop's largest difference from the full model's;
 * **deterministic**: two ``optimize`` calls at 0.5 give the same plan and the same outputs.
+
+A failure names its stage; an entry's ``"note"`` (why the class is expected to fail: not a DiT
+over a latent, a missing optional dependency) follows it.
 
     python examples/coverage.py                  # all classes, writes docs/coverage.md
     python examples/coverage.py --classes FluxTransformer2DModel --out -
@@ -31,7 +40,44 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "coverage_configs.json"
 
 
-def _check(name: str, config: dict, steps: int) -> dict:
+def build_inputs(recipe: dict, seed: int = 0) -> dict:
+    """One forward's keyword inputs from a JSON recipe, drawn in the recipe's order from one seed.
+
+    A value is a tensor spec or passed as it is (numbers, strings, ``null``, ``{}``); lists are
+    built element by element. Tensor specs: ``{"shape": [...]}`` standard normal (``"dtype"``:
+    ``"float32"`` unless said; an integer dtype draws from ``[0, "high")``, ``bool`` is all true);
+    ``{"shape": [...], "fill": v}`` a constant; ``{"value": [...]}`` a literal tensor;
+    ``{"arange": [start, stop]}`` ``torch.arange``.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def build(spec):
+        if isinstance(spec, list):
+            return [build(s) for s in spec]
+        if not isinstance(spec, dict):
+            return spec
+        dtype = getattr(torch, spec.get("dtype", "float32"))
+        if "value" in spec:
+            return torch.tensor(spec["value"], dtype=dtype)
+        if "arange" in spec:
+            return torch.arange(*spec["arange"], dtype=getattr(torch, spec.get("dtype", "int64")))
+        if "shape" not in spec:
+            return {k: build(v) for k, v in spec.items()}
+        shape = tuple(spec["shape"])
+        if "fill" in spec:
+            return torch.full(shape, spec["fill"], dtype=dtype)
+        if dtype == torch.bool:
+            return torch.ones(shape, dtype=dtype)
+        if not dtype.is_floating_point:
+            return torch.randint(0, spec["high"], shape, generator=gen, dtype=dtype)
+        return torch.randn(shape, generator=gen).to(dtype)
+
+    return {name: build(spec) for name, spec in recipe.items()}
+
+
+def _check(name: str, entry: dict, steps: int) -> dict:
     import warnings
 
     import diffusers
@@ -50,27 +96,33 @@ def _check(name: str, config: dict, steps: int) -> dict:
     stage = "build"
     try:
         torch.manual_seed(0)
-        model = getattr(diffusers, name)(**config).eval()
+        model = getattr(diffusers, name)(**entry["config"]).eval()
         with torch.no_grad():
             gen = torch.Generator().manual_seed(0)
             for p in model.parameters():
                 if p.dim() >= 1 and float(p.abs().max()) == 0.0:
                     p.copy_(0.02 * torch.randn(p.shape, generator=gen))
         stage = "inputs"
-        inputs = example_inputs(model)
-        row["inputs"] = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items() if isinstance(v, torch.Tensor))
+        recipe = entry.get("inputs")
+        row["source"] = "diffusers tests" if recipe else "derived"
+        inputs = build_inputs(recipe) if recipe else example_inputs(model)
+        given = inputs if recipe else None  # derived ones: optimize takes the calibration's first call
         stage = "capture"
         graph = dit_opt.capture(model, inputs)
+        row["capture"] = getattr(graph, "capture_mode", "whole")
+        stage = "flops"
         from passes.annotate_flops import annotate_flops
 
         annotate_flops(graph)
+        stage = "capture"
         with torch.no_grad():
             row["capture_diff"] = _max_abs_diff(model(**inputs), graph(**inputs))
+        stage = "flops"
         ref = count_flops(model, **inputs)
         row["flops_off"] = abs(graph.flops - ref) / ref
         row["blocks"] = len(graph.blocks)
         stage = "optimize"
-        cal = synthetic_calibration(model, num_inference_steps=steps, warn=False)
+        cal = synthetic_calibration(model, num_inference_steps=steps, warn=False, example_inputs=given)
 
         def counted(module):
             with counted_flops(module) as flops, torch.no_grad():
@@ -78,16 +130,18 @@ def _check(name: str, config: dict, steps: int) -> dict:
             return flops[0], out
 
         full, ref_out = counted(model)
-        opt = dit_opt.optimize(model, budget=0.5, calibration=cal, compile=False, progress=False)
+        opt = dit_opt.optimize(model, budget=0.5, calibration=cal, example_inputs=given, compile=False, progress=False)
         got, out = counted(opt)
         row["fraction"] = got / full
         stage = "deterministic"
-        again = dit_opt.optimize(model, budget=0.5, calibration=cal, compile=False, progress=False)
+        again = dit_opt.optimize(model, budget=0.5, calibration=cal, example_inputs=given, compile=False,
+                                 progress=False)
         with torch.no_grad():
             same = torch.equal(cal(again), out)
         row["deterministic"] = same and again.plan.actions == opt.plan.actions
         stage = "budget 1.0"
-        exact = dit_opt.optimize(model, budget=1.0, calibration=cal, compile=False, progress=False)
+        exact = dit_opt.optimize(model, budget=1.0, calibration=cal, example_inputs=given, compile=False,
+                                 progress=False)
         with torch.no_grad():
             row["exact_diff"] = float((cal(exact) - ref_out).abs().max())
     except Exception as e:  # the row says where and why, the table goes on
@@ -95,6 +149,8 @@ def _check(name: str, config: dict, steps: int) -> dict:
         text = str(e).strip().splitlines()
         row["failed"] = f"{stage}: {type(e).__name__}: {text[0][:220] if text else ''}"
         row["where"] = f"{Path(last.filename).name}:{last.lineno}"
+        if "note" in entry:  # why the class is expected to fail, where that is known
+            row["where"] += f"; {entry['note']}"
     return row
 
 
@@ -108,7 +164,8 @@ def _row(row: dict) -> str:
     failed = row.get("failed", "").replace("|", "/")
     if failed:
         failed += f" ({row['where']})"
-    return (f"| `{row['class']}` | {'yes' if ok else '**no**'} | {row.get('blocks', '-')} | "
+    return (f"| `{row['class']}` | {'yes' if ok else '**no**'} | {row.get('source', '-')} | "
+            f"{row.get('capture', '-')} | {row.get('blocks', '-')} | "
             f"{num('capture_diff', '.1e')} | {num('flops_off', '.2%')} | {num('fraction', '.3f')} | "
             f"{num('exact_diff', '.1e')} | {det} | {failed} |")
 
@@ -143,16 +200,18 @@ def main() -> None:
         f"`python examples/coverage.py` on {platform.machine()} CPU, torch {torch.__version__}, "
         f"diffusers {diffusers.__version__}, {datetime.date.today().isoformat()}: **{passed} of {len(rows)}** "
         f"classes pass every check. Each class gets nothing but the model (the tiny config of diffusers' "
-        f"own tests, random weights): inputs derived by `dit_opt.synthetic`, whole-model capture by "
-        f"`torch.export`, a {args.steps}-step synthetic calibration. Columns: capture's largest difference "
+        f"own tests, random weights) and, where `dit_opt.synthetic` cannot derive its inputs, the dummy inputs "
+        f"of that test (column inputs: `derived` or `diffusers tests`, passed as `example_inputs=`); capture by "
+        f"`torch.export` (column capture: `whole` model or block by block), a {args.steps}-step synthetic "
+        f"calibration around those inputs. Columns: capture's largest difference "
         f"from the model (<= 1e-4), the cost model's FLOPs against `FlopCounterMode` (<= 2 %), the counted "
         f"FLOPs at budget 0.5 (<= 0.51), budget 1.0's largest difference from the full model (<= 1e-4), "
         f"two optimisations alike. Classes that are not DiTs over a latent (audio, priors, multimodal "
         f"token streams) are listed as well.",
         "",
-        "| class | passes | blocks | capture diff | FLOPs off | counted at 0.5 | diff at 1.0 | deterministic "
-        "| failure |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| class | passes | inputs | capture | blocks | capture diff | FLOPs off | counted at 0.5 | diff at 1.0 "
+        "| deterministic | failure |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     text = "\n".join(head + [_row(r) for r in rows]) + "\n"
     if args.out == "-":

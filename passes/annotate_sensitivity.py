@@ -252,7 +252,10 @@ def _module_prune_inputs(graph: DiTGraph, spec: BlockSpec, role: str) -> dict[st
         if pos is None:
             return None
         node = next(n for n in interp.graph.nodes if n.op == "call_module" and n.target == name)
-        out[name] = tuple(int(d) for d in node.args[pos].meta["val"].shape)
+        shape = tuple(node.args[pos].meta["val"].shape)
+        if not all(isinstance(d, int) for d in shape):  # a data-dependent length (FramePack's packed tokens)
+            return None
+        out[name] = shape
     return out or None
 
 
@@ -276,6 +279,15 @@ def run_hooked(calibration: Callable[[torch.nn.Module], Any], model: torch.nn.Mo
     return time.perf_counter() - t0
 
 
+def _kept_fraction(rate: float, shape: tuple[int, ...] | None) -> float:
+    """The fraction of the tokens (dimension 1 of ``shape``) that a ``PRUNE`` at ``rate``
+    recomputes: the top ``max(1, round(rate * tokens))``, as the rewrites take them. Not ``rate``
+    itself where the rounding matters (a block over 1 to 3 tokens: frames of a temporal block)."""
+    if shape is None or len(shape) < 2 or int(shape[1]) < 1:
+        return rate
+    return max(1, round(rate * int(shape[1]))) / int(shape[1])
+
+
 def action_flops(graph: DiTGraph, prune_rates: tuple[float, ...], widths: tuple[float, ...]) -> dict[str, np.ndarray]:
     """FLOPs of one call of each block under each action, from the cost model.
 
@@ -292,11 +304,13 @@ def action_flops(graph: DiTGraph, prune_rates: tuple[float, ...], widths: tuple[
         "flops_width": np.zeros((U, J)),
     }
     for u, spec in enumerate(graph.blocks):
-        stream_elems = sum(int(np.prod(o.spec.shape)) for o in spec.outputs if o.spec is not None)
+        streams = [o.spec.shape for o in spec.outputs if o.spec is not None]
+        stream_elems = sum(int(np.prod(shape)) for shape in streams)
         out["flops_compute"][u] = costs.flops(spec.name)
         out["flops_reuse"][u] = stream_elems
         for k, r in enumerate(prune_rates):
-            out["flops_prune"][u, k] = costs.flops(spec.name, tokens=r) + 4 * stream_elems
+            kept = _kept_fraction(r, streams[0] if streams else None)
+            out["flops_prune"][u, k] = costs.flops(spec.name, tokens=kept) + 4 * stream_elems
         for j, w in enumerate(widths):
             out["flops_width"][u, j] = costs.flops(spec.name, width=w)
     return out
@@ -898,7 +912,8 @@ def annotate_sensitivity(
             # like a block PRUNE: scoring, gather and scatter modelled as elementwise work
             elems = sum(int(np.prod(s)) for s in shapes.values())
             for k, rate in enumerate(prune_rates):
-                flops["flops_module_prune"][u, r, k] = graph.costs.flops(spec.name, role, tokens=rate) + 4 * elems
+                kept = _kept_fraction(rate, next(iter(shapes.values())))
+                flops["flops_module_prune"][u, r, k] = graph.costs.flops(spec.name, role, tokens=kept) + 4 * elems
     for name, table in flops.items():
         flops[name] = table * per_call.reshape((U,) + (1,) * (table.ndim - 1))
     prof = SensitivityProfile(

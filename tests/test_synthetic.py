@@ -61,23 +61,81 @@ def test_optimize_with_nothing_but_the_model_and_a_budget():
     cal = synthetic_calibration(model, warn=False)  # the loop optimize ran
     with counted_flops(model) as full, torch.no_grad():
         cal(model)
-    with counted_flops(model) as got, torch.no_grad():
+    with counted_flops(opt) as got, torch.no_grad():
         cal(opt)
     assert got[0] <= 0.51 * full[0]
     assert opt.plan.num_steps == 28  # flow matching's default loop
 
 
-def test_a_required_argument_without_a_rule_is_named():
+def _lumina_next():
+    """LuminaNext: its forward requires the rotary table that its pipeline builds (no rule derives it)."""
     from diffusers import LuminaNextDiT2DModel
 
-    model = LuminaNextDiT2DModel(sample_size=16, patch_size=2, in_channels=4, hidden_size=24, num_layers=2,
-                                 num_attention_heads=3, num_kv_heads=1, multiple_of=16, cross_attention_dim=32)
-    with pytest.raises(dit_opt.InputMismatchError, match=r"'image_rotary_emb'.*example_inputs="):
+    torch.manual_seed(0)
+    model = LuminaNextDiT2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=24, num_layers=2,
+                                 num_attention_heads=3, num_kv_heads=1, multiple_of=16, cross_attention_dim=32).eval()
+    gen = torch.Generator().manual_seed(0)
+    # the dummy inputs of diffusers' own test of the class
+    inputs = {"hidden_states": torch.randn(2, 4, 8, 8, generator=gen), "timestep": torch.rand(2, generator=gen),
+              "encoder_hidden_states": torch.randn(2, 4, 32, generator=gen), "encoder_mask": torch.ones(2, 4),
+              "image_rotary_emb": torch.randn(384, 384, 4, generator=gen), "cross_attention_kwargs": {}}
+    return model, inputs
+
+
+def test_a_required_argument_without_a_rule_is_named():
+    model, _ = _lumina_next()
+    with pytest.raises(dit_opt.InputMismatchError,
+                       match=r"'image_rotary_emb'.*optimize\(model, budget, example_inputs=\{'hidden_states'"):
         synthetic.example_inputs(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(dit_opt.InputMismatchError, match="image_rotary_emb"):
             dit_opt.optimize(model, budget=0.5, compile=False, progress=False)
+
+
+def test_optimize_self_calibrates_on_the_example_inputs_it_is_given():
+    """What the error above advises works: with one forward's inputs and no calibration, optimize
+    runs its synthetic loop around them (before, it tried to derive them again and raised)."""
+    model, inputs = _lumina_next()
+    with pytest.warns(UserWarning, match="the given conditioning"):
+        opt = dit_opt.optimize(model, budget=0.5, example_inputs=inputs, compile=False, progress=False,
+                               actions=("reuse",), select=False)
+    assert opt.plan.num_steps == 28  # flow matching's default loop
+    cal = synthetic_calibration(model, example_inputs=inputs, warn=False)
+    with counted_flops(model) as full, torch.no_grad():
+        cal(model)
+    with counted_flops(opt) as got, torch.no_grad():
+        cal(opt)
+    assert got[0] <= 0.51 * full[0], f"counted {got[0] / full[0]:.3f} of the full FLOPs"
+
+
+def test_the_synthetic_loop_is_built_around_given_inputs():
+    """The latent is seeded noise of the given shape (the same every run), the timestep is set at
+    each step in the given one's shape and dtype, everything else is passed as given."""
+    model, _ = tiny_model("dit")
+    labels, latent = torch.tensor([1, 2, 3]), torch.zeros(3, 4, 8, 8)
+    given = {"hidden_states": latent, "timestep": torch.zeros(3, dtype=torch.long), "class_labels": labels}
+    cal = synthetic_calibration(model, num_inference_steps=3, example_inputs=given, warn=False)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            first, second = cal(model), cal(model)
+    finally:
+        handle.remove()
+    assert torch.equal(first, second) and first.shape == latent.shape
+    assert len(calls) == 6 and all(c["class_labels"] is labels for c in calls)
+    noise = [c["hidden_states"] for c in calls]
+    assert noise[0].abs().sum() > 0 and torch.equal(noise[0], noise[3])  # not the given zeros; each run alike
+    steps = [c["timestep"] for c in calls[:3]]
+    assert all(t.shape == (3,) and t.dtype == torch.long for t in steps)
+    assert steps[0][0] > steps[1][0] > steps[2][0], [t.tolist() for t in steps]
+
+
+def test_given_inputs_without_the_latent_are_named():
+    model, inputs = tiny_model("dit")
+    with pytest.raises(dit_opt.InputMismatchError, match=r"no floating-point tensor 'hidden_states'"):
+        synthetic_calibration(model, example_inputs={k: v for k, v in inputs.items() if k != "hidden_states"})
 
 
 def test_a_model_that_runs_on_no_layout_gets_the_layouts_tried():
@@ -150,3 +208,36 @@ def test_text_width_from_the_context_projection():
     model = PRXTransformer2DModel(in_channels=4, patch_size=2, context_in_dim=24, hidden_size=32, mlp_ratio=2.0,
                                   num_heads=2, depth=1, axes_dim=[8, 8]).eval()
     assert synthetic.example_inputs(model)["encoder_hidden_states"].shape == (2, 8, 24)
+
+
+def test_a_prediction_under_another_name_is_stepped():
+    """PriorTransformer returns ``predicted_image_embedding``, not ``sample``: the loop steps it
+    all the same (the first field of a diffusers output)."""
+    from diffusers import PriorTransformer
+
+    torch.manual_seed(0)
+    model = PriorTransformer(num_attention_heads=2, attention_head_dim=4, num_layers=2, embedding_dim=8,
+                             num_embeddings=7, additional_embeddings=4).eval()
+    inputs = {"hidden_states": torch.randn(4, 8), "timestep": torch.tensor(2.0), "proj_embedding": torch.randn(4, 8),
+              "encoder_hidden_states": torch.randn(4, 7, 8)}
+    with torch.no_grad():
+        out = synthetic_calibration(model, num_inference_steps=3, example_inputs=inputs, warn=False)(model)
+    assert out.shape == (4, 8) and torch.isfinite(out).all()
+
+
+def test_a_latent_given_as_a_list_is_stepped_sample_by_sample():
+    """Z-Image takes (and returns) one latent per sample, in a list: each is noised and stepped
+    on its own, in its own shape."""
+    from diffusers import ZImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=16, n_layers=1,
+                                     n_refiner_layers=1, n_heads=1, n_kv_heads=2, qk_norm=True, cap_feat_dim=16,
+                                     rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 4, 4],
+                                     axes_lens=[256, 32, 32]).eval()
+    inputs = {"x": [torch.randn(16, 1, 8, 8), torch.randn(16, 1, 4, 8)], "t": torch.tensor([0.0, 0.0]),
+              "cap_feats": [torch.randn(6, 16), torch.randn(6, 16)]}
+    with torch.no_grad():
+        out = synthetic_calibration(model, num_inference_steps=2, example_inputs=inputs, warn=False)(model)
+    assert [tuple(x.shape) for x in out] == [(16, 1, 8, 8), (16, 1, 4, 8)]
+    assert schedule_family(model) == "flow_unit"  # its forward scales t by its config's t_scale of 1000
