@@ -7,9 +7,10 @@ code. When the whole export fails, :func:`dit_opt.capture` falls back to this mo
 
 * **capture**: each block's first call is recorded during one eager forward and all blocks are
   exported together, each on its own recorded inputs (a wrapper that calls every block once,
-  their call signatures preserved), so that every block is a ``call_module`` node with the same
-  ``torch.export.unflatten`` sub-graphs as a whole-model capture gives. The top graph holds the
-  blocks side by side with no glue between them (:attr:`Blockwise.views` slices it per block);
+  their call signatures preserved), so that every block has the same ``torch.export.unflatten``
+  sub-graphs as a whole-model capture gives. A block that does not export itself runs as it is
+  (*opaque*: whole-block actions only). The top graph calls the blocks side by side, with no
+  glue between them; :attr:`Blockwise.views` holds each block's call alone;
 * **cost model**: blocks are costed from their graphs, as in a whole capture; the glue is what
   ``FlopCounterMode`` counts over the model's forward beyond them (:attr:`Blockwise.forward_flops`);
 * **running a step**: the model's own forward runs with each block replaced, in its list, by a
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
@@ -39,7 +41,7 @@ from dit_opt.errors import CaptureError, DitOptError
 #: marks a tensor among the recorded leaves of a call (``None`` is a value a block can be passed)
 TENSOR = type("Tensor", (), {"__repr__": lambda self: "<tensor>"})()
 
-__all__ = ["TENSOR", "BlockCall", "Blockwise", "block_leaves", "export_blocks", "slice_views", "standins"]
+__all__ = ["TENSOR", "BlockCall", "Blockwise", "block_leaves", "export_blocks", "standins"]
 
 
 @dataclass(frozen=True)
@@ -52,14 +54,15 @@ class BlockCall:
         constants: per leaf, :data:`TENSOR` for a tensor, else the (non-tensor) value it was
             captured with (the block's graph is specialised to it).
         start: position of its first leaf among the top graph's placeholders.
-        out_spec: pytree structure of its return value.
+        opaque: the block did not export itself and runs as it is: its leaves are passed through
+            whatever their values (only the structure is checked).
     """
 
     name: str
     spec: pytree.TreeSpec
     constants: tuple[Any, ...]
     start: int
-    out_spec: pytree.TreeSpec
+    opaque: bool = False
 
     @property
     def count(self) -> int:
@@ -77,6 +80,8 @@ class BlockCall:
         if spec != self.spec:
             raise DitOptError(f"block {self.name} is called with arguments of another structure than at capture "
                               f"({spec} instead of {self.spec}); optimise the model with inputs like these calls'")
+        if self.opaque:
+            return leaves
         for i, (x, c) in enumerate(zip(leaves, self.constants, strict=True)):
             if c is TENSOR:
                 if not isinstance(x, torch.Tensor):
@@ -99,7 +104,10 @@ class Blockwise:
         out_constants: per leaf of the return value, :data:`TENSOR` for a tensor, else its value.
         calls: per block (qualified name), how the model calls it.
         forward_flops: ``FlopCounterMode``'s count over one forward of the model.
-        views: per block, the top graph sliced to that block (its leaves in, its outputs out).
+        views: per block, the graph that calls it once (a placeholder per leaf of its arguments,
+            its return value out): what the rewrite passes rewrite for the block's actions.
+        opaque: per block that did not export itself, why, and ``(c0, c1, c2)``: its FLOPs
+            against the fraction of its tokens (see :func:`export_blocks`).
     """
 
     reason: str
@@ -109,6 +117,7 @@ class Blockwise:
     calls: dict[str, BlockCall]
     forward_flops: int
     views: dict[str, torch.fx.GraphModule] = field(default_factory=dict)
+    opaque: dict[str, tuple[str, tuple[float, float, float]]] = field(default_factory=dict)
 
     def flat_inputs(self, model_name: str, kwargs: dict[str, Any]) -> list[Any]:
         """The model's keyword inputs as pytree leaves (checked against the capture's structure)."""
@@ -132,28 +141,51 @@ def _same(a: Any, b: Any) -> bool:
 
 class _Calls(nn.Module):
     """Calls every block once on its own recorded inputs (what a block-wise capture exports).
-    The model's block lists are registered under their own paths, so that the exported
-    sub-graphs have the blocks' qualified names."""
+    The model's blocks are registered under their own paths, so that the exported sub-graphs
+    have the blocks' qualified names."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         super().__init__()
         self.names = list(names)
-        for list_name in dict.fromkeys(n.rsplit(".", 1)[0] for n in names):
-            parent: nn.Module = self
-            *path, leaf = list_name.split(".")
-            for part in path:
-                if not hasattr(parent, part):
-                    parent.add_module(part, nn.Module())
-                parent = getattr(parent, part)
-            parent.add_module(leaf, model.get_submodule(list_name))
+        for name in names:
+            _place(self, name, model.get_submodule(name))
 
     def forward(self, calls: list[tuple[tuple, dict]]) -> list[Any]:
         return [self.get_submodule(n)(*a, **k) for n, (a, k) in zip(self.names, calls, strict=True)]
 
 
+def _place(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Register ``module`` under the dotted ``name`` in ``root``, making the parents on the way."""
+    parent = root
+    *path, leaf = name.split(".")
+    for part in path:
+        if not hasattr(parent, part):
+            parent.add_module(part, nn.Module())
+        parent = getattr(parent, part)
+    parent.add_module(leaf, module)
+
+
+def _export(model: nn.Module, names: Sequence[str], calls: list) -> nn.Module:
+    """The unflattened export of the blocks ``names`` on their ``calls`` (one program)."""
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        exported = torch.export.export(_Calls(model, names), (calls,), strict=False,
+                                       preserve_module_call_signature=tuple(names))
+        return torch.export.unflatten(exported)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
 def export_blocks(model: nn.Module, example_inputs: dict[str, Any], records: dict[str, dict[str, Any]],
-                  names: Sequence[str], reference: Any, reason: str) -> tuple[Any, nn.Module, Blockwise]:
+                  names: Sequence[str], reference: Any, reason: str) -> tuple[nn.Module, Blockwise]:
     """Export every block on its recorded inputs (see the module docstring).
+
+    A block that does not export itself (a mixture of experts that routes its tokens through
+    ``.numpy()``, HiDream's; an argument export does not take, a flex-attention ``BlockMask``)
+    is kept as it is, *opaque*: planned and run as a whole block (no module-level unit), its
+    FLOPs counted by ``FlopCounterMode`` on its recorded call (:attr:`Blockwise.opaque`).
 
     Args:
         model: the transformer.
@@ -164,14 +196,13 @@ def export_blocks(model: nn.Module, example_inputs: dict[str, Any], records: dic
         reason: why the whole export failed (kept for the summary).
 
     Returns:
-        ``(exported, module, blockwise)``: the ``ExportedProgram``, its unflattened module (the
-        blocks at their qualified names) and the :class:`Blockwise` record.
+        ``(module, blockwise)``: a ``GraphModule`` whose graph calls the blocks side by side (each
+        the unflattened export of its call, or the block itself where opaque, at its qualified
+        name) and the :class:`Blockwise` record.
 
     Raises:
-        CaptureError: a block does not export, or is called more or less than once per forward.
+        CaptureError: a block is called more or less than once per forward.
     """
-    from dit_opt.flops import count_flops
-
     cls = type(model).__name__
     repeated = [n for n in names if records[n].get("calls", 1) != 1]
     if repeated:
@@ -181,28 +212,44 @@ def export_blocks(model: nn.Module, example_inputs: dict[str, Any], records: dic
                            f"capture(model, inputs, blocks=[...]).")
     # every block gets copies of its own inputs: export merges inputs that are the same tensor
     # object (one temb for all blocks), which would tie one block's graph to another's inputs
-    calls = [pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), (tuple(records[n]["args"]),
-                                                                               dict(records[n]["kwargs"])))
-             for n in names]
-    wrapper = _Calls(model, names)
+    calls = {n: pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(),
+                                     (tuple(records[n]["args"]), dict(records[n]["kwargs"]))) for n in names}
+    opaque: dict[str, str] = {}
     try:
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-            exported = torch.export.export(wrapper, (calls,), strict=False, preserve_module_call_signature=tuple(names))
-            module = torch.export.unflatten(exported)
-    except Exception as e:
-        raise CaptureError(
-            f"{cls}: torch.export could not capture the model ({reason}), nor its blocks one by one "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}). dit-opt "
-            f"needs blocks that torch.export.export(block, args, kwargs, strict=False) accepts."
-        ) from e
+        unflat = _export(model, names, [calls[n] for n in names])
+    except Exception:  # noqa: BLE001 - find the blocks that do not export, and export the others
+        unflat = None
+        for n in names:
+            try:
+                _export(model, [n], [calls[n]])
+            except Exception as e:  # noqa: BLE001 - this block runs as it is
+                opaque[n] = _first_line(e)
+        exportable = [n for n in names if n not in opaque]
+        if exportable:
+            unflat = _export(model, exportable, [calls[n] for n in exportable])
+    root = nn.Module()
+    for n in names:
+        _place(root, n, model.get_submodule(n) if n in opaque else unflat.get_submodule(n))
+    graph = torch.fx.Graph()
     block_calls: dict[str, BlockCall] = {}
+    views: dict[str, torch.fx.GraphModule] = {}
+    outs: list[torch.fx.Node] = []
     start = 0
-    for name, (args, kwargs) in zip(names, calls, strict=True):
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        out_spec = pytree.tree_structure(records[name]["output"])
+    for n in names:
+        leaves, spec = pytree.tree_flatten(calls[n])
         constants = tuple(TENSOR if isinstance(x, torch.Tensor) else x for x in leaves)
-        block_calls[name] = BlockCall(name, spec, constants, start, out_spec)
+        block_calls[n] = BlockCall(n, spec, constants, start, opaque=n in opaque)
         start += len(leaves)
+        views[n] = _view(root, n, leaves, spec)
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node in views[n].graph.nodes:
+            if node.op == "output":
+                outs.append(env[node.args[0][0]])
+            else:
+                env[node] = graph.node_copy(node, env.__getitem__)
+                env[node].meta = dict(node.meta)
+    graph.output(tuple(outs))
+    module = torch.fx.GraphModule(root, graph, class_name=f"{cls}Blocks")
     out_leaves, out_spec = pytree.tree_flatten(reference)
     blockwise = Blockwise(
         reason=reason,
@@ -210,44 +257,73 @@ def export_blocks(model: nn.Module, example_inputs: dict[str, Any], records: dic
         out_spec=out_spec,
         out_constants=tuple(TENSOR if isinstance(x, torch.Tensor) else x for x in out_leaves),
         calls=block_calls,
-        forward_flops=count_flops(model, **example_inputs),
+        forward_flops=_forward_flops(model, example_inputs, reason),
+        views=views,
+        opaque={n: (why, _opaque_cost(model.get_submodule(n), *calls[n])) for n, why in opaque.items()},
     )
-    return exported, module, blockwise
+    return module, blockwise
 
 
-def slice_views(gm: torch.fx.GraphModule, blockwise: Blockwise, block_nodes: dict[str, torch.fx.Node]) -> None:
-    """Fill ``blockwise.views``: per block, the part of the side-by-side top graph ``gm`` that
-    computes it, with all of its leaves as placeholders (in order) and its flat outputs out."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    for name, call in blockwise.calls.items():
-        node = block_nodes[name]
-        others = {n for b, n in block_nodes.items() if b != name}
-        keep = set(placeholders[call.start:call.start + call.count])
-        stack = [node]
-        while stack:  # what the block call depends on
-            n = stack.pop()
-            if n not in keep:
-                keep.add(n)
-                stack.extend(n.all_input_nodes)
-        stack = list(node.users)
-        while stack:  # what depends on it, up to the output, and what that reads besides (pytree specs)
-            n = stack.pop()
-            if n is not output and n not in keep:
-                if n is not node and n in others:
-                    raise CaptureError(f"block {name}'s outputs reach block {n.target} in the side-by-side graph")
-                keep.add(n)
-                stack.extend(n.users)
-                stack.extend(n.all_input_nodes)
-        g = torch.fx.Graph()
-        env: dict[torch.fx.Node, torch.fx.Node] = {}
-        for n in gm.graph.nodes:
-            if n in keep:
-                env[n] = g.node_copy(n, env.__getitem__)
-                env[n].meta = dict(n.meta)
-        flat = output.args[0]
-        g.output(tuple(env[a] for a in (flat if isinstance(flat, tuple | list) else (flat,)) if a in keep))
-        blockwise.views[name] = torch.fx.GraphModule(gm, g, class_name=f"{name.replace('.', '_')}_view")
+def _forward_flops(model: nn.Module, inputs: dict[str, Any], reason: str) -> int:
+    """``FlopCounterMode``'s count over the model's forward (what the glue's FLOPs are taken from).
+
+    Raises:
+        CaptureError: ``FlopCounterMode`` cannot run the forward (torch 2.13's CPU flex attention).
+    """
+    from dit_opt.flops import count_flops
+
+    try:
+        return count_flops(model, **inputs)
+    except Exception as e:
+        raise CaptureError(
+            f"{type(model).__name__}: torch.export rejected the model's forward ({reason}), and FlopCounterMode "
+            f"cannot count it either ({_first_line(e)}), so its FLOPs, which every budget is a fraction of, are "
+            f"unknown. dit-opt needs a forward that torch.utils.flop_counter.FlopCounterMode runs."
+        ) from e
+
+
+def _view(root: nn.Module, name: str, leaves: list[Any], spec: pytree.TreeSpec) -> torch.fx.GraphModule:
+    """The graph that calls block ``name`` once: a placeholder per leaf of its call's arguments
+    (in order), the call with their structure, the block's return value out."""
+    g = torch.fx.Graph()
+    prefix = name.replace(".", "_")
+    nodes = []
+    for i, x in enumerate(leaves):
+        ph = g.placeholder(f"{prefix}_arg{i}")
+        if isinstance(x, torch.Tensor):
+            ph.meta["val"] = x
+        nodes.append(ph)
+    args, kwargs = pytree.tree_unflatten(nodes, spec)
+    g.output((g.call_module(name, tuple(args), dict(kwargs)),))
+    return torch.fx.GraphModule(root, g, class_name=f"{prefix}_view")
+
+
+def _opaque_cost(block: nn.Module, args: tuple, kwargs: dict) -> tuple[float, float, float]:
+    """``(c0, c1, c2)`` of an opaque block's FLOPs against the fraction ``r`` of its tokens
+    (``c0 + c1 r + c2 r^2``, as the cost model's): counted on its recorded call and on the first
+    half and quarter of the tokens of its ``(batch, tokens, channels)`` inputs; where the block
+    does not run on fewer tokens, all of it linear (its ``PRUNE`` is then left out by the profile)."""
+    from dit_opt.flops import count_flops
+
+    full = float(count_flops(block, *args, **kwargs))
+    tokens = {x.shape[1] for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and x.dim() == 3}
+    if len(tokens) != 1:
+        return 0.0, full, 0.0
+    (n,) = tokens
+    points = [(1.0, full)]
+    for r in (0.5, 0.25):
+        k = max(1, round(r * n))
+        a, kw = pytree.tree_map_only(torch.Tensor, lambda t, k=k: t[:, :k] if t.dim() == 3 and t.shape[1] == n else t,
+                                     (args, kwargs))
+        try:
+            points.append((k / n, float(count_flops(block, *a, **kw))))
+        except Exception:  # noqa: BLE001 - the block does not run on fewer tokens
+            return 0.0, full, 0.0
+    rs = np.array([r for r, _ in points])
+    if len(set(rs)) < 3:
+        return 0.0, full, 0.0
+    c = np.linalg.solve(np.stack([np.ones(3), rs, rs ** 2], axis=1), np.array([f for _, f in points]))
+    return float(c[0]), float(c[1]), float(c[2])
 
 
 class _Standin(nn.Module):

@@ -28,7 +28,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from dit_opt.blockwise import export_blocks, slice_views
+from dit_opt.blockwise import export_blocks
 from dit_opt.errors import CaptureError, ConfigError, InputMismatchError, NoBlocksFoundError
 from dit_opt.export_tables import exported_at, record_table_sizes
 from dit_opt.ir import META_BLOCK, ROLES, BlockSpec, DiTGraph, StreamSpec, TensorSpec
@@ -108,8 +108,16 @@ def find_block_lists(model: nn.Module, blocks: Sequence[str] | None = None) -> l
 def _candidate_lists(model: nn.Module) -> list[tuple[str, int, str]]:
     """(name, parameter count, "<count> x <block class>") of every ModuleList of same-class modules."""
     out: list[tuple[str, int, str]] = []
+    containers: list[str] = []
     for name, mod in model.named_modules():
         if not name or not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if any(name.startswith(c + ".") for c in containers):
+            continue
+        if all(isinstance(c, nn.ModuleList | nn.ModuleDict) for c in mod):
+            # containers the model iterates (ConsisID's face extractor layers), not modules it
+            # calls; nor are the lists inside them its blocks
+            containers.append(name)
             continue
         if len({type(c) for c in mod}) != 1:
             continue
@@ -229,6 +237,15 @@ def capture(
         for h in handles:
             h.remove()
     not_run = [n for n in names if "args" not in records[n]]
+    idle = set(list_names) - {n.rsplit(".", 1)[0] for n in names if n not in not_run}
+    if blocks is None and not_run and idle and len(idle) < len(list_names) and \
+            all(n.rsplit(".", 1)[0] in idle for n in not_run):
+        # a discovered list that this forward never calls (a branch for inputs not given) is
+        # not where its work is: the lists it calls are the blocks
+        list_names = [ln for ln in list_names if ln not in idle]
+        block_modules = [(ln, i, blk) for ln, i, blk in block_modules if ln not in idle]
+        names = tuple(f"{ln}.{i}" for ln, i, _ in block_modules)
+        not_run = []
     if not_run:
         raise NoBlocksFoundError(
             f"{cls}: blocks {not_run[:4]} were never called in a forward pass with these inputs, so they "
@@ -262,7 +279,7 @@ def capture(
     if module is None:
         with warnings.catch_warnings(), _fresh_passthrough_outputs(block_modules, records):
             warnings.simplefilter("ignore")
-            exported, module, blockwise = export_blocks(model, example_inputs, records, names, reference, reason)
+            module, blockwise = export_blocks(model, example_inputs, records, names, reference, reason)
         _run_generated_code(module)
 
     gm = torch.fx.GraphModule(module, module.graph, class_name=f"{cls}Graph")
@@ -277,9 +294,12 @@ def capture(
     # A sub-module a block calls more than once (CogView4's ``ff``, on the image and then on the
     # text tokens) has no one output to reuse, prune or skip: it is served only with its block.
     repeated = tuple(sorted(k for k, n in calls.items() if n > 1 and k.rsplit(".", 1)[0] in set(names)))
+    # an opaque block (dit_opt.blockwise: it did not export itself) has no graph to serve modules from
+    opaque = set(blockwise.opaque) if blockwise is not None else set()
     specs = tuple(
         _block_spec(ln, i, blk, records[f"{ln}.{i}"], module.get_submodule(f"{ln}.{i}"),
-                    exclude={k.removeprefix(f"{ln}.{i}.") for k in repeated if k.startswith(f"{ln}.{i}.")})
+                    exclude={k.removeprefix(f"{ln}.{i}.") for k in repeated if k.startswith(f"{ln}.{i}.")},
+                    whole=f"{ln}.{i}" in opaque)
         for ln, i, blk in block_modules
     )
     graph = DiTGraph(
@@ -294,8 +314,7 @@ def capture(
     )
     for spec, node in graph.block_nodes():
         node.meta[META_BLOCK] = spec.name
-    if blockwise is not None:
-        slice_views(gm, blockwise, {spec.name: node for spec, node in graph.block_nodes()})
+
     missing = sorted(set(names) - {s.name for s, _ in graph.block_nodes()})
     if missing:
         raise CaptureError(
@@ -378,7 +397,9 @@ def _record_io(block: nn.Module, rec: dict[str, Any]) -> Any:
 
 
 def _block_spec(list_name: str, index: int, block: nn.Module, rec: dict[str, Any], sub: nn.Module,
-                exclude: set[str] = frozenset()) -> BlockSpec:
+                exclude: set[str] = frozenset(), whole: bool = False) -> BlockSpec:
+    """The block's contract from its recorded call and its graph ``sub`` (``whole``: no graph, the
+    block is served only whole: no role sub-modules, streams matched by shape)."""
     positional = _positional_name(block)
     inputs: list[tuple[str, TensorSpec]] = []
     named = [(positional(i), a) for i, a in enumerate(rec["args"])]
@@ -392,7 +413,7 @@ def _block_spec(list_name: str, index: int, block: nn.Module, rec: dict[str, Any
     outs = list(out) if is_tuple else [out]
     # The block graph names positional inputs ``_positional_arg_<i>``: map them back to the
     # forward signature's names.
-    sources = {
+    sources = {} if whole else {
         pos: {positional(int(n.rsplit("_", 1)[1])) if n.startswith("_positional_arg_") else n for n in v}
         for pos, v in _residual_sources(sub).items()
     }
@@ -420,7 +441,8 @@ def _block_spec(list_name: str, index: int, block: nn.Module, rec: dict[str, Any
         inputs=tuple(inputs),
         outputs=tuple(streams),
         output_is_tuple=is_tuple,
-        modules=tuple((r, kept) for r, mods in _roles(block) if (kept := tuple(m for m in mods if m not in exclude))),
+        modules=() if whole else tuple((r, kept) for r, mods in _roles(block)
+                                       if (kept := tuple(m for m in mods if m not in exclude))),
     )
 
 

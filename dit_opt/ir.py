@@ -166,8 +166,14 @@ class DiTGraph:
         """One line: the capture mode and, for a block-by-block capture, why."""
         if self.blockwise is None:
             return "captured whole (torch.export of the model's forward)"
-        return (f"captured block by block: torch.export rejected the model's forward ({self.blockwise.reason}), "
+        text = (f"captured block by block: torch.export rejected the model's forward ({self.blockwise.reason}), "
                 f"so the glue between the blocks runs as the model's own Python")
+        opaque = self.blockwise.opaque
+        if opaque:
+            why = next(iter(opaque.values()))[0]
+            text += (f"; {len(opaque)} of {len(self.blocks)} blocks run as they are, planned whole (torch.export "
+                     f"rejected them too: {why})")
+        return text
 
     # ---- calling -------------------------------------------------------------------------
     def flat_inputs(self, *args: Any, **kwargs: Any) -> list[Any]:

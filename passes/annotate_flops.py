@@ -150,6 +150,8 @@ class _Counter:
         self.role_of = {
             f"{b.name}.{m}": role for b in graph.blocks for role in b.roles for m in b.role_modules(role)
         }
+        self.opaque = {name: Cost(*cost) for name, (_, cost) in graph.blockwise.opaque.items()} \
+            if graph.blockwise is not None else {}
 
     def module_cost(self, module: torch.nn.Module, qual: str, block: BlockSpec | None, role: str | None) -> Cost:
         cost = Cost()
@@ -162,7 +164,12 @@ class _Counter:
                 sub_block = block or (self.specs.get(sub_qual))
                 sub_role = role or (self.role_of.get(sub_qual) if sub_block is not None else None)
                 sub = module.get_submodule(str(node.target))
-                c = self.module_cost(sub, sub_qual, sub_block, sub_role)
+                if sub_qual in self.opaque:
+                    # a block that did not export itself (dit_opt.blockwise): no graph to walk, its
+                    # FLOPs counted by FlopCounterMode on its recorded call
+                    c = self.opaque[sub_qual]
+                else:
+                    c = self.module_cost(sub, sub_qual, sub_block, sub_role)
                 if targets[str(node.target)] > 1 and c.total > 0:
                     # unflatten shares one sub-graph between calls of a module whose graphs match
                     # (CogView4's ``ff`` on image then text tokens): its shapes are one call's, so

@@ -110,10 +110,10 @@ class BlockwiseStep:
             call = bw.calls[name]
 
             def run(a: tuple, k: dict) -> Any:
+                # the block's graph returns the block's value (one output), then its cache writes
                 out = variant(*call.leaves(a, k), *[feed[key] for key in variant.reads])
-                n = variant.num_model_outputs
-                written.update(zip(variant.writes, out[n:], strict=True))
-                return pytree.tree_unflatten(list(out[:n]), call.out_spec)
+                written.update(zip(variant.writes, out[1:], strict=True))
+                return out[0]
 
             return run
 

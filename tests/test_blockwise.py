@@ -4,6 +4,7 @@ included, and a model that only captures block by block must optimise, load and 
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -173,3 +174,45 @@ def test_a_block_called_with_other_arguments_is_refused(lumina):
     args = [torch.zeros(1)] * 3
     with pytest.raises(DitOptError, match="context_refiner.0.*another structure"):
         call.leaves(tuple(args), {"extra": 1})
+
+
+def _unexportable(model):
+    """``model`` with every block branching on a tensor value (as a mixture of experts that routes
+    through ``.numpy()`` does): torch.export rejects the blocks as well as the forward."""
+    for block in model.transformer_blocks:
+        inner = block.forward
+
+        @functools.wraps(inner)  # the block's own signature
+        def forward(*args, _inner=inner, **kwargs):
+            out = _inner(*args, **kwargs)
+            if float(out.abs().sum()) >= 0.0:  # always true: the values are the block's own
+                return out
+            return -out
+
+        block.forward = forward
+    return model
+
+
+def test_blocks_that_do_not_export_are_planned_whole(profiled):
+    """Opaque blocks: costed by FlopCounterMode on their call, run as they are; the same block-level
+    plan gives the same outputs as on a whole capture of the unchanged model, and optimize keeps
+    its budget and is exact at 1.0."""
+    model, cal, prof = profiled("dit", STEPS)
+    opaque_model = _unexportable(tiny_model("dit")[0])
+    graph = capture(opaque_model, tiny_model("dit")[1])
+    assert sorted(graph.blockwise.opaque) == [f"transformer_blocks.{i}" for i in range(3)]
+    # (no WIDTH: an opaque block has no MLP sub-module to narrow)
+    grid = _grid(prof, ["C C C", "C C C", "C R P0.5", "F2 R S", "F R C", "T1 T1 T1"])
+    plan = prof.to_problem(1.0).to_plan(grid, "test", "HEURISTIC", 0.0)
+    whole = dit_opt.OptimizedTransformer(model, plan, profile=prof, compile=False)
+    opaque = dit_opt.OptimizedTransformer(opaque_model, plan, profile=prof, compile=False)
+    with torch.no_grad():
+        _assert_close(cal(whole), cal(opaque))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dit_opt.optimize(opaque_model, budget=0.5, calibration=cal, compile=False, progress=False)
+        exact = dit_opt.optimize(opaque_model, budget=1.0, calibration=cal, compile=False, progress=False)
+    assert opt.report["capture_mode"] == "blocks" and "run as they are" in opt.report["capture"]
+    assert count_flops(cal, opt) <= 0.51 * count_flops(cal, opaque_model)
+    with torch.no_grad():
+        assert torch.equal(cal(exact), cal(opaque_model))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import dit_opt
-from dit_opt.capture import capture, find_block_lists
+from dit_opt.capture import _candidate_lists, capture, find_block_lists
 from dit_opt.testing import tiny_model
 
 
@@ -102,11 +102,19 @@ class DataDependentBlocksNet(DataDependentNet):
         self.transformer_blocks = nn.ModuleList([_DataDependentBlock(), _DataDependentBlock()])
 
 
-def test_untraceable_blocks():
-    with pytest.raises(dit_opt.CaptureError) as e:
-        capture(DataDependentBlocksNet(), {"hidden_states": torch.randn(1, 4, 16)})
-    msg = str(e.value)
-    assert "DataDependentBlocksNet" in msg and "nor its blocks one by one" in msg
+def test_blocks_that_do_not_export_run_as_they_are():
+    """Blocks torch.export rejects too are opaque: captured, costed by FlopCounterMode on their
+    call, planned and run whole (no module units), and the capture says so."""
+    from dit_opt.flops import count_flops
+    from passes.annotate_flops import annotate_flops
+
+    model, inputs = DataDependentBlocksNet(), {"hidden_states": torch.randn(1, 4, 16)}
+    g = capture(model, inputs)
+    assert sorted(g.blockwise.opaque) == ["transformer_blocks.0", "transformer_blocks.1"]
+    assert all(not b.roles for b in g.blocks) and "run as they are" in g.describe_capture()
+    annotate_flops(g)
+    assert g.flops == count_flops(model, **inputs)
+    assert g.costs.block_flops()["transformer_blocks.0"] == count_flops(model.transformer_blocks[0], **inputs)
 
 
 def test_unknown_input_name():
@@ -141,3 +149,37 @@ def test_inputs_not_a_dict():
 def test_errors_share_a_base_class():
     for cls in (dit_opt.CaptureError, dit_opt.NoBlocksFoundError, dit_opt.InputMismatchError):
         assert issubclass(cls, dit_opt.DitOptError)
+
+
+class _Extractor(nn.Module):
+    """A branch the forward takes only for an input it was not given (ConsisID's face extractor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([nn.ModuleList([nn.Linear(16, 16), nn.Linear(16, 16)]) for _ in range(3)])
+        self.refiners = nn.ModuleList([_Block(), _Block()])
+
+
+class IdleListNet(GoodNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.extractor = _Extractor()
+
+    def forward(self, hidden_states, faces=None):
+        if faces is not None:
+            for blk in self.extractor.refiners:
+                faces = blk(faces)
+            hidden_states = hidden_states + faces
+        return super().forward(hidden_states)
+
+
+def test_lists_the_forward_never_calls_are_not_the_blocks():
+    """A list of containers is no block list, and a discovered list that this forward never calls
+    (a branch for an input not given) is left out rather than failing the capture."""
+    model = IdleListNet()
+    assert "extractor.layers" not in [name for name, _, _ in _candidate_lists(model)]
+    assert find_block_lists(model) == ["transformer_blocks", "extractor.refiners"]
+    g = capture(model, {"hidden_states": torch.randn(1, 4, 16)})
+    assert g.list_names == ("transformer_blocks",)
+    with pytest.raises(dit_opt.NoBlocksFoundError, match="never called"):  # named by hand: as asked
+        capture(model, {"hidden_states": torch.randn(1, 4, 16)}, blocks=["extractor.refiners"])
