@@ -4,7 +4,11 @@ Every ATen node of every graph (the top graph, each block's graph and each sub-m
 gets ``node.meta["dit_opt.flops"]``: the FLOPs ``FlopCounterMode`` counts for that op at the
 captured shapes (two per multiply-add, attention included). The op is replayed on the fake
 tensors that ``torch.export`` recorded in ``node.meta["val"]``, so nothing real is computed
-and the numbers are those of ``FlopCounterMode`` by construction.
+and the numbers are those of ``FlopCounterMode`` by construction. They count what the
+captured graph computes: an op whose result the model discards (the last joint block's text
+MLP, where only the image tokens are returned) is removed by export and costs nothing here,
+though the model's own forward runs it. A size that depends on the data (tokens kept by a
+mask) is counted at the value it took in the capture run.
 
 Nodes inside blocks also get ``node.meta["dit_opt.token_exp"]``: how their FLOPs grow when
 the block runs on a fraction ``r`` of its stream tokens (token pruning): 0 for ops that do
@@ -17,13 +21,15 @@ tensors with the token dimension doubled. Summed per sub-module and block, this 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
+import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 
@@ -142,8 +148,13 @@ def annotate_flops(graph: DiTGraph) -> PassResult:
 
 
 class _Counter:
+    """Walks the unflattened module's graphs, summing FLOPs per node, sub-module and block."""
+
     def __init__(self, graph: DiTGraph) -> None:
+        self.graph = graph
         self.specs = {b.name: b for b in graph.blocks}
+        self.shared = _shared_modules(graph.module)
+        self._sizes: _ExampleSizes | None = None
         self.blocks: dict[str, Cost] = {}
         self.modules: dict[str, Cost] = {}
         self.roles: dict[str, str] = {}
@@ -155,7 +166,6 @@ class _Counter:
 
     def module_cost(self, module: torch.nn.Module, qual: str, block: BlockSpec | None, role: str | None) -> Cost:
         cost = Cost()
-        targets = Counter(str(n.target) for n in module.graph.nodes if n.op == "call_module")
         for node in module.graph.nodes:
             if node.op == "call_module":
                 sub_qual = str(node.target) if not qual else f"{qual}.{node.target}"
@@ -170,11 +180,12 @@ class _Counter:
                     c = self.opaque[sub_qual]
                 else:
                     c = self.module_cost(sub, sub_qual, sub_block, sub_role)
-                if targets[str(node.target)] > 1 and c.total > 0:
+                if id(sub) in self.shared and c.total > 0:
                     # unflatten shares one sub-graph between calls of a module whose graphs match
-                    # (CogView4's ``ff`` on image then text tokens): its shapes are one call's, so
-                    # the total is re-counted at this call's inputs and the split kept.
-                    c = c.scaled(_call_flops(node, sub) / c.total)
+                    # (CogView4's ``ff`` on image then text tokens, twice in one graph; GLM-Image's
+                    # ``ff.net.0``, called from ``ff`` and from ``ff@1``): its shapes are one call's,
+                    # so the total is re-counted at this call's inputs and the split kept.
+                    c = c.scaled(self._call_flops(node, sub) / c.total)
                 if block is None and sub_qual in self.specs:
                     self.blocks[sub_qual] = self.blocks.get(sub_qual, Cost()) + c
                 elif role is None and sub_role is not None and sub_qual in self.role_of:
@@ -185,65 +196,191 @@ class _Counter:
                 if sub_role:
                     node.meta[META_ROLE] = sub_role
                 cost = cost + c
-            elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-                flops = _node_flops(node)
-                node.meta[META_FLOPS] = flops
-                node.meta[META_MODULE] = qual
-                if role:
-                    node.meta[META_ROLE] = role
-                if flops == 0:
-                    continue
-                exp = _token_exponent(node, block, flops) if block is not None else 0
-                node.meta[META_TOKEN_EXP] = exp
-                cost = cost + Cost(**{f"c{exp}": float(flops)})
+            elif node.op == "call_function":
+                cost = cost + self._function_cost(node, module, qual, block, role)
         return cost
+
+    def _function_cost(self, node: torch.fx.Node, module: torch.nn.Module, qual: str, block: BlockSpec | None,
+                       role: str | None) -> Cost:
+        """:class:`Cost` of one ``call_function`` node: an ATen op, or a region whose body runs once."""
+        if isinstance(node.target, torch._ops.OpOverload):
+            flops = self._node_flops(node)
+            exp = _token_exponent(node, block, flops) if block is not None and flops else 0
+            cost = Cost(**{f"c{exp}": float(flops)})
+        elif _body_runs_once(node):
+            # an autocast or no-grad region (Mochi's rotary table under ``torch.autocast``) is a
+            # higher-order op over a sub-graph: its ops are counted there, once
+            cost = Cost()
+            for body in _bodies(node, module):
+                for inner in body.graph.nodes:
+                    if inner.op == "call_function":
+                        cost = cost + self._function_cost(inner, body, qual, block, role)
+            flops, exp = round(cost.total), None
+        else:
+            return Cost()
+        node.meta[META_FLOPS] = flops
+        node.meta[META_MODULE] = qual
+        if role:
+            node.meta[META_ROLE] = role
+        if flops and exp is not None:
+            node.meta[META_TOKEN_EXP] = exp
+        return cost
+
+    def _node_flops(self, node: torch.fx.Node) -> int:
+        """FLOPs ``FlopCounterMode`` counts for ``node``'s op on its recorded fake inputs."""
+        args, kwargs = _vals(node.args), _vals(node.kwargs)
+        return self._count(lambda: node.target(*args, **kwargs), (args, kwargs))
+
+    def _call_flops(self, node: torch.fx.Node, sub: torch.nn.Module) -> int:
+        """FLOPs of calling ``sub`` on the fake inputs recorded at ``node`` (its real parameters allowed)."""
+        args, kwargs = _vals(node.args), _vals(node.kwargs)
+        return self._count(lambda: sub(*args, **kwargs), (args, kwargs), allow_real=True)
+
+    def _count(self, run: Callable[[], Any], inputs: Any, allow_real: bool = False) -> int:
+        """FLOPs of ``run()`` under the fake mode of the tensors in ``inputs`` (0 without any)."""
+        fake = detect_fake_mode([x for x in pytree.tree_leaves(inputs) if isinstance(x, torch.Tensor)])
+        if fake is None:
+            return 0  # no tensor inputs: nothing to count
+        allowed, fake.allow_non_fake_inputs = fake.allow_non_fake_inputs, allow_real or fake.allow_non_fake_inputs
+        try:
+            with fake, flop_counter() as fc:
+                run()
+        finally:
+            fake.allow_non_fake_inputs = allowed
+        flops = fc.get_total_flops()
+        if not isinstance(flops, torch.SymInt) or flops.node.expr.is_number:
+            return int(flops)
+        if self._sizes is None:
+            self._sizes = _ExampleSizes.of(self.graph)
+        return _concrete(flops, fake, self._sizes)
+
+
+def _shared_modules(root: torch.nn.Module) -> set[int]:
+    """``id``s of the sub-modules that more than one ``call_module`` node calls.
+
+    ``torch.export.unflatten`` gives a module called several times one sub-graph per call
+    (``ff``, ``ff@1``) unless the calls' graphs match, and then shares one module object
+    between the call sites, anywhere in the hierarchy: its graph's recorded shapes are one
+    call's. Each distinct graph is walked once: a module called once by a shared parent is
+    counted with that parent, which is itself re-counted at each of its calls.
+    """
+    calls: Counter[int] = Counter()
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen or not isinstance(getattr(module, "graph", None), torch.fx.Graph):
+            continue
+        seen.add(id(module))
+        for node in module.graph.find_nodes(op="call_module"):
+            sub = module.get_submodule(str(node.target))
+            calls[id(sub)] += 1
+            stack.append(sub)
+    return {k for k, n in calls.items() if n > 1}
+
+
+# higher-order ops that run their sub-graph exactly once (export wraps ``torch.autocast`` and
+# ``torch.set_grad_enabled`` regions so); a ``cond`` runs one of two, so it is not among them
+_RUN_ONCE = frozenset({"wrap_with_autocast", "wrap_with_set_grad_enabled"})
+
+
+def _body_runs_once(node: torch.fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.HigherOrderOperator) and node.target.name() in _RUN_ONCE
+
+
+def _bodies(node: torch.fx.Node, module: torch.nn.Module) -> list[torch.fx.GraphModule]:
+    """The sub-graphs a higher-order op node runs (its ``get_attr`` arguments)."""
+    attrs = [a for a in node.args if isinstance(a, torch.fx.Node) and a.op == "get_attr"]
+    subs = (getattr(module, str(a.target), None) for a in attrs)
+    return [s for s in subs if isinstance(s, torch.fx.GraphModule)]
 
 
 def _vals(args: Any) -> Any:
     return pytree.tree_map_only(torch.fx.Node, lambda n: n.meta.get("val"), args)
 
 
-def _node_flops(node: torch.fx.Node) -> int:
-    args, kwargs = _vals(node.args), _vals(node.kwargs)
-    fake = detect_fake_mode([x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)])
-    if fake is None:
-        return 0  # no tensor inputs: nothing to count
-    with fake, flop_counter() as fc:
-        node.target(*args, **kwargs)
-    return _concrete(fc.get_total_flops(), fake)
+@dataclass
+class _ExampleSizes:
+    """The values the data-dependent sizes (unbacked ``SymInt``s) of the export took in its example run.
+
+    ``torch.export`` records no value for them (``ShapeEnv.var_to_val`` holds only backed sizes),
+    but every node that creates one names, in ``meta["unbacked_bindings"]``, where the size sits in
+    its output (``{u1: size()[1]}``; ``{u0: ()}`` for ``.item()``). Running the exported program
+    on the example inputs it keeps reads them off the real outputs.
+
+    Attributes:
+        shape_env: the export's ``ShapeEnv``: its symbols are the ones valued here.
+        values: symbol -> the value it took.
+        missing: why no values could be read, if so (the counts fall back to the upper bounds).
+    """
+
+    shape_env: Any = None
+    values: dict[Any, int] = field(default_factory=dict)
+    missing: str | None = None
+
+    @classmethod
+    def of(cls, graph: DiTGraph) -> _ExampleSizes:
+        """Run ``graph.exported`` once on its example inputs, recording every data-dependent size."""
+        ep = graph.exported
+        if ep is None or getattr(ep, "example_inputs", None) is None:
+            return cls(missing="the export kept no example inputs")
+        fake = detect_fake_mode([v for n in ep.graph.nodes if isinstance(v := n.meta.get("val"), torch.Tensor)])
+        values: dict[Any, int] = {}
+
+        class _Record(torch.fx.Interpreter):
+            def run_node(self, n: torch.fx.Node) -> Any:
+                out = super().run_node(n)
+                for sym, path in (n.meta.get("unbacked_bindings") or {}).items():
+                    value = pytree.key_get(out, path)
+                    if isinstance(value, int | torch.SymInt | torch.Tensor):
+                        values[sym] = int(value)
+                return out
+
+        try:
+            gm = ep.module(check_guards=False)
+            flat = fx_pytree.tree_flatten_spec(ep.example_inputs, ep.call_spec.in_spec)
+            with torch.no_grad():
+                _Record(gm).run(*flat)
+        except Exception as e:  # noqa: BLE001 - the bounds remain, and the warning says so
+            return cls(fake.shape_env if fake else None, values, f"{type(e).__name__}: {e}")
+        return cls(fake.shape_env if fake else None, values)
+
+    def value(self, env: Any, sym: Any) -> int | None:
+        """The value ``sym`` of ``env`` took in the example run, if known."""
+        return self.values.get(sym) if env is self.shape_env else None
 
 
-def _concrete(flops: Any, fake: Any) -> int:
-    """``flops`` as an int. A count over a data-dependent size (Mochi's attention over the valid
-    text tokens, ``nonzero`` of the mask) has no value at capture time: it is counted at the
-    largest value the size can take (every text token valid, as in the example inputs)."""
-    if not isinstance(flops, torch.SymInt) or flops.node.expr.is_number:
-        return int(flops)
+def _concrete(flops: torch.SymInt, fake: Any, sizes: _ExampleSizes) -> int:
+    """A symbolic FLOP count as an int, at the sizes of the example (capture) run.
+
+    A count over a data-dependent size (Mochi's attention over the valid text tokens, FramePack's
+    history packed by a mask) has no value at trace time: it takes the value the size had when
+    the exported program ran on its example inputs, as ``FlopCounterMode`` over the model's
+    forward sees it. Where that is unknown (a size created anew when a shared sub-graph is
+    re-counted at another call's inputs, no example inputs kept), the largest value it can take.
+    """
     env = fake.shape_env
+    backed = getattr(env, "backed_var_to_val", None)  # torch 2.13's name; var_to_val before
+    if backed is None:
+        backed = env.var_to_val
     expr = flops.node.expr
-    values = {}
+    values, bounded = {}, []
     for sym in expr.free_symbols:
-        bound = env.var_to_range[sym].upper if sym in env.var_to_range else None
-        hint = env.var_to_val.get(sym)
-        if hint is None and (bound is None or not bound.is_finite):
-            raise ValueError(f"cannot count FLOPs over the unbounded data-dependent size {sym} ({expr})")
-        values[sym] = hint if hint is not None else bound
+        known = backed.get(sym)
+        if known is None:
+            known = sizes.value(env, sym)
+        if known is None:
+            bound = env.var_to_range[sym].upper if sym in env.var_to_range else None
+            if bound is None or not bound.is_finite:
+                raise ValueError(f"cannot count FLOPs over the unbounded data-dependent size {sym} ({expr})")
+            known = bound
+            bounded.append(sym)
+        values[sym] = known
+    if bounded:
+        why = sizes.missing or "sizes created anew, re-counting a shared sub-graph at another call's inputs"
+        warnings.warn(f"FLOPs over the data-dependent sizes {sorted(map(str, bounded))} are counted at their upper "
+                      f"bounds: their values in the capture run are unknown ({why})", stacklevel=2)
     return int(expr.xreplace(values))
-
-
-def _call_flops(node: torch.fx.Node, sub: torch.nn.Module) -> int:
-    """FLOPs of calling ``sub`` on the fake inputs recorded at ``node`` (its real parameters allowed)."""
-    args, kwargs = _vals(node.args), _vals(node.kwargs)
-    fake = detect_fake_mode([x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)])
-    if fake is None:
-        return 0
-    allowed, fake.allow_non_fake_inputs = fake.allow_non_fake_inputs, True
-    try:
-        with fake, flop_counter() as fc:
-            sub(*args, **kwargs)
-    finally:
-        fake.allow_non_fake_inputs = allowed
-    return _concrete(fc.get_total_flops(), fake)
 
 
 def _token_exponent(node: torch.fx.Node, block: BlockSpec, flops: int) -> int:
