@@ -27,8 +27,9 @@ from dit_opt.calibration import Generations, guarded, raised_by_calibration
 from dit_opt.capture import check_capture_mode
 from dit_opt.errors import ConfigError, DitOptError, InfeasibleBudgetError, InputMismatchError
 from dit_opt.plan import Plan, check_budget
-from dit_opt.runtime import OptimizedTransformer, compile_mode
+from dit_opt.runtime import OptimizedTransformer, compile_mode, input_signature, timestep_as_tensor
 from dit_opt.sensitivity import DEFAULT_ACTIONS, DEFAULT_MAX_AGE, SensitivityProfile, check_actions
+from dit_opt.synthetic import call_names
 
 __all__ = ["optimize", "profile", "load", "save", "ARTIFACT_VERSION"]
 
@@ -87,6 +88,14 @@ def _prepare(model, calibration, example_inputs):
             except InputMismatchError as e:
                 raise InputMismatchError(f"{e} (With a saved profile as calibration, pass example_inputs=...)") from e
     return calibration, example_inputs
+
+
+def _capture_inputs(model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs to capture ``model`` on: a timestep given as a Python number as a tensor where the
+    model computes alike on it (:func:`dit_opt.runtime.timestep_as_tensor`), so that the graph
+    serves every step and not only the first one's value (torch.export specialises to a number)."""
+    tensor_timestep = timestep_as_tensor(model, inputs, call_names(model))
+    return inputs if tensor_timestep is None else tensor_timestep
 
 
 def _run_steps(steps: list[tuple[str, Callable[[], Any]]]) -> dict[str, float]:
@@ -199,11 +208,11 @@ def profile(
             group.agree("the number of calibration generations", total,
                         "give every rank the same list of generations (each runs its share)")
             group.agree("the calibration's first call (input shapes and dtypes)",
-                        repr(OptimizedTransformer._signature(example_inputs)),
+                        repr(input_signature(example_inputs, call_names(model))),
                         "every rank's generations must call the model with the same shapes and dtypes")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            graph = capture(model, example_inputs, blocks=blocks, mode=capture_mode)
+            graph = capture(model, _capture_inputs(model, example_inputs), blocks=blocks, mode=capture_mode)
         annotate_flops(graph)
         prof = _measure(graph, calibration, max_age=max_age, prune_rates=prune_rates, widths=widths,
                         probe_rows=probe_rows, gain_points=gain_points, probes=probes, progress=progress,
@@ -374,7 +383,7 @@ def optimize(
         ctx["calibration"], ctx["inputs"] = cal, inputs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ctx["graph"] = capture(model, inputs, blocks=blocks, mode=capture_mode)
+            ctx["graph"] = capture(model, _capture_inputs(model, inputs), blocks=blocks, mode=capture_mode)
 
     def do_flops() -> None:
         from passes.annotate_flops import annotate_flops
@@ -400,8 +409,9 @@ def optimize(
         # what the profile depends on besides the model and the calibration: the cache's key
         settings = {**measure, "prune_rates": list(measure["prune_rates"]), "widths": list(measure["widths"]),
                     "blocks": blocks,
-                    "inputs": repr(OptimizedTransformer._signature(ctx["inputs"]))}
-        hit, ctx["profile_cached"] = kept.lookup(fingerprint, cal, ctx["inputs"], settings, profile_cache)
+                    "inputs": repr(input_signature(ctx["inputs"], call_names(model)))}
+        hit, ctx["profile_cached"] = kept.lookup(fingerprint, cal, ctx["inputs"], settings, profile_cache,
+                                                 names=call_names(model))
         if hit is not None:
             check_model(hit.profile.model, model, "the kept profile", now=fingerprint)
             ctx["profile"], ctx["reference"] = hit.profile, hit.reference
@@ -425,7 +435,7 @@ def optimize(
         ctx["reference"] = reference[0] if reference else None
         ctx["repeat_error"] = repeated[0] if repeated else None
         kept.store(kept.CachedProfile(ctx["profile"], ctx["reference"]), fingerprint, cal, ctx["inputs"], settings,
-                   profile_cache)
+                   profile_cache, names=call_names(model))
 
     def do_solve() -> None:
         from solvers import solve, solver_defaults
@@ -436,10 +446,11 @@ def optimize(
         profile = ctx["profile"]
         if asked_cfg and profile.e_cfg is None:
             valid = [a for a in actions if a != "cfg"]
-            raise ConfigError("actions has 'cfg', but the calibration never ran the model on a classifier-free "
-                              "guidance batch (one call with both halves of hidden_states equal), so there is no "
-                              f"guidance branch to derive; drop 'cfg' (valid here: {', '.join(valid)}) or calibrate "
-                              "with guidance on")
+            raise ConfigError(f"actions has 'cfg', but the calibration never ran the model on a classifier-free "
+                              f"guidance batch (one call with both batch halves of its latent "
+                              f"{call_names(model).latent!r} equal; a latent given as a list of one per sample never "
+                              f"is), so there is no guidance branch to derive; drop 'cfg' (valid here: "
+                              f"{', '.join(valid)}) or calibrate with guidance on")
         main = "block" if granularity == "auto" else granularity
         problem = profile.to_problem(budget, actions=actions, granularity=main)
         try:

@@ -242,11 +242,12 @@ def synthetic_calibration(
         >>> opt = dit_opt.optimize(model, budget=0.5, calibration=cal)                       # doctest: +SKIP
     """
     from dit_opt.steps import call_fingerprint
-    from dit_opt.synthetic import latent_argument, timestep_argument
+    from dit_opt.synthetic import call_names
 
     cls = type(model).__name__
     family = schedule_family(model)
-    latent_name, timestep_name = latent_argument(model), timestep_argument(model)
+    names = call_names(model)
+    latent_name, timestep_name = names.latent, names.timestep
     steps = num_inference_steps or (50 if family == "ddim" else 28)
     if example_inputs is None:
         base = derived_inputs(model, batch_size=batch_size, seed=seed)  # raises where it cannot derive them
@@ -254,7 +255,7 @@ def synthetic_calibration(
     else:
         base = _noised(model, example_inputs, latent_name, seed)
         # given inputs are part of what the loops are: the same ones (by shape, dtype and sums) share a profile
-        identity = ("synthetic", steps, seed, repr(call_fingerprint(example_inputs)[0]))
+        identity = ("synthetic", steps, seed, repr(call_fingerprint(example_inputs, names)[0]))
     if warn:
         made = "random latents and conditioning" if example_inputs is None else "random latents, the given conditioning"
         warnings.warn(

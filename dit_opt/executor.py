@@ -39,6 +39,9 @@ __all__ = [
     "gather_tokens",
     "scatter_tokens",
     "prunable",
+    "batch_rows",
+    "token_layout",
+    "call_batch",
     "mlp_linears",
     "narrow_block",
 ]
@@ -81,8 +84,10 @@ def reuse(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
 
 
 def is_guidance_batch(x: Any) -> bool:
-    """Whether ``x`` (a call's ``hidden_states``) is a classifier-free-guidance batch: an even
-    batch whose two halves are equal (the sampler ran ``cat([x, x])`` with two conditionings)."""
+    """Whether ``x`` (a call's latent, :func:`dit_opt.synthetic.call_names`) is a classifier-free-guidance
+    batch: an even batch whose two halves are equal (the sampler ran ``cat([x, x])`` with two
+    conditionings). A latent given as a list of one tensor per sample (Z-Image) never is: CFG
+    is not derived for such models (their blocks compute both branches)."""
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] < 2 or x.shape[0] % 2:
         return False
     half = x.shape[0] // 2
@@ -183,19 +188,59 @@ def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) 
     return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), values)
 
 
-def prunable(spec: BlockSpec) -> bool:
+def call_batch(graph: Any) -> int | None:
+    """The batch of the model call ``graph`` (a :class:`~dit_opt.ir.DiTGraph`) was captured on:
+    its latent's (:meth:`dit_opt.synthetic.CallNames.batch_of`), ``None`` where it has none."""
+    from dit_opt.synthetic import call_names
+
+    return call_names(graph.model).batch_of(graph.example_inputs)
+
+
+def batch_rows(shape: tuple[int, ...], batch: int | None) -> bool:
+    """Whether dimension 0 of a block tensor of ``shape`` runs over the model call's samples: it
+    is the call's ``batch``, or a multiple of it (the batch folded with frames or tokens, as
+    temporal blocks take it), and the tensor is not sequence-first (``(tokens, batch, ...)``:
+    Ernie-Image's blocks), whose dimension 1 is the batch. ``batch=None`` (not known): taken as so.
+    A data-dependent (symbolic) size is a token count: dimension 0 is then taken as over the
+    samples unless it is that one and dimension 1 is the batch."""
+    if batch is None:
+        return len(shape) > 0
+    if not shape or batch < 1:
+        return False
+    first, second = shape[0], shape[1] if len(shape) > 1 else None
+    second_is_batch = isinstance(second, int) and second == batch
+    if not isinstance(first, int):  # FramePack's packed tokens: a length only known at run time
+        return not second_is_batch
+    return first % batch == 0 and (first == batch or not second_is_batch)
+
+
+def token_layout(shape: tuple[int, ...], batch: int | None) -> str | None:
+    """Why ``PRUNE`` cannot gather tokens of a tensor of ``shape`` (``None`` where it can): it must be
+    ``(batch, tokens, channels)``, the model call's ``batch`` first (:func:`batch_rows`), since the
+    gathers and scatters index dimension 1."""
+    shape = tuple(shape)
+    if len(shape) != 3:
+        return f"its token input {shape} is not (batch, tokens, channels)"
+    if not batch_rows(shape, batch):  # (a dimension 0 that does not divide by the batch reads as tokens too)
+        return (f"its token input {shape} is not (batch, tokens, channels) with the model call's batch ({batch}) "
+                f"first (it is sequence-first: tokens, batch, channels), and PRUNE gathers tokens along dimension 1")
+    return None
+
+
+def prunable(spec: BlockSpec, batch: int | None = None) -> bool:
     """Whether ``PRUNE`` can run this block on a subset of its tokens.
 
     It needs exactly one stream (two-stream blocks such as Flux's would have to prune both in
-    step) and no other input indexed by token (rotary embeddings, masks), since those would
-    have to be gathered too.
+    step), laid out ``(batch, tokens, channels)`` with the model call's ``batch`` first
+    (:func:`token_layout`; ``None``: not checked), and no other input indexed by token (rotary
+    embeddings, masks), since those would have to be gathered too.
     """
     streams = [o for o in spec.outputs if o.spec is not None]
     if len(streams) != 1 or streams[0].input_name is None:
         return False
-    n = streams[0].spec.shape[1] if len(streams[0].spec.shape) == 3 else None
-    if n is None:
+    if token_layout(streams[0].spec.shape, batch) is not None:
         return False
+    n = streams[0].spec.shape[1]
     others = [s for name, s in spec.inputs if name != streams[0].input_name]
     return not any(n in s.shape[1:] for s in others)
 

@@ -29,6 +29,7 @@ from dit_opt import distributed
 from dit_opt.errors import ArtifactError
 from dit_opt.sensitivity import SensitivityProfile
 from dit_opt.steps import call_fingerprint, timestep_value
+from dit_opt.synthetic import CallNames
 
 __all__ = ["CachedProfile", "calibration_identity", "clear", "lookup", "store"]
 
@@ -74,17 +75,20 @@ def _memory_key(fingerprint: dict, identity: Any, settings: dict) -> tuple:
     return (json.dumps(fingerprint, sort_keys=True), identity, json.dumps(settings, sort_keys=True, default=str))
 
 
-def _disk_key(fingerprint: dict, calibration: Any, first_call: dict, settings: dict) -> str:
+def _disk_key(fingerprint: dict, calibration: Any, first_call: dict, settings: dict, names: CallNames) -> str:
     base = _base(calibration)
     name = getattr(base, _IDENTITY_ATTR, None) or getattr(base, "__qualname__", type(base).__qualname__)
-    first = [repr(call_fingerprint(first_call)[0]), timestep_value(first_call.get("timestep", 0.0))]
+    first = [repr(call_fingerprint(first_call, names)[0]), timestep_value(names.timestep_of(first_call, 0.0))]
     text = json.dumps([fingerprint, str(name), first, settings], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def lookup(fingerprint: dict, calibration: Any, first_call: dict, settings: dict,
-           directory: str | Path | None = None) -> tuple[CachedProfile | None, str | None]:
+           directory: str | Path | None = None, *, names: CallNames) -> tuple[CachedProfile | None, str | None]:
     """The kept profile for these, and where it was found (``"memory"`` or ``"disk"``), or ``(None, None)``.
+
+    ``first_call`` is the calibration's first call's inputs, its latent and timestep named as
+    ``names`` says (:func:`dit_opt.synthetic.call_names` of the model).
 
     A directory entry that cannot be read is an :class:`~dit_opt.errors.ArtifactError` naming it.
     """
@@ -94,7 +98,7 @@ def lookup(fingerprint: dict, calibration: Any, first_call: dict, settings: dict
         if hit is not None:
             return hit, "memory"
     if directory is not None:
-        entry = Path(directory) / _disk_key(fingerprint, calibration, first_call, settings)
+        entry = Path(directory) / _disk_key(fingerprint, calibration, first_call, settings, names)
         if (entry / "profile.json").is_file():
             try:
                 prof = SensitivityProfile.load(entry)
@@ -105,8 +109,9 @@ def lookup(fingerprint: dict, calibration: Any, first_call: dict, settings: dict
 
 
 def store(entry: CachedProfile, fingerprint: dict, calibration: Any, first_call: dict, settings: dict,
-          directory: str | Path | None = None) -> None:
-    """Keep ``entry`` in the process (when the calibration is cacheable) and, given ``directory``, on disk."""
+          directory: str | Path | None = None, *, names: CallNames) -> None:
+    """Keep ``entry`` in the process (when the calibration is cacheable) and, given ``directory``, on
+    disk (``first_call`` and ``names`` as for :func:`lookup`)."""
     identity = calibration_identity(calibration)
     if identity is not None:
         key = _memory_key(fingerprint, identity, settings)
@@ -114,7 +119,7 @@ def store(entry: CachedProfile, fingerprint: dict, calibration: Any, first_call:
         if identity[0] == "object":
             weakref.finalize(_base(calibration), _MEMORY.pop, key, None)
     if directory is not None and distributed.is_writer():  # under torch.distributed rank 0 keeps it
-        path = Path(directory) / _disk_key(fingerprint, calibration, first_call, settings)
+        path = Path(directory) / _disk_key(fingerprint, calibration, first_call, settings, names)
         tmp = path.with_name(path.name + ".partial")
         entry.profile.save(tmp)  # written whole, then renamed: a stopped save leaves no entry
         if path.exists():

@@ -30,8 +30,9 @@ from dit_opt.executor import half_rows, is_guidance_batch, narrow_block
 from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import Plan
 from dit_opt.steps import StepTracker, timestep_value
+from dit_opt.synthetic import CallNames, call_names
 
-__all__ = ["COMPILE_MODES", "OptimizedTransformer", "compile_mode"]
+__all__ = ["COMPILE_MODES", "OptimizedTransformer", "compile_mode", "input_signature", "timestep_as_tensor"]
 
 #: how ``compile=`` lowers a plan: ``False`` eager FX code, ``"blocks"`` (``True``) each distinct
 #: block compiled once and shared, ``"step"`` each distinct step variant compiled whole
@@ -51,6 +52,68 @@ def compile_mode(compile: bool | str) -> bool | str:
     raise ConfigError(f"compile={compile!r} is not a lowering: use False (eager), True or 'blocks' (each block "
                       f"compiled once, shared by every step), or 'step' (each step variant compiled whole: faster "
                       f"at run time, a compile per distinct step)")
+
+
+def input_signature(inputs: dict[str, Any], names: CallNames) -> Any:
+    """What a capture is specialised to in one call's inputs: every tensor's shape, dtype and
+    device (through lists, tuples and dicts), other values by ``repr``, except a timestep
+    (``names.timestep``) passed as a Python number, which counts by its type alone: its value
+    is the step, not a shape, and must not make every step a new signature (the runtime passes
+    it to the graphs as a tensor: :func:`timestep_as_tensor`)."""
+
+    def sig(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return ("T", tuple(v.shape), str(v.dtype), str(v.device))
+        if isinstance(v, dict):
+            return tuple(sorted((k, sig(x)) for k, x in v.items()))
+        if isinstance(v, list | tuple):
+            return tuple(sig(x) for x in v)
+        return repr(v)
+
+    def entry(k: str, v: Any) -> Any:
+        return ("number", type(v).__name__) if k == names.timestep and _is_number(v) else sig(v)
+
+    return tuple(sorted((k, entry(k, v)) for k, v in inputs.items() if v is not None))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def timestep_as_tensor(model: nn.Module, inputs: dict[str, Any], names: CallNames) -> dict[str, Any] | None:
+    """``inputs`` as a capture should take them: a timestep passed as a Python number becomes a 0-d
+    tensor (``int64`` for an int, ``float32`` for a float, on the model's device).
+
+    ``torch.export`` specialises a graph to the value of a number input (another value then fails
+    its guard), so a graph captured on a number would serve one step only; on a tensor it serves
+    every step. That is only right where the model computes the same on the tensor as on the
+    number, which is checked here on this call (two forwards; diffusers' PriorTransformer turns
+    a number into a tensor itself, so it does).
+
+    Returns:
+        ``inputs`` itself where the timestep is a tensor or not passed; the inputs with the tensor
+        where the model computes alike; ``None`` where it does not (each value then needs its own
+        capture).
+    """
+    if not _is_number(names.timestep_of(inputs)):
+        return inputs
+    tensor_form = _tensor_timestep(model, inputs, names)
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from dit_opt.executor import model_sample
+
+    # one-time analysis: outside any dispatch mode the caller runs under (a FlopCounterMode)
+    with torch.no_grad(), _disable_current_modes():
+        a, b = model_sample(model(**inputs)), model_sample(model(**tensor_form))
+    same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+    return tensor_form if same else None
+
+
+def _tensor_timestep(model: nn.Module, inputs: dict[str, Any], names: CallNames) -> dict[str, Any]:
+    """``inputs`` with their Python-number timestep as a 0-d tensor on the model's device."""
+    device = next(model.parameters()).device
+    return {**inputs, names.timestep: torch.tensor(names.timestep_of(inputs), device=device)}
 
 
 #: id of a captured graph -> the model captured at half its batch (module-level CFG)
@@ -86,7 +149,8 @@ class _Runner:
         if id(plan) not in self.weights:
             from passes.rewrite_plan import step_weights
 
-            ref = self.graph.example_inputs.get("hidden_states")
+            ref = call_names(self.graph.model).latent_of(self.graph.example_inputs)
+            ref = ref[0] if isinstance(ref, list | tuple) and ref else ref  # one latent per sample
             device = ref.device if isinstance(ref, torch.Tensor) else None
             self.weights[id(plan)] = step_weights(plan, device=device)
         per_step = self.weights[id(plan)]
@@ -173,7 +237,8 @@ class OptimizedTransformer(nn.Module):
         self._runners: dict[Any, _Runner] = {}
         self._narrowed: dict[tuple[str, float], nn.Module] = {}
         self._compiled: dict[int, nn.Module] = {}
-        self._tracker = StepTracker()
+        self._names = call_names(model)  # what its forward calls the latent and the timestep
+        self._tracker = StepTracker(self._names)
         self._states: dict[Any, _BranchState] = {}
         self._context: str | None = None
         self._context_step: int | None = None
@@ -183,8 +248,10 @@ class OptimizedTransformer(nn.Module):
         self._ctx_trackers: dict[str, StepTracker] = {}
         self._stats = _Stats()
         self._first_t: float | None = None
+        # per kind of number timestep: whether it is captured as a tensor (timestep_as_tensor)
+        self._number_as_tensor: dict[tuple[type, bool], bool] = {}
         if graph is not None:
-            self._runners[self._signature(graph.example_inputs)] = self._make_runner(graph)
+            self._runners[self._runner_key(graph.example_inputs)] = self._make_runner(graph)
         sig = inspect.signature(model.forward)
 
         @functools.wraps(model.forward)
@@ -313,8 +380,7 @@ class OptimizedTransformer(nn.Module):
             except InputMismatchError as e:
                 raise DitOptError(f"nothing captured yet and no synthetic inputs for {type(self.model).__name__}: "
                                   f"call the module once, or pass example_inputs=... ({e})") from e
-        runner = self._runners[self._signature(example_inputs)] = self._make_runner(self._capture(example_inputs))
-        return runner
+        return self._runner_for(self._graph_inputs(example_inputs))
 
     def graph(self, step: int, example_inputs: dict[str, Any] | None = None) -> torch.fx.GraphModule:
         """The rewritten ``GraphModule`` that ``step`` runs (at the captured input shapes; see
@@ -376,8 +442,9 @@ class OptimizedTransformer(nn.Module):
             feed = {**state, **runner.step_inputs(self.plan, t)}  # runner.variants are self.plan's
             yield [feed[k] for k in v.reads]
             inputs = dict(graph.example_inputs)
-            if ts[t] is not None and isinstance(inputs.get("timestep"), torch.Tensor):
-                inputs["timestep"] = torch.full_like(inputs["timestep"], ts[t])
+            name = self._names.timestep
+            if ts[t] is not None and isinstance(self._names.timestep_of(inputs), torch.Tensor):
+                inputs[name] = torch.full_like(inputs[name], ts[t])
             with torch.no_grad():  # not around the yield: the caller's grad mode is its own
                 out = (v.gm if graph.blockwise is None else v)(*graph.flat_inputs(**inputs),
                                                                  *[feed[k] for k in v.reads])
@@ -411,17 +478,15 @@ class OptimizedTransformer(nn.Module):
             self._stats.extra_calls += 1
             with torch.no_grad():
                 return self.model(*args, return_dict=return_dict, **kwargs)
-        t = timestep_value(inputs.get("timestep", 0.0))
+        t = timestep_value(self._names.timestep_of(inputs, 0.0))
         where = self._locate(t, inputs)
         step, branch = where.step, where.branch
         key = self._signature(inputs)
-        runner = self._runners.get(key)
-        if runner is None:
-            try:
-                graph = self._capture(inputs)
-            except InputMismatchError as e:
-                raise InputMismatchError(f"{e} (This call was rejected; the optimised module is unchanged.)") from e
-            runner = self._runners[key] = self._make_runner(graph)
+        try:
+            inputs = self._graph_inputs(inputs)
+            runner = self._runner_for(inputs)
+        except InputMismatchError as e:
+            raise InputMismatchError(f"{e} (This call was rejected; the optimised module is unchanged.)") from e
         # only once the inputs fit: re-solving for another schedule can fail on its own
         plan, loop_known = self._plan_for_step(step, t, where.first_t)
         variants = runner.variants if plan is self.plan else self._variants_for(runner, plan)
@@ -435,8 +500,9 @@ class OptimizedTransformer(nn.Module):
             step_variant = None
         else:
             step_variant = variants[step]
-            if step_variant.derives_guidance and not is_guidance_batch(inputs.get("hidden_states")):
-                # no guidance half to derive (guidance off, or another batch): those blocks compute
+            if step_variant.derives_guidance and not is_guidance_batch(self._names.latent_of(inputs)):
+                # no guidance half to derive (guidance off, another batch, a latent given as a list
+                # of one per sample, which is never a guidance batch): those blocks compute
                 if not runner.warned_unguided:
                     runner.warned_unguided = True
                     warnings.warn("the plan derives one half of classifier-free-guidance batches from the other "
@@ -489,10 +555,10 @@ class OptimizedTransformer(nn.Module):
             # The pipeline names the branch; each named branch tracks its own steps (one call
             # per step), and the pipeline's step index, when it gives one, is authoritative.
             name, index = self._context, self._context_step
-            tracker = self._ctx_trackers.get(name) or StepTracker()
+            tracker = self._ctx_trackers.get(name) or StepTracker(self._names)
             pos = tracker.peek(t, inputs)
             if index is not None and index != pos.step:
-                fresh = StepTracker()
+                fresh = StepTracker(self._names)
                 pos = fresh.peek(t, inputs) if index == 0 else replace(pos, step=index, branch=0, last=t)
             branch: Any = name
             counts_generation = pos.step == 0 and name == next(iter(self._ctx_trackers), name)
@@ -614,18 +680,46 @@ class OptimizedTransformer(nn.Module):
             steps.append(entry)
 
     # ---- building ----------------------------------------------------------------------------
-    @staticmethod
-    def _signature(inputs: dict[str, Any]) -> Any:
-        def sig(v: Any) -> Any:
-            if isinstance(v, torch.Tensor):
-                return ("T", tuple(v.shape), str(v.dtype), str(v.device))
-            if isinstance(v, dict):
-                return tuple(sorted((k, sig(x)) for k, x in v.items()))
-            if isinstance(v, list | tuple):
-                return tuple(sig(x) for x in v)
-            return repr(v)
+    def _signature(self, inputs: dict[str, Any]) -> Any:
+        """The inputs' signature (:func:`input_signature`): what a branch's cache was written under."""
+        return input_signature(inputs, self._names)
 
-        return tuple(sorted((k, sig(v)) for k, v in inputs.items() if v is not None))
+    def _runner_key(self, inputs: dict[str, Any]) -> Any:
+        """Which runner serves ``inputs``: their signature, and the timestep's value where it is a
+        Python number the graphs take as it is (torch.export specialises a graph to that value)."""
+        value = self._names.timestep_of(inputs)
+        key = self._signature(inputs)
+        return (key, repr(value)) if _is_number(value) else key
+
+    def _graph_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs`` as the captured graphs take them: a Python-number timestep as a tensor where
+        the model computes alike on it (:func:`timestep_as_tensor`, checked on the first such
+        call of each kind), so that one capture serves every step; else as given, one capture per value.
+
+        The kinds are ints, whole floats and fractional floats, each checked on its first value: a
+        model that rounds a number itself (PriorTransformer makes it an integer tensor) computes
+        alike on a whole float but not on a fractional one."""
+        value = self._names.timestep_of(inputs)
+        if not _is_number(value):
+            return inputs
+        kind = (type(value), float(value).is_integer())
+        if kind in self._number_as_tensor:  # checked on an earlier call
+            return _tensor_timestep(self.model, inputs, self._names) if self._number_as_tensor[kind] else inputs
+        converted = timestep_as_tensor(self.model, inputs, self._names)
+        self._number_as_tensor[kind] = converted is not None
+        if converted is None:
+            warnings.warn(f"{type(self.model).__name__} computes otherwise when its timestep {self._names.timestep!r} "
+                          f"is a tensor than when it is the Python number passed, so each timestep value gets a "
+                          f"capture of its own (slow: one per step); pass the timestep as a tensor (torch.tensor(t)) "
+                          f"to capture once", stacklevel=4)
+        return inputs if converted is None else converted
+
+    def _runner_for(self, inputs: dict[str, Any]) -> _Runner:
+        """The runner of ``inputs`` (as :meth:`_graph_inputs` gives them), captured on first use."""
+        key = self._runner_key(inputs)
+        if key not in self._runners:
+            self._runners[key] = self._make_runner(self._capture(inputs))
+        return self._runners[key]
 
     def _capture(self, inputs: dict[str, Any]) -> DiTGraph:
         from torch.utils._python_dispatch import _disable_current_modes
@@ -671,9 +765,14 @@ class OptimizedTransformer(nn.Module):
         samples), halving it changes the blocks' other inputs, so each such input is tried whole.
         """
         inputs = graph.example_inputs
-        ref = inputs.get("hidden_states")
+        latent = self._names.latent
+        ref = inputs.get(latent)
+        if isinstance(ref, list | tuple):
+            raise DitOptError(f"CFG of {what}: {type(self.model).__name__} takes its latent {latent!r} as a list of "
+                              f"one per sample, which has no guidance batch to halve (CFG applies only to a latent "
+                              f"tensor whose two batch halves are equal); plan this module without 'cfg' in actions")
         if not isinstance(ref, torch.Tensor) or ref.dim() == 0 or ref.shape[0] % 2:
-            raise DitOptError(f"CFG of {what} needs an even batch of hidden_states to halve, got "
+            raise DitOptError(f"CFG of {what} needs an even batch of {latent!r} (the latent) to halve, got "
                               f"{None if not isinstance(ref, torch.Tensor) else tuple(ref.shape)}")
         batch = ref.shape[0]
         candidates = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch]
@@ -682,7 +781,7 @@ class OptimizedTransformer(nn.Module):
             return (shape[0] // 2, *shape[1:]) if shape and shape[0] == batch else tuple(shape)
 
         expected = {b.name: [(n, halved(t.shape)) for n, t in b.inputs] for b in graph.blocks}
-        for whole in [None, *(k for k in candidates if k != "hidden_states")]:
+        for whole in [None, *(k for k in candidates if k != latent)]:
             trial = {k: half_rows(v, ref, 0) if k in candidates and k != whole else v for k, v in inputs.items()}
             try:
                 half = self._capture(trial)

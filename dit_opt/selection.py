@@ -191,7 +191,8 @@ def measure_outputs(calibration: Callable[[nn.Module], Any], module: nn.Module) 
     calls: list[torch.Tensor] = []
 
     def hook(mod, args, out):
-        calls.append(model_sample(out).detach().float().cpu())
+        # a prediction per sample as a list (Z-Image takes and returns one latent per sample): each
+        calls.extend(returned_tensors(model_sample(out)))
 
     handle = module.register_forward_hook(hook)
     try:

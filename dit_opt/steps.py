@@ -10,11 +10,12 @@ loop) starts a new generation. Falling schedules (most diffusers models) and ris
 A repeated timestep is another branch of the same step, except at the first step, where it may
 also be a new generation that started after one stopped at its first step (an interrupted
 pipeline, a rejected call). There the call's inputs decide, when given (:func:`call_fingerprint`):
-the same ``hidden_states`` as the generation's first call with other conditioning is another
-branch (CFG batched apart: the branches share the latents); the same inputs throughout, or
-other ``hidden_states``, is a new generation. Loops stepped in lockstep on one module are
-therefore told apart by naming each (``OptimizedTransformer.cache_context``). Without the
-inputs, a repeated timestep is always another branch.
+the same latent (``hidden_states``, or whatever the model's forward calls it) as the
+generation's first call with other conditioning is another branch (CFG batched apart: the
+branches share the latents); the same inputs throughout, or another latent, is a new
+generation. Loops stepped in lockstep on one module are therefore told apart by naming each
+(``OptimizedTransformer.cache_context``). Without the inputs, a repeated timestep is always
+another branch.
 
 :meth:`StepTracker.peek` finds a call's place without changing the tracker and
 :meth:`StepTracker.commit` records it, so a caller that rejects the call can leave the tracker
@@ -27,6 +28,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+
+from dit_opt.synthetic import DIFFUSERS_NAMES, CallNames
 
 __all__ = ["Position", "StepTracker", "call_fingerprint", "timestep_value"]
 
@@ -45,10 +48,11 @@ def _tensor_fingerprint(x: torch.Tensor) -> tuple:
     return (tuple(x.shape), str(x.dtype), float(y.sum()), float((y * y).sum())) if y.numel() else (tuple(x.shape),)
 
 
-def call_fingerprint(inputs: dict[str, Any]) -> tuple[Any, Any]:
-    """``(fingerprint of every input but the timestep, fingerprint of hidden_states)`` of one
-    call (what :meth:`StepTracker.peek` compares): tensors by shape, dtype and two sums, other
-    values by ``repr``."""
+def call_fingerprint(inputs: dict[str, Any], names: CallNames) -> tuple[Any, Any]:
+    """``(fingerprint of every input but the timestep, fingerprint of the latent)`` of one call
+    (what :meth:`StepTracker.peek` compares), the timestep and the latent as ``names`` (the
+    model's :func:`dit_opt.synthetic.call_names`) has them: tensors by shape, dtype and two sums,
+    other values by ``repr``."""
 
     def fp(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
@@ -59,8 +63,8 @@ def call_fingerprint(inputs: dict[str, Any]) -> tuple[Any, Any]:
             return tuple(fp(x) for x in v)
         return repr(v)
 
-    everything = tuple(sorted((k, fp(v)) for k, v in inputs.items() if k != "timestep"))
-    return everything, fp(inputs.get("hidden_states"))
+    everything = tuple(sorted((k, fp(v)) for k, v in inputs.items() if k != names.timestep))
+    return everything, fp(names.latent_of(inputs))
 
 
 @dataclass(frozen=True)
@@ -79,13 +83,18 @@ class Position:
 class StepTracker:
     """Map successive timesteps to ``(step, branch)``; see the module docstring.
 
+    Args:
+        names: what the model calls its latent and timestep (:func:`dit_opt.synthetic.call_names`),
+            for the inputs :meth:`peek` is given; default diffusers' ``hidden_states`` and ``timestep``.
+
     Example:
         >>> tr = StepTracker()
         >>> [tr.observe(t) for t in (999, 999, 979, 979, 999)]
         [(0, 0), (0, 1), (1, 0), (1, 1), (0, 0)]
     """
 
-    def __init__(self) -> None:
+    def __init__(self, names: CallNames = DIFFUSERS_NAMES) -> None:
+        self.names = names
         self.reset()
 
     def reset(self) -> None:
@@ -113,7 +122,7 @@ class StepTracker:
             return self._start(s, t, inputs)
         if t == s.last:
             if s.step == 0 and inputs is not None and s.first_call is not None:
-                call = call_fingerprint(inputs)
+                call = call_fingerprint(inputs, self.names)
                 if call[0] == s.first_call[0] or call[1] != s.first_call[1]:
                     return self._start(s, t, inputs, call)
             return replace(s, branch=s.branch + 1)
@@ -122,10 +131,9 @@ class StepTracker:
             return self._start(s, t, inputs)
         return replace(s, step=s.step + 1, branch=0, last=t, direction=moved)
 
-    @staticmethod
-    def _start(s: Position, t: float, inputs: dict[str, Any] | None, call: Any = None) -> Position:
+    def _start(self, s: Position, t: float, inputs: dict[str, Any] | None, call: Any = None) -> Position:
         if call is None and inputs is not None:
-            call = call_fingerprint(inputs)
+            call = call_fingerprint(inputs, self.names)
         return replace(s, step=0, branch=0, new_generation=True, last=t, direction=0.0,
                        generation=s.generation + 1, first_call=call)
 

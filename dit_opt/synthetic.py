@@ -36,8 +36,8 @@ from torch import nn
 
 from dit_opt.errors import InputMismatchError
 
-__all__ = ["ARGUMENT_RULES", "example_inputs", "latent_argument", "register", "timestep_argument",
-           "unit_timesteps"]
+__all__ = ["ARGUMENT_RULES", "CallNames", "DIFFUSERS_NAMES", "call_names", "example_inputs", "latent_argument",
+           "register", "timestep_argument", "unit_timesteps"]
 
 _Builder = Callable[[nn.Module, int, int, torch.Generator], dict[str, Any]]
 _BUILDERS: dict[str, _Builder] = {}
@@ -62,16 +62,81 @@ def register(*class_names: str) -> Callable[[_Builder], _Builder]:
     return deco
 
 
+@dataclass(frozen=True)
+class CallNames:
+    """What a model's forward calls the noisy latent and the timestep (:func:`call_names`), and
+    how to read them from one call's inputs. Everything that reads the latent or the timestep of
+    a call (step tracking, guidance detection, the profile's probes, input signatures) reads it
+    through these, so a model whose forward says ``x`` and ``t`` (Z-Image) works throughout.
+
+    Attributes:
+        latent: the argument that takes the noisy latent (a tensor, or a list of one per sample).
+        timestep: the argument that takes the timestep, or ``None`` (the model takes none).
+        positional: the forward's parameters in order, to name positional arguments.
+    """
+
+    latent: str
+    timestep: str | None
+    positional: tuple[str, ...] = ()
+
+    def named(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A call's arguments by name (positional ones named in the forward's order)."""
+        return {**dict(zip(self.positional, args, strict=False)), **kwargs}
+
+    def latent_of(self, inputs: dict[str, Any]) -> Any:
+        """The call's latent (``None`` if not passed)."""
+        return inputs.get(self.latent)
+
+    def timestep_of(self, inputs: dict[str, Any], default: Any = None) -> Any:
+        """The call's timestep as passed (``default`` if the model takes none or it is not passed)."""
+        value = None if self.timestep is None else inputs.get(self.timestep)
+        return default if value is None else value
+
+    def batch_of(self, inputs: dict[str, Any]) -> int | None:
+        """The call's batch size: the latent's first dimension, or its length where it is a list of
+        one latent per sample; ``None`` where there is no latent to read it from."""
+        x = self.latent_of(inputs)
+        if isinstance(x, list | tuple):
+            return len(x)
+        return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else None
+
+
+#: the names of diffusers' usual forward (``hidden_states``, ``timestep``): the default where no
+#: model is at hand (a bare :class:`dit_opt.steps.StepTracker`)
+DIFFUSERS_NAMES = CallNames("hidden_states", "timestep")
+#: model class -> its names (read from the forward's signature once per class, not per call)
+_NAMES: dict[type, CallNames] = {}
+
+
+def call_names(model: nn.Module) -> CallNames:
+    """The names ``model``'s forward gives the latent and the timestep (:class:`CallNames`),
+    read from its signature: the first of the usual names it has (``hidden_states``, ``sample``,
+    ``x``, ``latents``; ``timestep``, ``timesteps``, ``t``), else its first argument for the latent."""
+    cls = type(model)
+    # cached per class, unless the instance has its own forward (a wrapper with another signature)
+    cacheable = "forward" not in vars(model)
+    if cacheable and cls in _NAMES:
+        return _NAMES[cls]
+    params = _parameters(model)
+    names = CallNames(
+        latent=next((n for n in _LATENT_NAMES if n in params), next(iter(params), "hidden_states")),
+        timestep=next((n for n in _TIMESTEP_NAMES if n in params), None),
+        positional=tuple(n for n, q in inspect.signature(model.forward).parameters.items()
+                         if q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD)),
+    )
+    if cacheable:
+        _NAMES[cls] = names
+    return names
+
+
 def latent_argument(model: nn.Module) -> str:
     """The name of the forward argument that takes the noisy latent (``hidden_states`` mostly)."""
-    params = _parameters(model)
-    return next((n for n in _LATENT_NAMES if n in params), next(iter(params), "hidden_states"))
+    return call_names(model).latent
 
 
 def timestep_argument(model: nn.Module) -> str | None:
     """The name of the forward argument that takes the timestep, or ``None``."""
-    params = _parameters(model)
-    return next((n for n in _TIMESTEP_NAMES if n in params), None)
+    return call_names(model).timestep
 
 
 def unit_timesteps(model: nn.Module) -> bool:

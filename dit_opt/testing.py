@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dit_opt.synthetic import example_inputs
+from dit_opt.synthetic import call_names, example_inputs
 
 __all__ = ["TINY_CONFIGS", "assert_export_replays", "counted_flops", "record_inputs", "record_outputs", "tiny_model",
            "tiny_names", "unbudgeted_plan"]
@@ -214,10 +214,11 @@ def assert_export_replays(opt: Any, served: Any, timesteps: Any, atol: float = 1
     every step of a generation on the captured example inputs at ``timesteps``."""
     runner = opt.captured()
     base = runner.graph.example_inputs
+    name = call_names(opt.model).timestep
     opt.reset()
     with torch.no_grad():
         for step, t in enumerate(timesteps):
-            inputs = dict(base, timestep=torch.full_like(base["timestep"], t))
+            inputs = dict(base, **{name: torch.full_like(base[name], t)})
             want = opt(**inputs).sample
             (out,) = served(step, *runner.graph.flat_inputs(**inputs))
             assert float((want - out).abs().max()) <= atol, f"step {step}"

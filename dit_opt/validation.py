@@ -70,7 +70,7 @@ class _SingleActions:
         opt = self.opt
         opt.plan = self.problem.to_plan([tuple(r) for r in grid], solver="probe", status="PROBE", wall_time_s=0.0)
         opt._runners.clear()
-        opt._runners[opt._signature(self.graph.example_inputs)] = opt._make_runner(self.graph)
+        opt._runners[opt._runner_key(self.graph.example_inputs)] = opt._make_runner(self.graph)
         opt.reset()
         with torch.no_grad():
             out = final_output(self.calibration(opt))

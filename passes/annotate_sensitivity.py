@@ -39,7 +39,9 @@ re-run with them replaced:
 
 The error of an action is ``||out_action - out||^2 / ||out||^2`` over the block's output
 streams, averaged over samples and generations. Extra block calls run on a subset of the
-batch (``probe_rows``) to keep the cost a small multiple of one generation.
+batch (``probe_rows``: the model call's batch, read from its latent, or the rows it is folded
+into) to keep the cost a small multiple of one generation; a block whose streams are
+sequence-first ``(tokens, batch, channels)`` runs on all rows, and is not offered ``PRUNE``.
 
 Before that, a first plain pass runs the calibration once with no hooks but the MLP
 statistics: its wall time is the unit in which the profile's cost is reported.
@@ -59,7 +61,9 @@ from rich.progress import Progress
 from dit_opt import distributed
 from dit_opt.errors import ConfigError
 from dit_opt.executor import (
+    batch_rows,
     bind_inputs,
+    call_batch,
     gather_tokens,
     halves_diff,
     is_guidance_batch,
@@ -70,6 +74,7 @@ from dit_opt.executor import (
     scatter_tokens,
     split_outputs,
     stream_inputs,
+    token_layout,
     token_scores,
     topk_tokens,
 )
@@ -78,6 +83,7 @@ from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import MAX_FORECAST_ORDER, Unit, forecast_weights
 from dit_opt.sensitivity import DEFAULT_MAX_AGE, SensitivityProfile
 from dit_opt.steps import StepTracker, timestep_value
+from dit_opt.synthetic import call_names
 from passes.call_costs import CallCosts
 from passes.infra import PassResult
 from passes.rewrite_modules import module_token_input
@@ -259,6 +265,16 @@ def _module_prune_inputs(graph: DiTGraph, spec: BlockSpec, role: str) -> dict[st
     return out or None
 
 
+def _cut_rows(value: Any, rows: int, sl: slice) -> Any:
+    """``value`` with every tensor whose dimension 0 has ``rows`` entries cut to ``sl``, through
+    tuples and lists; the rest as it is."""
+    if isinstance(value, torch.Tensor):
+        return value[sl] if value.dim() and value.shape[0] == rows else value
+    if isinstance(value, tuple | list):
+        return type(value)(_cut_rows(v, rows, sl) for v in value)
+    return value
+
+
 def _rows(out: Any, sl: slice) -> Any:
     if isinstance(out, torch.Tensor):
         return out[sl] if out.dim() else out
@@ -331,8 +347,11 @@ class _Probe:
         self.forecast_orders = forecast_orders
         self.prune_rates, self.widths = tuple(prune_rates), tuple(widths)
         self.probe_rows = probe_rows
-        self.tracker = StepTracker()
+        self.names = call_names(graph.model)  # what the forward calls the latent and the timestep
+        self.tracker = StepTracker(self.names)
         self.step = 0
+        self.batch: int | None = None  # the batch of the model call running now (its latent's)
+        self.step_measured = False  # whether the model's output could be measured for STEP
         self.busy = False  # extra calls of a block must not be observed again
         U, M, K, J = len(graph.blocks), max_age, len(prune_rates), len(widths)
         self.sums: dict[int, dict[str, np.ndarray]] = {}
@@ -369,7 +388,14 @@ class _Probe:
         self.history: dict[tuple[int, int], dict[int, tuple]] = {}
         self.grams: dict[tuple, _Gram] = {}
         self.timesteps: dict[int, float] = {}
-        self.prunable = [prunable(s) for s in graph.blocks]
+        batch = call_batch(graph)
+        self.prunable = [prunable(s, batch) for s in graph.blocks]
+        for u, spec in enumerate(graph.blocks):
+            # a stream that is not (batch, tokens, channels) (sequence-first blocks): said, where PRUNE is measured
+            streams = [o.spec.shape for o in spec.outputs if o.spec is not None]
+            layout = token_layout(streams[0], batch) if len(streams) == 1 and self.prune_rates else None
+            if layout is not None:
+                self.prune_excluded[(u, "block")] = layout
         self.narrow = []
         for spec in graph.blocks:
             block = graph.model.get_submodule(spec.name)
@@ -401,11 +427,13 @@ class _Probe:
         return handles
 
     def pre_model(self, module, args, kwargs):
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        step, branch = self.tracker.observe(timestep_value(t))
+        named = self.names.named(args, kwargs)
+        t = timestep_value(self.names.timestep_of(named, 0.0))
+        step, branch = self.tracker.observe(t)
         self.step, self.branch = step, branch
-        self.timesteps.setdefault(step, timestep_value(t))
-        self.guidance.before(kwargs.get("hidden_states", args[0] if args else None), step)
+        self.timesteps.setdefault(step, t)
+        self.batch = self.names.batch_of(named)
+        self.guidance.before(self.names.latent_of(named), step)
 
     def post_model(self, module, args, kwargs, output):
         self.guidance.after(output)
@@ -420,15 +448,19 @@ class _Probe:
     def _observe_output(self, output) -> None:
         """``STEP`` (the whole step forecast) of every order, age and spacing: the model's output
         extrapolated from its outputs ``n``, ``n + d``, ... steps earlier against the true one,
-        relative to it (free: a Gram of the outputs, as for block forecasts)."""
+        relative to it (free: a Gram of the outputs, as for block forecasts). A prediction given as a
+        list of one tensor per sample (Z-Image) is taken whole; one with no floating-point tensor is
+        not measured (``STEP`` is then not offered: ``step_measured``)."""
         sample = model_sample(output)
-        if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
+        parts = list(sample) if isinstance(sample, list | tuple) else [sample]
+        if not parts or not all(isinstance(p, torch.Tensor) and p.is_floating_point() for p in parts):
             return
+        self.step_measured = True
         t = self.step
         acc = self._sums_at(t)
-        norm = float(sample.detach().float().pow(2).sum()) or 1.0
+        norm = sum(float(p.detach().float().pow(2).sum()) for p in parts) or 1.0
         gram = self.grams.setdefault(("model", self.branch), _Gram((self.forecast_orders + 1) * self.max_age))
-        gram.add(t, [sample.detach().float()])
+        gram.add(t, [p.detach().float() for p in parts])
         for n in range(1, self.max_age + 1):
             reuse = gram.miss(t, [t - n])
             if reuse is None:
@@ -454,14 +486,21 @@ class _Probe:
         return hook
 
     # -- measurement ---------------------------------------------------------------------------
-    def _rows(self, args, kwargs, batch):
-        """Slice every batch-major tensor to the probe rows."""
+    def _rows(self, args, kwargs, streams):
+        """The block's inputs cut to the probe rows, and the slice of its outputs they give.
+
+        The rows are dimension 0 of the block's stream inputs where it runs over the model call's
+        samples (its batch, or the batch folded with frames or tokens: :func:`batch_rows`); every
+        tensor with that many rows is cut, inside tuples and lists too (a block's modulation).
+        A block whose streams are laid out otherwise (sequence-first: ``(tokens, batch, channels)``)
+        is probed on all rows: cutting its first dimension would cut tokens."""
         n = self.probe_rows
-        if n is None or n >= batch:
+        rows = {int(x.shape[0]) if x.dim() and batch_rows(tuple(x.shape), self.batch) else None for x in streams}
+        batch = rows.pop() if len(rows) == 1 else None
+        if n is None or batch is None or n >= batch:
             return args, kwargs, slice(None)
         sl = slice(0, n)
-        cut = lambda v: v[sl] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v  # noqa: E731
-        return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}, sl
+        return _cut_rows(args, batch, sl), {k: _cut_rows(v, batch, sl) for k, v in kwargs.items()}, sl
 
     def _observe(self, u, spec, module, args, kwargs, output):
         named = bind_inputs(module, args, kwargs)
@@ -498,8 +537,7 @@ class _Probe:
                 if old is not None:
                     acc["e_cfg"][u, n] += sum(float((halves_diff(res[i]) - halves_diff(old[0][i])).pow(2).sum())
                                               for i in res) / norm
-        batch = pairs[0][1].shape[0]
-        p_args, p_kwargs, sl = self._rows(args, kwargs, batch)
+        p_args, p_kwargs, sl = self._rows(args, kwargs, [x for _, x, _ in pairs])
         p_norm = sum(float(y[sl].float().pow(2).sum()) for _, _, y in pairs) or 1.0
         # WIDTH: the narrowed block on the same inputs.
         if self.narrow[u] is not None:
@@ -868,6 +906,8 @@ def annotate_sensitivity(
             f"denoising loops with the module it is given, e.g. lambda m: sample(m, seeds=range(8))"
         )
     timesteps, errs = probe.arrays()
+    if not probe.step_measured:  # no prediction tensor to extrapolate: STEP is not offered (not "free of error")
+        errs["e_step"][:] = np.nan
     # Ages never observed (e.g. the first steps) stay at 0; the solver's validity rules keep
     # the plan from reading a cache older than the step itself, so they are never used.
     # FORECAST of order k needs k + 1 computes before the step: where the oldest would precede

@@ -17,13 +17,13 @@ sub-modules are ``call_module`` nodes). For each role the plan gives an action:
   ``b`` of its output is that half's plus the difference of the two halves of its cached output
   (``dit_opt.executor.cfg_merge_output``).
 
-``PRUNE`` needs a sub-module that is token-wise in one input (:func:`module_token_input`): an
-MLP; a cross-attention, whose queries come from the stream and whose keys and values come from
-other inputs (e.g. text embeddings) that stay whole; or a self-attention with no input but the
-tokens, which then attends among the kept tokens only (what a block-level ``PRUNE`` does
-too). A self-attention that also takes rotary embeddings or a mask (they are indexed by token
-and would have to be gathered in step), or a joint attention over two streams (Flux, SD3),
-cannot be pruned.
+``PRUNE`` needs a sub-module that is token-wise in one input (:func:`module_token_input`), laid
+out ``(batch, tokens, channels)`` with the model call's batch first: an MLP; a cross-attention,
+whose queries come from the stream and whose keys and values come from other inputs (e.g. text
+embeddings) that stay whole; or a self-attention with no input but the tokens, which then
+attends among the kept tokens only (what a block-level ``PRUNE`` does too). A self-attention
+that also takes rotary embeddings or a mask (they are indexed by token and would have to be
+gathered in step), or a joint attention over two streams (Flux, SD3), cannot be pruned.
 
 The rest of the block (norms, modulation, residual adds) always runs. Cache traffic stays
 functional: reads are extra inputs of the block graph and of the step graph, writes extra
@@ -44,10 +44,12 @@ from torch import nn
 
 from dit_opt.errors import DitOptError
 from dit_opt.executor import (
+    call_batch,
     cfg_merge_output,
     combine,
     gather_tokens,
     scatter_tokens,
+    token_layout,
     token_scores,
     topk_tokens,
 )
@@ -108,6 +110,9 @@ def module_token_input(graph: DiTGraph, spec: BlockSpec, module: str) -> tuple[i
         return None, (f"{len(on_stream)} of its inputs come from the block's streams (a joint attention "
                       f"would have to prune every stream in step)")
     (i, x), = on_stream
+    layout = token_layout(tuple(x.meta["val"].shape), call_batch(graph))
+    if layout is not None:  # a sequence-first block (Ernie-Image's MLP runs on (tokens, batch, channels))
+        return None, layout
     if tuple(x.meta["val"].shape[:2]) != tuple(out.shape[:2]):
         return None, "its output does not have one row per token of its input"
     if role in ("attn", "mlp") and len(tensors) > 1:

@@ -3,14 +3,15 @@
 The graph scores each token by how far its input moved since the cache was written, gathers
 the top ``k = round(r N)`` tokens, runs the block on them alone, and scatters the result into
 ``input + cached residual``. At ``r = 0`` this would be ``REUSE``. Only single-stream blocks
-with no other token-indexed input can be pruned (see ``dit_opt.executor.prunable``).
+laid out ``(batch, tokens, channels)`` with no other token-indexed input can be pruned (see
+``dit_opt.executor.prunable``).
 """
 
 from __future__ import annotations
 
 import operator
 
-from dit_opt.executor import gather_tokens, prunable, reuse, scatter_tokens, token_scores, topk_tokens
+from dit_opt.executor import call_batch, gather_tokens, prunable, reuse, scatter_tokens, token_scores, topk_tokens
 from dit_opt.ir import BlockSpec
 from passes.infra import PassResult
 from passes.step_graph import StepGraph, cache_key
@@ -24,8 +25,9 @@ def rewrite_prune(sg: StepGraph, spec: BlockSpec, rate: float) -> PassResult:
     Raises:
         ValueError: the block cannot be pruned, or the rate is not in (0, 1).
     """
-    if not prunable(spec):
-        raise ValueError(f"block {spec.name} cannot be pruned (several streams or token-indexed side inputs)")
+    if not prunable(spec, call_batch(sg.graph)):
+        raise ValueError(f"block {spec.name} cannot be pruned (several streams, a stream not laid out (batch, "
+                         f"tokens, channels), or token-indexed side inputs); plan another action for it")
     if not 0.0 < rate < 1.0:
         raise ValueError(f"prune rate must be in (0, 1), got {rate}")
     node = sg.node(spec)

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from dit_opt.benchmark.config import PEERS
+from dit_opt.steps import timestep_value
+from dit_opt.synthetic import call_names
 
 
 class PeerModule(nn.Module):
@@ -39,6 +41,7 @@ class PeerModule(nn.Module):
     def __init__(self, model: nn.Module, num_inference_steps: int, uncond_first: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.names = call_names(model)  # the model's own names for its latent and timestep (before any hook)
         self.num_inference_steps = num_inference_steps
         self.uncond_first = uncond_first
         self.step = -1
@@ -59,7 +62,8 @@ class PeerModule(nn.Module):
     def forward(self, **inputs: Any) -> Any:
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
-        t = float(inputs["timestep"].flatten()[0])
+        names = self.names
+        t = timestep_value(names.timestep_of(inputs, 0.0))
         # The Flux reference sampler passes sigma in [0, 1]; the hooks' timestep ranges are on the
         # 0..1000 scale the DiT sampler uses, so both are reported on that scale.
         t = t * 1000.0 if self.model.__class__.__name__.startswith("Flux") else t
@@ -70,7 +74,7 @@ class PeerModule(nn.Module):
         _set_cache_context(self.model, CacheContext("cond", step_index=self.step,
                                                     num_inference_steps=self.num_inference_steps, timestep=t))
         if self.uncond_first:
-            batch = inputs["hidden_states"].shape[0]
+            batch = names.batch_of(inputs)
             inputs = {k: _swap_halves(v) if torch.is_tensor(v) and v.dim() and v.shape[0] == batch else v
                       for k, v in inputs.items()}
         try:
