@@ -16,8 +16,8 @@ from torch import nn
 
 from dit_opt.synthetic import call_names, example_inputs
 
-__all__ = ["TINY_CONFIGS", "assert_export_replays", "counted_flops", "record_inputs", "record_outputs", "tiny_model",
-           "tiny_names", "unbudgeted_plan"]
+__all__ = ["TINY_CONFIGS", "assert_export_replays", "build_model", "counted_flops", "record_inputs", "record_outputs",
+           "tiny_model", "tiny_names", "unbudgeted_plan"]
 
 #: name -> (diffusers class name, config kwargs, expected block counts per list)
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any], dict[str, int]]] = {
@@ -161,19 +161,25 @@ def tiny_model(name: str, seed: int = 0, **overrides: Any) -> tuple[nn.Module, d
     """
     if name not in TINY_CONFIGS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {tiny_names()}")
+    cls_name, cfg, _ = TINY_CONFIGS[name]
+    model = build_model(cls_name, {**cfg, **overrides}, seed)
+    return model, example_inputs(model, batch_size=2, seed=seed)
+
+
+def build_model(class_name: str, config: dict[str, Any], seed: int = 0) -> nn.Module:
+    """The diffusers class ``class_name`` built from ``config`` with seeded random weights, in eval
+    mode, zero-initialised weights perturbed: adaLN-Zero initialises the gates to zero, which makes
+    a fresh block an identity and hides every bug, so each block really computes something."""
     import diffusers
 
-    cls_name, cfg, _ = TINY_CONFIGS[name]
     torch.manual_seed(seed)
-    model = getattr(diffusers, cls_name)(**{**cfg, **overrides}).eval()
-    # adaLN-Zero initialises the gates to zero, which makes a fresh block an identity and
-    # hides every bug; perturb all weights so each block really computes something.
+    model = getattr(diffusers, class_name)(**config).eval()
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed)
         for p in model.parameters():
             if p.dim() >= 1 and float(p.abs().max()) == 0.0:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-    return model, example_inputs(model, batch_size=2, seed=seed)
+    return model
 
 
 def unbudgeted_plan(profile: Any, grid: Any, granularity: str = "block") -> Any:

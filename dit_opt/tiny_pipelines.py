@@ -93,13 +93,8 @@ def tiny_pipeline(name: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
                     clean_caption=False, use_resolution_binning=False, generator=generator, output_type="pt")
     elif name == "sana":
         from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline
-        from transformers import Gemma2Config, Gemma2Model
 
-        tokenizer = _character_tokenizer()
-        torch.manual_seed(seed + 21)
-        encoder = Gemma2Model(Gemma2Config(
-            vocab_size=tokenizer.vocab_size, hidden_size=transformer.config.caption_channels, intermediate_size=32,
-            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0)).eval()
+        tokenizer, encoder = _gemma2_text_encoder(transformer.config.caption_channels, seed + 21)
         torch.manual_seed(seed)
         dc_ae = AutoencoderDC(
             in_channels=3, latent_channels=4, attention_head_dim=2,
@@ -119,13 +114,9 @@ def tiny_pipeline(name: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
                     generator=generator, output_type="pt")
     elif name == "lumina2":
         from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline
-        from transformers import Gemma2Config, Gemma2Model
 
-        tokenizer = _character_tokenizer()
-        torch.manual_seed(seed + 41)
-        encoder = Gemma2Model(Gemma2Config(
-            vocab_size=tokenizer.vocab_size, hidden_size=transformer.config.cap_feat_dim, intermediate_size=32,
-            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0)).eval()
+        # (two layers: the pipeline reads the encoder's second-to-last hidden states)
+        tokenizer, encoder = _gemma2_text_encoder(transformer.config.cap_feat_dim, seed + 41, layers=2)
         pipe = Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                vae=vae, text_encoder=encoder, tokenizer=tokenizer)
         # 32x32 pixels: 4x4 latents (the pipeline takes the VAE to downsample 8 times); prompts of two
@@ -217,6 +208,18 @@ def _t5_text_encoder(width: int, seed: int) -> tuple[Any, Any]:
     config = T5Config(vocab_size=tokenizer.vocab_size, d_model=width, d_kv=16, d_ff=2 * width, num_layers=1,
                       num_heads=2, relative_attention_num_buckets=8)
     return tokenizer, T5EncoderModel(config).eval()
+
+
+def _gemma2_text_encoder(width: int, seed: int, layers: int = 1) -> tuple[Any, Any]:
+    """The character tokenizer and a tiny Gemma2 encoder of hidden size ``width`` (Sana, Lumina2)."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = _character_tokenizer()
+    torch.manual_seed(seed)
+    encoder = Gemma2Model(Gemma2Config(
+        vocab_size=tokenizer.vocab_size, hidden_size=width, intermediate_size=32, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0)).eval()
+    return tokenizer, encoder
 
 
 def _character_tokenizer() -> Any:

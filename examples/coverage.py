@@ -83,7 +83,6 @@ def build_inputs(recipe: dict, seed: int = 0) -> dict:
 def _check(name: str, entry: dict, steps: int) -> dict:
     import warnings
 
-    import diffusers
     import torch
 
     import dit_opt
@@ -91,20 +90,14 @@ def _check(name: str, entry: dict, steps: int) -> dict:
     from dit_opt.capture import _max_abs_diff
     from dit_opt.flops import count_flops
     from dit_opt.synthetic import example_inputs
-    from dit_opt.testing import counted_flops
+    from dit_opt.testing import build_model, counted_flops
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     row: dict = {"class": name}
     stage = "build"
     try:
-        torch.manual_seed(0)
-        model = getattr(diffusers, name)(**entry["config"]).eval()
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(0)
-            for p in model.parameters():
-                if p.dim() >= 1 and float(p.abs().max()) == 0.0:
-                    p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+        model = build_model(name, entry["config"])
         stage = "inputs"
         recipe = entry.get("inputs")
         row["source"] = "diffusers tests" if recipe else "derived"

@@ -23,6 +23,7 @@ import dit_opt
 from dit_opt.calibration import synthetic_calibration
 from dit_opt.plan import ActionKind
 from dit_opt.synthetic import call_names
+from dit_opt.testing import build_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -37,17 +38,8 @@ def _build_inputs(recipe: dict) -> dict:
 def _coverage_model(name: str, **inputs_override) -> tuple[torch.nn.Module, dict]:
     """The class's tiny config (zero-initialised weights perturbed, as ``tiny_model`` does) and the
     inputs its recipe builds."""
-    import diffusers
-
     entry = json.loads((EXAMPLES / "coverage_configs.json").read_text())[name]
-    torch.manual_seed(0)
-    model = getattr(diffusers, name)(**entry["config"]).eval()
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
-        for p in model.parameters():
-            if p.dim() >= 1 and float(p.abs().max()) == 0.0:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-    return model, _build_inputs({**entry["inputs"], **inputs_override})
+    return build_model(name, entry["config"]), _build_inputs({**entry["inputs"], **inputs_override})
 
 
 def _optimize(model, inputs, budget, cal, **kw):
