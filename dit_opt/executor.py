@@ -41,7 +41,6 @@ __all__ = [
     "prunable",
     "batch_rows",
     "token_layout",
-    "call_batch",
     "mlp_linears",
     "narrow_block",
 ]
@@ -186,14 +185,6 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def scatter_tokens(base: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``base`` with rows ``idx`` replaced by ``values`` (out of place)."""
     return base.scatter(1, idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), values)
-
-
-def call_batch(graph: Any) -> int | None:
-    """The batch of the model call ``graph`` (a :class:`~dit_opt.ir.DiTGraph`) was captured on:
-    its latent's (:meth:`dit_opt.synthetic.CallNames.batch_of`), ``None`` where it has none."""
-    from dit_opt.synthetic import call_names
-
-    return call_names(graph.model).batch_of(graph.example_inputs)
 
 
 def batch_rows(shape: tuple[int, ...], batch: int | None) -> bool:

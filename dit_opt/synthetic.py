@@ -36,8 +36,8 @@ from torch import nn
 
 from dit_opt.errors import InputMismatchError
 
-__all__ = ["ARGUMENT_RULES", "CallNames", "DIFFUSERS_NAMES", "call_names", "example_inputs", "latent_argument",
-           "register", "timestep_argument", "unit_timesteps"]
+__all__ = ["ARGUMENT_RULES", "CallNames", "DIFFUSERS_NAMES", "call_batch", "call_names", "example_inputs",
+           "latent_argument", "register", "timestep_argument", "unit_timesteps"]
 
 _Builder = Callable[[nn.Module, int, int, torch.Generator], dict[str, Any]]
 _BUILDERS: dict[str, _Builder] = {}
@@ -535,3 +535,9 @@ def _placed(inputs: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
                 v = v.to(p.dtype)
         out[k] = v
     return out
+
+
+def call_batch(graph: Any) -> int | None:
+    """The batch of the model call ``graph`` (a :class:`~dit_opt.ir.DiTGraph`) was captured on:
+    its latent's (:meth:`CallNames.batch_of`), ``None`` where it has none."""
+    return call_names(graph.model).batch_of(graph.example_inputs)

@@ -63,7 +63,6 @@ from dit_opt.errors import ConfigError
 from dit_opt.executor import (
     batch_rows,
     bind_inputs,
-    call_batch,
     gather_tokens,
     halves_diff,
     is_guidance_batch,
@@ -83,7 +82,7 @@ from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import MAX_FORECAST_ORDER, Unit, forecast_weights
 from dit_opt.sensitivity import DEFAULT_MAX_AGE, SensitivityProfile
 from dit_opt.steps import StepTracker, timestep_value
-from dit_opt.synthetic import call_names
+from dit_opt.synthetic import call_batch, call_names
 from passes.call_costs import CallCosts
 from passes.infra import PassResult
 from passes.rewrite_modules import module_token_input

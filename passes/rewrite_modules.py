@@ -44,7 +44,6 @@ from torch import nn
 
 from dit_opt.errors import DitOptError
 from dit_opt.executor import (
-    call_batch,
     cfg_merge_output,
     combine,
     gather_tokens,
@@ -55,6 +54,7 @@ from dit_opt.executor import (
 )
 from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import Action, ActionKind
+from dit_opt.synthetic import call_batch
 from passes.infra import PassResult
 from passes.rewrite_cache import history_kind
 from passes.rewrite_cfg import half_of

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import operator
 
-from dit_opt.executor import call_batch, gather_tokens, prunable, reuse, scatter_tokens, token_scores, topk_tokens
+from dit_opt.executor import gather_tokens, prunable, reuse, scatter_tokens, token_scores, topk_tokens
 from dit_opt.ir import BlockSpec
+from dit_opt.synthetic import call_batch
 from passes.infra import PassResult
 from passes.step_graph import StepGraph, cache_key
 
