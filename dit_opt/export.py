@@ -8,13 +8,20 @@ is stored deflated), and
 inputs in order, the cache entries each variant reads (extra trailing inputs) and writes
 (extra trailing outputs), and each step's forecast weights (read like cache entries: steps
 that differ only in them share a variant). :class:`ExportedPlan` replays them: no capture, no profile, no solver.
+It checks every file when it opens an export (the index's SHA-256 of each program, the archives'
+CRCs, the weights) and deserialises a program the first time a step needs it (``lazy=False``:
+all of them at once).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import types
+import typing
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +50,51 @@ class _Functional(torch.nn.Module):
     def forward(self, *args: torch.Tensor) -> Any:
         n = len(self.names)
         return torch.func.functional_call(self.variant, dict(zip(self.names, args[:n], strict=True)), args[n:])
+
+
+def _file_digest(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _memoised_schema_hints() -> Iterator[None]:
+    """Within the block, torch's program deserialiser reads each schema class's type hints once.
+
+    ``torch._export.serde.serialize`` calls ``typing.get_type_hints(cls, globalns=...)`` for every
+    dataclass *instance* it rebuilds (hundreds of thousands for one step variant: over half of a
+    load's time, measured by ``examples/export_size.py``), and the schema's hints never change.
+    The deserialiser's module gets a ``typing`` whose ``get_type_hints`` remembers its answers for
+    the duration of the block; nothing else changes, and a torch whose deserialiser reads its
+    hints otherwise is left alone.
+    """
+    try:
+        from torch._export.serde import serialize
+    except ImportError:  # another layout of torch: nothing to speed up
+        yield
+        return
+    if getattr(serialize, "typing", None) is not typing:  # already memoised (nested), or not used
+        yield
+        return
+    memo: dict[tuple, Any] = {}
+
+    def get_type_hints(obj: Any, globalns: Any = None, localns: Any = None, include_extras: bool = False) -> Any:
+        key = (obj, id(globalns), id(localns), include_extras)
+        if key not in memo:
+            memo[key] = (typing.get_type_hints(obj, globalns, localns, include_extras), globalns, localns)
+        return memo[key][0]
+
+    shim = types.ModuleType("typing")
+    shim.__dict__.update(typing.__dict__)
+    shim.get_type_hints = get_type_hints
+    serialize.typing = shim
+    try:
+        yield
+    finally:
+        serialize.typing = typing
 
 
 def _value_key(t: torch.Tensor) -> tuple:
@@ -127,7 +179,9 @@ def export(opt: Any, path: str | Path) -> Path:
                       "forecast_weights": forecast, "num_outputs": v.gm.num_model_outputs,
                       "actions": [str(a) for a in v.actions]})
     save_file({k: t.cpu() for k, t in weights.items()}, str(path / "weights.safetensors"))
+    digests = {file: _file_digest(path / file) for file, _ in files.values()}
     index = {"version": INDEX_VERSION, "model": type(opt.model).__name__, "inputs": names, "steps": steps,
+             "files": digests,
              "timesteps": list(opt.plan.timesteps or [])}
     (path / "index.json").write_text(json.dumps(index, indent=1))
     return path
@@ -136,14 +190,25 @@ def export(opt: Any, path: str | Path) -> Path:
 class ExportedPlan:
     """Replay exported variants step by step, keeping the cache between steps.
 
+    Opening an export checks every file (each program's SHA-256 against the index, where the
+    export recorded it, and its archive's CRCs; the weights) and loads the weights; a program is
+    deserialised the first time a step needs it, or all at once with ``lazy=False`` (or
+    :meth:`load_all`).
+
+    Raises:
+        ArtifactError: the index, the weights or a program is missing, corrupt or of another
+            format version (at opening; a program whose archive is sound but does not
+            deserialise, at the first step that needs it).
+
     Example:
         >>> served = ExportedPlan("export/")
         >>> for step, t in enumerate(timesteps):
         ...     (noise_pred,) = served(step, *flat_inputs_at(t))
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, lazy: bool = True) -> None:
         path = Path(path)
+        self.path = path
         try:
             self.index = json.loads((path / "index.json").read_text())
         except (FileNotFoundError, json.JSONDecodeError) as e:
@@ -160,20 +225,50 @@ class ExportedPlan:
             except Exception as e:
                 raise ArtifactError(f"{path}: weights.safetensors is missing or corrupt ({type(e).__name__}: {e}); "
                                     f"export again") from e
-        try:
-            self.modules = {s["file"]: torch.export.load(str(path / s["file"])).module()
-                            for s in self.index["steps"]}
-        except Exception as e:
-            raise ArtifactError(f"{path}: a step variant could not be loaded ({type(e).__name__}: {e}); "
-                                f"export again") from e
+        digests = self.index.get("files", {})
+        for file in dict.fromkeys(s["file"] for s in self.index["steps"]):
+            self._check(file, digests.get(file))
         missing = {k for s in self.index["steps"] for k in s.get("weights", ())} - set(self.weights)
         if missing:
             raise ArtifactError(f"{path}: weights.safetensors lacks {sorted(missing)[:3]} that the variants take; "
                                 f"export again")
+        #: the deserialised programs so far, by file
+        self.modules: dict[str, torch.nn.Module] = {}
         self.cache: dict[str, torch.Tensor] = {}
         # version 3: a step's forecast weights are inputs (one variant serves every spacing)
         self._forecast_weights = [{k: torch.tensor(w, dtype=torch.float32) for k, w in
                                    s.get("forecast_weights", {}).items()} for s in self.index["steps"]]
+        if not lazy:
+            self.load_all()
+
+    def _check(self, file: str, digest: str | None) -> None:
+        where = self.path / file
+        try:
+            if digest is not None and _file_digest(where) != digest:
+                raise ValueError("its SHA-256 differs from the one the export recorded")
+            with zipfile.ZipFile(where) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                raise ValueError(f"its entry {bad} fails its CRC check")
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ArtifactError(f"{self.path}: step variant {file} is missing or corrupt ({type(e).__name__}: {e}); "
+                                f"export again") from e
+
+    def program(self, file: str) -> torch.nn.Module:
+        """The step variant stored in ``file``, deserialised on first use."""
+        if file not in self.modules:
+            try:
+                with _memoised_schema_hints():
+                    self.modules[file] = torch.export.load(str(self.path / file)).module()
+            except Exception as e:
+                raise ArtifactError(f"{self.path}: step variant {file} could not be loaded ({type(e).__name__}: {e}); "
+                                    f"export again") from e
+        return self.modules[file]
+
+    def load_all(self) -> None:
+        """Deserialise every program now (serving then never pays for it at a step)."""
+        for s in self.index["steps"]:
+            self.program(s["file"])
 
     @property
     def num_steps(self) -> int:
@@ -186,7 +281,7 @@ class ExportedPlan:
             self.cache.clear()
         weights = [self.weights[k] for k in entry.get("weights", ())]
         feed = {**self.cache, **self._forecast_weights[step]}
-        out = self.modules[entry["file"]](*weights, *flat_inputs, *[feed[k] for k in entry["reads"]])
+        out = self.program(entry["file"])(*weights, *flat_inputs, *[feed[k] for k in entry["reads"]])
         n = entry["num_outputs"]
         for k, v in zip(entry["writes"], out[n:], strict=True):
             self.cache[k] = v

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import typing
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -90,6 +92,7 @@ def test_export_pt2_replays_the_plan(compiled_pair, tmp_path):
     eager.export(tmp_path)
     served = ExportedPlan(tmp_path)
     assert served.num_steps == STEPS
+    assert not served.modules  # checked at opening, deserialised when a step needs it
     runner = next(iter(eager._runners.values()))
     base = runner.graph.example_inputs
     eager.reset()
@@ -99,6 +102,10 @@ def test_export_pt2_replays_the_plan(compiled_pair, tmp_path):
             want = eager(**inputs).sample
             (got,) = served(step, *runner.graph.flat_inputs(**inputs))
             assert float((want - got).abs().max()) <= 1e-5, f"step {step}"
+    assert set(served.modules) == {s["file"] for s in served.index["steps"]}
+    from torch._export.serde import serialize
+
+    assert serialize.typing is typing  # the deserialiser's hints memoised during a load only
     assert not list(tmp_path.glob("*.pkl"))
     # the weights are written once, beside programs that take them as inputs
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -120,6 +127,12 @@ def test_export_pt2_replays_the_plan(compiled_pair, tmp_path):
 
     damaged("weights", lambda d: (d / "weights.safetensors").unlink())
     damaged("variant", lambda d: next(d.glob("*.pt2")).write_bytes(b"not a program"))
+
+    def retouch(d):  # still a sound archive, but not the program the export wrote
+        with zipfile.ZipFile(next(d.glob("*.pt2")), "a") as archive:
+            archive.writestr("extra.txt", "x")
+
+    damaged("tampered", retouch)
     def edit_index(d, change):
         index = json.loads((d / "index.json").read_text())
         change(index)
