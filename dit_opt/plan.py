@@ -58,6 +58,7 @@ __all__ = [
     "SKIP",
     "cfg_action",
     "MAX_FORECAST_ORDER",
+    "FORECAST_FORMS",
     "check_budget",
     "compute_history",
     "after_step",
@@ -72,6 +73,10 @@ PLAN_VERSION = 1
 
 #: Highest polynomial order of ``FORECAST`` (TaylorSeer's published DiT results use order 3).
 MAX_FORECAST_ORDER = 3
+
+#: How a forecast extrapolates from a unit's last computes (:func:`forecast_weights`): the
+#: polynomial through them, or TaylorSeer's divided-difference Taylor expansion.
+FORECAST_FORMS = ("lagrange", "taylor")
 
 
 def check_budget(budget: float) -> float:
@@ -258,25 +263,41 @@ def after_step(t: int, action: Action, computes: tuple[int, ...], depth: int = M
     return (t, *computes)[:depth] if action.kind is ActionKind.COMPUTE else computes
 
 
-def forecast_weights(step: int | float, computes: Sequence[int | float]) -> tuple[float, ...]:
+def forecast_weights(step: int | float, computes: Sequence[int | float], form: str = "lagrange"
+                     ) -> tuple[float, ...]:
     """Weights of the polynomial extrapolation to ``step`` through the values at ``computes``.
 
     ``FORECAST`` of order ``k`` predicts a unit's output (or residual) at ``step`` as
-    ``sum_i w_i * value(computes[i])``, the Lagrange form of the degree-``k`` polynomial through
-    the last ``k + 1`` computes at their actual spacing: exact when the output is a polynomial
-    of degree ``<= k`` in the step index. Order 1 is TaylorSeer's first-order step:
+    ``sum_i w_i * value(computes[i])`` from the last ``k + 1`` computes (newest first), at their
+    actual spacing, in one of two forms (:data:`FORECAST_FORMS`, a plan's ``forecast_form``):
+
+    * ``"lagrange"``: the degree-``k`` polynomial through the ``k + 1`` values, exact when the
+      output is a polynomial of degree ``<= k`` in the step index;
+    * ``"taylor"``: TaylorSeer's expansion (diffusers' ``TaylorSeerCacheConfig``): derivatives at
+      the newest compute estimated by divided differences, each from the one before at the
+      previous compute, and ``sum_i d_i n^i / i!`` at ``n = step - computes[0]``. Exact for
+      degree ``<= 1``; its higher terms are smaller than Lagrange's (``n^2 / 2`` against
+      ``n (n + d) / 2`` at order 2), which extrapolates better over long gaps on some models.
+
+    Order 1 is the same in both, TaylorSeer's first-order step
     ``value(c0) + (n / d) * (value(c0) - value(c1))``.
 
     Raises:
-        ValueError: two computes at the same step.
+        ValueError: two computes at the same step, or an unknown form.
 
     Example:
         >>> forecast_weights(5, [4, 2])     # n = 1, d = 2: 1.5 * v(4) - 0.5 * v(2)
         (1.5, -0.5)
+        >>> forecast_weights(6, [4, 2, 0], "taylor")
+        (2.5, -2.0, 0.5)
     """
     xs = [float(c) for c in computes]
     if len(set(xs)) != len(xs):
         raise ValueError(f"forecast_weights needs distinct compute steps, got {list(computes)}")
+    if form == "taylor":
+        return _taylor_weights(float(step), xs)
+    if form != "lagrange":
+        raise ValueError(f"unknown forecast form {form!r}; use one of {', '.join(FORECAST_FORMS)}")
     out = []
     for i, xi in enumerate(xs):
         w = 1.0
@@ -284,6 +305,23 @@ def forecast_weights(step: int | float, computes: Sequence[int | float]) -> tupl
             if j != i:
                 w *= (float(step) - xj) / (xi - xj)
         out.append(w)
+    return tuple(out)
+
+
+def _taylor_weights(step: float, xs: list[float]) -> tuple[float, ...]:
+    k = len(xs) - 1
+    # derivative i at compute j as weights over the values: each compute's estimate differences
+    # the previous compute's, as TaylorSeer updates its factors
+    deriv = [[[float(i == j) for i in range(k + 1)]] for j in range(k + 1)]
+    for order in range(1, k + 1):
+        for j in range(k + 1 - order):
+            d = xs[j] - xs[j + 1]
+            deriv[j].append([(a - b) / d for a, b in zip(deriv[j][order - 1], deriv[j + 1][order - 1], strict=True)])
+    n = step - xs[0]
+    out = [0.0] * (k + 1)
+    for order, weights in enumerate(deriv[0]):
+        coeff = n ** order / math.factorial(order)
+        out = [o + coeff * w for o, w in zip(out, weights, strict=True)]
     return tuple(out)
 
 
@@ -425,6 +463,8 @@ class Plan:
         wall_time_s: solver wall time in seconds.
         gap: relative optimality gap where the solver knows it, else ``None``.
         timesteps: scheduler timestep value of each step, if known.
+        forecast_form: how its ``FORECAST`` and ``STEP`` actions extrapolate, one of
+            :data:`FORECAST_FORMS` (:func:`forecast_weights`; the same graphs, other weights).
         version: serialisation format version, :data:`PLAN_VERSION`.
 
     Raises:
@@ -447,6 +487,7 @@ class Plan:
     wall_time_s: float
     gap: float | None = None
     timesteps: tuple[float, ...] | None = None
+    forecast_form: str = "lagrange"
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -459,6 +500,9 @@ class Plan:
         set_(self, "budget", check_budget(self.budget))
         if self.version != PLAN_VERSION:
             raise ValueError(f"plan version {self.version!r} is not supported (expected {PLAN_VERSION})")
+        if self.forecast_form not in FORECAST_FORMS:
+            raise ValueError(f"Plan.forecast_form must be one of {', '.join(FORECAST_FORMS)}, "
+                             f"got {self.forecast_form!r}")
         if self.num_steps < 1 or self.max_age < 0:
             raise ValueError(f"need num_steps >= 1 and max_age >= 0, got {self.num_steps}, {self.max_age}")
         if len(set(self.units)) != len(self.units) or not all(isinstance(u, Unit) for u in self.units):
@@ -600,7 +644,8 @@ class Plan:
             "units: " + ", ".join(str(u) for u in self.units[:6]) + (" ..." if len(self.units) > 6 else ""),
             "counts: " + ", ".join(f"{k.value} {n} ({100.0 * n / total:.1f} %)" for k, n in counts.items()),
             "letters: " + ", ".join(f"{k.code} {k.value}" for k in ActionKind)
-            + f"; parameters used: {', '.join(params) or '-'}",
+            + f"; parameters used: {', '.join(params) or '-'}"
+            + ("" if self.forecast_form == "lagrange" else f"; forecasts in {self.forecast_form} form"),
             f"FLOPs: {self.predicted_flops:.4g} of {self.full_flops:.4g} = {100 * self.flop_fraction:.2f} % "
             f"(budget {100 * self.budget:.2f} %)",
             f"predicted error: {self.predicted_error:.6g}; max_age {self.max_age}; "

@@ -654,6 +654,8 @@ class OptimizedTransformer(nn.Module):
         plan = solve(problem, self.solver, **solver_defaults(self.solver, self.solver_options))
         if self.solver in ("cpsat", "dp"):  # (a baseline's plan is its rule's, as published)
             plan = fill(problem, plan)
+        # forecasts extrapolate as the kept plan's did (the form was measured on the calibration)
+        plan = replace(plan, forecast_form=self.plan.forecast_form)
         self._plans[ts] = plan
         return plan
 

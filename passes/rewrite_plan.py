@@ -110,7 +110,7 @@ def output_needs(plan: Plan) -> list[int | None]:
 def step_forecast_weights(plan: Plan) -> list[tuple[float, ...] | None]:
     """Per step, the weights of its ``STEP`` over the last ``order + 1`` full steps, newest first
     (``None`` at a step that is not one)."""
-    return [None if step is None else forecast_weights(t, full[:step.order + 1])
+    return [None if step is None else forecast_weights(t, full[:step.order + 1], plan.forecast_form)
             for t, step, full in step_forecasts(plan.actions)]
 
 
@@ -126,7 +126,7 @@ def forecast_plan_weights(plan: Plan) -> list[list[tuple[float, ...] | None]]:
                 if len(used) < action.order + 1:
                     raise DitOptError(f"step {t}, unit {plan.units[u]}: {action} needs {action.order + 1} "
                                       f"earlier COMPUTE steps")
-                out[t][u] = forecast_weights(t, used)
+                out[t][u] = forecast_weights(t, used, plan.forecast_form)
     return out
 
 

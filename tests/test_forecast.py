@@ -254,3 +254,72 @@ def test_steps_that_differ_only_in_forecast_weights_share_one_graph(tiny_dit, tm
     assert index["steps"][2]["file"] == index["steps"][5]["file"]
     assert index["steps"][5]["forecast_weights"]
     assert_export_replays(opt, served, prof.timesteps)
+
+
+@settings(deadline=None, max_examples=40)
+@given(order=st.integers(1, MAX_FORECAST_ORDER), data=st.data())
+def test_taylor_form_is_diffusers_taylorseer(order, data):
+    """``forecast_weights(..., "taylor")`` predicts what diffusers' TaylorSeer state predicts from
+    the same outputs at the same steps (its divided differences, its expansion), at any spacing;
+    exact on straight lines, and the same as the polynomial at order 1."""
+    from diffusers.hooks.taylorseer_cache import TaylorSeerState
+
+    gaps = data.draw(st.lists(st.integers(1, 4), min_size=order, max_size=order))
+    n = data.draw(st.integers(1, 5))
+    steps = [0]
+    for g in gaps:
+        steps.append(steps[-1] + g)
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    values = {s: torch.randn(3, 4, generator=gen, dtype=torch.float64) for s in steps}
+    state = TaylorSeerState(taylor_factors_dtype=torch.float64, max_order=order)
+    for s in steps:  # oldest first, as the hook updates
+        state.current_step = s
+        state.update((values[s],))
+    state.current_step = steps[-1] + n
+    (want,) = state.predict()
+    computes = steps[::-1]
+    weights = forecast_weights(steps[-1] + n, computes, "taylor")
+    torch.testing.assert_close(sum(w * values[c] for w, c in zip(weights, computes, strict=True)), want,
+                               rtol=1e-9, atol=1e-9)
+    line = {s: 0.5 + 2.0 * s for s in steps}
+    assert sum(w * line[c] for w, c in zip(weights, computes, strict=True)) == pytest.approx(line[steps[-1]] + 2.0 * n)
+    if order == 1:
+        assert weights == pytest.approx(forecast_weights(steps[-1] + n, computes))
+    with pytest.raises(ValueError, match="lagrange, taylor"):
+        forecast_weights(steps[-1] + n, computes, "hermite")
+
+
+def test_taylor_form_plan_runs_diffusers_taylorseer_exactly(profiled):
+    """At module granularity, TaylorSeer's rhythm with a forecast of the highest order its computes
+    allow at every cache read, in the Taylor form, is diffusers' TaylorSeer hook at that order: the
+    same outputs at every step (orders 2 and 3, where the polynomial differs from it)."""
+    from dit_opt.benchmark import peer_module
+    from dit_opt.plan import after_step
+    from dit_opt.testing import record_outputs
+    from solvers import uniform
+
+    model, cal, prof = profiled("flux", 10)
+    problem = prof.to_problem(1.0, granularity="module")
+    T, U = problem.num_steps, len(problem.units)
+    interval, warmup = 3, 1
+    rhythm = uniform.schedule(T, warmup, interval, phase=1)  # diffusers' compute steps
+    for order in (2, 3):
+        columns = []
+        for _ in range(U):
+            column, computes = [], ()
+            for t in range(T):
+                k = min(order, len(computes) - 1)
+                action = COMPUTE if rhythm[t] else (Action(ActionKind.FORECAST, order=k) if k >= 1 else REUSE)
+                column.append(action)
+                computes = after_step(t, action, computes)
+            columns.append(column)
+        grid = [[columns[u][t] for u in range(U)] for t in range(T)]
+        plan = unbudgeted_plan(prof, grid, granularity="module")
+        hook = peer_module(model, "taylorseer", (interval, warmup, order), T)
+        want = record_outputs(cal, hook)
+        got = {form: record_outputs(cal, dit_opt.OptimizedTransformer(
+            model, dataclasses.replace(plan, forecast_form=form), profile=prof, compile=False))
+            for form in ("taylor", "lagrange")}
+        for t in range(T):
+            torch.testing.assert_close(got["taylor"][t], want[t], rtol=1e-4, atol=1e-5, msg=f"order {order}, step {t}")
+        assert max(float((g - w).abs().max()) for g, w in zip(got["lagrange"], want, strict=True)) > 1e-3

@@ -212,3 +212,27 @@ def test_validate_catches_bad_plans(plan: Plan) -> None:
 def test_plan_rejects_bad_budget(plan: Plan, budget: object) -> None:
     with pytest.raises(ConfigError, match="budget"):
         replace(plan, budget=budget)
+
+
+def test_forecast_form_round_trips_and_is_checked():
+    """A plan's forecast form is saved and loaded; a plan saved before forms existed loads as the
+    polynomial; an unknown form names the valid ones."""
+    import dataclasses
+
+    from dit_opt.errors import ArtifactError
+    from dit_opt.plan import COMPUTE, Plan, Unit
+
+    plan = Plan(num_steps=2, units=(Unit("blocks", 0),), actions=[[COMPUTE], [COMPUTE]], budget=1.0,
+                full_flops=2.0, flops_fixed=0.0, predicted_flops=2.0, step_flops=[1.0, 1.0], predicted_error=0.0,
+                max_age=1, solver="x", status="HEURISTIC", wall_time_s=0.0)
+    assert plan.forecast_form == "lagrange"
+    taylor = dataclasses.replace(plan, forecast_form="taylor")
+    assert Plan.from_json(taylor.to_json()).forecast_form == "taylor"
+    assert "taylor form" in taylor.summary() and "taylor form" not in plan.summary()
+    old = plan.to_dict()
+    del old["forecast_form"]
+    assert Plan.from_dict(old) == plan
+    with pytest.raises(ValueError, match="lagrange, taylor"):
+        dataclasses.replace(plan, forecast_form="hermite")
+    with pytest.raises(ArtifactError, match="lagrange, taylor"):
+        Plan.from_dict({**plan.to_dict(), "forecast_form": "hermite"})

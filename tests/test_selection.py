@@ -200,3 +200,41 @@ def test_a_calibration_that_does_not_repeat_itself_ranks_no_plans():
         warnings.simplefilter("ignore")
         seeded = dit_opt.optimize(model, 0.7, calibration=loop(0), compile=False, progress=False)
     assert len(seeded.selection) >= 2
+
+
+def test_the_best_plan_is_also_measured_in_taylor_form():
+    """``select_plan`` measures one more run, the best plan with TaylorSeer's expansion in its
+    forecasts (``taylor_twin``), and keeps it where it measures better; a plan without forecasts of
+    order 2 or more has no twin."""
+    from dit_opt.plan import COMPUTE, FORECAST, Action, ActionKind, Plan, Unit
+    from dit_opt.selection import select_plan, taylor_twin
+
+    def plan(actions, solver):
+        T = len(actions)
+        return Plan(num_steps=T, units=(Unit("blocks", 0),), actions=actions, budget=1.0, full_flops=float(T),
+                    flops_fixed=0.0, predicted_flops=float(T), step_flops=[1.0] * T, predicted_error=0.0,
+                    max_age=3, solver=solver, status="HEURISTIC", wall_time_s=0.0)
+
+    second = plan([[COMPUTE], [COMPUTE], [COMPUTE], [Action(ActionKind.FORECAST, order=2)]], "second")
+    first = plan([[COMPUTE], [COMPUTE], [FORECAST], [FORECAST]], "first")
+    assert taylor_twin(first) is None and taylor_twin(plan(first.actions, "x")) is None
+    twin = taylor_twin(second)
+    assert twin.forecast_form == "taylor" and twin.actions == second.actions and taylor_twin(twin) is None
+
+    ref = torch.ones(3)
+    errors = {("second", "lagrange"): 0.1, ("first", "lagrange"): 0.2, ("second+taylor", "taylor"): 0.05}
+
+    class Runs(torch.nn.Module):
+        def __init__(self, p=None):
+            super().__init__()
+            self.p = p
+
+        def forward(self, x):
+            return x if self.p is None else x + errors[self.p.solver, self.p.forecast_form]
+
+    kept, scored = select_plan(Runs(), [first, second], lambda m: m(ref), Runs)
+    assert kept.solver == "second+taylor" and kept.forecast_form == "taylor"
+    assert [c.plan.solver for c in scored] == ["first", "second", "second+taylor"]
+    errors["second+taylor", "taylor"] = 0.3
+    kept, scored = select_plan(Runs(), [first, second], lambda m: m(ref), Runs)
+    assert kept is second and len(scored) == 3
