@@ -7,16 +7,17 @@ at the same budget (:func:`candidate_plans`: the main solver's plan, the same so
 the errors of late steps weighted more, TaylorSeer's rule of :mod:`solvers.uniform` (a warm-up,
 then one interval for every unit, with forecasts) at the rhythms that spend the most of the
 budget, and FORA's uniform interval, the schedules with their unspent budget filled
-(:mod:`solvers.fill`), and, given a module-level problem, its solver plan and uniform plan; then
-TaylorSeer's own policy, a forecast at every cache read (``Problem.forecast_policy="always"``, of
-the order measured best), at the rhythms just within the budget (filled) and just over it
-(trimmed, :func:`solvers.fill.trim`), at module granularity where offered; and the dearest rhythms
-with a whole step forecast (``STEP``) at every step between their computes, one order per plan,
-:data:`STEP_RHYTHMS`), runs each through the calibration next to the full model, and keeps the one
-whose outputs are closest to the full model's. The modelled error ranks the uniform rhythms poorly
-(on ``digits-mmdit``, of interval 3 with warm-up 2 or 3, both at 0.394 of the FLOPs, it ranks
-first the one that measures 5.3 dB worse: 43.9 against 49.2 dB), which is why several are
-measured.
+(:mod:`solvers.fill`), and, given a module-level problem, its solver plan and uniform plan in
+place of the block-level rhythms; then TaylorSeer's own policy, a forecast at every cache read
+(``Problem.forecast_policy="always"``, of the order measured best), at the rhythms just within
+the budget (filled and as they are), at module granularity where offered; and the
+dearest rhythms with a whole step forecast (``STEP``) at every step between their computes, one
+order per plan, :data:`STEP_RHYTHMS`), runs each through the calibration next to the full model,
+and keeps the one whose outputs are closest to the full model's. The modelled error ranks the
+uniform rhythms poorly (on ``digits-mmdit``, of interval 3 with warm-up 2 or 3, both at 0.394 of
+the FLOPs, it ranks first the one that measures 5.3 dB worse: 43.9 against 49.2 dB), which is
+why several are measured. The best candidate is measured once more with its forecasts in the
+other form (:func:`taylor_twin`).
 
 What is compared: the calibration's return value when it is a tensor (or a tuple/list of
 tensors, or an object with an ``images`` tensor), e.g. the images a sampler returns: the
@@ -73,7 +74,7 @@ UNIFORM_RHYTHMS = 3
 ALWAYS_RHYTHMS = 2
 #: How many rhythms are measured with whole step forecasts (``STEP``) between their computes, per
 #: order (one order throughout a plan: the calibration ranks the orders, the modelled error not).
-STEP_RHYTHMS = {1: 2, 2: 1, 3: 1}
+STEP_RHYTHMS = {1: 1, 2: 1, 3: 1}
 
 
 def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] | None = None,
@@ -86,19 +87,19 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     that spend the most of the budget, and FORA's uniform interval with forecasts where measured
     better; each with its unspent budget filled (:func:`solvers.fill.fill`). Given
     ``module_problem`` (the same profile at module granularity), also its solver plan
-    (``solve_module``) and its uniform plan, filled (and then only one block-level rhythm). Where
+    (``solve_module``) and its uniform plan, filled (and then no block-level rhythm). Where
     the problem allows caches older than :data:`~dit_opt.sensitivity.SHORT_MAX_AGE` (budgets below
     :data:`~dit_opt.sensitivity.LONG_CACHE_BUDGET`), the finest uniform plan is also made at that
     age limit. Then, on ``module_problem`` if given (else ``problem``), under the forecast policy
-    ``"always"``: the :data:`ALWAYS_RHYTHMS` dearest rhythms within the budget, filled, and the
-    cheapest two over it (:func:`solvers.uniform.above`), trimmed; and where the problem has
-    ``STEP`` errors, the dearest rhythms with ``STEP`` between their computes
+    ``"always"``: the :data:`ALWAYS_RHYTHMS` dearest rhythms within the budget, filled and as they
+    are; and where
+    the problem has ``STEP`` errors, the dearest rhythms with ``STEP`` between their computes
     (:data:`STEP_RHYTHMS` per order). A family that cannot meet the budget is left out. Every
     plan's predicted error is that of its own problem (unweighted).
     """
     from dit_opt.errors import DitOptError
     from solvers import solve, uniform
-    from solvers.fill import fill, trim
+    from solvers.fill import fill
 
     plans = [main]
     makers: list[Callable[[], Plan | list[Plan]]] = []
@@ -113,11 +114,12 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
                 return problem.to_plan(p.actions, f"{main.solver}+late{k:g}", p.status, p.wall_time_s)
             makers.append(weighted)
     # TaylorSeer's rule at the rhythms that spend the most of the budget, measured rather than
-    # ranked by the model (which ranks them poorly), each with its unspent budget filled
-    # (one rhythm only when module-level candidates follow: the block-level ones were never the
-    # kept plan there on the reference models, and every candidate costs a calibration run)
-    rhythms_here = UNIFORM_RHYTHMS if module_problem is None else 1
-    makers.append(lambda: [fill(problem, p) for p in uniform.dearest(problem, rhythms_here)])
+    # ranked by the model (which ranks them poorly), each with its unspent budget filled (at
+    # block granularity only when no module-level candidates follow: with them, the block-level
+    # rhythms were the kept plan at none of the 45 reference-model budgets of BENCHMARKS.md steps
+    # 3b, 3d and 3e, and every candidate costs a calibration run)
+    if module_problem is None:
+        makers.append(lambda: [fill(problem, p) for p in uniform.dearest(problem, UNIFORM_RHYTHMS)])
     makers.append(lambda: solve(problem, "fora"))
     if module_problem is not None:
         if solve_module is not None:
@@ -132,16 +134,23 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
         prefix = "module:short" if module_problem is not None else "short"
         makers.append(lambda short=short, prefix=prefix: _renamed(fill(short, solve(short, "uniform")), prefix))
     # TaylorSeer's own policy: every cache read between computes a forecast (at the finest
-    # granularity offered, of the order measured best), at the rhythms just within the budget
-    # (filled) and just over it (trimmed). (With order 1 only, as TaylorSeer's default, it was
-    # kept once in 15 reference-model budgets, and then measured worse on the evaluation.)
+    # granularity offered, of the order measured best), at the rhythms just within the budget,
+    # filled. (With order 1 only, as TaylorSeer's default, it was kept once in 15 reference-model
+    # budgets, and then measured worse on the evaluation. The rhythms just over the budget,
+    # trimmed by solvers.fill.trim, were measured too until the kept plan was one of them at none
+    # of the 45 reference-model budgets of BENCHMARKS.md steps 3b, 3d and 3e: an irregular gap
+    # costs these models more than the modelled trim says, and each was a calibration run.)
     rhythms = module_problem if module_problem is not None else problem
     always = replace(rhythms, forecast_policy="always")
     prefix = "module:always" if module_problem is not None else "always"
     if rhythms.e_forecast is not None:
-        makers.append(lambda: [_renamed(fill(always, p), prefix) for p in uniform.dearest(always, ALWAYS_RHYTHMS)])
-        makers.append(lambda: [_renamed(t, prefix) for p in uniform.above(always, 2)
-                               if (t := trim(always, p)) is not None])
+        def always_rhythms() -> list[Plan]:
+            dearest = uniform.dearest(always, ALWAYS_RHYTHMS)
+            # each also as it is: the fill's extra computes break the rhythm's even spacing,
+            # which can cost more than they save (digits-mmdit at 0.2: interval 6 measured 35.63
+            # dB at 0.200 of the FLOPs filled, 36.29 at 0.186 as it is; BENCHMARKS.md)
+            return [_renamed(q, prefix) for p in dearest for q in (fill(always, p), p)]
+        makers.append(always_rhythms)
     if rhythms.e_step is not None:
         # the same rhythms with the whole step forecast between computes (no unit and no glue
         # runs there: the model's output extrapolated), whose saved glue buys denser rhythms

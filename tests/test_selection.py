@@ -172,6 +172,33 @@ def test_low_budgets_also_measure_the_uniform_rule_within_the_short_age_limit(ti
     assert not any("short" in p.solver for p in plans)
 
 
+def test_the_dearest_always_rhythms_are_measured_as_they_are_and_filled(tiny):
+    """TaylorSeer's policy at the dearest rhythms within the budget: candidates both as they are
+    (even spacing) and filled; with module-level candidates no block-level rhythm is made."""
+    import dataclasses
+
+    from dit_opt.selection import ALWAYS_RHYTHMS, candidate_plans
+    from solvers import uniform
+    from solvers.fill import fill
+
+    _, _, prof = tiny
+    problem, module = prof.to_problem(0.35), prof.to_problem(0.35, granularity="module")
+    always = dataclasses.replace(module, forecast_policy="always")
+    dearest = uniform.dearest(always, ALWAYS_RHYTHMS)
+    assert len(dearest) == ALWAYS_RHYTHMS
+    assert fill(always, dearest[0]).actions != dearest[0].actions  # the fill changes it here
+    plans = candidate_plans(problem, solve(problem, "fora"), module_problem=module)
+    named = {(p.units, p.actions): p.solver for p in plans}
+    for p in dearest:
+        filled = fill(always, p)
+        assert named[p.units, p.actions].startswith("module:")
+        assert named[filled.units, filled.actions].startswith("module:")
+    assert named[dearest[0].units, dearest[0].actions] == f"module:always:{dearest[0].solver}"
+    assert not any(p.solver.startswith("uniform(") for p in plans)
+    block = candidate_plans(problem, solve(problem, "fora"))
+    assert any(p.solver.startswith("uniform(") for p in block)
+
+
 def test_a_calibration_that_does_not_repeat_itself_ranks_no_plans():
     """Two full-model runs through the calibration are compared before plans are (the profile's
     second run is one, at no cost): fresh noise every run, as an unseeded generator gives, would
