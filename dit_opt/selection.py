@@ -92,9 +92,8 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     :data:`~dit_opt.sensitivity.LONG_CACHE_BUDGET`), the finest uniform plan is also made at that
     age limit. Then, on ``module_problem`` if given (else ``problem``), under the forecast policy
     ``"always"``: the :data:`ALWAYS_RHYTHMS` dearest rhythms within the budget, filled and as they
-    are; and where
-    the problem has ``STEP`` errors, the dearest rhythms with ``STEP`` between their computes
-    (:data:`STEP_RHYTHMS` per order). A family that cannot meet the budget is left out. Every
+    are; and where the problem has ``STEP`` errors, the dearest rhythms with ``STEP`` between
+    their computes (:data:`STEP_RHYTHMS` per order). A family that cannot meet the budget is left out. Every
     plan's predicted error is that of its own problem (unweighted).
     """
     from dit_opt.errors import DitOptError
@@ -135,22 +134,20 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
         makers.append(lambda short=short, prefix=prefix: _renamed(fill(short, solve(short, "uniform")), prefix))
     # TaylorSeer's own policy: every cache read between computes a forecast (at the finest
     # granularity offered, of the order measured best), at the rhythms just within the budget,
-    # filled. (With order 1 only, as TaylorSeer's default, it was kept once in 15 reference-model
-    # budgets, and then measured worse on the evaluation. The rhythms just over the budget,
-    # trimmed by solvers.fill.trim, were measured too until the kept plan was one of them at none
-    # of the 45 reference-model budgets of BENCHMARKS.md steps 3b, 3d and 3e: an irregular gap
-    # costs these models more than the modelled trim says, and each was a calibration run.)
+    # each filled and as it is: the fill's extra computes break the rhythm's even spacing, which
+    # can cost more than they save (digits-mmdit at 0.2: interval 6 measured 35.63 dB at 0.200 of
+    # the FLOPs filled, 36.29 at 0.186 as it is; BENCHMARKS.md). (With order 1 only, as
+    # TaylorSeer's default, it was kept once in 15 reference-model budgets, and then measured
+    # worse on the evaluation. The rhythms just over the budget, trimmed by solvers.fill.trim,
+    # were measured too until the kept plan was one of them at none of the 45 reference-model
+    # budgets of BENCHMARKS.md steps 3b, 3d and 3e: an irregular gap costs these models more
+    # than the modelled trim says, and each was a calibration run.)
     rhythms = module_problem if module_problem is not None else problem
     always = replace(rhythms, forecast_policy="always")
     prefix = "module:always" if module_problem is not None else "always"
     if rhythms.e_forecast is not None:
-        def always_rhythms() -> list[Plan]:
-            dearest = uniform.dearest(always, ALWAYS_RHYTHMS)
-            # each also as it is: the fill's extra computes break the rhythm's even spacing,
-            # which can cost more than they save (digits-mmdit at 0.2: interval 6 measured 35.63
-            # dB at 0.200 of the FLOPs filled, 36.29 at 0.186 as it is; BENCHMARKS.md)
-            return [_renamed(q, prefix) for p in dearest for q in (fill(always, p), p)]
-        makers.append(always_rhythms)
+        makers.append(lambda: [_renamed(q, prefix) for p in uniform.dearest(always, ALWAYS_RHYTHMS)
+                               for q in (fill(always, p), p)])
     if rhythms.e_step is not None:
         # the same rhythms with the whole step forecast between computes (no unit and no glue
         # runs there: the model's output extrapolated), whose saved glue buys denser rhythms
