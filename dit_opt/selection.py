@@ -23,6 +23,12 @@ What is compared: the calibration's return value when it is a tensor (or a tuple
 tensors, or an object with an ``images`` tensor), e.g. the images a sampler returns: the
 closed-loop error of whole generations. Otherwise the transformer's outputs at every call are
 compared (for replayed trajectories this is open loop: each call sees the recorded inputs).
+How: per sample (each row along the first dimension), its relative squared error, and over the
+samples their geometric mean (:func:`sample_error`), i.e. the mean of the per-sample errors in
+dB, the statistic a per-image PSNR averages. The pooled error (:func:`relative_error`) is
+dominated by the worst few samples of a small calibration and ranks the candidates less like
+the evaluation does (``examples/selection_metric.py``: Spearman 0.93-0.99 against 0.99-1.00 on
+``digits-mmdit``).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from dit_opt.plan import ActionKind, Plan
 from dit_opt.sensitivity import SHORT_MAX_AGE
 
 __all__ = ["REPEAT_TOLERANCE", "Candidate", "candidate_plans", "is_repeatable", "measure_outputs", "relative_error",
-           "repeat_error", "select_plan", "step_rhythm_plans", "taylor_twin"]
+           "repeat_error", "sample_error", "select_plan", "step_rhythm_plans", "taylor_twin"]
 
 #: Largest relative error between two runs of the full model through a calibration for its
 #: comparisons of plans to be trusted (a repeatable calibration gives 0, or float noise; the
@@ -52,7 +58,8 @@ REPEAT_TOLERANCE = 1e-9
 
 @dataclass(frozen=True)
 class Candidate:
-    """One candidate plan and its measured error (relative squared error against the full model)."""
+    """One candidate plan and its measured error against the full model (:func:`sample_error`:
+    the geometric mean over the calibration's samples of their relative squared errors)."""
 
     plan: Plan
     error: float
@@ -228,6 +235,31 @@ def relative_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> 
     return num / max(den, 1e-30)
 
 
+def sample_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    """The geometric mean over samples of ``||got_i - ref_i||^2 / ||ref_i||^2``, a sample being a
+    row (along the first dimension) of one of the matching tensors, over the ranks of the active
+    process group (each with its share of them) as well. Its ``10 log10`` is the mean of the
+    samples' errors in dB, what a per-image PSNR averages; an exact sample counts as ``1e-30``.
+
+    Raises:
+        ValueError: the two runs produced different numbers or shapes of outputs.
+    """
+    if len(got) != len(ref) or any(g.shape != r.shape for g, r in zip(got, ref, strict=False)):
+        raise ValueError(f"the calibration returned {len(got)} outputs for the candidate and {len(ref)} for the "
+                         "full model (or other shapes); it must be deterministic to compare plans")
+    logs, count = 0.0, 0
+    for g, r in zip(got, ref, strict=True):
+        rows = max(1, r.shape[0]) if r.dim() else 1
+        num = (g.float() - r.float()).pow(2).reshape(rows, -1).sum(1).double()
+        den = r.float().pow(2).reshape(rows, -1).sum(1).double().clamp_min(1e-30)
+        logs += float((num / den).clamp_min(1e-30).log().sum())
+        count += rows
+    group = distributed.active()
+    if group is not None:  # each rank ran its share of the generations: the mean over all of them
+        logs, count = group.all_sum([logs, count]).tolist()
+    return float(np.exp(logs / max(count, 1)))
+
+
 def repeat_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
     """The relative error of a second run of the full model against the first (:func:`relative_error`),
     ``inf`` when the two runs returned different numbers or shapes of outputs."""
@@ -250,7 +282,8 @@ def select_plan(
     build: Callable[[Plan], nn.Module],
     reference: list[torch.Tensor] | None = None,
 ) -> tuple[Plan, list[Candidate]]:
-    """The plan among ``plans`` whose outputs on ``calibration`` are closest to ``model``'s.
+    """The plan among ``plans`` whose outputs on ``calibration`` are closest to ``model``'s
+    (least :func:`sample_error`).
 
     Args:
         model: the full model (the reference).
@@ -266,7 +299,7 @@ def select_plan(
     ref = measure_outputs(calibration, model) if reference is None else reference
 
     def score(plan: Plan) -> Candidate:
-        return Candidate(plan, relative_error(measure_outputs(calibration, build(plan)), ref))
+        return Candidate(plan, sample_error(measure_outputs(calibration, build(plan)), ref))
 
     scored = [score(plan) for plan in plans]
     best = min(scored, key=lambda c: c.error)

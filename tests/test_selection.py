@@ -11,7 +11,7 @@ import torch
 import dit_opt
 from dit_opt.errors import ConfigError
 from dit_opt.plan import ActionKind
-from dit_opt.selection import relative_error, select_plan
+from dit_opt.selection import relative_error, sample_error, select_plan
 from solvers import solve
 
 STEPS = 8
@@ -121,6 +121,22 @@ def test_relative_error_needs_matching_outputs():
     assert relative_error([torch.zeros(2, 3)], a) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="deterministic"):
         relative_error(a, [torch.ones(2, 4)])
+
+
+def test_sample_error_is_the_geometric_mean_of_the_samples_errors():
+    ref = [torch.ones(4, 3)]
+    # one sample far off, the others a little: pooled, the far one decides; per sample, all count
+    one_bad = [torch.ones(4, 3) + torch.tensor([[1.0], [0.0], [0.0], [0.0]])]
+    all_a_little = [torch.ones(4, 3) + 0.1]
+    assert relative_error(one_bad, ref) > relative_error(all_a_little, ref)
+    assert sample_error(one_bad, ref) < sample_error(all_a_little, ref)
+    assert sample_error(all_a_little, ref) == pytest.approx(0.01)
+    # rows of every tensor are samples; an exact sample counts as 1e-30, not as zero
+    got = [torch.ones(2, 3) * 1.1, torch.ones(2, 5)]
+    assert sample_error(got, [torch.ones(2, 3), torch.ones(2, 5)]) == pytest.approx((0.01 ** 2 * 1e-30 ** 2) ** 0.25)
+    assert sample_error(ref, ref) == pytest.approx(1e-30)
+    with pytest.raises(ValueError, match="deterministic"):
+        sample_error(ref, [torch.ones(4, 4)])
 
 
 def test_weighted_problem_scales_errors_per_step(tiny):
