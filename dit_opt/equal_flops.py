@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["EnvelopePoint", "envelope_at", "compare", "comparison_table"]
+__all__ = ["EnvelopePoint", "envelope_at", "compare", "comparison_table", "quality_table"]
 
 #: rows that are not peers: the reference and dit-opt's own plans.
 NOT_PEERS = ("full model", "dit-opt (cpsat)")
@@ -40,10 +40,15 @@ class EnvelopePoint:
     Attributes:
         psnr: the envelope's PSNR (nan where no peer covers the fraction).
         source: the peer and setting(s) it comes from, e.g. ``"MagCache threshold=0.15..0.6"``.
+        accuracy: class accuracy there: the source point's, or along its chord, interpolated
+            with the PSNR's weights (nan where the rows have none).
+        frechet: Frechet distance there, the same way.
     """
 
     psnr: float
     source: str
+    accuracy: float = float("nan")
+    frechet: float = float("nan")
 
 
 def _finite(r: Any) -> bool:
@@ -72,15 +77,26 @@ def envelope_at(rows: Iterable[Any], x: float, baselines: bool = True) -> Envelo
     for peer, pts in by_peer.items():
         pts = sorted(pts, key=lambda r: (r.flop_fraction, -r.psnr))
         # a cheaper (or equal) point of this peer: the user takes it as it is
-        cands += [EnvelopePoint(r.psnr, f"{peer} {r.setting}") for r in pts if r.flop_fraction <= x + 1e-9]
+        cands += [EnvelopePoint(r.psnr, f"{peer} {r.setting}", *_quality(r, r, 0.0))
+                  for r in pts if r.flop_fraction <= x + 1e-9]
         below = [r for r in pts if r.flop_fraction < x]
         above = [r for r in pts if r.flop_fraction > x]
         for lo in below:  # every chord across x: their maximum is the upper envelope there
             for hi in above:
                 w = (x - lo.flop_fraction) / (hi.flop_fraction - lo.flop_fraction)
-                cands.append(EnvelopePoint(lo.psnr + w * (hi.psnr - lo.psnr), f"{peer} {lo.setting}..{hi.setting}"))
+                cands.append(EnvelopePoint(lo.psnr + w * (hi.psnr - lo.psnr), f"{peer} {lo.setting}..{hi.setting}",
+                                           *_quality(lo, hi, w)))
     # first of the best wins ties, as before: peers in the order of their rows
     return max(cands, key=lambda c: c.psnr, default=EnvelopePoint(float("nan"), ""))
+
+
+def _quality(lo: Any, hi: Any, w: float) -> tuple[float, float]:
+    """Class accuracy and Frechet distance ``w`` of the way from row ``lo`` to row ``hi``."""
+    def at(name: str) -> float:
+        a, b = getattr(lo, name, float("nan")), getattr(hi, name, float("nan"))
+        return a + w * (b - a) if w else a
+
+    return at("accuracy"), at("frechet")
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,8 @@ class Comparison:
     psnr: float
     tools: EnvelopePoint
     envelope: EnvelopePoint
+    accuracy: float = float("nan")
+    frechet: float = float("nan")
 
     @property
     def margin(self) -> float:
@@ -108,7 +126,7 @@ def compare(rows: Sequence[Any], method: str = "dit-opt (cpsat)") -> list[Compar
     """Every ``method`` row among ``rows`` (one model's) against the peers' envelope, by budget."""
     mine = sorted((r for r in rows if r.method == method and _finite(r)), key=lambda r: -(r.target or 0.0))
     return [Comparison(r.target, r.flop_fraction, r.psnr, envelope_at(rows, r.flop_fraction, baselines=False),
-                       envelope_at(rows, r.flop_fraction)) for r in mine]
+                       envelope_at(rows, r.flop_fraction), *_quality(r, r, 0.0)) for r in mine]
 
 
 def comparison_table(rows: Sequence[Any], method: str = "dit-opt (cpsat)") -> list[str]:
@@ -124,4 +142,24 @@ def comparison_table(rows: Sequence[Any], method: str = "dit-opt (cpsat)") -> li
     for c in compare(rows, method):
         out.append(f"| {c.budget} | {c.flop_fraction:.3f} | {c.psnr:.2f} | {cell(c.tools, c.psnr)} | "
                    f"{cell(c.envelope, c.psnr)} |")
+    return out
+
+
+def quality_table(rows: Sequence[Any], method: str = "dit-opt (cpsat)") -> list[str]:
+    """Markdown lines: per budget, dit-opt's class accuracy and Frechet distance beside the tools'
+    envelope's at the same FLOP fraction (the point or chord that gives its PSNR, interpolated
+    with the same weights), and whether dit-opt's are no worse."""
+    out = ["| budget | FLOP fraction | dit-opt class acc. | envelope's | dit-opt Frechet dist. | envelope's | "
+           "no worse |", "|---|---|---|---|---|---|---|"]
+    for c in compare(rows, method):
+        env = c.tools
+        if not math.isfinite(env.psnr):
+            out.append(f"| {c.budget} | {c.flop_fraction:.3f} | {c.accuracy:.0%} | - | {c.frechet:.2f} | - | - |")
+            continue
+        acc_ok = c.accuracy >= env.accuracy - 1e-9 if math.isfinite(env.accuracy) else None
+        fd_ok = c.frechet <= env.frechet + 1e-9 if math.isfinite(env.frechet) else None
+        verdict = ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in (("accuracy", acc_ok),
+                            ("Frechet", fd_ok)) if ok is not None) or "-"
+        out.append(f"| {c.budget} | {c.flop_fraction:.3f} | {c.accuracy:.0%} | {env.accuracy:.0%} | "
+                   f"{c.frechet:.2f} | {env.frechet:.2f} | {verdict} |")
     return out

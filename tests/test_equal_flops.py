@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dit_opt.equal_flops import compare, comparison_table, envelope_at
+from dit_opt.equal_flops import compare, comparison_table, envelope_at, quality_table
 
 
 def row(method, flops, psnr, setting="s", target=None):
@@ -111,3 +111,24 @@ def test_benchmark_report_carries_the_equal_flops_table(tmp_path):
     merged = benchmark.main(["--merge", str(saved), str(third), "--out", str(out), "--figure", str(tmp_path / "f.png")])
     assert [(r.setting, r.psnr) for r in merged] == [("20 steps", math.inf), ("budget 0.5", 30.0), ("x=1", 20.0),
                                                      ("x=2", 25.0), ("x=3", 24.0)]
+
+
+def test_the_envelopes_class_accuracy_and_frechet_follow_its_psnr():
+    """At a FLOP fraction the envelope's quality figures are those of the point or chord that
+    gives its PSNR, interpolated with the same weights; dit-opt's are set beside them."""
+    def q(method, flops, psnr, acc, fd, setting="s", target=None):
+        return SimpleNamespace(method=method, setting=setting, flop_fraction=flops, psnr=psnr, target=target,
+                               accuracy=acc, frechet=fd)
+
+    rows = [q("diffusers P", 0.2, 20.0, 0.8, 200.0, "a"), q("diffusers P", 0.6, 28.0, 1.0, 100.0, "b"),
+            q("dit-opt (cpsat)", 0.3, 30.0, 0.95, 130.0, target=0.3)]
+    env = envelope_at(rows, 0.3)
+    assert env.source == "diffusers P a..b"
+    assert env.accuracy == 0.85 and env.frechet == 175.0
+    assert envelope_at(rows, 0.9).frechet == 100.0  # the dearest point as it is
+    (line,) = quality_table(rows)[2:]
+    assert "| 0.3 | 0.300 | 95% | 85% | 130.00 | 175.00 | accuracy yes, Frechet yes |" == line
+    rows[2] = q("dit-opt (cpsat)", 0.3, 30.0, 0.8, 180.0, target=0.3)
+    assert quality_table(rows)[2].endswith("| accuracy no, Frechet no |")
+    # rows without the figures (older files): nothing invented
+    assert math.isnan(envelope_at([row("diffusers P", 0.2, 20.0)], 0.3).accuracy)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dit_opt.bench import machine
 from dit_opt.benchmark.config import _CALIBRATION_SEED, _EVAL_SEED, BenchConfig, Row
-from dit_opt.equal_flops import compare, comparison_table, envelope_at
+from dit_opt.equal_flops import compare, comparison_table, envelope_at, quality_table
 
 
 def _num(x: float | None, spec: str) -> str:
@@ -162,6 +162,10 @@ def write_report(rows: Sequence[Row], cfg: BenchConfig, path: str | Path, comman
                   "at the same FLOP fraction (each one's points joined linearly, a cheaper better point counted "
                   "as it is, no extrapolation below its cheapest; `dit_opt.equal_flops`):", ""]
         lines += comparison_table(mine) + [""]
+        lines += ["Class accuracy and Frechet distance at the same points: dit-opt's against the tools' envelope's "
+                  "(the peer point or chord that gives the envelope's PSNR there, interpolated the same way; "
+                  "with this few samples the Frechet distance moves by several units from noise alone):", ""]
+        lines += quality_table(mine) + [""]
     if figure:
         lines += [f"![PSNR against FLOP fraction]({figure})", ""]
     lines += ["## Does dit-opt at budget 0.5 beat every method at a FLOP fraction <= 0.5?", ""]
