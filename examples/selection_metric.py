@@ -7,11 +7,12 @@ calibration images, and measures each candidate on the evaluation (20 images, se
 budget it prints every candidate with two calibration scores: the pooled relative squared error
 (``sum ||x - ref||^2 / sum ||ref||^2``, :func:`dit_opt.selection.relative_error`) and the
 per-sample one (the mean over samples of their relative errors in dB, the statistic a per-image
-PSNR averages: :func:`dit_opt.selection.sample_error`, by which ``optimize`` ranks). Then which
-candidate each score keeps, with its evaluation PSNR, and how well each ranks the candidates
-against the evaluation.
+PSNR averages: :func:`dit_opt.selection.sample_error`); ``optimize`` ranks by the first. Then
+which candidate each score keeps, with its evaluation PSNR, and how well each ranks the
+candidates against the evaluation (``docs/solvers.md`` has the figures).
 
     python examples/selection_metric.py --model digits-mmdit --budgets 0.7 0.5 0.35 0.25 0.2 --threads 1
+    python examples/selection_metric.py --model crops-pixart --samples 8 --calibration-samples 4
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ def main() -> None:
     parser.add_argument("--model", default="digits-mmdit", choices=zoo.available())
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.35, 0.25, 0.2])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=20, help="evaluation samples (the benchmark's --samples)")
+    parser.add_argument("--calibration-samples", type=int, default=10, help="the benchmark's --calibration-samples")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     sampler = zoo.load(args.model)
     model = sampler.transformer
-    calibration = sampling(sampler, 10, seed=1000, reset=True)
-    evaluation = sampling(sampler, 20, seed=0, reset=True)
+    calibration = sampling(sampler, args.calibration_samples, seed=1000, reset=True)
+    evaluation = sampling(sampler, args.samples, seed=0, reset=True)
     prof = dit_opt.profile(model, calibration, probes=0, progress=False)
     full = evaluation(model)
     for budget in args.budgets:
