@@ -77,7 +77,7 @@ def envelope_at(rows: Iterable[Any], x: float, baselines: bool = True) -> Envelo
     for peer, pts in by_peer.items():
         pts = sorted(pts, key=lambda r: (r.flop_fraction, -r.psnr))
         # a cheaper (or equal) point of this peer: the user takes it as it is
-        cands += [EnvelopePoint(r.psnr, f"{peer} {r.setting}", *_quality(r, r, 0.0))
+        cands += [EnvelopePoint(r.psnr, f"{peer} {r.setting}", *_quality(r))
                   for r in pts if r.flop_fraction <= x + 1e-9]
         below = [r for r in pts if r.flop_fraction < x]
         above = [r for r in pts if r.flop_fraction > x]
@@ -90,11 +90,12 @@ def envelope_at(rows: Iterable[Any], x: float, baselines: bool = True) -> Envelo
     return max(cands, key=lambda c: c.psnr, default=EnvelopePoint(float("nan"), ""))
 
 
-def _quality(lo: Any, hi: Any, w: float) -> tuple[float, float]:
-    """Class accuracy and Frechet distance ``w`` of the way from row ``lo`` to row ``hi``."""
+def _quality(lo: Any, hi: Any = None, w: float = 0.0) -> tuple[float, float]:
+    """Class accuracy and Frechet distance of row ``lo``, or ``w`` of the way from it to row ``hi``
+    (nan where a row has none)."""
     def at(name: str) -> float:
-        a, b = getattr(lo, name, float("nan")), getattr(hi, name, float("nan"))
-        return a + w * (b - a) if w else a
+        a = getattr(lo, name, float("nan"))
+        return a if hi is None else a + w * (getattr(hi, name, float("nan")) - a)
 
     return at("accuracy"), at("frechet")
 
@@ -126,7 +127,7 @@ def compare(rows: Sequence[Any], method: str = "dit-opt (cpsat)") -> list[Compar
     """Every ``method`` row among ``rows`` (one model's) against the peers' envelope, by budget."""
     mine = sorted((r for r in rows if r.method == method and _finite(r)), key=lambda r: -(r.target or 0.0))
     return [Comparison(r.target, r.flop_fraction, r.psnr, envelope_at(rows, r.flop_fraction, baselines=False),
-                       envelope_at(rows, r.flop_fraction), *_quality(r, r, 0.0)) for r in mine]
+                       envelope_at(rows, r.flop_fraction), *_quality(r)) for r in mine]
 
 
 def comparison_table(rows: Sequence[Any], method: str = "dit-opt (cpsat)") -> list[str]:

@@ -22,21 +22,13 @@ import warnings
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 import dit_opt
 from dit_opt import metrics, zoo
 from dit_opt.bench import sampling
 from dit_opt.calibration import returned_tensors
 from dit_opt.selection import relative_error, sample_error
-
-
-def ranks(values: list[float]) -> np.ndarray:
-    return np.argsort(np.argsort(values)).astype(float)
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Rank correlation of ``a`` and ``b`` (no ties expected)."""
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def main() -> None:
@@ -79,10 +71,11 @@ def main() -> None:
         by_pooled, by_sample = min(rows, key=lambda r: r[1]), min(rows, key=lambda r: r[2])
         best = max(rows, key=lambda r: r[3])
         psnrs = [-r[3] for r in rows]
+        pooled_rho, sample_rho = (spearmanr([r[i] for r in rows], psnrs).statistic for i in (1, 2))
         print(f"\nkept by the pooled error: {by_pooled[0]} ({by_pooled[3]:.2f} dB); by the per-sample error: "
               f"{by_sample[0]} ({by_sample[3]:.2f} dB); the evaluation's best: {best[0]} ({best[3]:.2f} dB). "
-              f"Rank correlation with the evaluation (Spearman): pooled {spearman([r[1] for r in rows], psnrs):.2f}, "
-              f"per-sample {spearman([r[2] for r in rows], psnrs):.2f}", flush=True)
+              f"Rank correlation with the evaluation (Spearman): pooled {pooled_rho:.2f}, per-sample {sample_rho:.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":
