@@ -10,6 +10,9 @@ change whose modelled error saved per FLOP is largest, counting what it does to 
 cache reads and forecasts (errors add up over units, so each candidate is scored on its own
 unit's column). The result keeps the
 schedule's rhythm and uses the budget; :mod:`dit_opt.selection` then measures whether it pays.
+:func:`fill_tail` spends it the other way: every unit computes at the last steps, as many as
+fit, and the rhythm stays regular up to them (the fill's extra computes break its even spacing,
+which forecasts of order 2 and 3 pay for).
 
 Example:
     >>> from solvers.fill import fill
@@ -24,7 +27,7 @@ from typing import Any
 from dit_opt.plan import COMPUTE, REUSE, ActionKind, Plan, after_step
 from solvers.problem import Problem
 
-__all__ = ["fill", "trim"]
+__all__ = ["fill", "fill_tail", "trim"]
 
 
 def fill(problem: Problem, plan: Plan, name: str | None = None) -> Plan:
@@ -64,6 +67,41 @@ def fill(problem: Problem, plan: Plan, name: str | None = None) -> Plan:
         return plan
     grid = [[columns[u][t] for u in range(U)] for t in range(T)]
     return problem.to_plan(grid, name or f"{plan.solver}+fill", plan.status,
+                           plan.wall_time_s + time.perf_counter() - start, plan.gap)
+
+
+def fill_tail(problem: Problem, plan: Plan, name: str | None = None) -> Plan:
+    """``plan`` with every unit computing at its last steps, as many as fit the budget (from the
+    last step back), its cache reads' forecasts chosen again for the new spacing.
+
+    On ``digits-mmdit`` at budget 0.7, TaylorSeer's interval 2 (warm-up 3) with its unspent FLOPs
+    spent on the last 7 steps measures 61.15 dB on the benchmark's evaluation, against 59.72 for
+    the same rhythm filled by :func:`fill` (``examples/rhythm_tails.py``).
+
+    Args:
+        problem: the problem ``plan`` was made for (its budget is the one filled up to).
+        plan: a plan of ``problem``.
+        name: the solver name of the result (default ``"<plan's solver>+tail"``).
+
+    Returns:
+        The plan with its full tail; ``plan`` itself (same object) when not one more step fits.
+    """
+    start = time.perf_counter()
+    T, U = problem.num_steps, len(problem.units)
+    grid = [[REUSE if a.kind is ActionKind.FORECAST else a for a in row] for row in plan.actions]
+    tail = T
+    while tail > 1:
+        row = [COMPUTE] * U
+        if all(a.kind is ActionKind.COMPUTE for a in grid[tail - 1]):
+            tail -= 1
+            continue
+        trial = [*grid[:tail - 1], row, *grid[tail:]]
+        if not problem.is_within_budget(problem.evaluate(problem.with_forecasts(trial))[0]):
+            break
+        grid, tail = trial, tail - 1
+    if [list(r) for r in grid] == [[REUSE if a.kind is ActionKind.FORECAST else a for a in r] for r in plan.actions]:
+        return plan
+    return problem.to_plan(problem.with_forecasts(grid), name or f"{plan.solver}+tail", plan.status,
                            plan.wall_time_s + time.perf_counter() - start, plan.gap)
 
 

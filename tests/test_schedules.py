@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from dit_opt.errors import ConfigError, InfeasibleBudgetError
 from dit_opt.plan import COMPUTE, REUSE, ActionKind, Unit
 from solvers import solve
-from solvers.fill import _Column, fill
+from solvers.fill import _Column, fill, fill_tail
 from solvers.problem import Problem
 from solvers.uniform import dearest, schedule
 
@@ -96,6 +96,35 @@ def test_fill_leaves_a_full_plan_alone():
     p = _problem(budget=1.0)
     plan = solve(p, "uniform", warmup=0, interval=1)
     assert fill(p, plan) is plan
+
+
+@pytest.mark.parametrize("budget", [0.45, 0.6, 0.8])
+def test_fill_tail_computes_the_last_steps_in_full_and_keeps_the_rhythm_before(budget):
+    p = _problem(budget=budget, T=16)
+    start = solve(p, "uniform", warmup=1, interval=4)
+    tailed = fill_tail(p, start)
+    assert tailed.solver == start.solver + "+tail"
+    assert start.predicted_flops < tailed.predicted_flops <= budget * p.full_flops
+    full = [all(a.kind is ActionKind.COMPUTE for a in row) for row in tailed.actions]
+    first = next(t for t in range(p.num_steps) if all(full[t:]))
+    # every step from the tail's first on computes; before it, the rhythm's computes as they were
+    assert first < p.num_steps - 1
+    for t in range(first):
+        assert [a.kind is ActionKind.COMPUTE for a in tailed.actions[t]] == \
+            [a.kind is ActionKind.COMPUTE for a in start.actions[t]]
+    # one more step in full would not fit the budget
+    if first > 1 and not full[first - 1]:
+        more = [list(r) for r in tailed.actions]
+        more[first - 1] = [COMPUTE] * len(p.units)
+        assert p.evaluate(p.with_forecasts([[REUSE if a.kind is ActionKind.FORECAST else a for a in r]
+                                            for r in more]))[0] > budget * p.full_flops
+    assert fill_tail(p, tailed) is tailed
+
+
+def test_fill_tail_leaves_a_full_plan_alone():
+    p = _problem(budget=1.0)
+    plan = solve(p, "uniform", warmup=0, interval=1)
+    assert fill_tail(p, plan) is plan
 
 
 def test_dearest_rhythms_spend_the_most_one_per_interval():

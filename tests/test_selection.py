@@ -195,7 +195,7 @@ def test_the_dearest_always_rhythms_are_measured_as_they_are_and_filled(tiny):
 
     from dit_opt.selection import ALWAYS_RHYTHMS, candidate_plans
     from solvers import uniform
-    from solvers.fill import fill
+    from solvers.fill import fill, fill_tail
 
     _, _, prof = tiny
     problem, module = prof.to_problem(0.35), prof.to_problem(0.35, granularity="module")
@@ -210,6 +210,20 @@ def test_the_dearest_always_rhythms_are_measured_as_they_are_and_filled(tiny):
         assert named[p.units, p.actions].startswith("module:")
         assert named[filled.units, filled.actions].startswith("module:")
     assert named[dearest[0].units, dearest[0].actions] == f"module:always:{dearest[0].solver}"
+    # the dearest one also with a full tail, where one more step in full fits the budget (on
+    # these 8 steps: above the dearest interval-2 rhythm, with warm-up 4, at 0.77)
+    tailed_at = []
+    for budget in (0.9, 0.95):
+        at = dataclasses.replace(prof.to_problem(budget, granularity="module"), forecast_policy="always")
+        first = uniform.dearest(at, ALWAYS_RHYTHMS)[0]
+        tailed = fill_tail(at, first)
+        if tailed is not first:
+            found = candidate_plans(prof.to_problem(budget), solve(prof.to_problem(budget), "fora"),
+                                    module_problem=prof.to_problem(budget, granularity="module"))
+            assert {(p.units, p.actions): p.solver for p in found}[tailed.units, tailed.actions] == \
+                f"module:always:{first.solver}+tail"
+            tailed_at.append(budget)
+    assert tailed_at
     assert not any(p.solver.startswith("uniform(") for p in plans)
     block = candidate_plans(problem, solve(problem, "fora"))
     assert any(p.solver.startswith("uniform(") for p in block)
