@@ -99,7 +99,8 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     :data:`~dit_opt.sensitivity.LONG_CACHE_BUDGET`), the finest uniform plan is also made at that
     age limit. Then, on ``module_problem`` if given (else ``problem``), under the forecast policy
     ``"always"``: the :data:`ALWAYS_RHYTHMS` dearest rhythms within the budget, filled and as they
-    are (the :data:`TAIL_RHYTHMS` dearest also with a full tail, :func:`solvers.fill.fill_tail`); and where the problem has ``STEP`` errors, the dearest rhythms with ``STEP`` between
+    are (the :data:`TAIL_RHYTHMS` dearest also with a full tail, :func:`solvers.fill.fill_tail`);
+    and where the problem has ``STEP`` errors, the dearest rhythms with ``STEP`` between
     their computes (:data:`STEP_RHYTHMS` per order). A family that cannot meet the budget is left out. Every
     plan's predicted error is that of its own problem (unweighted).
     """

@@ -85,7 +85,8 @@ def main() -> None:
               f"{metrics.psnr(images, full):.2f} |", flush=True)
 
     print(f"### {args.model}, budget {args.budget}\n")
-    print("| plan | FLOP fraction | pooled error | per-sample error (dB) | calibration PSNR (dB) | evaluation PSNR (dB) |")
+    print("| plan | FLOP fraction | pooled error | per-sample error (dB) | calibration PSNR (dB) | "
+          "evaluation PSNR (dB) |")
     print("|---|---|---|---|---|---|")
     kept = dit_opt.optimize(model, args.budget, calibration=prof, compile=False, progress=False,
                             example_inputs=sampler.example_inputs(batch_size=2 * len(eval_labels)),
