@@ -77,7 +77,8 @@ LATE_WEIGHTS = (16.0,)
 UNIFORM_RHYTHMS = 3
 #: How many of them are measured again under TaylorSeer's policy (a forecast at every cache read).
 ALWAYS_RHYTHMS = 2
-#: How many of those are also measured with their unspent budget on a full tail (:func:`solvers.fill.fill_tail`).
+#: How many of those are measured with their unspent budget on a full tail (:func:`solvers.fill.fill_tail`)
+#: in place of as they are, where one more step in full fits the budget.
 TAIL_RHYTHMS = 1
 #: How many rhythms are measured with whole step forecasts (``STEP``) between their computes, per
 #: order (one order throughout a plan: the calibration ranks the orders, the modelled error not).
@@ -99,7 +100,8 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     :data:`~dit_opt.sensitivity.LONG_CACHE_BUDGET`), the finest uniform plan is also made at that
     age limit. Then, on ``module_problem`` if given (else ``problem``), under the forecast policy
     ``"always"``: the :data:`ALWAYS_RHYTHMS` dearest rhythms within the budget, filled and as they
-    are (the :data:`TAIL_RHYTHMS` dearest also with a full tail, :func:`solvers.fill.fill_tail`);
+    are (the :data:`TAIL_RHYTHMS` dearest with a full tail instead, where one fits:
+    :func:`solvers.fill.fill_tail`);
     and where the problem has ``STEP`` errors, the dearest rhythms with ``STEP`` between
     their computes (:data:`STEP_RHYTHMS` per order). A family that cannot meet the budget is left out. Every
     plan's predicted error is that of its own problem (unweighted).
@@ -154,11 +156,13 @@ def candidate_plans(problem: Any, main: Plan, solve_main: Callable[[Any], Plan] 
     always = replace(rhythms, forecast_policy="always")
     prefix = "module:always" if module_problem is not None else "always"
     if rhythms.e_forecast is not None:
-        # the dearest TAIL_RHYTHMS of them also with their unspent FLOPs on a full tail instead
-        # (solvers.fill.fill_tail: the rhythm stays regular; digits-mmdit at 0.7: 61.15 dB
-        # against 59.72 for the plan kept without it, examples/rhythm_tails.py)
+        # the dearest TAIL_RHYTHMS of them with their unspent FLOPs on a full tail in place of
+        # the plan as it is, where one more step in full fits (solvers.fill.fill_tail: the rhythm
+        # stays regular; digits-mmdit at 0.7: 60.88 dB against 59.72 for the plan kept without
+        # it, BENCHMARKS.md step 3g; as they were, these rhythms were kept only where no step
+        # more fits, and each candidate costs a calibration run)
         makers.append(lambda: [_renamed(q, prefix) for i, p in enumerate(uniform.dearest(always, ALWAYS_RHYTHMS))
-                               for q in (fill(always, p), p, *([fill_tail(always, p)] if i < TAIL_RHYTHMS else []))])
+                               for q in (fill(always, p), fill_tail(always, p) if i < TAIL_RHYTHMS else p)])
     if rhythms.e_step is not None:
         # the same rhythms with the whole step forecast between computes (no unit and no glue
         # runs there: the model's output extrapolated), whose saved glue buys denser rhythms

@@ -190,7 +190,8 @@ def test_low_budgets_also_measure_the_uniform_rule_within_the_short_age_limit(ti
 
 def test_the_dearest_always_rhythms_are_measured_as_they_are_and_filled(tiny):
     """TaylorSeer's policy at the dearest rhythms within the budget: candidates both as they are
-    (even spacing) and filled; with module-level candidates no block-level rhythm is made."""
+    (even spacing) and filled, the dearest with a full tail in place of as it is where one
+    fits; with module-level candidates no block-level rhythm is made."""
     import dataclasses
 
     from dit_opt.selection import ALWAYS_RHYTHMS, candidate_plans
@@ -210,7 +211,7 @@ def test_the_dearest_always_rhythms_are_measured_as_they_are_and_filled(tiny):
         assert named[p.units, p.actions].startswith("module:")
         assert named[filled.units, filled.actions].startswith("module:")
     assert named[dearest[0].units, dearest[0].actions] == f"module:always:{dearest[0].solver}"
-    # the dearest one also with a full tail, where one more step in full fits the budget (on
+    # the dearest one with a full tail in place of as it is, where one more step in full fits (on
     # these 8 steps: above the dearest interval-2 rhythm, with warm-up 4, at 0.77)
     tailed_at = []
     for budget in (0.9, 0.95):
@@ -220,8 +221,9 @@ def test_the_dearest_always_rhythms_are_measured_as_they_are_and_filled(tiny):
         if tailed is not first:
             found = candidate_plans(prof.to_problem(budget), solve(prof.to_problem(budget), "fora"),
                                     module_problem=prof.to_problem(budget, granularity="module"))
-            assert {(p.units, p.actions): p.solver for p in found}[tailed.units, tailed.actions] == \
-                f"module:always:{first.solver}+tail"
+            named = {(p.units, p.actions): p.solver for p in found}
+            assert named[tailed.units, tailed.actions] == f"module:always:{first.solver}+tail"
+            assert (first.units, first.actions) not in named  # in place of the rhythm as it is
             tailed_at.append(budget)
     assert tailed_at
     assert not any(p.solver.startswith("uniform(") for p in plans)
