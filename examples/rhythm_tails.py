@@ -20,7 +20,6 @@ evaluation's PSNR (mean over images, as the benchmark reports it).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import warnings
 
@@ -29,8 +28,7 @@ import torch
 
 import dit_opt
 from dit_opt import metrics, zoo
-from dit_opt.bench import with_transformer
-from dit_opt.plan import COMPUTE, REUSE
+from dit_opt.bench import rhythm_study
 from dit_opt.selection import measure_outputs, relative_error, sample_error
 from solvers import uniform
 
@@ -62,49 +60,37 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
-    sampler = zoo.load(args.model)
-    model = sampler.transformer
-    cal_labels, eval_labels = sampler.labels(10), sampler.labels(20)
-
-    def calibration(module):
-        return with_transformer(sampler, module, class_labels=cal_labels, seed=1000)
-
-    prof = dit_opt.profile(model, calibration, probes=0, progress=False)
-    ref = measure_outputs(calibration, model)
-    full = with_transformer(sampler, model, class_labels=eval_labels, seed=0)
-    problem = dataclasses.replace(prof.to_problem(args.budget, granularity="module"), forecast_policy="always")
-    steps = problem.num_steps
-    reuse = problem.menu_index(REUSE)
+    study = rhythm_study(args.model, args.budget)
+    problem, ref = study.problem, study.reference
+    calibration_images = ref[0] if len(ref) == 1 else torch.cat(ref)
 
     def row(label: str, module) -> None:
-        cal = measure_outputs(calibration, module)
-        module.reset()
-        images = with_transformer(sampler, module, class_labels=eval_labels, seed=0)
+        cal = measure_outputs(study.calibration, module)
+        psnr = metrics.psnr(study.evaluation(module), study.full)
         print(f"| {label} | {module.plan.flop_fraction:.3f} | {relative_error(cal, ref):.3g} | "
-              f"{10 * math.log10(sample_error(cal, ref)):.2f} | {metrics.psnr(torch.cat(cal), torch.cat(ref)):.2f} | "
-              f"{metrics.psnr(images, full):.2f} |", flush=True)
+              f"{10 * math.log10(sample_error(cal, ref)):.2f} | "
+              f"{metrics.psnr(cal[0] if len(cal) == 1 else torch.cat(cal), calibration_images):.2f} | "
+              f"{psnr:.2f} |", flush=True)
 
     print(f"### {args.model}, budget {args.budget}\n")
     print("| plan | FLOP fraction | pooled error | per-sample error (dB) | calibration PSNR (dB) | "
           "evaluation PSNR (dB) |")
     print("|---|---|---|---|---|---|")
-    kept = dit_opt.optimize(model, args.budget, calibration=prof, compile=False, progress=False,
-                            example_inputs=sampler.example_inputs(batch_size=2 * len(eval_labels)),
-                            select=calibration, granularity="auto")
+    kept = dit_opt.optimize(study.model, args.budget, calibration=study.profile, compile=False, progress=False,
+                            example_inputs=study.sampler.example_inputs(batch_size=40),  # the evaluation's CFG batch
+                            select=study.calibration, granularity="auto")
     row(f"kept by optimize: {kept.plan.solver}", kept)
+    steps = problem.num_steps
     for computes in range(int(args.budget * steps), 0, -1):
         found = False
         for label, mask in masks(steps, computes).items():
-            grid = [[COMPUTE if mask[t] or not problem.allowed[t, u, reuse] else REUSE
-                     for u in range(len(problem.units))] for t in range(steps)]
             try:
-                plan = problem.to_plan(problem.with_forecasts(grid), label, "HEURISTIC", 0.0)
+                plan = problem.to_plan(problem.with_forecasts(study.cells(mask)), label, "HEURISTIC", 0.0)
             except ValueError:  # over the budget
                 continue
-            if problem.is_within_budget(plan.predicted_flops):
-                found = True
-                row(f"{label} ({computes} computes)", dit_opt.OptimizedTransformer(model, plan, profile=prof,
-                                                                                   compile=False))
+            found = True
+            row(f"{label} ({computes} computes)", dit_opt.OptimizedTransformer(study.model, plan,
+                                                                               profile=study.profile, compile=False))
         if found:
             break
 
