@@ -62,14 +62,12 @@ def main() -> None:
     warnings.simplefilter("ignore")
     study = rhythm_study(args.model, args.budget)
     problem, ref = study.problem, study.reference
-    calibration_images = ref[0] if len(ref) == 1 else torch.cat(ref)
 
     def row(label: str, module) -> None:
         cal = measure_outputs(study.calibration, module)
         psnr = metrics.psnr(study.evaluation(module), study.full)
         print(f"| {label} | {module.plan.flop_fraction:.3f} | {relative_error(cal, ref):.3g} | "
-              f"{10 * math.log10(sample_error(cal, ref)):.2f} | "
-              f"{metrics.psnr(cal[0] if len(cal) == 1 else torch.cat(cal), calibration_images):.2f} | "
+              f"{10 * math.log10(sample_error(cal, ref)):.2f} | {metrics.psnr(torch.cat(cal), torch.cat(ref)):.2f} | "
               f"{psnr:.2f} |", flush=True)
 
     print(f"### {args.model}, budget {args.budget}\n")

@@ -87,19 +87,17 @@ def fill_tail(problem: Problem, plan: Plan, name: str | None = None) -> Plan:
         The plan with its full tail; ``plan`` itself (same object) when not one more step fits.
     """
     start = time.perf_counter()
-    T, U = problem.num_steps, len(problem.units)
-    grid = [[REUSE if a.kind is ActionKind.FORECAST else a for a in row] for row in plan.actions]
-    tail = T
-    while tail > 1:
-        row = [COMPUTE] * U
-        if all(a.kind is ActionKind.COMPUTE for a in grid[tail - 1]):
-            tail -= 1
+    plain = [[REUSE if a.kind is ActionKind.FORECAST else a for a in row] for row in plan.actions]
+    grid, tail = plain, problem.num_steps
+    while tail > 1:  # from the last step back, while one more step in full fits
+        tail -= 1
+        if all(a.kind is ActionKind.COMPUTE for a in grid[tail]):
             continue
-        trial = [*grid[:tail - 1], row, *grid[tail:]]
+        trial = [*grid[:tail], [COMPUTE] * len(problem.units), *grid[tail + 1:]]
         if not problem.is_within_budget(problem.evaluate(problem.with_forecasts(trial))[0]):
             break
-        grid, tail = trial, tail - 1
-    if [list(r) for r in grid] == [[REUSE if a.kind is ActionKind.FORECAST else a for a in r] for r in plan.actions]:
+        grid = trial
+    if grid is plain:
         return plan
     return problem.to_plan(problem.with_forecasts(grid), name or f"{plan.solver}+tail", plan.status,
                            plan.wall_time_s + time.perf_counter() - start, plan.gap)
