@@ -364,3 +364,23 @@ def test_cpsat_gives_the_same_plan_in_every_process():
         outs.append(run.stdout)
     assert outs[0].startswith("FEASIBLE")  # the limit stopped the search: what a wall clock would make vary
     assert outs[0] == outs[1]
+
+
+def test_cpsat_stops_at_its_proof_on_a_small_problem(monkeypatch):
+    """A small problem is searched by one worker, which stops at the proven optimum (interleaved
+    workers would run on to the deterministic limit); its plan is the brute-force optimum."""
+    problem = make_problem(3, T=5, U=2, M=2, budget=0.55)
+    searches = []
+    search = cpsat._search
+
+    def spy(model, time_limit_s, seed, num_workers, *rest):
+        searches.append(num_workers)
+        return search(model, time_limit_s, seed, num_workers, *rest)
+
+    monkeypatch.setattr(cpsat, "_search", spy)
+    plan = cpsat.solve(problem)
+    assert searches == [1] and plan.status == "OPTIMAL"
+    best, _, _ = brute_force(problem)
+    assert math.isclose(plan.predicted_error, best, rel_tol=1e-6, abs_tol=1e-9)
+    portfolio = cpsat.solve(problem, num_workers=2)  # asked for: no single-worker search first
+    assert searches == [1, 2] and math.isclose(portfolio.predicted_error, best, rel_tol=1e-6, abs_tol=1e-9)
