@@ -15,6 +15,12 @@ null class, scale 4) at ``--steps`` (default 20).
 
     python examples/speed.py --model digits-dit --budgets 1.0 0.5 0.25 --lowering blocks step
     python examples/speed.py --model dit-s2 --samples 2 --budgets 1.0 0.5 0.25 --lowering blocks step
+
+``--per-step`` adds, for each row, where the time goes: each transformer call of a generation
+timed alone (the fastest of ``--repeats`` alternating generations), grouped by how many units
+of the plan compute at that step, against the compiled original's call; and the time per call
+that Dynamo spends choosing the compiled code to run (its guard checks: "TorchDynamo Cache
+Lookup" in ``torch.profiler``), for both sides.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -99,6 +106,65 @@ def loop_seconds(gen: Callable[[torch.nn.Module], torch.Tensor], model: torch.nn
     return sorted(times)[len(times) // 2]
 
 
+def call_times(gen: Callable[[torch.nn.Module], torch.Tensor], modules: list[torch.nn.Module], repeats: int
+               ) -> list[list[float]]:
+    """Per module, the seconds of each transformer call of one generation: the fastest over
+    ``repeats`` generations, the modules run alternately."""
+    times: list[list[list[float]]] = [[] for _ in modules]
+    handles = []
+    for i, m in enumerate(modules):
+        def pre(mod, args, kwargs, i=i):
+            times[i][-1].append(-time.perf_counter())
+
+        def post(mod, args, kwargs, out, i=i):
+            times[i][-1][-1] += time.perf_counter()
+
+        handles += [m.register_forward_pre_hook(pre, with_kwargs=True), m.register_forward_hook(post, with_kwargs=True)]
+    try:
+        for _ in range(repeats):
+            for i, m in enumerate(modules):
+                times[i].append([])
+                gen(m)
+    finally:
+        for h in handles:
+            h.remove()
+    return [[min(run[k] for run in per) for k in range(len(per[0]))] for per in times]
+
+
+def lookup_ms(gen: Callable[[torch.nn.Module], torch.Tensor], module: torch.nn.Module, calls: int) -> float:
+    """Milliseconds per transformer call that Dynamo spends choosing the compiled code (its guard
+    checks), over one profiled generation of ``calls`` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        gen(module)
+    total = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key == "TorchDynamo Cache Lookup")
+    return total / 1e3 / calls
+
+
+def per_step_table(gen: Callable[[torch.nn.Module], torch.Tensor], baseline: torch.nn.Module,
+                   opt: OptimizedTransformer, repeats: int) -> None:
+    """Print where a generation's time goes, by the number of computing units per step."""
+    base, ours = call_times(gen, [baseline, opt], repeats)
+    plan = opt.plan
+    if len(ours) != plan.num_steps:  # one call per step expected (CFG in one batch)
+        print(f"(per-step breakdown skipped: {len(ours)} calls for {plan.num_steps} steps)")
+        return
+    full = statistics.median(base)
+    groups: dict[int, list[float]] = {}
+    for row, sec in zip(plan.actions, ours, strict=True):
+        groups.setdefault(sum(a.kind.name in ("COMPUTE", "PRUNE", "WIDTH") for a in row), []).append(sec)
+    print(f"\nCompiled original: {full * 1e3:.2f} ms per call (median), {sum(base):.3f} s per generation; "
+          f"dit-opt: {sum(ours):.3f} s. Dynamo's guard checks per call: original "
+          f"{lookup_ms(gen, baseline, len(base)):.2f} ms, dit-opt {lookup_ms(gen, opt, len(ours)):.2f} ms.")
+    print("| units computing | steps | ms per call (median) | of the original's call | seconds in all |")
+    print("|---|---|---|---|---|")
+    for k in sorted(groups):
+        sec = groups[k]
+        med = statistics.median(sec)
+        print(f"| {k} of {len(plan.units)} | {len(sec)} | {med * 1e3:.2f} | {med / full:.2f} | {sum(sec):.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="digits-dit", choices=[*zoo.available(), "dit-s2"])
@@ -110,6 +176,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's; dit-s2: 20)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--per-step", action="store_true", help="also print where each row's time goes")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,6 +217,8 @@ def main() -> None:
             print(f"| {b} | {lowering} | {frac:.4f} | {ratio:.2f}x | {t['speedup']:.2f}x "
                   f"({t['a_s']:.2f} s -> {t['b_s']:.2f} s) | {t['speedup'] / ratio:.2f} | {inner / ratio:.2f} "
                   f"| {first_s:.0f} s |", flush=True)
+            if args.per_step:
+                per_step_table(gen, baseline, opt, args.repeats)
 
 
 if __name__ == "__main__":
