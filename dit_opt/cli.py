@@ -241,10 +241,13 @@ def _echo_selection(opt: Any) -> None:
         typer.echo(f"candidate {cand.describe()}{' (kept)' if cand.plan is opt.plan else ''}")
     r = opt.report
     if r:
+        # the unit is one timed run: the seconds beside it show how much a busy machine moved it
+        plain = r.get("plain_calibration_seconds")
+        seconds = f"; {r['seconds']:.0f} s" + (f", one plain generation {plain:.1f} s" if plain else "")
         typer.echo(f"cost of optimize: {r['generations']:.1f} plain calibration generations (profile "
                    f"{r['profile_generations']:.1f}, {r['selection_runs']} selection runs "
                    f"{r['selection_generations']:.1f}, capture, solving and lowering "
-                   f"{r.get('other_generations', 0.0):.1f})")
+                   f"{r.get('other_generations', 0.0):.1f}){seconds}")
     if r and r.get("capture"):
         typer.echo(f"capture: {r['capture']}")
     for where, reason in (r or {}).get("prune_excluded", {}).items():

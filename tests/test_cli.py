@@ -62,6 +62,9 @@ def test_demo_writes_grid_and_reports(tmp_path):
     assert png.is_file() and png.stat().st_size > 0
     assert "FLOP fraction (counted)" in out and "speedup (eager vs eager" in out, out
     assert "candidate cpsat" in out and out.count("(kept)") == 1, out  # plans compared on the calibration
+    # the cost in plain generations, and in seconds beside its unit (one timed run, which load moves)
+    assert re.search(r"cost of optimize: [\d.]+ plain calibration generations .*; \d+ s, one plain generation "
+                     r"[\d.]+ s", out), out
 
 
 def test_demo_rejects_budget_outside_unit_interval():
