@@ -38,6 +38,7 @@ import torch
 import dit_opt
 from dit_opt import zoo
 from dit_opt.bench import flop_fraction, sampling, time_alternating
+from dit_opt.plan import ActionKind
 from dit_opt.runtime import OptimizedTransformer
 
 DIT_S2 = dict(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=4, num_layers=12,
@@ -106,6 +107,10 @@ def loop_seconds(gen: Callable[[torch.nn.Module], torch.Tensor], model: torch.nn
     return sorted(times)[len(times) // 2]
 
 
+#: The actions that run their unit (whole, or on some tokens or MLP channels).
+RUNS_THE_UNIT = (ActionKind.COMPUTE, ActionKind.PRUNE, ActionKind.WIDTH)
+
+
 def call_times(gen: Callable[[torch.nn.Module], torch.Tensor], modules: list[torch.nn.Module], repeats: int
                ) -> list[list[float]]:
     """Per module, the seconds of each transformer call of one generation: the fastest over
@@ -153,7 +158,7 @@ def per_step_table(gen: Callable[[torch.nn.Module], torch.Tensor], baseline: tor
     full = statistics.median(base)
     groups: dict[int, list[float]] = {}
     for row, sec in zip(plan.actions, ours, strict=True):
-        groups.setdefault(sum(a.kind.name in ("COMPUTE", "PRUNE", "WIDTH") for a in row), []).append(sec)
+        groups.setdefault(sum(a.kind in RUNS_THE_UNIT for a in row), []).append(sec)
     print(f"\nCompiled original: {full * 1e3:.2f} ms per call (median), {sum(base):.3f} s per generation; "
           f"dit-opt: {sum(ours):.3f} s. Dynamo's guard checks per call: original "
           f"{lookup_ms(gen, baseline, len(base)):.2f} ms, dit-opt {lookup_ms(gen, opt, len(ours)):.2f} ms.")

@@ -178,7 +178,7 @@ def solve(
 
     # Solve -------------------------------------------------------------------------------
     large = len(variables) > 20_000
-    solver = status = None
+    solver = None
     if deterministic and num_workers is None and len(variables) <= SINGLE_WORKER_VARIABLES:
         # Interleaved workers run to the deterministic limit even where one of them proved the
         # optimum at once (a 6 x 4 problem: done in 0.03 s, returned after 2 s of deterministic
@@ -187,7 +187,7 @@ def solve(
         solver, status = _search(model, min(SINGLE_WORKER_TIME, time_limit_s), seed, 1, relative_gap, large,
                                  deterministic)
         if status != cp_model.OPTIMAL:
-            solver = status = None
+            solver = None
     if solver is None:
         solver, status = _search(model, time_limit_s, seed, num_workers or min(8, os.cpu_count() or 1),
                                  relative_gap, large, deterministic)
