@@ -181,9 +181,8 @@ def solve(
     solver = None
     if deterministic and num_workers is None and len(variables) <= SINGLE_WORKER_VARIABLES:
         # Interleaved workers run to the deterministic limit even where one of them proved the
-        # optimum at once (a 6 x 4 problem: done in 0.03 s, returned after 2 s of deterministic
-        # time); one worker stops at its proof or gap. It keeps its plan only when it stops so:
-        # otherwise the portfolio runs as it would have.
+        # optimum at once (docs/solvers.md); one worker stops at its proof or gap. It keeps its
+        # plan only when it stops so: otherwise the portfolio runs as it would have.
         solver, status = _search(model, min(SINGLE_WORKER_TIME, time_limit_s), seed, 1, relative_gap, large,
                                  deterministic)
         if status != cp_model.OPTIMAL:
