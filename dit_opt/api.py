@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dit_opt import closed_loop as loop
 from dit_opt import errors
 from dit_opt.artifacts import ARTIFACT_VERSION, check_model, read, save
 from dit_opt.calibration import Generations, guarded, raised_by_calibration
@@ -270,6 +271,7 @@ def optimize(
     gain_points: int = 0,
     granularity: str = "block",
     select: bool | Callable[[nn.Module], Any] | None = None,
+    closed_loop: bool | int = False,
     profile_cache: str | Path | None = None,
     progress: bool = True,
     capture_mode: str = "auto",
@@ -330,6 +332,12 @@ def optimize(
             per candidate, plus one of the full model unless the profile was measured in the
             same call (its plain run is the reference) (``opt.report`` gives the total cost of
             ``optimize`` in calibration generations).
+        closed_loop: also re-solve the solver's plan (at module granularity under ``"auto"``)
+            with per-step corrections of its errors measured on its own trajectory, while its
+            calibration error improves (:mod:`dit_opt.closed_loop`): ``True`` for up to
+            :data:`dit_opt.closed_loop.ROUNDS` re-solves, or their number. Each costs a solve
+            and two calibration runs (the plan's, and the full model's on its inputs). Needs
+            ``select``.
         profile_cache: a directory to keep profiles in across processes (see
             :mod:`dit_opt.profile_cache`; within a process a profile is always reused when the
             same model, the same calibration object and the same profile settings come again,
@@ -365,6 +373,11 @@ def optimize(
         options["calibration"] = pipelines.pipeline_calibration(model, calibration)
         return pipelines.attach(model, optimize(model.transformer, **options))
     budget = check_budget(budget)
+    rounds = loop.check_rounds(closed_loop)
+    if rounds and (select is False or solver not in ("cpsat", "dp")):
+        raise ConfigError(f"closed_loop re-solves the solver's plan among the measured candidates, so it needs "
+                          f"select and the 'cpsat' or 'dp' solver (got select={select!r}, solver={solver!r}); "
+                          f"drop closed_loop or turn select on")
     compile_mode(compile)
     check_capture_mode(capture_mode)
     explicit = actions is not DEFAULT_ACTIONS
@@ -467,7 +480,13 @@ def optimize(
                         f"there) the budget is met: the plan is chosen among those rhythms")
             ctx["plan"] = max(fits, key=lambda p: (p.predicted_flops, -p.predicted_error))
         ctx["candidates"] = [ctx["plan"]]
+        # the closed-loop search starts from the solver's plan (not from a fallback rhythm)
+        ctx["refine_from"] = (ctx["plan"], problem, run_solver) if ctx["plan"].solver == solver else None
         ctx["select_with"] = _selection_calibration(select, ctx["calibration"], solver)
+        if rounds and ctx["select_with"] is None:
+            raise ConfigError("closed_loop needs plans measured on a calibration, but this one is a saved profile or "
+                              "recorded trajectories; pass select=<a callable that samples with the module it is "
+                              "given>, or drop closed_loop")
         if ctx["select_with"] is not None:
             from dit_opt.selection import candidate_plans
 
@@ -475,6 +494,9 @@ def optimize(
             if granularity == "auto" and profile.e_module_reuse is not None:
                 module_problem = profile.to_problem(budget, actions=actions, granularity="module")
             ctx["candidates"] = candidate_plans(problem, ctx["plan"], run_solver, module_problem, run_solver)
+            module_plan = next((p for p in ctx["candidates"] if p.solver == f"module:{solver}"), None)
+            if module_plan is not None and ctx["refine_from"] is not None:
+                ctx["refine_from"] = (module_plan, module_problem, run_solver)
 
     def do_select() -> None:
         from dit_opt.selection import is_repeatable, select_plan
@@ -497,9 +519,26 @@ def optimize(
                                         capture_mode=capture_mode)
 
         same = ctx["select_with"] is ctx["calibration"]
-        ctx["plan"], ctx["selection"] = select_plan(model, ctx["candidates"], ctx["select_with"], build,
-                                                    reference=ctx.get("reference") if same else None)
-        ctx["selection_runs"] = len(ctx["candidates"]) + (0 if same and ctx.get("reference") else 1)
+        plans, refine, closed = ctx["candidates"], None, []
+        if rounds and ctx["refine_from"] is not None:
+            start, problem, run_solver = ctx["refine_from"]
+            plans = [p for p in plans if p is not start]  # the closed loop measures it itself
+
+            def refine(ref: list) -> list:
+                from dit_opt.selection import Candidate, relative_error
+
+                def run(plan: Plan) -> Any:
+                    return loop.on_policy_errors(ctx["select_with"], build(plan), model, problem.num_steps)
+
+                closed.extend(loop.refine(start, problem, run_solver, run, lambda out: relative_error(out, ref),
+                                          rounds))
+                return [Candidate(p, e) for p, e in closed]
+
+        ctx["plan"], ctx["selection"] = select_plan(model, plans, ctx["select_with"], build,
+                                                    reference=ctx.get("reference") if same else None, refine=refine)
+        # a run per candidate measured (each closed-loop plan's with the full model's beside it)
+        ctx["selection_runs"] = len(ctx["selection"]) + len(closed) + (0 if same and ctx.get("reference") else 1)
+        ctx["closed_loop"] = [{"solver": p.solver, "flop_fraction": p.flop_fraction, "error": e} for p, e in closed]
 
     def do_rewrite_and_lower() -> None:
         ctx["opt"] = OptimizedTransformer(model, ctx["plan"], profile=ctx["profile"], graph=ctx["graph"],
@@ -518,7 +557,8 @@ def optimize(
     opt.step_times = times
     opt.selection = ctx["selection"]
     # where the profile found PRUNE impossible (a block or module that cannot run on a token subset)
-    opt.report = {**_cost_report(ctx, times), "prune_excluded": dict(ctx["profile"].report.get("prune_excluded", {})),
+    opt.report = {**_cost_report(ctx, times), "closed_loop": ctx.get("closed_loop", []),
+                  "prune_excluded": dict(ctx["profile"].report.get("prune_excluded", {})),
                   "capture_mode": ctx["graph"].capture_mode, "capture": ctx["graph"].describe_capture()}
     return opt
 
