@@ -248,6 +248,9 @@ def _echo_selection(opt: Any) -> None:
                    f"{r['profile_generations']:.1f}, {r['selection_runs']} selection runs "
                    f"{r['selection_generations']:.1f}, capture, solving and lowering "
                    f"{r.get('other_generations', 0.0):.1f}){seconds}")
+    if r and r.get("closed_loop"):
+        steps = " -> ".join(f"{c['solver']} {c['error']:.3e}" for c in r["closed_loop"])
+        typer.echo(f"closed loop (calibration error per round): {steps}")
     if r and r.get("capture"):
         typer.echo(f"capture: {r['capture']}")
     for where, reason in (r or {}).get("prune_excluded", {}).items():
@@ -356,6 +359,10 @@ def optimize(
     profile_cache: Annotated[Path | None, typer.Option(
         "--profile-cache", help="A directory where profiles are kept: a later run on the same model, "
         "calibration and settings (at any budget) reuses the profile instead of measuring it.")] = None,
+    closed_loop: int = typer.Option(0, "--closed-loop", min=0,
+                                    help="Re-solve the solver's plan with errors measured on its own trajectory, up "
+                                    "to this many times, while its calibration error improves (each: a solve and "
+                                    "two calibration runs; see docs/solvers.md)."),
 ) -> None:
     """Optimise a reference model to a FLOP budget and save the plan, profile and metadata to a directory."""
     import dit_opt
@@ -380,7 +387,8 @@ def optimize(
             # plans are compared on calibration noise even when the profile was saved earlier
             opt = dit_opt.optimize(sampler.transformer, budget, calibration=calibration, solver=solver,
                                    compile=False, example_inputs=sampler.example_inputs(), progress=False,
-                                   select=_calibration(sampler, samples, steps), profile_cache=profile_cache)
+                                   select=_calibration(sampler, samples, steps), profile_cache=profile_cache,
+                                   closed_loop=closed_loop)
         opt.save(out)
     except DitOptError as e:
         raise _fail(e) from e

@@ -46,8 +46,10 @@ def saved(tmp_path_factory):
     out = _ok(_run("profile", "digits-mmdit", "--out", str(prof), *TINY))
     assert "wrote" in out and (prof / "profile.json").is_file()
     out = _ok(_run("optimize", "digits-mmdit", "--budget", "0.5", "--out", str(opt), "--profile", str(prof),
-                   "--threads", "1"))
+                   "--threads", "1", "--closed-loop", "1"))
     assert "Plan" in out and (opt / "dit_opt.json").is_file()
+    # the solver's plan re-solved once from its own trajectory, each round's error printed
+    assert re.search(r"closed loop \(calibration error per round\): cpsat [0-9.e+-]+", out), out
     # the candidates are compared on the profile's loops (3 steps): on the model's default step
     # count every candidate was the same re-solved plan, with one error for all
     errors = re.findall(r"measured error ([0-9.e+-]+)", out)
@@ -105,6 +107,8 @@ def test_optimize_rejects_bad_budget_and_missing_profile(tmp_path):
     assert result.exit_code == 2 and "outside (0, 1]" in _text(result), result.output
     result = _run("optimize", "digits-mmdit", "--out", str(tmp_path / "o"), "--profile", str(tmp_path / "none"))
     assert result.exit_code == 2 and "no profile.json" in _text(result), result.output
+    result = _run("optimize", "digits-mmdit", "--out", str(tmp_path / "o"), "--closed-loop", "-1")
+    assert result.exit_code == 2 and "--closed-loop" in _text(result), result.output
 
 
 def test_optimize_rejects_a_profile_of_another_model(saved, tmp_path):
