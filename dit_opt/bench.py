@@ -51,12 +51,13 @@ def sampling(sampler: Any, samples: int, seed: int, steps: int | None = None, *,
     return run
 
 
-def rhythm_study(name: str, budget: float, max_age: int | None = None) -> Any:
+def rhythm_study(name: str, budget: float, max_age: int | None = None, calibration_samples: int = 10,
+                 samples: int = 20) -> Any:
     """What the examples that measure hand-made schedules on a reference model share: the zoo
-    model ``name``, the benchmark's calibration (10 images, seed 1000) and evaluation (20 images,
-    seed 0), a profile on the calibration, the full model's evaluation images and calibration
-    outputs, and the module-level problem at ``budget`` under TaylorSeer's forecast policy
-    (``"always"``; caches up to ``max_age``, default the budget's).
+    model ``name``, the benchmark's calibration (``calibration_samples`` images, seed 1000) and
+    evaluation (``samples`` images, seed 0), a profile on the calibration, the full model's
+    evaluation images and calibration outputs, and the module-level problem at ``budget`` under
+    TaylorSeer's forecast policy (``"always"``; caches up to ``max_age``, default the budget's).
 
     Returns:
         A namespace with ``sampler``, ``model``, ``calibration``, ``evaluation``, ``profile``,
@@ -76,7 +77,8 @@ def rhythm_study(name: str, budget: float, max_age: int | None = None) -> Any:
 
     sampler = zoo.load(name)
     model = sampler.transformer
-    calibration, evaluation = sampling(sampler, 10, seed=1000, reset=True), sampling(sampler, 20, seed=0, reset=True)
+    calibration = sampling(sampler, calibration_samples, seed=1000, reset=True)
+    evaluation = sampling(sampler, samples, seed=0, reset=True)
     prof = dit_opt.profile(model, calibration, probes=0, progress=False)
     problem = dataclasses.replace(prof.to_problem(budget, granularity="module", max_age=max_age),
                                   forecast_policy="always")

@@ -6,9 +6,10 @@ the error measured at each step by the error the problem models there, and solve
 errors so corrected (:data:`dit_opt.closed_loop.DAMPING`). This prints, per budget, the solver's
 plan (at module granularity, as ``granularity="auto"`` makes it) and each re-solved plan: FLOP
 fraction, calibration error (what the selection ranks by) and evaluation PSNR, with the
-benchmark's calibration (10 images, seed 1000) and evaluation (20 images, seed 0).
+benchmark's calibration (10 images, seed 1000) and evaluation (20 images, seed 0) unless told.
 
     python examples/closed_loop.py --model digits-mmdit --budgets 0.5 0.35
+    python examples/closed_loop.py --model crops-pixart --samples 8 --calibration-samples 4
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=closed_loop.ROUNDS)
     parser.add_argument("--granularity", default="module", choices=["block", "module"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=20, help="evaluation samples (the benchmark's --samples)")
+    parser.add_argument("--calibration-samples", type=int, default=10, help="the benchmark's --calibration-samples")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
-    study = rhythm_study(args.model, args.budgets[0])
+    study = rhythm_study(args.model, args.budgets[0], calibration_samples=args.calibration_samples,
+                         samples=args.samples)
     print(f"### {args.model}: the solver's plan ({args.granularity} granularity) and its closed-loop re-solves "
           f"(damping {closed_loop.DAMPING}, at most {args.rounds} rounds)\n")
     print("| budget | plan | FLOP fraction | calibration error | evaluation PSNR (dB) | the loop's seconds |")
