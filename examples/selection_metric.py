@@ -9,10 +9,13 @@ budget it prints every candidate with two calibration scores: the pooled relativ
 per-sample one (the mean over samples of their relative errors in dB, the statistic a per-image
 PSNR averages: :func:`dit_opt.selection.sample_error`); ``optimize`` ranks by the first. Then
 which candidate each score keeps, with its evaluation PSNR, and how well each ranks the
-candidates against the evaluation (``docs/solvers.md`` has the figures).
+candidates against the evaluation (``docs/solvers.md`` has the figures). With ``--closed-loop N``
+the solver's plan is re-solved from its own trajectory as well (:mod:`dit_opt.closed_loop`), and
+its re-solves are candidates too.
 
     python examples/selection_metric.py --model digits-mmdit --budgets 0.7 0.5 0.35 0.25 0.2 --threads 1
     python examples/selection_metric.py --model crops-pixart --samples 8 --calibration-samples 4
+    python examples/selection_metric.py --model digits-mmdit --closed-loop 3
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", type=int, default=20, help="evaluation samples (the benchmark's --samples)")
     parser.add_argument("--calibration-samples", type=int, default=10, help="the benchmark's --calibration-samples")
+    parser.add_argument("--closed-loop", type=int, default=0,
+                        help="optimize's closed_loop: re-solves of the solver's plan measured as candidates too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -56,7 +61,7 @@ def main() -> None:
             return images
 
         opt = dit_opt.optimize(model, budget, calibration=prof, select=recording, compile=False, progress=False,
-                               granularity="auto")
+                               granularity="auto", closed_loop=args.closed_loop)
         ref, runs = outputs[0], outputs[1:]
         print(f"\n### {args.model}, budget {budget}\n")
         print("| candidate | FLOP fraction | pooled error | per-sample error (dB) | evaluation PSNR (dB) |")
