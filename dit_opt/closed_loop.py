@@ -50,9 +50,9 @@ __all__ = ["ROUNDS", "OnPolicy", "check_rounds", "on_policy_errors", "correction
 ROUNDS = 3
 
 #: How far each re-solve moves the step weights towards the measured corrections (in log space:
-#: ``weights = corrections ** DAMPING``). Going all the way swung ``digits-mmdit``'s plan between
-#: rounds (at budget 0.5: 38.0 -> 48.7 -> 40.2 dB); half way, it improved at each of three
-#: (38.0 -> 38.5 -> 49.3 -> 52.8 dB). ``examples/closed_loop.py`` measures it.
+#: ``weights = corrections ** DAMPING``). Going all the way swings ``digits-mmdit``'s plan between
+#: rounds at budget 0.5; half way, it improves at each of three there (``docs/solvers.md``,
+#: ``examples/closed_loop.py --damping``).
 DAMPING = 0.5
 
 #: Steps whose modelled or measured error is below this share of the plan's largest are taken as

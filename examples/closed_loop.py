@@ -10,6 +10,7 @@ benchmark's calibration (10 images, seed 1000) and evaluation (20 images, seed 0
 
     python examples/closed_loop.py --model digits-mmdit --budgets 0.5 0.35
     python examples/closed_loop.py --model crops-pixart --samples 8 --calibration-samples 4
+    python examples/closed_loop.py --model digits-mmdit --budgets 0.5 --damping 1    # no damping
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.35, 0.25, 0.2])
     parser.add_argument("--rounds", type=int, default=closed_loop.ROUNDS)
     parser.add_argument("--granularity", default="module", choices=["block", "module"])
+    parser.add_argument("--damping", type=float, default=closed_loop.DAMPING,
+                        help="how far each round moves towards the measured corrections (1: all the way)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samples", type=int, default=20, help="evaluation samples (the benchmark's --samples)")
     parser.add_argument("--calibration-samples", type=int, default=10, help="the benchmark's --calibration-samples")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    closed_loop.DAMPING = args.damping  # read by closed_loop.step_weights at each round
     warnings.simplefilter("ignore")
     study = rhythm_study(args.model, args.budgets[0], calibration_samples=args.calibration_samples,
                          samples=args.samples)
