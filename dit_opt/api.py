@@ -525,13 +525,17 @@ def optimize(
             plans = [p for p in plans if p is not start]  # the closed loop measures it itself
 
             def refine(ref: list) -> list:
-                from dit_opt.selection import Candidate, relative_error
+                from dit_opt.selection import Candidate, measure_outputs, relative_error
 
                 def run(plan: Plan) -> Any:
                     return loop.on_policy_errors(ctx["select_with"], build(plan), model, problem.num_steps)
 
-                closed.extend(loop.refine(start, problem, run_solver, run, lambda out: relative_error(out, ref),
-                                          rounds))
+                try:
+                    closed.extend(loop.refine(start, problem, run_solver, run, lambda out: relative_error(out, ref),
+                                              rounds))
+                except loop.OtherLoopError as e:
+                    errors.warn(f"dit-opt: no closed-loop search: {e}; the solver's plan is measured as it is")
+                    return [Candidate(start, relative_error(measure_outputs(ctx["select_with"], build(start)), ref))]
                 return [Candidate(p, e) for p, e in closed]
 
         ctx["plan"], ctx["selection"] = select_plan(model, plans, ctx["select_with"], build,

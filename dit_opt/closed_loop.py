@@ -43,7 +43,8 @@ from dit_opt.errors import ConfigError
 from dit_opt.executor import model_sample
 from dit_opt.plan import Plan
 
-__all__ = ["ROUNDS", "OnPolicy", "check_rounds", "on_policy_errors", "corrections", "step_weights", "refine"]
+__all__ = ["ROUNDS", "DAMPING", "OnPolicy", "OtherLoopError", "check_rounds", "on_policy_errors", "corrections",
+           "step_weights", "refine"]
 
 #: Most re-solves per ``optimize`` (each costs a calibration run of the plan and one of the full
 #: model beside it); the loop stops earlier when the calibration error stops improving.
@@ -74,6 +75,11 @@ def check_rounds(value: Any) -> int:
     raise ConfigError(f"closed_loop must be True, False or a number of re-solves >= 0, got {value!r}")
 
 
+class OtherLoopError(ValueError):
+    """The calibration ran a loop the plan was not made for (another number of steps): its
+    errors cannot be set against the plan's."""
+
+
 @dataclass(frozen=True)
 class OnPolicy:
     """One calibration run of a plan with the full model beside it.
@@ -96,8 +102,8 @@ def on_policy_errors(calibration: Callable[[nn.Module], Any], module: nn.Module,
     :class:`~dit_opt.runtime.OptimizedTransformer`), ``model`` on the same inputs.
 
     Raises:
-        ValueError: ``module`` ran a step outside ``0 .. num_steps - 1`` (a loop the plan was
-            not made for).
+        OtherLoopError: ``module`` ran a loop the plan was not made for (it ran a plan
+            re-solved for that loop's schedule).
     """
     num, den = np.zeros(num_steps), np.zeros(num_steps)
     calls: list[torch.Tensor] = []
@@ -107,8 +113,9 @@ def on_policy_errors(calibration: Callable[[nn.Module], Any], module: nn.Module,
         calls.extend(got)
         full = returned_tensors(model_sample(model(*args, **kwargs)))
         step = mod.stats()["steps"][-1]["step"]
-        if not 0 <= step < num_steps:
-            raise ValueError(f"the calibration ran step {step} of a plan of {num_steps} steps")
+        if mod.active_plan is not mod.plan or not 0 <= step < num_steps:
+            raise OtherLoopError(f"the calibration ran a loop of another schedule (a plan re-solved for "
+                                 f"{mod.active_plan.num_steps} steps, not the plan's {num_steps})")
         for g, f in zip(got, full, strict=True):
             num[step] += float((g - f).pow(2).sum())
             den[step] += float(f.pow(2).sum())

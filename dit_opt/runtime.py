@@ -390,6 +390,12 @@ class OptimizedTransformer(nn.Module):
             raise IndexError(f"step {step} is outside the plan's {len(runner.variants)} steps")
         return runner.variants[step].gm
 
+    @property
+    def active_plan(self) -> Plan:
+        """The plan the running (or last) loop follows: :attr:`plan`, or the one re-solved for a
+        loop of another schedule."""
+        return self._active
+
     def stats(self) -> dict[str, Any]:
         """After a generation: per step the actions that ran, modelled FLOPs (the glue's included)
         and cache memory held; ``extra_calls``, the calls that ran the model as it is, outside

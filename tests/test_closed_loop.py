@@ -170,3 +170,18 @@ def test_closed_loop_bad_input(tiny):
     with pytest.raises(ConfigError, match="closed_loop needs plans measured"):
         dit_opt.optimize(model, budget=0.4, calibration=prof, compile=False, progress=False, closed_loop=True)
     assert closed_loop.check_rounds(True) == closed_loop.ROUNDS and closed_loop.check_rounds(False) == 0
+
+
+def test_closed_loop_on_a_loop_of_other_length_measures_the_plan_as_it_is(tiny):
+    """Plans measured on a calibration of another step count run re-solved plans: the loop's
+    per-step errors would not be the plan's, so the search is skipped, with a warning."""
+    from dit_opt.calibration import synthetic_calibration
+
+    model, _, prof = tiny
+    other = synthetic_calibration(model, num_inference_steps=STEPS - 2, warn=False)
+    with pytest.warns(UserWarning, match="no closed-loop search: the calibration ran a loop of another schedule"):
+        opt = dit_opt.optimize(model, budget=0.4, calibration=prof, select=other, compile=False, progress=False,
+                               closed_loop=True)
+    names = [c.plan.solver for c in opt.selection]
+    assert names.count("cpsat") == 1 and not any("+closed" in n for n in names), names
+    assert opt.report["closed_loop"] == []
