@@ -51,9 +51,9 @@ __all__ = ["ROUNDS", "DAMPING", "OnPolicy", "OtherLoopError", "check_rounds", "o
 ROUNDS = 3
 
 #: How far each re-solve moves the step weights towards the measured corrections (in log space:
-#: ``weights = corrections ** DAMPING``). Going all the way swings ``digits-mmdit``'s plan between
-#: rounds at budget 0.5; half way, it improves at each of three there (``docs/solvers.md``,
-#: ``examples/closed_loop.py --damping``).
+#: ``weights = corrections ** DAMPING``). Going all the way overshoots on ``digits-mmdit`` at
+#: budget 0.5 (its second round measures worse than its first); half way, it improves at each of
+#: three there, and further (``docs/solvers.md``, ``examples/closed_loop.py --damping``).
 DAMPING = 0.5
 
 #: Steps whose modelled or measured error is below this share of the plan's largest are taken as
