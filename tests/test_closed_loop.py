@@ -185,3 +185,26 @@ def test_closed_loop_on_a_loop_of_other_length_measures_the_plan_as_it_is(tiny):
     names = [c.plan.solver for c in opt.selection]
     assert names.count("cpsat") == 1 and not any("+closed" in n for n in names), names
     assert opt.report["closed_loop"] == []
+
+
+def test_closed_loop_inside_a_pipeline():
+    """Through ``optimize(pipe, ...)``: the pipeline's own calls (a guidance batch, keyword
+    arguments, ``return_dict=False``) run the full model beside the plan."""
+    pytest.importorskip("transformers")
+    from dit_opt.tiny_pipelines import tiny_pipeline
+
+    pipe, call = tiny_pipeline("pixart")
+    calibration = dict(call, num_inference_steps=6, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dit_opt.optimize(pipe, budget=0.5, calibration=calibration, compile=False, progress=False,
+                               closed_loop=1)
+    try:
+        loop = opt.report["closed_loop"]
+        assert loop and loop[0]["solver"] == "cpsat" and all(np.isfinite(r["error"]) for r in loop)
+        assert len(loop) <= 2 and all(r["flop_fraction"] <= 0.5 for r in loop)
+        measured = {c.plan.solver: c.error for c in opt.selection}
+        assert all(measured[r["solver"]] == r["error"] for r in loop)
+        assert opt.plan is min(opt.selection, key=lambda c: c.error).plan
+    finally:
+        dit_opt.restore(pipe)
