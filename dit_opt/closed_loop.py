@@ -42,6 +42,7 @@ from dit_opt.calibration import returned_tensors
 from dit_opt.errors import ConfigError
 from dit_opt.executor import model_sample
 from dit_opt.plan import Plan
+from dit_opt.selection import measure_outputs
 
 __all__ = ["ROUNDS", "DAMPING", "OnPolicy", "OtherLoopError", "check_rounds", "on_policy_errors", "corrections",
            "step_weights", "refine"]
@@ -106,11 +107,9 @@ def on_policy_errors(calibration: Callable[[nn.Module], Any], module: nn.Module,
             re-solved for that loop's schedule).
     """
     num, den = np.zeros(num_steps), np.zeros(num_steps)
-    calls: list[torch.Tensor] = []
 
-    def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+    def beside(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         got = returned_tensors(model_sample(out))
-        calls.extend(got)
         full = returned_tensors(model_sample(model(*args, **kwargs)))
         step = mod.stats()["steps"][-1]["step"]
         if mod.active_plan is not mod.plan or not 0 <= step < num_steps:
@@ -120,16 +119,10 @@ def on_policy_errors(calibration: Callable[[nn.Module], Any], module: nn.Module,
             num[step] += float((g - f).pow(2).sum())
             den[step] += float(f.pow(2).sum())
 
-    handle = module.register_forward_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            result = calibration(module)
-    finally:
-        handle.remove()
-    returned = returned_tensors(result)
+    outputs = measure_outputs(calibration, module, beside)
     with np.errstate(invalid="ignore", divide="ignore"):
         errors = np.where(den > 0, num / np.maximum(den, 1e-30), np.nan)
-    return OnPolicy(returned if returned else calls, errors)
+    return OnPolicy(outputs, errors)
 
 
 def corrections(measured: np.ndarray, modelled: np.ndarray) -> np.ndarray:

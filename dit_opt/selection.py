@@ -207,15 +207,19 @@ def _renamed(plan: Plan, prefix: str) -> Plan:
     return replace(plan, solver=f"{prefix}:{plan.solver}")
 
 
-def measure_outputs(calibration: Callable[[nn.Module], Any], module: nn.Module) -> list[torch.Tensor]:
-    """Run ``calibration(module)`` once without grad; the tensors to compare (see the module docstring)."""
+def measure_outputs(calibration: Callable[[nn.Module], Any], module: nn.Module,
+                    each_call: Callable[[nn.Module, tuple, dict, Any], None] | None = None) -> list[torch.Tensor]:
+    """Run ``calibration(module)`` once without grad; the tensors to compare (see the module
+    docstring). ``each_call(module, args, kwargs, output)`` runs after every call of ``module``."""
     calls: list[torch.Tensor] = []
 
-    def hook(mod, args, out):
+    def hook(mod, args, kwargs, out):
         # a prediction per sample as a list (Z-Image takes and returns one latent per sample): each
         calls.extend(returned_tensors(model_sample(out)))
+        if each_call is not None:
+            each_call(mod, args, kwargs, out)
 
-    handle = module.register_forward_hook(hook)
+    handle = module.register_forward_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             result = calibration(module)
