@@ -524,8 +524,8 @@ def optimize(
             start, problem, run_solver = ctx["refine_from"]
             plans = [p for p in plans if p is not start]  # the closed loop measures it itself
 
-            def refine(ref: list) -> list:
-                from dit_opt.selection import Candidate, measure_outputs, relative_error
+            def refine(ref: list, score: Callable[[Plan], Any]) -> list:
+                from dit_opt.selection import Candidate, relative_error
 
                 def run(plan: Plan) -> Any:
                     return loop.on_policy_errors(ctx["select_with"], build(plan), model, problem.num_steps)
@@ -535,7 +535,7 @@ def optimize(
                                               rounds))
                 except loop.OtherLoopError as e:
                     errors.warn(f"dit-opt: no closed-loop search: {e}; the solver's plan is measured as it is")
-                    return [Candidate(start, relative_error(measure_outputs(ctx["select_with"], build(start)), ref))]
+                    return [score(start)]
                 return [Candidate(p, e) for p, e in closed]
 
         ctx["plan"], ctx["selection"] = select_plan(model, plans, ctx["select_with"], build,

@@ -129,8 +129,8 @@ def corrections(measured: np.ndarray, modelled: np.ndarray) -> np.ndarray:
     """``(T,)`` per-step log factors ``log(measured / modelled)``, ``nan`` where either is ~0 (a
     step computed in full) or not measured."""
     measured, modelled = np.asarray(measured, dtype=np.float64), np.asarray(modelled, dtype=np.float64)
-    scale_m = np.nanmax(np.where(np.isfinite(measured), measured, 0.0), initial=0.0)
-    scale_e = np.nanmax(modelled, initial=0.0)
+    scale_m = np.where(np.isfinite(measured), measured, 0.0).max(initial=0.0)
+    scale_e = modelled.max(initial=0.0)
     ok = np.isfinite(measured) & (measured > _EXACT_SHARE * scale_m) & (modelled > _EXACT_SHARE * scale_e)
     out = np.full(len(measured), np.nan)
     if scale_m > 0 and scale_e > 0:

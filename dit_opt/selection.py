@@ -296,7 +296,7 @@ def select_plan(
     calibration: Callable[[nn.Module], Any],
     build: Callable[[Plan], nn.Module],
     reference: list[torch.Tensor] | None = None,
-    refine: Callable[[list[torch.Tensor]], list[Candidate]] | None = None,
+    refine: Callable[[list[torch.Tensor], Callable[[Plan], Candidate]], list[Candidate]] | None = None,
 ) -> tuple[Plan, list[Candidate]]:
     """The plan among ``plans`` whose outputs on ``calibration`` are closest to ``model``'s
     (least :func:`relative_error`).
@@ -308,9 +308,10 @@ def select_plan(
         build: makes the module that runs a plan (eager, so measuring costs no compile).
         reference: ``measure_outputs(calibration, model)`` if already known (``optimize`` keeps
             it from the profile's plain run), else measured here.
-        refine: given the reference, more candidates, measured (the closed-loop search,
-            :func:`dit_opt.closed_loop.refine`, from a plan it measures itself: leave that plan
-            out of ``plans``); they join the others before the best is chosen.
+        refine: given the reference and the scoring of a plan (one calibration run), more
+            candidates, measured (the closed-loop search, :func:`dit_opt.closed_loop.refine`,
+            from a plan it measures itself: leave that plan out of ``plans``); they join the
+            others before the best is chosen.
 
     Returns:
         ``(best plan, every candidate with its error)``.
@@ -322,7 +323,7 @@ def select_plan(
 
     scored = [score(plan) for plan in plans]
     if refine is not None:
-        scored += refine(ref)
+        scored += refine(ref, score)
     best = min(scored, key=lambda c: c.error)
     twin = taylor_twin(best.plan)
     if twin is not None:  # one more run: the best plan with TaylorSeer's expansion in its forecasts

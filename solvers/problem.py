@@ -506,18 +506,36 @@ class Problem:
     def _evaluate(self, actions: Sequence[Sequence[Action]]) -> tuple[list[float], float, float]:
         """Per-step FLOPs, total FLOPs and error; the total is one exactly rounded sum of every
         term (not of the rounded per-step sums), the figure the integer scaling guarantees."""
+        terms, glue, whole = self._terms(actions)
+        steps = [math.fsum(flops[t] for flops, _ in terms) for t in range(self.num_steps)]
+        every = [*glue, *(f for flops, _ in terms for f in flops)]
+        return steps, math.fsum(every), math.fsum([*(e for _, errors in terms for e in errors), *whole.values()])
+
+    def step_errors(self, actions: Sequence[Sequence[Action]]) -> np.ndarray:
+        """``(T,)`` modelled error of a full action grid at each step (they add up to
+        :meth:`evaluate`'s error, up to rounding).
+
+        Raises:
+            ValueError: as :meth:`evaluate`.
+        """
+        terms, _, whole = self._terms(actions)
+        out = np.sum([errors for _, errors in terms], axis=0) if terms else np.zeros(self.num_steps)
+        for t, error in whole.items():
+            out[t] += error
+        return out
+
+    def _terms(self, actions: Sequence[Sequence[Action]]
+               ) -> tuple[list[tuple[list[float], list[float]]], list[float], dict[int, float]]:
+        """Each unit's :meth:`unit_terms`, the glue FLOPs of the steps that run it, and the error
+        of each ``STEP`` (by step).
+
+        Raises:
+            ValueError: not ``T`` rows of ``U`` actions, or as :meth:`unit_terms`.
+        """
         T, U = self.num_steps, len(self.units)
         if len(actions) != T or any(len(row) != U for row in actions):
             raise ValueError(f"actions must be {T} rows (steps) of {U} actions (units)")
         terms = [self.unit_terms(u, [row[u] for row in actions]) for u in range(U)]
-        steps = [math.fsum(flops[t] for flops, _ in terms) for t in range(T)]
-        glue, whole = self._whole_steps(actions)
-        every = [*glue, *(f for flops, _ in terms for f in flops)]
-        return steps, math.fsum(every), math.fsum([*(e for _, errors in terms for e in errors), *whole.values()])
-
-    def _whole_steps(self, actions: Sequence[Sequence[Action]]) -> tuple[list[float], dict[int, float]]:
-        """The glue FLOPs of the steps that run it, and the error of each ``STEP`` (by step)."""
-        T, U = self.num_steps, len(self.units)
         glue, whole = [], {}  # a STEP runs no glue, and its error is the model output's, once per unit
         for t, step, full in step_forecasts(actions):
             if step is None:
@@ -528,23 +546,7 @@ class Problem:
                 raise ValueError(f"step {t}: {step} needs enough full steps before it, at an age and spacing "
                                  f"the profile measured")
             whole[t] = U * error
-        return glue, whole
-
-    def step_errors(self, actions: Sequence[Sequence[Action]]) -> np.ndarray:
-        """``(T,)`` modelled error of a full action grid at each step (they add up to
-        :meth:`evaluate`'s error, up to rounding).
-
-        Raises:
-            ValueError: as :meth:`evaluate`.
-        """
-        if len(actions) != self.num_steps or any(len(row) != len(self.units) for row in actions):
-            raise ValueError(f"actions must be {self.num_steps} rows (steps) of {len(self.units)} actions (units)")
-        out = np.zeros(self.num_steps)
-        for u in range(len(self.units)):
-            out += self.unit_terms(u, [row[u] for row in actions])[1]
-        for t, error in self._whole_steps(actions)[1].items():
-            out[t] += error
-        return out
+        return terms, glue, whole
 
     @cached_property
     def _action_index(self) -> dict[Action, int]:
