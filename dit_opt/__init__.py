@@ -20,6 +20,9 @@ from dit_opt.errors import (
 from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.pipelines import attach, restore
 from dit_opt.plan import Action, ActionKind, Plan, Unit
+from dit_opt.routed import RoutedTransformer
+from dit_opt.router_training import train_routers
+from dit_opt.routers import RouterConfig, RouterSet
 from dit_opt.runtime import OptimizedTransformer
 from dit_opt.sensitivity import SensitivityProfile
 
@@ -40,6 +43,10 @@ __all__ = [
     "ActionKind",
     "Unit",
     "OptimizedTransformer",
+    "train_routers",
+    "RoutedTransformer",
+    "RouterSet",
+    "RouterConfig",
     "SensitivityProfile",
     "find_block_lists",
     "BlockSpec",

@@ -404,6 +404,55 @@ def optimize(
     typer.echo(f"steps: {times}" + (f" (profile reused from {kept})" if kept else "") + f"\nwrote {out}")
 
 
+@app.command("train-routers")
+def train_routers(
+    model: Annotated[str, typer.Argument(help=_ZOO_HELP)],
+    out: Annotated[Path, typer.Option("--out", help="Router file to write (.safetensors).")],
+    budget: float = typer.Option(0.5, "--budget", callback=_check_budget, help="Mean FLOP fraction per sample."),
+    train_steps: int = typer.Option(150, "--train-steps", min=0, help="Optimiser steps."),
+    samples: int = typer.Option(10, "--samples", callback=_check_positive, help="Calibration images."),
+    evaluate: int = typer.Option(20, "--evaluate", min=0,
+                                 help="Images to generate with the routers and compare with the full model's "
+                                 "(evaluation seed; 0: none)."),
+    decide: str = typer.Option("block", "--decide", help="block: each router reads its block's input; step: all "
+                               "read the first block's, one decision point per step."),
+    closed: str = typer.Option("reuse", "--closed", help="reuse: a closed gate serves the block's cached residual; "
+                               "skip: the block returns its input (E-DiT)."),
+    threads: int | None = _THREADS,
+) -> None:
+    """Train E-DiT routers (per-sample block gates) for a reference model, its weights frozen, and save them."""
+    from dit_opt import metrics
+    from dit_opt.bench import sampling
+    from dit_opt.errors import DitOptError
+    from dit_opt.router_training import train_routers as train
+
+    _set_threads(threads)
+    sampler = _load_sampler(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            routed = train(sampler.transformer, _calibration(sampler, samples, None), budget=budget,
+                           steps=train_steps, decide=decide, closed=closed, progress=True)
+    except DitOptError as e:
+        raise _fail(e) from e
+    routed.save(out)
+    report = routed.routers.config.report
+    typer.echo(f"trained in {report['seconds']:.1f} s ({report['steps']} steps on {report['calls']} recorded calls); "
+               f"gate offset {routed.routers.config.offset:g}")
+    if evaluate:
+        generate = sampling(sampler, evaluate, seed=0)
+        full = generate(sampler.transformer)
+        routed.clear_stats()
+        routed.reset()
+        images = generate(routed)
+        st = routed.stats()
+        per = st["per_sample"]
+        typer.echo(f"evaluation ({evaluate} images, seed 0): FLOP fraction {st['flop_fraction']:.3f} per sample "
+                   f"(min {per['min']:.3f}, median {per['median']:.3f}, max {per['max']:.3f}), "
+                   f"PSNR {metrics.psnr(images, full):.2f} dB against the full model")
+    typer.echo(f"wrote {out}")
+
+
 def _zoo_name_for(directory: Path) -> str:
     """The reference model a saved optimisation was made for: recorded by ``optimize``, else recognised."""
     from dit_opt import zoo

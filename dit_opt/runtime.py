@@ -10,7 +10,6 @@ own capture and variants on first use: the plan does not depend on shapes.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import itertools
 import warnings
@@ -31,6 +30,7 @@ from dit_opt.ir import BlockSpec, DiTGraph
 from dit_opt.plan import Plan
 from dit_opt.steps import StepTracker, timestep_value
 from dit_opt.synthetic import CallNames, call_names
+from dit_opt.wrapping import TransformerWrapper
 
 __all__ = ["COMPILE_MODES", "OptimizedTransformer", "compile_mode", "input_signature", "timestep_as_tensor"]
 
@@ -187,7 +187,7 @@ class _Stats:
 SKIPPING_ARGUMENTS = ("skip_layers",)
 
 
-class OptimizedTransformer(nn.Module):
+class OptimizedTransformer(TransformerWrapper):
     """A transformer that runs a :class:`~dit_opt.plan.Plan` (see :func:`dit_opt.optimize`).
 
     Attributes:
@@ -252,38 +252,9 @@ class OptimizedTransformer(nn.Module):
         self._number_as_tensor: dict[tuple[type, bool], bool] = {}
         if graph is not None:
             self._runners[self._runner_key(graph.example_inputs)] = self._make_runner(graph)
-        sig = inspect.signature(model.forward)
+        self.expose_forward(model, self._forward)
 
-        @functools.wraps(model.forward)
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return self._forward(*args, **kwargs)
-
-        forward.__signature__ = sig  # type: ignore[attr-defined]
-        self.forward = forward  # type: ignore[method-assign]
-
-    # ---- what pipelines read -----------------------------------------------------------------
-    @property
-    def config(self) -> Any:
-        """The wrapped model's config."""
-        return self.model.config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            model = self._modules.get("model")
-            if model is None or name.startswith("_"):
-                raise
-            return getattr(model, name)
-
+    # ---- what pipelines read: TransformerWrapper ---------------------------------------------
     @contextlib.contextmanager
     def cache_context(self, name: str, step_index: int | None = None, **details: Any):
         """Calls inside share the cache state ``name`` (diffusers pipelines use this for CFG branches).

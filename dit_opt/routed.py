@@ -1,0 +1,389 @@
+"""The runtime of elastic routers: :class:`RoutedTransformer` runs a model whose blocks are gated
+per sample by a :class:`~dit_opt.routers.RouterSet`.
+
+At each routed block call every row of the batch (a sample, or one guidance branch of one) gets
+its router's decision: compute at one of the MLP widths, or, where the gate is closed, reuse
+(the input plus the row's residual cached at its last compute of the block, at most
+``max_reuse`` times in a row; :attr:`~dit_opt.routers.RouterConfig.closed`) or skip (the block
+returns its inputs; with E-DiT's block caching where the gate is open by less than ``margin``).
+The rows that compute at a width are gathered into one sub-batch and run through that width's
+block (the block itself at full width; a copy with narrowed MLPs,
+:func:`dit_opt.executor.narrow_block`, otherwise), and scattered back: one sample's decisions
+never change another's output. A call where every row computes at full width runs the block as
+it is.
+
+Every call counts the FLOPs each row spends (the cost model's, per row: the glue outside the
+blocks, the routers, each block at its width, the reuses' adds), summed per sample over a
+generation; :meth:`RoutedTransformer.stats` reports their mean, spread and the decisions made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dit_opt.errors import ConfigError, InputMismatchError
+from dit_opt.executor import is_guidance_batch, mlp_linears, narrow_block, pack_outputs, split_outputs
+from dit_opt.ir import BlockSpec, DiTGraph, StreamSpec
+from dit_opt.routers import RouterSet, timestep_embedding
+from dit_opt.steps import StepTracker
+from dit_opt.synthetic import call_batch, call_names
+from dit_opt.wrapping import TransformerWrapper
+
+__all__ = ["RoutedBlock", "RoutedTransformer", "routed_blocks", "row_timesteps"]
+
+
+@dataclass
+class RoutedBlock:
+    """A block a router gates: where its router reads and what each choice costs per row."""
+
+    spec: BlockSpec
+    module: nn.Module
+    #: the forward argument the router reads (the first stream's input)
+    x_name: str
+    #: per row: FLOPs at each width of the router set (the last is full width)
+    flops: tuple[float, ...]
+    #: per row: FLOPs of a reuse (one add per stream element)
+    reuse_flops: float
+    #: whether the block has MLPs a width can narrow (else every width runs the whole block)
+    narrowable: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """What :meth:`from_json` needs to rebuild the block on the same model (no capture)."""
+        return {"name": self.spec.name, "x_name": self.x_name, "streams": [o.input_name for o in self.spec.outputs],
+                "tuple": self.spec.output_is_tuple, "mlp": list(self.spec.role_modules("mlp")),
+                "cls": self.spec.cls_name, "flops": list(self.flops), "reuse_flops": self.reuse_flops,
+                "narrowable": self.narrowable}
+
+    @classmethod
+    def from_json(cls, model: nn.Module, d: dict[str, Any]) -> RoutedBlock:
+        """The block :meth:`to_json` described, on ``model`` (which must have it)."""
+        list_name, _, index = d["name"].rpartition(".")
+        spec = BlockSpec(list_name, int(index), d["cls"], (),
+                         tuple(StreamSpec(k, n, None) for k, n in enumerate(d["streams"])), bool(d["tuple"]),
+                         (("mlp", tuple(d["mlp"])),) if d["mlp"] else ())
+        return cls(spec, model.get_submodule(d["name"]), d["x_name"], tuple(float(f) for f in d["flops"]),
+                   float(d["reuse_flops"]), bool(d["narrowable"]))
+
+
+def routed_blocks(graph: DiTGraph, widths: tuple[float, ...]) -> tuple[list[RoutedBlock], dict[str, str]]:
+    """The blocks of ``graph`` a router can gate, and why each other one cannot.
+
+    A block can be gated when each of its outputs continues an input stream (so that skipping
+    it returns that input) and its first stream is ``(batch, tokens, dim)``."""
+    batch = call_batch(graph) or 1
+    out, excluded = [], {}
+    for spec in graph.blocks:
+        if not spec.outputs or any(o.input_name is None for o in spec.outputs):
+            excluded[spec.name] = "an output continues no input stream, so the block cannot be skipped"
+            continue
+        shapes = dict(spec.inputs)
+        first = shapes.get(spec.outputs[0].input_name)
+        if first is None or len(first.shape) != 3 or first.shape[0] != batch:
+            excluded[spec.name] = "its first stream is not (batch, tokens, dim)"
+            continue
+        module = graph.model.get_submodule(spec.name)
+        narrowable = bool(mlp_linears(module, spec))
+        flops = tuple(graph.costs.flops(spec.name, width=w if narrowable else 1.0) / batch for w in widths)
+        elems = sum(int(np.prod(o.spec.shape[1:])) for o in spec.outputs if o.spec is not None)
+        out.append(RoutedBlock(spec, module, spec.outputs[0].input_name, flops, float(elems), narrowable))
+    return out, excluded
+
+
+def row_timesteps(timestep: Any, batch: int, device: Any) -> torch.Tensor:
+    """The call's timestep per row, ``(batch,)`` float32 (a scalar or one-element timestep repeated)."""
+    t = torch.as_tensor(timestep, dtype=torch.float32, device=device).reshape(-1)
+    if t.numel() == batch:
+        return t
+    return t[:1].expand(batch) if t.numel() else torch.zeros(batch, device=device)
+
+
+def gather_rows(value: Any, batch: int, idx: torch.Tensor, keep: frozenset[str] = frozenset(), name: str = "") -> Any:
+    """``value`` with every tensor whose first dimension is ``batch`` cut to rows ``idx``, through
+    tuples, lists and dicts (names in ``keep`` are passed whole: per-token tensors such as rotary
+    embeddings that happen to have ``batch`` rows)."""
+    if name in keep:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, idx) if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, tuple | list):
+        return type(value)(gather_rows(v, batch, idx, keep) for v in value)
+    if isinstance(value, dict):
+        return {k: gather_rows(v, batch, idx, keep, k) for k, v in value.items()}
+    return value
+
+
+class RoutedTransformer(TransformerWrapper):
+    """``model`` with its blocks gated per sample by ``routers`` (see the module docstring).
+
+    Args:
+        model: the transformer (left unchanged: the blocks' forwards are swapped in per call).
+        routers: a :class:`~dit_opt.routers.RouterSet` for ``model``.
+        blocks: the gated blocks (:func:`routed_blocks`), in ``routers.config.blocks`` order.
+        glue_flops: per row, the FLOPs of one call outside the blocks.
+        full_flops: per row, the FLOPs of one call of the model.
+        order: per ``"<block>.<mlp>"`` the hidden channels from most to least important (the
+            widths keep a prefix of it).
+        num_steps: the loop's steps (where ``reuse_from`` starts), from the calibration.
+        cap: a hard cap: a row whose FLOPs so far (this block at full cost included) would exceed
+            ``cap`` of the full model's skips the block. ``None``: the budget holds on average.
+        latent_shape: the latent's shape past the batch the routers were made for.
+    """
+
+    def __init__(self, model: nn.Module, routers: RouterSet, blocks: list[RoutedBlock], *, glue_flops: float,
+                 full_flops: float, order: dict[str, torch.Tensor] | None = None, num_steps: int = 0,
+                 cap: float | None = None, latent_shape: tuple[int, ...] | None = None):
+        super().__init__()
+        if [b.spec.name for b in blocks] != list(routers.config.blocks):
+            raise ConfigError("RoutedTransformer: the blocks must be the router set's, in its order")
+        if cap is not None and not 0.0 < cap <= 1.0:
+            raise ConfigError(f"cap={cap}: a hard FLOP cap is a fraction in (0, 1]")
+        self.model = model
+        self.routers = routers
+        self.blocks = blocks
+        self.glue_flops, self.full_flops = float(glue_flops), float(full_flops)
+        self.num_steps, self.cap, self.latent_shape = num_steps, cap, latent_shape
+        self.names = call_names(model)
+        cfg = routers.config
+        self._variants: list[list[nn.Module]] = []
+        for b in blocks:
+            prefix = {k.removeprefix(b.spec.name + "."): v for k, v in (order or {}).items()
+                      if k.startswith(b.spec.name + ".")}
+            self._variants.append([b.module if w == 1.0 or not b.narrowable else
+                                   narrow_block(b.module, b.spec, w, prefix) for w in cfg.widths])
+        self.order = dict(order or {})
+        self._router_flops = [routers[b.spec.name].flops(cfg.tokens[i], cfg.dims[i]) for i, b in enumerate(blocks)]
+        self._decisions: Counter = Counter()
+        self._done: list[float] = []  # per sample of each finished generation: its FLOP fraction
+        self.reset()
+        self.expose_forward(model, self._forward)
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **details: Any):
+        """What diffusers pipelines wrap each guidance branch's call in; the branches are told apart
+        by their repeated timestep (:class:`~dit_opt.steps.StepTracker`), each with its own caches."""
+        yield
+
+    @classmethod
+    def from_graph(cls, graph: DiTGraph, routers: RouterSet, **kwargs: Any) -> RoutedTransformer:
+        """The routed model of a captured, FLOP-annotated ``graph`` (``annotate_flops``): its gated
+        blocks those of ``routers.config`` (:func:`routed_blocks`), the per-row FLOPs from its cost
+        model (blocks left ungated count with the glue, which always runs). ``kwargs``: as the
+        constructor's (``order``, ``num_steps``, ``cap``, ``latent_shape``)."""
+        found, excluded = routed_blocks(graph, routers.config.widths)
+        by_name = {b.spec.name: b for b in found}
+        missing = [n for n in routers.config.blocks if n not in by_name]
+        if missing:
+            raise ConfigError(f"the routers gate {missing}, which this graph cannot gate: "
+                              + "; ".join(f"{k}: {excluded.get(k, 'not a block')}" for k in missing))
+        blocks = [by_name[n] for n in routers.config.blocks]
+        batch = call_batch(graph) or 1
+        gated = sum(graph.costs.flops(n) for n in routers.config.blocks)
+        full = graph.flops / batch
+        return cls(graph.model, routers, blocks, glue_flops=full - gated / batch, full_flops=full, **kwargs)
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Start a new generation: caches and the current generation's counts cleared."""
+        self.tracker = StepTracker(self.names)
+        self._branches: dict[int, SimpleNamespace] = {}  # per guidance branch: its caches
+        self._spent: torch.Tensor | None = None
+        self._full: torch.Tensor | None = None
+        self._guidance = False
+
+    def _current(self) -> list[float]:
+        """Per sample of the current generation, the FLOP fraction spent so far."""
+        if self._spent is None:
+            return []
+        spent, full = self._spent, self._full
+        if self._guidance and spent.numel() % 2 == 0:  # a sample's two branches are one sample
+            h = spent.numel() // 2
+            spent, full = spent[:h] + spent[h:], full[:h] + full[h:]
+        return (spent / full).tolist()
+
+    def _finish_generation(self) -> None:
+        self._done.extend(self._current())
+        self._spent = self._full = None
+
+    def stats(self) -> dict[str, Any]:
+        """FLOPs spent per sample (fractions of the full model's, counted per call; finished
+        generations and the current one) and the decisions made, per block and kind."""
+        done = self._done + self._current()
+        arr = np.asarray(done, dtype=float)
+        per = ({"min": float(arr.min()), "median": float(np.median(arr)), "max": float(arr.max())}
+               if arr.size else {})
+        blocks: dict[str, dict[str, int]] = {}
+        for (name, kind), n in sorted(self._decisions.items()):
+            blocks.setdefault(name, {})[kind] = n
+        return {"samples": int(arr.size), "flop_fraction": float(arr.mean()) if arr.size else None,
+                "per_sample": per, "decisions": blocks}
+
+    def clear_stats(self) -> None:
+        """Forget the counted samples and decisions (the caches stay)."""
+        self._decisions.clear()
+        self._done = []
+
+    # ------------------------------------------------------------------ artifacts
+    def save(self, path: str | Path) -> Path:
+        """Write the routers and what running them needs (the blocks' costs and streams, the
+        MLPs' channel order) to one safetensors file; :meth:`load` reads it back."""
+        runtime = {"blocks": [b.to_json() for b in self.blocks], "glue_flops": self.glue_flops,
+                   "full_flops": self.full_flops, "num_steps": self.num_steps, "cap": self.cap,
+                   "latent_shape": list(self.latent_shape) if self.latent_shape is not None else None}
+        return self.routers.save(path, runtime, {f"order.{k}": v for k, v in self.order.items()})
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module, *, cap: float | None = None) -> RoutedTransformer:
+        """The routed ``model`` saved by :meth:`save` (``cap``: a hard cap in place of the saved one).
+
+        Raises:
+            ArtifactError: the file is missing, corrupt, of another format, or made for another model.
+        """
+        from dit_opt.errors import ArtifactError
+
+        routers, runtime, extra = RouterSet.read(path)
+        routers.check_model(model, str(path))
+        try:
+            blocks = [RoutedBlock.from_json(model, d) for d in runtime["blocks"]]
+            order = {k.removeprefix("order."): v for k, v in extra.items() if k.startswith("order.")}
+            shape = runtime.get("latent_shape")
+            return cls(model, routers, blocks, glue_flops=runtime["glue_flops"], full_flops=runtime["full_flops"],
+                       order=order, num_steps=int(runtime["num_steps"]), cap=cap if cap is not None else runtime["cap"],
+                       latent_shape=tuple(shape) if shape is not None else None)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ArtifactError(f"{path}: its runtime record is corrupt or does not fit "
+                                f"{type(model).__name__} ({type(e).__name__}: {e}); train the routers again") from e
+
+    # ------------------------------------------------------------------ forward
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        named = self.names.named(args, kwargs)
+        latent = self.names.latent_of(named)
+        if not isinstance(latent, torch.Tensor) or latent.dim() < 2:
+            raise InputMismatchError(f"{type(self.model).__name__}: RoutedTransformer needs the latent "
+                                     f"'{self.names.latent}' as a batched tensor")
+        if self.latent_shape is not None and tuple(latent.shape[1:]) != tuple(self.latent_shape):
+            raise InputMismatchError(
+                f"latent of shape {tuple(latent.shape[1:])} per sample, but the routers were made for "
+                f"{tuple(self.latent_shape)} (their FLOP counts and caches are per token): train routers "
+                f"at this resolution")
+        batch = int(latent.shape[0])
+        timestep = self.names.timestep_of(named, 0.0)
+        t = row_timesteps(timestep, batch, latent.device)
+        pos = self.tracker.peek(float(t[0]), named)
+        if pos.new_generation:
+            self._finish_generation()
+            self._branches = {}
+        elif self._spent is not None and self._spent.numel() != batch:
+            raise InputMismatchError(f"batch of {batch} rows in the middle of a generation of "
+                                     f"{self._spent.numel()}: start a new generation (opt.reset())")
+        self.tracker.commit(pos)
+        if self._spent is None:
+            self._spent = torch.zeros(batch, dtype=torch.float64)
+            self._full = torch.zeros(batch, dtype=torch.float64)
+            self._guidance = is_guidance_batch(latent)
+        if pos.branch not in self._branches:
+            U = len(self.blocks)
+            self._branches[pos.branch] = SimpleNamespace(
+                cache=[None] * U, have=[torch.zeros(batch, dtype=torch.bool) for _ in range(U)],
+                streak=[torch.zeros(batch, dtype=torch.long) for _ in range(U)])
+        self._full += self.full_flops
+        self._spent += self.glue_flops + sum(self._router_flops)
+        cfg = self.routers.config
+        temb = timestep_embedding(t, scale=cfg.timestep_scale)
+        call = {"step": pos.step, "temb": temb, "decisions": None, "state": self._branches[pos.branch]}
+        saved = []
+        for i, b in enumerate(self.blocks):
+            saved.append(b.module)
+            b.module.forward = self._wrapped(i, b, call, b.module.forward)
+        try:
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
+        finally:
+            for m in saved:
+                del m.forward
+
+    def _decide(self, i: int, x: torch.Tensor, call: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate probability and width index of every row at block ``i``."""
+        cfg = self.routers.config
+        if cfg.decide == "step":
+            if call["decisions"] is None:  # every router reads the first routed block's input, once
+                call["decisions"] = [self.routers[b.spec.name](x, call["temb"]) for b in self.blocks]
+            gate, width = call["decisions"][i]
+        else:
+            gate, width = self.routers[self.blocks[i].spec.name](x, call["temb"])
+        return torch.sigmoid(gate.float() - cfg.offset).cpu(), width.argmax(-1).cpu()
+
+    def _wrapped(self, i: int, b: RoutedBlock, call: dict, forward: Any) -> Any:
+        cfg = self.routers.config
+
+        signature = inspect.signature(forward)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            named = dict(signature.bind(*args, **kwargs).arguments)
+            state = call["state"]
+            streams = [named[o.input_name] for o in b.spec.outputs]
+            x = named[b.x_name]
+            batch = x.shape[0]
+            p, width = self._decide(i, x, call)
+            opened = p >= 0.5
+            if self.cap is not None:  # the row's FLOPs so far, this block at full cost, within the cap
+                opened &= ~(self._spent + b.flops[-1] > self.cap * self._full)
+            cached = state.have[i] & (state.streak[i] < cfg.max_reuse)
+            if cfg.closed == "reuse":
+                compute, reuse = opened | ~cached, ~opened & cached
+            else:
+                compute, reuse = opened, torch.zeros_like(opened)
+                if cfg.margin > 0 and call["step"] >= round(cfg.reuse_from * self.num_steps):
+                    reuse = compute & (p < 0.5 + cfg.margin) & cached
+                    compute &= ~reuse
+            name = b.spec.name
+            if bool(compute.all()) and bool((width == len(cfg.widths) - 1).all()):
+                out = forward(*args, **kwargs)  # every row at full width: the block as it is
+                outs = split_outputs(out)
+                state.cache[i] = [(o - s).detach() for o, s in zip(outs, streams, strict=True)]
+                state.have[i][:] = True
+                state.streak[i][:] = 0
+                self._spent += b.flops[-1]
+                self._decisions[(name, f"width {cfg.widths[-1]:g}")] += batch
+                return out
+            outs = [s.clone() for s in streams]
+            if state.cache[i] is None:
+                state.cache[i] = [torch.zeros_like(s) for s in streams]
+            for j, w in enumerate(cfg.widths):
+                rows = (compute & (width == j)).nonzero().flatten()
+                if not rows.numel():
+                    continue
+                idx = rows.to(x.device)
+                sub_a = tuple(gather_rows(a, batch, idx) for a in args)
+                sub_k = {k: gather_rows(v, batch, idx, name=k) for k, v in kwargs.items()}
+                variant = self._variants[i][j]
+                got = split_outputs(forward(*sub_a, **sub_k) if variant is b.module else variant(*sub_a, **sub_k))
+                for o, g, s, c in zip(outs, got, streams, state.cache[i], strict=True):
+                    o.index_copy_(0, idx, g.to(o.dtype))
+                    c.index_copy_(0, idx, (g - s.index_select(0, idx)).detach().to(c.dtype))
+                self._spent[rows] += b.flops[j]
+                self._decisions[(name, f"width {w:g}")] += int(rows.numel())
+            rows = reuse.nonzero().flatten()
+            if rows.numel():
+                idx = rows.to(x.device)
+                for o, s, c in zip(outs, streams, state.cache[i], strict=True):
+                    o.index_copy_(0, idx, (s.index_select(0, idx) + c.index_select(0, idx)).to(o.dtype))
+                self._spent[rows] += b.reuse_flops
+                self._decisions[(name, "reuse")] += int(rows.numel())
+            skipped = int((~compute & ~reuse).sum())
+            if skipped:
+                self._decisions[(name, "skip")] += skipped
+            state.have[i] |= compute
+            state.streak[i] = torch.where(compute, 0, state.streak[i] + reuse.long())
+            return pack_outputs(b.spec.output_is_tuple, *outs)
+
+        return run

@@ -1,0 +1,390 @@
+"""Training elastic routers (E-DiT) with the backbone frozen: :func:`train_routers`.
+
+1. The calibration runs once with the full model; every call's inputs and output are recorded
+   (the model's own trajectories), and the blocks are captured for the cost model and the MLPs'
+   channel importance (:func:`passes.annotate_sensitivity.measure_channel_order`).
+2. The routers are trained on the recorded calls: each block's output is
+   ``x + g (block(x) - x)`` per row, with ``g`` the hard gate decision whose gradient is the
+   gate probability's (straight-through), and its MLPs' hidden channels masked to the prefix of
+   the width chosen (one-hot, straight-through through the softmax). The loss is the relative
+   squared error of the model's output against the recorded one plus ``penalty`` times the squared
+   gap between the FLOP fraction the decisions spend (the cost model's FLOPs, averaged over the
+   minibatch's rows and calls) and the budget.
+3. The gate threshold is then calibrated on the calibration itself, run through the
+   :class:`~dit_opt.routed.RoutedTransformer` (its own trajectories, E-DiT's caching included): a
+   common offset on every gate logit, bisected so that the mean FLOP fraction per sample is as
+   high as the budget allows and no higher.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from dit_opt.errors import ConfigError, DitOptError, InfeasibleBudgetError
+from dit_opt.executor import mlp_linears, model_sample, split_outputs
+from dit_opt.fingerprint import weights_digest
+from dit_opt.routed import RoutedBlock, RoutedTransformer, routed_blocks, row_timesteps
+from dit_opt.routers import RouterConfig, RouterSet, timestep_embedding
+from dit_opt.synthetic import call_names
+
+__all__ = ["train_routers", "record_calls"]
+
+#: bisection rounds of the gate offset (one calibration run each)
+OFFSET_ROUNDS = 7
+
+
+def record_calls(model: nn.Module, calibration: Callable[[nn.Module], Any]
+                 ) -> list[tuple[dict[str, Any], torch.Tensor]]:
+    """Run ``calibration`` with ``model`` and return every call's named inputs and its output
+    (the prediction, :func:`dit_opt.executor.model_sample`), detached."""
+    names = call_names(model)
+    calls: list[tuple[dict[str, Any], torch.Tensor]] = []
+    pending: list[dict[str, Any]] = []
+
+    def pre(module, args, kwargs):
+        pending.append({k: _detach(v) for k, v in names.named(args, kwargs).items()})
+
+    def post(module, args, kwargs, out):
+        calls.append((pending.pop(), model_sample(out).detach().clone()))
+
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+               model.register_forward_hook(post, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            calibration(model)
+    finally:
+        for h in handles:
+            h.remove()
+    if not calls:
+        raise DitOptError(f"{type(model).__name__}: the calibration never called the model. It must run "
+                          f"denoising loops with the module it is given.")
+    return calls
+
+
+def _detach(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().clone()
+    if isinstance(v, tuple | list):
+        return type(v)(_detach(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _detach(x) for k, x in v.items()}
+    return v
+
+
+def _positions(model: nn.Module, calls: list) -> tuple[list[int | None], int]:
+    """Per recorded call, the index of the call of the same generation and branch one step
+    earlier (``None`` at a generation's first step), and the loop's number of steps."""
+    from dit_opt.steps import StepTracker, timestep_value
+
+    names = call_names(model)
+    tracker, steps, seen, prev = StepTracker(names), 0, {}, []
+    for n, (inputs, _) in enumerate(calls):
+        pos = tracker.peek(timestep_value(names.timestep_of(inputs, 0.0)), inputs)
+        tracker.commit(pos)
+        seen[(pos.generation, pos.step, pos.branch)] = n
+        prev.append(seen.get((pos.generation, pos.step - 1, pos.branch)))
+        steps = max(steps, pos.step + 1)
+    return prev, steps
+
+
+def _block_residuals(model: nn.Module, blocks: list[RoutedBlock], calls: list) -> list[list[list[torch.Tensor]]]:
+    """Per recorded call, per gated block, its output minus its input per stream (the call
+    replayed with the full model)."""
+    out: list[list[list[torch.Tensor]]] = []
+    current: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for i, b in enumerate(blocks):
+        signature = inspect.signature(b.module.forward)
+
+        def hook(mod, args, kwargs, res, i=i, b=b, signature=signature):
+            named = signature.bind(*args, **kwargs).arguments
+            current[i] = [(o - named[s.input_name]).detach() for o, s in zip(split_outputs(res), b.spec.outputs,
+                                                                                strict=True)]
+
+        handles.append(b.module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for inputs, _ in calls:
+                current.clear()
+                model(**inputs)
+                out.append([current[i] for i in range(len(blocks))])
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+class _Training:
+    """The training-time block wrappers (soft, straight-through decisions on whole batches)."""
+
+    def __init__(self, routers: RouterSet, blocks: list[RoutedBlock], order: dict[str, torch.Tensor]):
+        self.routers, self.blocks = routers, blocks
+        cfg = routers.config
+        self.widths = torch.tensor(cfg.widths)
+        # per block, per MLP: (last Linear, (num_widths, hidden) prefix masks in the channel order)
+        self.masks: list[list[tuple[nn.Module, torch.Tensor]]] = []
+        for b in blocks:
+            found = []
+            for name, _, last, _ in mlp_linears(b.module, b.spec) if b.narrowable else []:
+                hidden = last.in_features
+                rank = torch.empty(hidden, dtype=torch.long)
+                idx = order.get(f"{b.spec.name}.{name}", torch.arange(hidden)).to(torch.long)
+                rank[idx] = torch.arange(hidden)
+                m = torch.stack([(rank < max(1, round(w * hidden))).float() for w in cfg.widths])
+                found.append((last, m))
+            self.masks.append(found)
+        self.spent: list[torch.Tensor] = []
+        self.call: dict[str, Any] = {}
+
+    def forward(self, model: nn.Module, inputs: dict[str, Any], temb: torch.Tensor,
+                cached: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
+        """The model's prediction on ``inputs`` with the routers' decisions; ``cached``: per block,
+        the residuals a closed gate reuses (``None``: none yet, the gates stay open)."""
+        self.spent, self.call = [], {"temb": temb, "decisions": None, "cached": cached}
+        saved, hooks = [], []
+        for i, b in enumerate(self.blocks):
+            saved.append(b.module)
+            b.module.forward = self._wrapped(i, b, b.module.forward, hooks)
+        try:
+            return model_sample(model(**inputs))
+        finally:
+            for m in saved:
+                del m.forward
+            for h in hooks:
+                h.remove()
+
+    def _wrapped(self, i: int, b: RoutedBlock, forward: Any, hooks: list) -> Any:
+        cfg = self.routers.config
+
+        signature = inspect.signature(forward)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            named = dict(signature.bind(*args, **kwargs).arguments)
+            streams = [named[o.input_name] for o in b.spec.outputs]
+            x = named[b.x_name]
+            if cfg.decide == "step":
+                if self.call["decisions"] is None:
+                    self.call["decisions"] = [self.routers[r.spec.name](x, self.call["temb"]) for r in self.blocks]
+                gate, wl = self.call["decisions"][i]
+            else:
+                gate, wl = self.routers[b.spec.name](x, self.call["temb"])
+            p = torch.sigmoid(gate.float() - cfg.offset)
+            g = (p >= 0.5).float() + p - p.detach()
+            cached = self.call["cached"][i] if self.call["cached"] is not None else None
+            if cfg.closed == "reuse" and cached is None:
+                g = torch.ones_like(p)  # nothing to reuse yet: the block computes
+            soft = torch.softmax(wl.float(), -1)
+            sw = torch.nn.functional.one_hot(soft.argmax(-1), soft.shape[-1]).float() + soft - soft.detach()
+            width = sw @ self.widths
+            local = []
+            for last, m in self.masks[i]:
+                mask = sw @ m  # (rows, hidden)
+
+                def pre(mod, a, mask=mask):
+                    h = a[0]
+                    shape = (h.shape[0],) + (1,) * (h.dim() - 2) + (h.shape[-1],)
+                    return (h * mask.reshape(shape).to(h.dtype), *a[1:])
+
+                local.append(last.register_forward_pre_hook(pre))
+            try:
+                out = forward(*args, **kwargs)
+            finally:
+                for h in local:
+                    h.remove()
+            full, narrowest = b.flops[-1], b.flops[0]
+            mlp = (full - narrowest) / (1.0 - cfg.widths[0]) if cfg.widths[0] < 1.0 else 0.0  # linear in width
+            closed = b.reuse_flops if cfg.closed == "reuse" else 0.0
+            self.spent.append(g * (full - mlp * (1.0 - width)) + (1 - g) * closed)
+            outs = []
+            for k, (o, s) in enumerate(zip(split_outputs(out), streams, strict=True)):
+                gs = g.reshape((-1,) + (1,) * (s.dim() - 1)).to(s.dtype)
+                off = s if cfg.closed == "skip" or cached is None else s + cached[k]
+                outs.append(off + gs * (o - off))
+            return tuple(outs) if b.spec.output_is_tuple else outs[0]
+
+        return run
+
+
+def train_routers(
+    model: nn.Module,
+    calibration: Callable[[nn.Module], Any],
+    *,
+    budget: float = 0.5,
+    steps: int = 300,
+    lr: float = 3e-3,
+    penalty: float = 10.0,
+    minibatch: int = 4,
+    decide: str = "block",
+    widths: tuple[float, ...] = (1.0,),
+    hidden: int = 128,
+    closed: str = "reuse",
+    margin: float = 0.0,
+    max_reuse: int = 3,
+    reuse_from: float = 0.5,
+    calibrate: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> RoutedTransformer:
+    """Train E-DiT routers for ``model`` (its weights frozen) to spend ``budget`` of its FLOPs.
+
+    Args:
+        model: a diffusers transformer (or a DiT-like module dit-opt captures).
+        calibration: ``module -> anything``: runs denoising loops with the module it is given
+            (as for :func:`dit_opt.optimize`); its calls are the training data, and it is run again
+            to calibrate the gate threshold.
+        budget: the mean FLOP fraction per sample to spend, in (0, 1].
+        steps: optimiser steps (``minibatch`` recorded calls each).
+        lr: Adam's learning rate.
+        penalty: weight of the squared gap between the FLOP fraction and the budget.
+        decide: ``"block"`` (each router reads its block's input) or ``"step"`` (all read the
+            first block's, so a step's decisions are taken at once).
+        widths: the MLP widths the routers choose among (increasing, ending with 1.0). Full width
+            only by default: E-DiT's :data:`~dit_opt.routers.DEFAULT_WIDTHS` narrow the MLPs of a
+            backbone that was not trained for it, which on the reference models loses far more
+            than it saves (``docs/routers.md``).
+        hidden: the routers' hidden size.
+        closed: what a closed gate does, ``"reuse"`` or ``"skip"``
+            (:class:`~dit_opt.routers.RouterConfig`).
+        margin, max_reuse, reuse_from: E-DiT's block caching (:class:`~dit_opt.routers.RouterConfig`).
+        calibrate: bisect the gate offset on the calibration so that the FLOPs meet the budget.
+        seed: seeds the routers' initialisation and the minibatches.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`~dit_opt.routed.RoutedTransformer`; ``.routers.config.report`` holds the training
+        figures (seconds, final losses, the calibrated FLOP fraction per round).
+
+    Raises:
+        ConfigError: a budget outside (0, 1], or bad router options.
+        DitOptError: no block of the model can be gated.
+    """
+    if not isinstance(budget, int | float) or not 0.0 < budget <= 1.0:
+        raise ConfigError(f"budget={budget!r}: a FLOP fraction in (0, 1], e.g. 0.5")
+    if steps < 0 or minibatch < 1:
+        raise ConfigError(f"steps={steps}, minibatch={minibatch}: steps must be >= 0 and minibatch >= 1")
+    from dit_opt.capture import capture
+    from dit_opt.runtime import timestep_as_tensor
+    from passes.annotate_flops import annotate_flops
+    from passes.annotate_sensitivity import measure_channel_order
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    names = call_names(model)
+    calls = record_calls(model, calibration)
+    example = {k: v for k, v in calls[0][0].items() if v is not None and k != "return_dict"}
+    graph = capture(model, timestep_as_tensor(model, example, names) or example)
+    annotate_flops(graph)
+    order, _ = measure_channel_order(graph, calibration)
+    blocks, excluded = routed_blocks(graph, tuple(widths))
+    if not blocks:
+        raise DitOptError(f"{type(model).__name__}: no block can be gated by a router ("
+                          + "; ".join(f"{k}: {v}" for k, v in excluded.items()) + ")")
+    shapes = [dict(b.spec.inputs)[b.x_name].shape for b in blocks]
+    ts = torch.cat([row_timesteps(names.timestep_of(c[0], 0.0), 1, "cpu") for c in calls])
+    config = RouterConfig(
+        blocks=tuple(b.spec.name for b in blocks), dims=tuple(int(s[-1]) for s in shapes),
+        tokens=tuple(int(s[1]) for s in shapes), widths=tuple(float(w) for w in widths), hidden=hidden,
+        timestep_scale=1000.0 if float(ts.abs().max()) <= 1.0 + 1e-6 else 1.0, decide=decide, closed=closed,
+        margin=margin, max_reuse=max_reuse, reuse_from=reuse_from, budget=float(budget),
+        fingerprint=weights_digest(model))
+    routers = RouterSet(config)
+    latent = names.latent_of(calls[0][0])
+    prev, num_steps = _positions(model, calls)
+    residuals = _block_residuals(model, blocks, calls) if config.closed == "reuse" else None
+
+    def routed(rs: RouterSet) -> RoutedTransformer:
+        return RoutedTransformer.from_graph(graph, rs, order=order, num_steps=num_steps,
+                                            latent_shape=tuple(latent.shape[1:]))
+
+    probe = routed(routers)
+    glue, full = probe.glue_flops, probe.full_flops
+
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    train = _Training(routers, blocks, order)
+    opt = torch.optim.Adam(routers.parameters(), lr=lr)
+    rng = random.Random(seed)
+    losses: list[tuple[float, float]] = []
+    try:
+        with Progress(disable=not progress, transient=True) as bar:
+            task = bar.add_task("training routers", total=steps)
+            for _ in range(steps):
+                opt.zero_grad()
+                err_sum, fracs = 0.0, []
+                loss = torch.zeros(())
+                for n in rng.sample(range(len(calls)), min(minibatch, len(calls))):
+                    inputs, ref = calls[n]
+                    rows = int(names.latent_of(inputs).shape[0])
+                    t = row_timesteps(names.timestep_of(inputs, 0.0), rows, ref.device)
+                    # a closed gate reuses the block's residual of the step before (teacher-forced)
+                    cached = residuals[prev[n]] if residuals is not None and prev[n] is not None else None
+                    out = train.forward(model, inputs, timestep_embedding(t, scale=config.timestep_scale),
+                                        cached if cached is not None else None)
+                    err = (out.float() - ref.float()).pow(2).sum() / ref.float().pow(2).sum().clamp_min(1e-12)
+                    loss = loss + err / minibatch
+                    err_sum += float(err) / minibatch
+                    fracs.append((glue + sum(s.mean() for s in train.spent)) / full)
+                frac = torch.stack([torch.as_tensor(f) for f in fracs]).mean()
+                loss = loss + penalty * (frac - budget) ** 2
+                loss.backward()
+                opt.step()
+                losses.append((err_sum, float(frac)))
+                bar.advance(task)
+    finally:
+        for p, f in zip(model.parameters(), frozen, strict=True):
+            p.requires_grad_(f)
+    trained = time.perf_counter() - t0
+    rounds: list[tuple[float, float]] = []
+    if calibrate:
+        routers, rounds = _calibrate_offset(routers, routed, calibration, budget)
+    report = {"steps": steps, "train_seconds": round(trained, 2), "seconds": round(time.perf_counter() - t0, 2),
+              "error": losses[-1][0] if losses else None, "trained_fraction": losses[-1][1] if losses else None,
+              "offset_rounds": rounds, "excluded": excluded, "calls": len(calls)}
+    routers = routers.with_config(report=report)
+    return routed(routers)
+
+
+def _calibrate_offset(routers: RouterSet, routed: Callable[[RouterSet], RoutedTransformer],
+                      calibration: Callable[[nn.Module], Any], budget: float) -> tuple[RouterSet, list]:
+    """The router set with the gate offset that spends the most of ``budget`` on the calibration
+    (bisection, :data:`OFFSET_ROUNDS` runs), and ``(offset, FLOP fraction)`` per run."""
+    rounds = []
+
+    def fraction(offset: float) -> float:
+        opt = routed(routers.with_config(offset=offset))
+        calibration(opt)
+        frac = opt.stats()["flop_fraction"]
+        rounds.append((round(offset, 4), round(frac, 4)))
+        return frac
+
+    lo, hi = -8.0, 8.0  # a higher offset closes more gates
+    best = None
+    if fraction(0.0) <= budget:
+        hi = 0.0
+        best = 0.0
+    else:
+        lo = 0.0
+        while hi < 64 and fraction(hi) > budget:  # trained logits can be far from 0
+            lo, hi = hi, hi * 2
+    for _ in range(OFFSET_ROUNDS - 1):
+        mid = (lo + hi) / 2
+        if fraction(mid) <= budget:
+            best, hi = mid, mid
+        else:
+            lo = mid
+    if best is None:
+        if fraction(hi) > budget:
+            raise InfeasibleBudgetError(
+                f"budget {budget}: with every gate closed the routed model still spends {rounds[-1][1]:.3f} "
+                f"of the FLOPs (the glue outside the blocks and the routers): give a budget above that")
+        best = hi
+    return routers.with_config(offset=best), rounds
