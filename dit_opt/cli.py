@@ -416,8 +416,9 @@ def train_routers(
                                  "(evaluation seed; 0: none)."),
     decide: str = typer.Option("block", "--decide", help="block: each router reads its block's input; step: all "
                                "read the first block's, one decision point per step."),
-    closed: str = typer.Option("reuse", "--closed", help="reuse: a closed gate serves the block's cached residual; "
-                               "skip: the block returns its input (E-DiT)."),
+    closed: str = typer.Option("forecast", "--closed", help="forecast: a closed gate serves the block's residual "
+                               "extrapolated from its last two computes; reuse: its last one; skip: the block "
+                               "returns its input (E-DiT)."),
     threads: int | None = _THREADS,
 ) -> None:
     """Train E-DiT routers (per-sample block gates) for a reference model, its weights frozen, and save them."""

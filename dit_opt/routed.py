@@ -293,7 +293,9 @@ class RoutedTransformer(TransformerWrapper):
         if pos.branch not in self._branches:
             U = len(self.blocks)
             self._branches[pos.branch] = SimpleNamespace(
-                cache=[None] * U, have=[torch.zeros(batch, dtype=torch.bool) for _ in range(U)],
+                cache=[None] * U, prev=[None] * U,
+                computed=[torch.full((batch, 2), -1, dtype=torch.long) for _ in range(U)],
+                have=[torch.zeros(batch, dtype=torch.bool) for _ in range(U)],
                 streak=[torch.zeros(batch, dtype=torch.long) for _ in range(U)])
         self._full += self.full_flops
         self._spent += self.glue_flops + sum(self._router_flops)
@@ -338,7 +340,7 @@ class RoutedTransformer(TransformerWrapper):
             if self.cap is not None:  # the row's FLOPs so far, this block at full cost, within the cap
                 opened &= ~(self._spent + b.flops[-1] > self.cap * self._full)
             cached = state.have[i] & (state.streak[i] < cfg.max_reuse)
-            if cfg.closed == "reuse":
+            if cfg.closed != "skip":
                 compute, reuse = opened | ~cached, ~opened & cached
             else:
                 compute, reuse = opened, torch.zeros_like(opened)
@@ -349,7 +351,9 @@ class RoutedTransformer(TransformerWrapper):
             if bool(compute.all()) and bool((width == len(cfg.widths) - 1).all()):
                 out = forward(*args, **kwargs)  # every row at full width: the block as it is
                 outs = split_outputs(out)
+                state.prev[i] = state.cache[i]
                 state.cache[i] = [(o - s).detach() for o, s in zip(outs, streams, strict=True)]
+                state.computed[i] = torch.stack([torch.full((batch,), call["step"]), state.computed[i][:, 0]], 1)
                 state.have[i][:] = True
                 state.streak[i][:] = 0
                 self._spent += b.flops[-1]
@@ -358,6 +362,10 @@ class RoutedTransformer(TransformerWrapper):
             outs = [s.clone() for s in streams]
             if state.cache[i] is None:
                 state.cache[i] = [torch.zeros_like(s) for s in streams]
+            if state.prev[i] is None:
+                state.prev[i] = [torch.zeros_like(s) for s in streams]
+            forecast = self._forecast_weights(state.computed[i], call["step"], reuse) if cfg.closed == "forecast" \
+                else None
             for j, w in enumerate(cfg.widths):
                 rows = (compute & (width == j)).nonzero().flatten()
                 if not rows.numel():
@@ -367,18 +375,25 @@ class RoutedTransformer(TransformerWrapper):
                 sub_k = {k: gather_rows(v, batch, idx, name=k) for k, v in kwargs.items()}
                 variant = self._variants[i][j]
                 got = split_outputs(forward(*sub_a, **sub_k) if variant is b.module else variant(*sub_a, **sub_k))
-                for o, g, s, c in zip(outs, got, streams, state.cache[i], strict=True):
+                for o, g, s, c, q in zip(outs, got, streams, state.cache[i], state.prev[i], strict=True):
                     o.index_copy_(0, idx, g.to(o.dtype))
+                    q.index_copy_(0, idx, c.index_select(0, idx))
                     c.index_copy_(0, idx, (g - s.index_select(0, idx)).detach().to(c.dtype))
+                state.computed[i][rows, 1] = state.computed[i][rows, 0]
+                state.computed[i][rows, 0] = call["step"]
                 self._spent[rows] += b.flops[j]
                 self._decisions[(name, f"width {w:g}")] += int(rows.numel())
             rows = reuse.nonzero().flatten()
             if rows.numel():
                 idx = rows.to(x.device)
-                for o, s, c in zip(outs, streams, state.cache[i], strict=True):
-                    o.index_copy_(0, idx, (s.index_select(0, idx) + c.index_select(0, idx)).to(o.dtype))
-                self._spent[rows] += b.reuse_flops
-                self._decisions[(name, "reuse")] += int(rows.numel())
+                for o, s, c, q in zip(outs, streams, state.cache[i], state.prev[i], strict=True):
+                    served = c.index_select(0, idx)
+                    if forecast is not None:  # first order, at the row's own spacing of its computes
+                        k = forecast[rows].to(c.device, c.dtype).reshape((-1,) + (1,) * (c.dim() - 1))
+                        served = served + k * (served - q.index_select(0, idx))
+                    o.index_copy_(0, idx, (s.index_select(0, idx) + served).to(o.dtype))
+                self._spent[rows] += b.reuse_flops * (1 if forecast is None else 3)
+                self._decisions[(name, "reuse" if forecast is None else "forecast")] += int(rows.numel())
             skipped = int((~compute & ~reuse).sum())
             if skipped:
                 self._decisions[(name, "skip")] += skipped
@@ -387,3 +402,12 @@ class RoutedTransformer(TransformerWrapper):
             return pack_outputs(b.spec.output_is_tuple, *outs)
 
         return run
+
+    @staticmethod
+    def _forecast_weights(computed: torch.Tensor, step: int, rows: torch.Tensor) -> torch.Tensor:
+        """Per row, ``n / d`` of the first-order forecast ``r0 + (n / d) (r0 - r1)`` from its last two
+        computes (``computed[:, 0]`` and ``[:, 1]``, ``-1`` where none): ``n`` steps after the newest,
+        ``d`` apart; 0 (a plain reuse) for a row with one compute so far."""
+        c0, c1 = computed[:, 0], computed[:, 1]
+        ok = rows & (c1 >= 0) & (c0 > c1)
+        return torch.where(ok, (step - c0).double() / (c0 - c1).clamp_min(1).double(), 0.0)

@@ -95,6 +95,20 @@ def _positions(model: nn.Module, calls: list) -> tuple[list[int | None], int]:
     return prev, steps
 
 
+def _served(residuals: list | None, prev: list[int | None], n: int, closed: str) -> list | None:
+    """Per gated block, the residuals a closed gate serves at recorded call ``n``, teacher-forced
+    (the full model's, of the steps before): the step before's (``"reuse"``), or extrapolated to
+    first order from the two steps before (``"forecast"``; the step before's where there is one
+    only); ``None`` at a first step."""
+    if residuals is None or prev[n] is None:
+        return None
+    one = residuals[prev[n]]
+    two = residuals[prev[prev[n]]] if closed == "forecast" and prev[prev[n]] is not None else None
+    if two is None:
+        return one
+    return [[2 * a - b for a, b in zip(r1, r2, strict=True)] for r1, r2 in zip(one, two, strict=True)]
+
+
 def _block_residuals(model: nn.Module, blocks: list[RoutedBlock], calls: list) -> list[list[list[torch.Tensor]]]:
     """Per recorded call, per gated block, its output minus its input per stream (the call
     replayed with the full model)."""
@@ -179,7 +193,7 @@ class _Training:
             p = torch.sigmoid(gate.float() - cfg.offset)
             g = (p >= 0.5).float() + p - p.detach()
             cached = self.call["cached"][i] if self.call["cached"] is not None else None
-            if cfg.closed == "reuse" and cached is None:
+            if cfg.closed != "skip" and cached is None:
                 g = torch.ones_like(p)  # nothing to reuse yet: the block computes
             soft = torch.softmax(wl.float(), -1)
             sw = torch.nn.functional.one_hot(soft.argmax(-1), soft.shape[-1]).float() + soft - soft.detach()
@@ -201,7 +215,7 @@ class _Training:
                     h.remove()
             full, narrowest = b.flops[-1], b.flops[0]
             mlp = (full - narrowest) / (1.0 - cfg.widths[0]) if cfg.widths[0] < 1.0 else 0.0  # linear in width
-            closed = b.reuse_flops if cfg.closed == "reuse" else 0.0
+            closed = {"skip": 0.0, "reuse": b.reuse_flops, "forecast": 3 * b.reuse_flops}[cfg.closed]
             self.spent.append(g * (full - mlp * (1.0 - width)) + (1 - g) * closed)
             outs = []
             for k, (o, s) in enumerate(zip(split_outputs(out), streams, strict=True)):
@@ -225,7 +239,7 @@ def train_routers(
     decide: str = "block",
     widths: tuple[float, ...] = (1.0,),
     hidden: int = 128,
-    closed: str = "reuse",
+    closed: str = "forecast",
     margin: float = 0.0,
     max_reuse: int = 3,
     reuse_from: float = 0.5,
@@ -251,7 +265,7 @@ def train_routers(
             backbone that was not trained for it, which on the reference models loses far more
             than it saves (``docs/routers.md``).
         hidden: the routers' hidden size.
-        closed: what a closed gate does, ``"reuse"`` or ``"skip"``
+        closed: what a closed gate does, ``"forecast"``, ``"reuse"`` or ``"skip"``
             (:class:`~dit_opt.routers.RouterConfig`).
         margin, max_reuse, reuse_from: E-DiT's block caching (:class:`~dit_opt.routers.RouterConfig`).
         calibrate: bisect the gate offset on the calibration so that the FLOPs meet the budget.
@@ -298,7 +312,7 @@ def train_routers(
     routers = RouterSet(config)
     latent = names.latent_of(calls[0][0])
     prev, num_steps = _positions(model, calls)
-    residuals = _block_residuals(model, blocks, calls) if config.closed == "reuse" else None
+    residuals = _block_residuals(model, blocks, calls) if config.closed != "skip" else None
 
     def routed(rs: RouterSet) -> RoutedTransformer:
         return RoutedTransformer.from_graph(graph, rs, order=order, num_steps=num_steps,
@@ -326,9 +340,8 @@ def train_routers(
                     rows = int(names.latent_of(inputs).shape[0])
                     t = row_timesteps(names.timestep_of(inputs, 0.0), rows, ref.device)
                     # a closed gate reuses the block's residual of the step before (teacher-forced)
-                    cached = residuals[prev[n]] if residuals is not None and prev[n] is not None else None
-                    out = train.forward(model, inputs, timestep_embedding(t, scale=config.timestep_scale),
-                                        cached if cached is not None else None)
+                    cached = _served(residuals, prev, n, config.closed)
+                    out = train.forward(model, inputs, timestep_embedding(t, scale=config.timestep_scale), cached)
                     err = (out.float() - ref.float()).pow(2).sum() / ref.float().pow(2).sum().clamp_min(1e-12)
                     loss = loss + err / minibatch
                     err_sum += float(err) / minibatch

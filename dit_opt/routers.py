@@ -108,11 +108,14 @@ class RouterConfig:
         decide: ``"block"``: each router reads its own block's input (E-DiT); ``"step"``: every
             router reads the first routed block's input, so a step's decisions are taken at once.
         offset: subtracted from every gate logit (calibrated so the FLOPs meet the budget).
-        closed: what a closed gate does: ``"reuse"`` (default): the block's input plus the
-            residual the row's last compute of the block left (its backbone frozen, a block left
-            out entirely costs far more than one served from its cache); ``"skip"``: E-DiT's skip,
-            the block returns its input. A row with no cached residual yet, or that reused it
-            ``max_reuse`` times in a row, computes.
+        closed: what a closed gate does: ``"forecast"`` (default): the block's input plus the
+            residual extrapolated to first order from the row's last two computes of the block, at
+            their spacing (TaylorSeer's first-order step; a plain reuse after one compute);
+            ``"reuse"``: plus the residual the row's last compute left; ``"skip"``: E-DiT's skip,
+            the block returns its input. (With the backbone frozen, a block left out entirely costs
+            far more than one served from its cache: ``docs/routers.md``.) Under the first two, a
+            row with no cached residual yet, or that was served ``max_reuse`` times in a row,
+            computes.
         margin: under ``closed="skip"``, E-DiT's block caching: a block whose gate probability is
             under ``0.5 + margin`` reuses its cached residual (0: no caching).
         max_reuse: at most this many reuses in a row per block and sample.
@@ -130,7 +133,7 @@ class RouterConfig:
     timestep_scale: float = 1.0
     decide: str = "block"
     offset: float = 0.0
-    closed: str = "reuse"
+    closed: str = "forecast"
     margin: float = 0.0
     max_reuse: int = 3
     reuse_from: float = 0.5
@@ -145,9 +148,9 @@ class RouterConfig:
         if not self.widths or self.widths[-1] != 1.0 or any(not 0 < w <= 1 for w in self.widths) \
                 or list(self.widths) != sorted(self.widths):
             raise ConfigError(f"widths={self.widths}: give increasing fractions in (0, 1] ending with 1.0")
-        if self.closed not in ("reuse", "skip"):
-            raise ConfigError(f"closed={self.closed!r}: a closed gate either reuses the block's cached residual "
-                              f"('reuse') or skips the block ('skip')")
+        if self.closed not in ("forecast", "reuse", "skip"):
+            raise ConfigError(f"closed={self.closed!r}: a closed gate forecasts the block's residual ('forecast'), "
+                              f"reuses its cached one ('reuse') or skips the block ('skip')")
         if not 0.0 <= self.margin < 0.5:
             raise ConfigError(f"margin={self.margin}: the caching margin is a probability in [0, 0.5)")
         if self.max_reuse < 1 or not 0.0 <= self.reuse_from <= 1.0:

@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20, help="evaluation images")
     parser.add_argument("--widths", choices=["full", "edit"], default="full",
                         help="full: gates only; edit: E-DiT's MLP widths 1/4 .. 1 as well")
-    parser.add_argument("--closed", choices=["reuse", "skip"], default="reuse")
+    parser.add_argument("--closed", choices=["forecast", "reuse", "skip"], default="forecast")
     parser.add_argument("--decide", choices=["block", "step"], default="block")
     parser.add_argument("--static", action="store_true", help="also optimise the static plan at the budget")
     parser.add_argument("--threads", type=int, default=1)

@@ -70,7 +70,7 @@ def test_full_capacity_routers_reproduce_the_model_exactly(dit):
         assert all(set(kinds) == {"width 1"} for kinds in st["decisions"].values())
 
 
-@pytest.mark.parametrize("closed", ["reuse", "skip"])
+@pytest.mark.parametrize("closed", ["forecast", "reuse", "skip"])
 def test_per_sample_decisions_give_the_samples_run_one_by_one(dit, closed):
     model, graph, x, labels = dit
     routers = _routers(graph, closed=closed, margin=0.1 if closed == "skip" else 0.0, reuse_from=0.0)
