@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,7 +40,7 @@ from dit_opt.steps import StepTracker
 from dit_opt.synthetic import call_batch, call_names
 from dit_opt.wrapping import TransformerWrapper
 
-__all__ = ["RoutedBlock", "RoutedTransformer", "routed_blocks", "row_timesteps"]
+__all__ = ["RoutedBlock", "RoutedTransformer", "routed_blocks", "row_timesteps", "swapped_forwards"]
 
 
 @dataclass
@@ -122,6 +123,23 @@ def gather_rows(value: Any, batch: int, idx: torch.Tensor, keep: frozenset[str] 
     return value
 
 
+@contextlib.contextmanager
+def swapped_forwards(swaps: list[tuple[nn.Module, Any]]) -> Iterator[None]:
+    """Within the block, each module's ``forward`` is its paired callable; afterwards, what it was
+    (an instance attribute a hook library set is put back, not deleted)."""
+    saved = [(m, m.__dict__.get("forward")) for m, _ in swaps]
+    for m, f in swaps:
+        m.forward = f
+    try:
+        yield
+    finally:
+        for m, f in saved:
+            if f is not None:
+                m.forward = f
+            elif "forward" in m.__dict__:
+                del m.forward
+
+
 class RoutedTransformer(TransformerWrapper):
     """``model`` with its blocks gated per sample by ``routers`` (see the module docstring).
 
@@ -137,11 +155,13 @@ class RoutedTransformer(TransformerWrapper):
         cap: a hard cap: a row whose FLOPs so far (this block at full cost included) would exceed
             ``cap`` of the full model's skips the block. ``None``: the budget holds on average.
         latent_shape: the latent's shape past the batch the routers were made for.
+        compile: compile each block at each width and each router with Inductor, the batch
+            dimension dynamic (the sub-batches' sizes vary from call to call; no recompile per size).
     """
 
     def __init__(self, model: nn.Module, routers: RouterSet, blocks: list[RoutedBlock], *, glue_flops: float,
                  full_flops: float, order: dict[str, torch.Tensor] | None = None, num_steps: int = 0,
-                 cap: float | None = None, latent_shape: tuple[int, ...] | None = None):
+                 cap: float | None = None, latent_shape: tuple[int, ...] | None = None, compile: bool = False):
         super().__init__()
         if [b.spec.name for b in blocks] != list(routers.config.blocks):
             raise ConfigError("RoutedTransformer: the blocks must be the router set's, in its order")
@@ -154,12 +174,17 @@ class RoutedTransformer(TransformerWrapper):
         self.num_steps, self.cap, self.latent_shape = num_steps, cap, latent_shape
         self.names = call_names(model)
         cfg = routers.config
-        self._variants: list[list[nn.Module]] = []
+        # per block and width, what runs the rows computing at that width: the block's own forward
+        # (taken before any call swaps it) at full width, a narrowed copy otherwise
+        self._runs: list[list[Any]] = []
         for b in blocks:
             prefix = {k.removeprefix(b.spec.name + "."): v for k, v in (order or {}).items()
                       if k.startswith(b.spec.name + ".")}
-            self._variants.append([b.module if w == 1.0 or not b.narrowable else
-                                   narrow_block(b.module, b.spec, w, prefix) for w in cfg.widths])
+            runs = [b.module.forward if w == 1.0 or not b.narrowable else narrow_block(b.module, b.spec, w, prefix)
+                    for w in cfg.widths]
+            self._runs.append([torch.compile(r, dynamic=True) for r in runs] if compile else runs)
+        self._route = [torch.compile(routers[b.spec.name], dynamic=True) if compile else routers[b.spec.name]
+                       for b in blocks]
         self.order = dict(order or {})
         self._router_flops = [routers[b.spec.name].flops(cfg.tokens[i], cfg.dims[i]) for i, b in enumerate(blocks)]
         self._decisions: Counter = Counter()
@@ -242,8 +267,10 @@ class RoutedTransformer(TransformerWrapper):
         return self.routers.save(path, runtime, {f"order.{k}": v for k, v in self.order.items()})
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module, *, cap: float | None = None) -> RoutedTransformer:
-        """The routed ``model`` saved by :meth:`save` (``cap``: a hard cap in place of the saved one).
+    def load(cls, path: str | Path, model: nn.Module, *, cap: float | None = None,
+             compile: bool = False) -> RoutedTransformer:
+        """The routed ``model`` saved by :meth:`save` (``cap``: a hard cap in place of the saved one;
+        ``compile``: as the constructor's).
 
         Raises:
             ArtifactError: the file is missing, corrupt, of another format, or made for another model.
@@ -258,7 +285,7 @@ class RoutedTransformer(TransformerWrapper):
             shape = runtime.get("latent_shape")
             return cls(model, routers, blocks, glue_flops=runtime["glue_flops"], full_flops=runtime["full_flops"],
                        order=order, num_steps=int(runtime["num_steps"]), cap=cap if cap is not None else runtime["cap"],
-                       latent_shape=tuple(shape) if shape is not None else None)
+                       latent_shape=tuple(shape) if shape is not None else None, compile=compile)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{path}: its runtime record is corrupt or does not fit "
                                 f"{type(model).__name__} ({type(e).__name__}: {e}); train the routers again") from e
@@ -302,26 +329,19 @@ class RoutedTransformer(TransformerWrapper):
         cfg = self.routers.config
         temb = timestep_embedding(t, scale=cfg.timestep_scale)
         call = {"step": pos.step, "temb": temb, "decisions": None, "state": self._branches[pos.branch]}
-        saved = []
-        for i, b in enumerate(self.blocks):
-            saved.append(b.module)
-            b.module.forward = self._wrapped(i, b, call, b.module.forward)
-        try:
-            with torch.no_grad():
-                return self.model(*args, **kwargs)
-        finally:
-            for m in saved:
-                del m.forward
+        swaps = [(b.module, self._wrapped(i, b, call, b.module.forward)) for i, b in enumerate(self.blocks)]
+        with swapped_forwards(swaps), torch.no_grad():
+            return self.model(*args, **kwargs)
 
     def _decide(self, i: int, x: torch.Tensor, call: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Gate probability and width index of every row at block ``i``."""
         cfg = self.routers.config
         if cfg.decide == "step":
             if call["decisions"] is None:  # every router reads the first routed block's input, once
-                call["decisions"] = [self.routers[b.spec.name](x, call["temb"]) for b in self.blocks]
+                call["decisions"] = [route(x, call["temb"]) for route in self._route]
             gate, width = call["decisions"][i]
         else:
-            gate, width = self.routers[self.blocks[i].spec.name](x, call["temb"])
+            gate, width = self._route[i](x, call["temb"])
         return torch.sigmoid(gate.float() - cfg.offset).cpu(), width.argmax(-1).cpu()
 
     def _wrapped(self, i: int, b: RoutedBlock, call: dict, forward: Any) -> Any:
@@ -349,7 +369,7 @@ class RoutedTransformer(TransformerWrapper):
                     compute &= ~reuse
             name = b.spec.name
             if bool(compute.all()) and bool((width == len(cfg.widths) - 1).all()):
-                out = forward(*args, **kwargs)  # every row at full width: the block as it is
+                out = self._runs[i][-1](*args, **kwargs)  # every row at full width: the block as it is
                 outs = split_outputs(out)
                 state.prev[i] = state.cache[i]
                 state.cache[i] = [(o - s).detach() for o, s in zip(outs, streams, strict=True)]
@@ -373,8 +393,7 @@ class RoutedTransformer(TransformerWrapper):
                 idx = rows.to(x.device)
                 sub_a = tuple(gather_rows(a, batch, idx) for a in args)
                 sub_k = {k: gather_rows(v, batch, idx, name=k) for k, v in kwargs.items()}
-                variant = self._variants[i][j]
-                got = split_outputs(forward(*sub_a, **sub_k) if variant is b.module else variant(*sub_a, **sub_k))
+                got = split_outputs(self._runs[i][j](*sub_a, **sub_k))
                 for o, g, s, c, q in zip(outs, got, streams, state.cache[i], state.prev[i], strict=True):
                     o.index_copy_(0, idx, g.to(o.dtype))
                     q.index_copy_(0, idx, c.index_select(0, idx))

@@ -31,7 +31,7 @@ from torch import nn
 from dit_opt.errors import ConfigError, DitOptError, InfeasibleBudgetError
 from dit_opt.executor import mlp_linears, model_sample, split_outputs
 from dit_opt.fingerprint import weights_digest
-from dit_opt.routed import RoutedBlock, RoutedTransformer, routed_blocks, row_timesteps
+from dit_opt.routed import RoutedBlock, RoutedTransformer, routed_blocks, row_timesteps, swapped_forwards
 from dit_opt.routers import RouterConfig, RouterSet, timestep_embedding
 from dit_opt.synthetic import call_names
 
@@ -163,19 +163,11 @@ class _Training:
         """The model's prediction on ``inputs`` with the routers' decisions; ``cached``: per block,
         the residuals a closed gate reuses (``None``: none yet, the gates stay open)."""
         self.spent, self.call = [], {"temb": temb, "decisions": None, "cached": cached}
-        saved, hooks = [], []
-        for i, b in enumerate(self.blocks):
-            saved.append(b.module)
-            b.module.forward = self._wrapped(i, b, b.module.forward, hooks)
-        try:
+        swaps = [(b.module, self._wrapped(i, b, b.module.forward)) for i, b in enumerate(self.blocks)]
+        with swapped_forwards(swaps):
             return model_sample(model(**inputs))
-        finally:
-            for m in saved:
-                del m.forward
-            for h in hooks:
-                h.remove()
 
-    def _wrapped(self, i: int, b: RoutedBlock, forward: Any, hooks: list) -> Any:
+    def _wrapped(self, i: int, b: RoutedBlock, forward: Any) -> Any:
         cfg = self.routers.config
 
         signature = inspect.signature(forward)

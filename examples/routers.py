@@ -1,12 +1,14 @@
-"""Elastic routers (E-DiT) on a reference model: train them at a budget, then compare the routed
-model's images with the full model's, beside the static plan ``dit_opt.optimize`` makes at the same
-budget.
+"""Elastic routers (E-DiT) on a reference model against dit-opt's static plan at the same budget.
 
-Training and calibration use the benchmark's calibration (10 images, seed 1000); the figures are
-on its evaluation images (seed 0). FLOP fractions are counted per sample by the routed module
-(``RoutedTransformer.stats``) and, for the static plan, by the plan.
+For each budget: routers trained on the benchmark's calibration (10 images, seed 1000; the
+model's weights frozen), then the routed module generates the evaluation images (seed 0), its
+FLOPs counted per sample (``RoutedTransformer.stats``: mean, min, median, max); and the plan
+``dit_opt.optimize`` keeps at that budget (``--granularity``, default ``auto`` as in
+``BENCHMARKS.md``) on the same images. PSNR against the full model's images, class accuracy by
+the shipped classifier and Frechet distance to the held-out real images, as the benchmark
+measures them.
 
-    python examples/routers.py --model digits-dit --budget 0.5
+    python examples/routers.py --model digits-dit --budgets 0.5 0.35 --samples 200
 """
 
 from __future__ import annotations
@@ -23,17 +25,23 @@ from dit_opt.bench import machine, sampling
 from dit_opt.routers import DEFAULT_WIDTHS
 
 
+def quality(images: torch.Tensor, full: torch.Tensor, labels: list[int], real: torch.Tensor) -> str:
+    return (f"{metrics.psnr(images, full):.2f} | {metrics.class_accuracy(images, labels):.0%} | "
+            f"{metrics.frechet_distance(images, real):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="digits-dit", choices=zoo.available())
-    parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5])
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--samples", type=int, default=20, help="evaluation images")
     parser.add_argument("--widths", choices=["full", "edit"], default="full",
                         help="full: gates only; edit: E-DiT's MLP widths 1/4 .. 1 as well")
-    parser.add_argument("--closed", choices=["forecast", "reuse", "skip"], default="forecast")
-    parser.add_argument("--decide", choices=["block", "step"], default="block")
-    parser.add_argument("--static", action="store_true", help="also optimise the static plan at the budget")
+    parser.add_argument("--closed", nargs="+", choices=["forecast", "reuse", "skip"], default=["forecast"])
+    parser.add_argument("--decide", nargs="+", choices=["block", "step"], default=["block"])
+    parser.add_argument("--no-static", action="store_true", help="leave out the static plan")
+    parser.add_argument("--granularity", default="auto", choices=["block", "module", "auto"])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -43,31 +51,36 @@ def main() -> None:
     model = sampler.transformer
     calibration = sampling(sampler, 10, seed=1000)
     evaluation = sampling(sampler, args.samples, seed=0)
-    full = evaluation(model)
-    t0 = time.perf_counter()
-    routed = dit_opt.train_routers(model, calibration, budget=args.budget, steps=args.train_steps,
-                                   widths=DEFAULT_WIDTHS if args.widths == "edit" else (1.0,), closed=args.closed,
-                                   decide=args.decide, progress=False)
-    seconds = time.perf_counter() - t0
-    routed.reset()
-    routed.clear_stats()
-    images = evaluation(routed)
-    st = routed.stats()
-    per = st["per_sample"]
-    print("| module | widths | closed gate | decide | FLOP fraction (mean; min, median, max) | PSNR (dB) | "
-          "class acc. | training (s) |")
-    print("|---|---|---|---|---|---|---|---|")
     labels = sampler.labels(args.samples)
-    print(f"| routers | {args.widths} | {args.closed} | {args.decide} | {st['flop_fraction']:.3f}; {per['min']:.3f}, "
-          f"{per['median']:.3f}, {per['max']:.3f} | {metrics.psnr(images, full):.2f} | "
-          f"{metrics.class_accuracy(images, labels):.0%} | {seconds:.0f} |", flush=True)
-    if args.static:
-        opt = dit_opt.optimize(model, args.budget, calibration=calibration, compile=False, progress=False,
-                               example_inputs=sampler.example_inputs())
-        opt.reset()
-        static = evaluation(opt)
-        print(f"| static plan ({opt.plan.solver}) | - | - | - | {opt.plan.flop_fraction:.3f} | "
-              f"{metrics.psnr(static, full):.2f} | {metrics.class_accuracy(static, labels):.0%} | - |")
+    real, _ = sampler.reference_images()
+    full = evaluation(model)
+    print(f"full model: {quality(full, full, labels, real)} (PSNR | class acc. | Frechet dist.)")
+    print("| budget | module | closed gate | decide | FLOP fraction (mean; min, median, max) | PSNR (dB) | "
+          "class acc. | Frechet dist. | training (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for budget in args.budgets:
+        for closed in args.closed:
+            for decide in args.decide:
+                t0 = time.perf_counter()
+                routed = dit_opt.train_routers(model, calibration, budget=budget, steps=args.train_steps,
+                                               widths=DEFAULT_WIDTHS if args.widths == "edit" else (1.0,),
+                                               closed=closed, decide=decide, progress=False)
+                seconds = time.perf_counter() - t0
+                routed.reset()
+                routed.clear_stats()
+                images = evaluation(routed)
+                st = routed.stats()
+                per = st["per_sample"]
+                print(f"| {budget} | routers ({args.widths} width) | {closed} | {decide} | {st['flop_fraction']:.3f}; "
+                      f"{per['min']:.3f}, {per['median']:.3f}, {per['max']:.3f} | "
+                      f"{quality(images, full, labels, real)} | {seconds:.0f} |", flush=True)
+        if not args.no_static:
+            opt = dit_opt.optimize(model, budget, calibration=calibration, compile=False, progress=False,
+                                   granularity=args.granularity, example_inputs=sampler.example_inputs())
+            opt.reset()
+            static = evaluation(opt)
+            print(f"| {budget} | static plan ({opt.plan.solver}) | - | - | {opt.plan.flop_fraction:.3f} | "
+                  f"{quality(static, full, labels, real)} | - |", flush=True)
 
 
 if __name__ == "__main__":
