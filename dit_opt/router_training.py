@@ -12,8 +12,8 @@
    minibatch's rows and calls) and the budget.
 3. The gate threshold is then calibrated on the calibration itself, run through the
    :class:`~dit_opt.routed.RoutedTransformer` (its own trajectories, E-DiT's caching included): a
-   common offset on every gate logit, bisected so that the mean FLOP fraction per sample is as
-   high as the budget allows and no higher.
+   common offset on every gate logit, searched so that the mean FLOP fraction per sample is as
+   high as the budget allows and no higher (within :data:`OFFSET_TOLERANCE`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ from dit_opt.synthetic import call_names
 
 __all__ = ["train_routers", "record_calls"]
 
-#: bisection rounds of the gate offset (one calibration run each)
-OFFSET_ROUNDS = 7
+#: calibration runs at most to find the gate offset (one run each)
+OFFSET_ROUNDS = 8
+#: the offset search stops at a FLOP fraction this far under the budget or closer
+OFFSET_TOLERANCE = 0.01
 
 
 def record_calls(model: nn.Module, calibration: Callable[[nn.Module], Any]
@@ -260,7 +262,7 @@ def train_routers(
         closed: what a closed gate does, ``"forecast"``, ``"reuse"`` or ``"skip"``
             (:class:`~dit_opt.routers.RouterConfig`).
         margin, max_reuse, reuse_from: E-DiT's block caching (:class:`~dit_opt.routers.RouterConfig`).
-        calibrate: bisect the gate offset on the calibration so that the FLOPs meet the budget.
+        calibrate: search the gate offset on the calibration so that the FLOPs meet the budget.
         seed: seeds the routers' initialisation and the minibatches.
         progress: show a progress bar.
 
@@ -360,9 +362,11 @@ def train_routers(
 
 def _calibrate_offset(routers: RouterSet, routed: Callable[[RouterSet], RoutedTransformer],
                       calibration: Callable[[nn.Module], Any], budget: float) -> tuple[RouterSet, list]:
-    """The router set with the gate offset that spends the most of ``budget`` on the calibration
-    (bisection, :data:`OFFSET_ROUNDS` runs), and ``(offset, FLOP fraction)`` per run."""
-    rounds = []
+    """The router set with the gate offset that spends the most of ``budget`` on the calibration,
+    and ``(offset, FLOP fraction)`` per calibration run: the offset bracketed by doubling steps
+    from 0, then interpolated (regula falsi, kept inside the bracket's middle 80 %) until a run
+    lands within :data:`OFFSET_TOLERANCE` under the budget, at most :data:`OFFSET_ROUNDS` runs."""
+    rounds: list[tuple[float, float]] = []
 
     def fraction(offset: float) -> float:
         opt = routed(routers.with_config(offset=offset))
@@ -371,25 +375,32 @@ def _calibrate_offset(routers: RouterSet, routed: Callable[[RouterSet], RoutedTr
         rounds.append((round(offset, 4), round(frac, 4)))
         return frac
 
-    lo, hi = -8.0, 8.0  # a higher offset closes more gates
-    best = None
-    if fraction(0.0) <= budget:
-        hi = 0.0
-        best = 0.0
-    else:
-        lo = 0.0
-        while hi < 64 and fraction(hi) > budget:  # trained logits can be far from 0
-            lo, hi = hi, hi * 2
-    for _ in range(OFFSET_ROUNDS - 1):
-        mid = (lo + hi) / 2
-        if fraction(mid) <= budget:
-            best, hi = mid, mid
+    def done(f: float) -> bool:
+        return budget - OFFSET_TOLERANCE <= f <= budget
+
+    f = fraction(0.0)
+    under = (0.0, f) if f <= budget else None  # a higher offset closes more gates: spends less
+    over = (0.0, f) if f > budget else None
+    step = 2.0
+    while not done(f) and (under is None or over is None) and abs(step) <= 64 and len(rounds) < OFFSET_ROUNDS:
+        x = step if under is None else -step
+        f = fraction(x)
+        if f <= budget:
+            under = (x, f) if under is None or f > under[1] else under
         else:
-            lo = mid
-    if best is None:
-        if fraction(hi) > budget:
-            raise InfeasibleBudgetError(
-                f"budget {budget}: with every gate closed the routed model still spends {rounds[-1][1]:.3f} "
-                f"of the FLOPs (the glue outside the blocks and the routers): give a budget above that")
-        best = hi
-    return routers.with_config(offset=best), rounds
+            over = (x, f) if over is None or f < over[1] else over
+        step *= 2
+    if under is None:
+        raise InfeasibleBudgetError(
+            f"budget {budget}: with every gate closed the routed model still spends {rounds[-1][1]:.3f} of the "
+            f"FLOPs (the glue outside the blocks, the routers, the first step's computes): give a budget above that")
+    while over is not None and not done(under[1]) and len(rounds) < OFFSET_ROUNDS:
+        (xo, fo), (xu, fu) = over, under
+        w = (fo - (budget - OFFSET_TOLERANCE / 2)) / (fo - fu) if fo > fu else 0.5
+        x = xo + min(0.9, max(0.1, w)) * (xu - xo)
+        f = fraction(x)
+        if f <= budget:
+            under = (x, f) if f > under[1] or x < under[0] else under
+        else:
+            over = (x, f)
+    return routers.with_config(offset=under[0]), rounds

@@ -14,14 +14,16 @@ measures them.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
 import dit_opt
 from dit_opt import metrics, zoo
-from dit_opt.bench import machine, sampling
+from dit_opt.bench import machine, sampling, time_alternating
 from dit_opt.routers import DEFAULT_WIDTHS
 
 
@@ -42,6 +44,10 @@ def main() -> None:
     parser.add_argument("--decide", nargs="+", choices=["block", "step"], default=["block"])
     parser.add_argument("--no-static", action="store_true", help="leave out the static plan")
     parser.add_argument("--granularity", default="auto", choices=["block", "module", "auto"])
+    parser.add_argument("--timing", type=int, default=0, metavar="REPEATS",
+                        help="also time whole generations of the compiled routed module against the compiled "
+                        "model (torch.compile), alternating, medians of REPEATS (the last budget's first routers)")
+    parser.add_argument("--timing-samples", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,7 +64,9 @@ def main() -> None:
     print("| budget | module | closed gate | decide | FLOP fraction (mean; min, median, max) | PSNR (dB) | "
           "class acc. | Frechet dist. | training (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
+    timed = None
     for budget in args.budgets:
+        timed = None
         for closed in args.closed:
             for decide in args.decide:
                 t0 = time.perf_counter()
@@ -74,6 +82,7 @@ def main() -> None:
                 print(f"| {budget} | routers ({args.widths} width) | {closed} | {decide} | {st['flop_fraction']:.3f}; "
                       f"{per['min']:.3f}, {per['median']:.3f}, {per['max']:.3f} | "
                       f"{quality(images, full, labels, real)} | {seconds:.0f} |", flush=True)
+                timed = timed or routed
         if not args.no_static:
             opt = dit_opt.optimize(model, budget, calibration=calibration, compile=False, progress=False,
                                    granularity=args.granularity, example_inputs=sampler.example_inputs())
@@ -81,6 +90,25 @@ def main() -> None:
             static = evaluation(opt)
             print(f"| {budget} | static plan ({opt.plan.solver}) | - | - | {opt.plan.flop_fraction:.3f} | "
                   f"{quality(static, full, labels, real)} | - |", flush=True)
+    if args.timing and timed is not None:
+        time_compiled(timed, sampler, args)
+
+
+def time_compiled(routed: dit_opt.RoutedTransformer, sampler, args) -> None:
+    """Wall clock of whole generations: the routed module compiled against the model compiled."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = routed.save(Path(tmp) / "routers.safetensors")
+        fast = dit_opt.RoutedTransformer.load(path, sampler.transformer, compile=True)
+    base = torch.compile(sampler.transformer)
+    generate = sampling(sampler, args.timing_samples, seed=0, reset=True)
+    with torch.no_grad():
+        result = time_alternating(lambda: generate(base), lambda: generate(fast), repeats=args.timing, warmup=1)
+    fast.clear_stats()
+    generate(fast)
+    frac = fast.stats()["flop_fraction"]
+    print(f"wall clock ({args.timing_samples} images, medians of {args.timing}, alternating): compiled model "
+          f"{result['a_s']:.2f} s, compiled routed module {result['b_s']:.2f} s: {result['speedup']:.2f}x for a FLOP "
+          f"ratio of {1 / frac:.2f}x ({result['speedup'] * frac:.2f} of it)")
 
 
 if __name__ == "__main__":
