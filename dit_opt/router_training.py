@@ -31,7 +31,14 @@ from torch import nn
 from dit_opt.errors import ConfigError, DitOptError, InfeasibleBudgetError
 from dit_opt.executor import mlp_linears, model_sample, split_outputs
 from dit_opt.fingerprint import weights_digest
-from dit_opt.routed import RoutedBlock, RoutedTransformer, routed_blocks, row_timesteps, swapped_forwards
+from dit_opt.routed import (
+    RoutedBlock,
+    RoutedTransformer,
+    gather_rows,
+    routed_blocks,
+    row_timesteps,
+    swapped_forwards,
+)
 from dit_opt.routers import RouterConfig, RouterSet, timestep_embedding
 from dit_opt.synthetic import call_names
 
@@ -230,6 +237,7 @@ def train_routers(
     lr: float = 3e-3,
     penalty: float = 10.0,
     minibatch: int = 4,
+    row_subset: int = 8,
     decide: str = "block",
     widths: tuple[float, ...] = (1.0,),
     hidden: int = 128,
@@ -250,6 +258,7 @@ def train_routers(
             to calibrate the gate threshold.
         budget: the mean FLOP fraction per sample to spend, in (0, 1].
         steps: optimiser steps (``minibatch`` recorded calls each).
+        row_subset: rows of each recorded call a step trains on (a random subset; 0: all of them).
         lr: Adam's learning rate.
         penalty: weight of the squared gap between the FLOP fraction and the budget.
         decide: ``"block"`` (each router reads its block's input) or ``"step"`` (all read the
@@ -276,8 +285,9 @@ def train_routers(
     """
     if not isinstance(budget, int | float) or not 0.0 < budget <= 1.0:
         raise ConfigError(f"budget={budget!r}: a FLOP fraction in (0, 1], e.g. 0.5")
-    if steps < 0 or minibatch < 1:
-        raise ConfigError(f"steps={steps}, minibatch={minibatch}: steps must be >= 0 and minibatch >= 1")
+    if steps < 0 or minibatch < 1 or row_subset < 0:
+        raise ConfigError(f"steps={steps}, minibatch={minibatch}, row_subset={row_subset}: steps and row_subset "
+                          f"must be >= 0 and minibatch >= 1")
     from dit_opt.capture import capture
     from dit_opt.runtime import timestep_as_tensor
     from passes.annotate_flops import annotate_flops
@@ -331,10 +341,16 @@ def train_routers(
                 loss = torch.zeros(())
                 for n in rng.sample(range(len(calls)), min(minibatch, len(calls))):
                     inputs, ref = calls[n]
-                    rows = int(names.latent_of(inputs).shape[0])
-                    t = row_timesteps(names.timestep_of(inputs, 0.0), rows, ref.device)
-                    # a closed gate reuses the block's residual of the step before (teacher-forced)
+                    # a closed gate serves the block's residuals of the steps before (teacher-forced)
                     cached = _served(residuals, prev, n, config.closed)
+                    rows = int(names.latent_of(inputs).shape[0])
+                    if 0 < row_subset < rows:  # the decisions are per row: any rows of a call will do
+                        idx = torch.tensor(sorted(rng.sample(range(rows), row_subset)))
+                        inputs = {k: gather_rows(v, rows, idx, name=k) for k, v in inputs.items()}
+                        ref = ref.index_select(0, idx)
+                        cached = [[r.index_select(0, idx) for r in blk] for blk in cached] if cached else None
+                        rows = row_subset
+                    t = row_timesteps(names.timestep_of(inputs, 0.0), rows, ref.device)
                     out = train.forward(model, inputs, timestep_embedding(t, scale=config.timestep_scale), cached)
                     err = (out.float() - ref.float()).pow(2).sum() / ref.float().pow(2).sum().clamp_min(1e-12)
                     loss = loss + err / minibatch

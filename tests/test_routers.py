@@ -202,7 +202,7 @@ def test_routers_inside_a_pipeline():
     cal = dit_opt.calibration_from_pipeline(pipe, **call)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        routed = dit_opt.train_routers(pipe.transformer, cal, budget=0.6, steps=10, progress=False)
+        routed = dit_opt.train_routers(pipe.transformer, cal, budget=0.6, steps=10, row_subset=1, progress=False)
     routed.reset()
     routed.clear_stats()
     images = cal(routed)
