@@ -237,7 +237,7 @@ def train_routers(
     lr: float = 3e-3,
     penalty: float = 10.0,
     minibatch: int = 4,
-    row_subset: int = 8,
+    row_subset: int = 4,
     decide: str = "block",
     widths: tuple[float, ...] = (1.0,),
     hidden: int = 128,
