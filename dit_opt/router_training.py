@@ -104,18 +104,38 @@ def _positions(model: nn.Module, calls: list) -> tuple[list[int | None], int]:
     return prev, steps
 
 
-def _served(residuals: list | None, prev: list[int | None], n: int, closed: str) -> list | None:
+def _served(residuals: list | None, prev: list[int | None], n: int, closed: str, age: int = 1,
+            spacing: int = 1) -> list | None:
     """Per gated block, the residuals a closed gate serves at recorded call ``n``, teacher-forced
-    (the full model's, of the steps before): the step before's (``"reuse"``), or extrapolated to
-    first order from the two steps before (``"forecast"``; the step before's where there is one
-    only); ``None`` at a first step."""
+    (the full model's, of the steps before): the one ``age`` steps before (``"reuse"``), or
+    extrapolated to first order from it and the one ``spacing`` steps before that (``"forecast"``;
+    as far back as the recorded steps go); ``None`` at a first step."""
     if residuals is None or prev[n] is None:
         return None
-    one = residuals[prev[n]]
-    two = residuals[prev[prev[n]]] if closed == "forecast" and prev[prev[n]] is not None else None
-    if two is None:
-        return one
-    return [[2 * a - b for a, b in zip(r1, r2, strict=True)] for r1, r2 in zip(one, two, strict=True)]
+
+    def back(m: int, k: int) -> int:
+        for _ in range(k):
+            if prev[m] is None:
+                break
+            m = prev[m]
+        return m
+
+    newest = back(n, age)
+    older = back(newest, spacing) if closed == "forecast" else newest
+    if older == newest:
+        return residuals[newest]
+    a, d = _n_steps(prev, newest, n), _n_steps(prev, older, newest)
+    k = a / d
+    return [[r1 + k * (r1 - r2) for r1, r2 in zip(one, two, strict=True)]
+            for one, two in zip(residuals[newest], residuals[older], strict=True)]
+
+
+def _n_steps(prev: list[int | None], older: int, newer: int) -> int:
+    """How many steps the recorded call ``older`` is before ``newer`` (of the same loop and branch)."""
+    k, m = 0, newer
+    while m != older and prev[m] is not None:
+        m, k = prev[m], k + 1
+    return max(k, 1)
 
 
 def _block_residuals(model: nn.Module, blocks: list[RoutedBlock], calls: list) -> list[list[list[torch.Tensor]]]:
@@ -342,7 +362,9 @@ def train_routers(
                 for n in rng.sample(range(len(calls)), min(minibatch, len(calls))):
                     inputs, ref = calls[n]
                     # a closed gate serves the block's residuals of the steps before (teacher-forced)
-                    cached = _served(residuals, prev, n, config.closed)
+                    # at the ages and spacings the runtime serves (up to max_reuse steps back)
+                    cached = _served(residuals, prev, n, config.closed, rng.randint(1, max_reuse),
+                                     rng.randint(1, max_reuse))
                     rows = int(names.latent_of(inputs).shape[0])
                     if 0 < row_subset < rows:  # the decisions are per row: any rows of a call will do
                         idx = torch.tensor(sorted(rng.sample(range(rows), row_subset)))

@@ -225,3 +225,22 @@ def test_compiled_routed_module_matches_eager(dit):
         a, b = _loop(eager, x, labels), _loop(compiled, x, labels)
     assert torch.allclose(a, b, atol=1e-4)
     assert eager.stats() == compiled.stats()
+
+
+def test_training_serves_forecasts_exact_for_residuals_linear_in_the_step():
+    """What a closed gate serves in training, at any age and spacing: the first-order forecast
+    from the recorded residuals, exact where they are linear in the step."""
+    from dit_opt.router_training import _served
+
+    steps = 8
+    prev = [None] + list(range(steps - 1))  # one loop, one branch: call n follows call n - 1
+    a, b = torch.randn(3, 5), torch.randn(3, 5)
+    residuals = [[[a + b * t]] for t in range(steps)]  # one block, one stream
+    for age in (1, 2, 3):
+        for spacing in (1, 2, 3):
+            got = _served(residuals, prev, 7, "forecast", age, spacing)[0][0]
+            assert torch.allclose(got, a + b * 7, atol=1e-5)
+            assert torch.equal(_served(residuals, prev, 7, "reuse", age, spacing)[0][0], a + b * (7 - age))
+    assert _served(residuals, prev, 0, "forecast") is None  # a first step serves nothing
+    # as far back as the loop goes: at call 2, age 3 reaches call 0, and a forecast needs two calls
+    assert torch.equal(_served(residuals, prev, 2, "forecast", 3, 1)[0][0], a)
