@@ -82,6 +82,8 @@ def main() -> None:
                 print(f"| {budget} | routers ({args.widths} width) | {closed} | {decide} | {st['flop_fraction']:.3f}; "
                       f"{per['min']:.3f}, {per['median']:.3f}, {per['max']:.3f} | "
                       f"{quality(images, full, labels, real)} | {seconds:.0f} |", flush=True)
+                rounds = ", ".join(f"{o:g}: {f:.3f}" for o, f in routed.routers.config.report["offset_rounds"])
+                print(f"  (gate offset -> calibration FLOP fraction: {rounds})", flush=True)
                 timed = timed or routed
         if not args.no_static:
             opt = dit_opt.optimize(model, budget, calibration=calibration, compile=False, progress=False,
