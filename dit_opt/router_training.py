@@ -45,7 +45,7 @@ from dit_opt.synthetic import call_names
 __all__ = ["train_routers", "record_calls"]
 
 #: calibration runs at most to find the gate offset (one run each)
-OFFSET_ROUNDS = 8
+OFFSET_ROUNDS = 10
 #: the offset search stops at a FLOP fraction this far under the budget or closer
 OFFSET_TOLERANCE = 0.01
 
@@ -402,8 +402,8 @@ def _calibrate_offset(routers: RouterSet, routed: Callable[[RouterSet], RoutedTr
                       calibration: Callable[[nn.Module], Any], budget: float) -> tuple[RouterSet, list]:
     """The router set with the gate offset that spends the most of ``budget`` on the calibration,
     and ``(offset, FLOP fraction)`` per calibration run: the offset bracketed by doubling steps
-    from 0, then interpolated (regula falsi, kept inside the bracket's middle 80 %) until a run
-    lands within :data:`OFFSET_TOLERANCE` under the budget, at most :data:`OFFSET_ROUNDS` runs."""
+    from 0, then interpolated and bisected in turn until a run lands within
+    :data:`OFFSET_TOLERANCE` under the budget, at most :data:`OFFSET_ROUNDS` runs."""
     rounds: list[tuple[float, float]] = []
 
     def fraction(offset: float) -> float:
@@ -435,7 +435,9 @@ def _calibrate_offset(routers: RouterSet, routed: Callable[[RouterSet], RoutedTr
     while over is not None and not done(under[1]) and len(rounds) < OFFSET_ROUNDS:
         (xo, fo), (xu, fu) = over, under
         w = (fo - (budget - OFFSET_TOLERANCE / 2)) / (fo - fu) if fo > fu else 0.5
-        x = xo + min(0.9, max(0.1, w)) * (xu - xo)
+        # interpolation and bisection in turn: the fraction is a staircase in the offset (every
+        # sample's gates cross together), on which interpolation alone can creep from one side
+        x = xo + (min(0.9, max(0.1, w)) if len(rounds) % 2 else 0.5) * (xu - xo)
         f = fraction(x)
         if f <= budget:
             under = (x, f) if f > under[1] or x < under[0] else under
