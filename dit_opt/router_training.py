@@ -64,14 +64,10 @@ def record_calls(model: nn.Module, calibration: Callable[[nn.Module], Any]
     def post(module, args, kwargs, out):
         calls.append((pending.pop(), model_sample(out).detach().clone()))
 
-    handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
-               model.register_forward_hook(post, with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            calibration(model)
-    finally:
-        for h in handles:
-            h.remove()
+    from passes.annotate_sensitivity import run_hooked
+
+    run_hooked(calibration, model, [model.register_forward_pre_hook(pre, with_kwargs=True),
+                                    model.register_forward_hook(post, with_kwargs=True)])
     if not calls:
         raise DitOptError(f"{type(model).__name__}: the calibration never called the model. It must run "
                           f"denoising loops with the module it is given.")
