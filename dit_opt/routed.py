@@ -337,11 +337,13 @@ class RoutedTransformer(TransformerWrapper):
         """Gate probability and width index of every row at block ``i``."""
         cfg = self.routers.config
         if cfg.decide == "step":
-            if call["decisions"] is None:  # every router reads the first routed block's input, once
-                call["decisions"] = [route(x, call["temb"]) for route in self._route]
-            gate, width = call["decisions"][i]
-        else:
-            gate, width = self._route[i](x, call["temb"])
+            if call["decisions"] is None:  # every router reads the first routed block's input: one host read
+                out = [route(x, call["temb"]) for route in self._route]
+                gates = torch.sigmoid(torch.stack([g.float() for g, _ in out]) - cfg.offset).cpu()
+                widths = torch.stack([w.argmax(-1) for _, w in out]).cpu()
+                call["decisions"] = (gates, widths)
+            return call["decisions"][0][i], call["decisions"][1][i]
+        gate, width = self._route[i](x, call["temb"])
         return torch.sigmoid(gate.float() - cfg.offset).cpu(), width.argmax(-1).cpu()
 
     def _wrapped(self, i: int, b: RoutedBlock, call: dict, forward: Any) -> Any:
