@@ -4,8 +4,11 @@
    (the model's own trajectories), and the blocks are captured for the cost model and the MLPs'
    channel importance (:func:`passes.annotate_sensitivity.measure_channel_order`).
 2. The routers are trained on the recorded calls: each block's output is
-   ``x + g (block(x) - x)`` per row, with ``g`` the hard gate decision whose gradient is the
-   gate probability's (straight-through), and its MLPs' hidden channels masked to the prefix of
+   ``served + g (block(x) - served)`` per row, with ``served`` what a closed gate gives (the
+   block's input, plus, unless it skips, the full model's residuals forecast from a random age
+   and spacing up to ``max_reuse`` steps back, as the runtime serves them) and ``g`` the hard gate
+   decision whose gradient is the gate probability's (straight-through), and its MLPs' hidden
+   channels masked to the prefix of
    the width chosen (one-hot, straight-through through the softmax). The loss is the relative
    squared error of the model's output against the recorded one plus ``penalty`` times the squared
    gap between the FLOP fraction the decisions spend (the cost model's FLOPs, averaged over the
