@@ -306,13 +306,14 @@ class RoutedTransformer(TransformerWrapper):
         timestep = self.names.timestep_of(named, 0.0)
         t = row_timesteps(timestep, batch, latent.device)
         pos = self.tracker.peek(float(t[0]), named)
+        if not pos.new_generation and self._spent is not None and self._spent.numel() != batch:
+            raise InputMismatchError(f"batch of {batch} rows in the middle of a generation of "
+                                     f"{self._spent.numel()}: start a new generation (opt.reset())")
         if pos.new_generation:
             self._finish_generation()
             self._branches = {}
-        elif self._spent is not None and self._spent.numel() != batch:
-            raise InputMismatchError(f"batch of {batch} rows in the middle of a generation of "
-                                     f"{self._spent.numel()}: start a new generation (opt.reset())")
-        self.tracker.commit(pos)
+        # what a call that raises must not leave behind: its counts, and caches it half updated
+        before = (None if self._spent is None else (self._spent.clone(), self._full.clone()), self._decisions.copy())
         if self._spent is None:
             self._spent = torch.zeros(batch, dtype=torch.float64)
             self._full = torch.zeros(batch, dtype=torch.float64)
@@ -330,8 +331,16 @@ class RoutedTransformer(TransformerWrapper):
         temb = timestep_embedding(t, scale=cfg.timestep_scale)
         call = {"step": pos.step, "temb": temb, "decisions": None, "state": self._branches[pos.branch]}
         swaps = [(b.module, self._wrapped(i, b, call, b.module.forward)) for i, b in enumerate(self.blocks)]
-        with swapped_forwards(swaps), torch.no_grad():
-            return self.model(*args, **kwargs)
+        try:
+            with swapped_forwards(swaps), torch.no_grad():
+                out = self.model(*args, **kwargs)
+        except BaseException:
+            counts, self._decisions = before[0], before[1]
+            self._spent, self._full = counts if counts is not None else (None, None)
+            self._branches.pop(pos.branch, None)  # the rows compute again where it left caches half written
+            raise
+        self.tracker.commit(pos)  # only a call that ran moves the loop on
+        return out
 
     def _decide(self, i: int, x: torch.Tensor, call: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Gate probability and width index of every row at block ``i``."""

@@ -244,3 +244,25 @@ def test_training_serves_forecasts_exact_for_residuals_linear_in_the_step():
     assert _served(residuals, prev, 0, "forecast") is None  # a first step serves nothing
     # as far back as the loop goes: at call 2, age 3 reaches call 0, and a forecast needs two calls
     assert torch.equal(_served(residuals, prev, 2, "forecast", 3, 1)[0][0], a)
+
+
+def test_a_call_that_raises_leaves_the_routed_module_as_it_was(dit):
+    """A call that fails inside the model (here: a class label out of range) counts nothing and
+    moves no step: the generation retried after it gives what a fresh module gives."""
+    model, graph, x, labels = dit
+    routers = _routers(graph)
+    _randomise(routers, seed=2)
+    fresh = RoutedTransformer.from_graph(graph, routers)
+    tried = RoutedTransformer.from_graph(graph, routers)
+    bad = torch.full_like(labels, 10_000)
+    with torch.no_grad():
+        want = _loop(fresh, x, labels)
+        for steps in (1, 3):  # fails at the first call, and after three good steps
+            if steps > 1:
+                _loop(tried, x, labels, steps=steps)  # a generation stopped part-way
+            with pytest.raises(IndexError):
+                _loop(tried, x, bad)
+        got = _loop(tried, x, labels)
+    assert torch.equal(got, want)
+    # only finished or running generations are counted, not the failed calls
+    assert tried.stats()["samples"] == 8 and fresh.stats()["samples"] == 4
