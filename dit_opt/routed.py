@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
-from dit_opt.errors import ConfigError, InputMismatchError
+from dit_opt.errors import ArtifactError, ConfigError, InputMismatchError
 from dit_opt.executor import is_guidance_batch, mlp_linears, narrow_block, pack_outputs, split_outputs
 from dit_opt.ir import BlockSpec, DiTGraph, StreamSpec
 from dit_opt.routers import RouterSet, timestep_embedding
@@ -57,6 +58,12 @@ class RoutedBlock:
     reuse_flops: float
     #: whether the block has MLPs a width can narrow (else every width runs the whole block)
     narrowable: bool
+
+    def closed_flops(self, closed: str) -> float:
+        """Per row, FLOPs of serving the block with its gate closed (:class:`~dit_opt.routers.RouterConfig`
+        ``closed``): nothing for a skip, an add per stream element for a reuse, three for a
+        first-order forecast."""
+        return {"skip": 0.0, "reuse": self.reuse_flops, "forecast": 3 * self.reuse_flops}[closed]
 
     def to_json(self) -> dict[str, Any]:
         """What :meth:`from_json` needs to rebuild the block on the same model (no capture)."""
@@ -108,19 +115,11 @@ def row_timesteps(timestep: Any, batch: int, device: Any) -> torch.Tensor:
     return t[:1].expand(batch) if t.numel() else torch.zeros(batch, device=device)
 
 
-def gather_rows(value: Any, batch: int, idx: torch.Tensor, keep: frozenset[str] = frozenset(), name: str = "") -> Any:
-    """``value`` with every tensor whose first dimension is ``batch`` cut to rows ``idx``, through
-    tuples, lists and dicts (names in ``keep`` are passed whole: per-token tensors such as rotary
-    embeddings that happen to have ``batch`` rows)."""
-    if name in keep:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.index_select(0, idx) if value.dim() and value.shape[0] == batch else value
-    if isinstance(value, tuple | list):
-        return type(value)(gather_rows(v, batch, idx, keep) for v in value)
-    if isinstance(value, dict):
-        return {k: gather_rows(v, batch, idx, keep, k) for k, v in value.items()}
-    return value
+def gather_rows(value: Any, batch: int, idx: torch.Tensor) -> Any:
+    """``value`` (tensors in tuples, lists and dicts) with every tensor whose first dimension is
+    ``batch`` cut to rows ``idx``."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.index_select(0, idx) if t.dim() and t.shape[0] == batch
+                                else t, value)
 
 
 @contextlib.contextmanager
@@ -216,6 +215,17 @@ class RoutedTransformer(TransformerWrapper):
         full = graph.flops / batch
         return cls(graph.model, routers, blocks, glue_flops=full - gated / batch, full_flops=full, **kwargs)
 
+    def use(self, routers: RouterSet) -> None:
+        """Run with ``routers``, the same routers under another config (another gate ``offset``,
+        caching margin ...: :meth:`RouterSet.with_config`), from a fresh state: no caches, no counts."""
+        if routers.routers is not self.routers.routers or routers.config.blocks != self.routers.config.blocks \
+                or routers.config.widths != self.routers.config.widths:
+            raise ConfigError("RoutedTransformer.use takes the same routers under another config "
+                              "(RouterSet.with_config); build a new RoutedTransformer for others")
+        self.routers = routers
+        self.reset()
+        self.clear_stats()
+
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Start a new generation: caches and the current generation's counts cleared."""
@@ -275,8 +285,6 @@ class RoutedTransformer(TransformerWrapper):
         Raises:
             ArtifactError: the file is missing, corrupt, of another format, or made for another model.
         """
-        from dit_opt.errors import ArtifactError
-
         routers, runtime, extra = RouterSet.read(path)
         routers.check_model(model, str(path))
         try:
@@ -393,21 +401,23 @@ class RoutedTransformer(TransformerWrapper):
             outs = [s.clone() for s in streams]
             if state.cache[i] is None:
                 state.cache[i] = [torch.zeros_like(s) for s in streams]
-            if state.prev[i] is None:
-                state.prev[i] = [torch.zeros_like(s) for s in streams]
-            forecast = self._forecast_weights(state.computed[i], call["step"], reuse) if cfg.closed == "forecast" \
-                else None
+            forecast = None
+            if cfg.closed == "forecast":  # the computes before the last are kept for forecasts only
+                forecast = self._forecast_weights(state.computed[i], call["step"], reuse)
+                if state.prev[i] is None:
+                    state.prev[i] = [torch.zeros_like(s) for s in streams]
             for j, w in enumerate(cfg.widths):
                 rows = (compute & (width == j)).nonzero().flatten()
                 if not rows.numel():
                     continue
                 idx = rows.to(x.device)
-                sub_a = tuple(gather_rows(a, batch, idx) for a in args)
-                sub_k = {k: gather_rows(v, batch, idx, name=k) for k, v in kwargs.items()}
+                sub_a = gather_rows(args, batch, idx)
+                sub_k = gather_rows(kwargs, batch, idx)
                 got = split_outputs(self._runs[i][j](*sub_a, **sub_k))
-                for o, g, s, c, q in zip(outs, got, streams, state.cache[i], state.prev[i], strict=True):
+                for k, (o, g, s, c) in enumerate(zip(outs, got, streams, state.cache[i], strict=True)):
                     o.index_copy_(0, idx, g.to(o.dtype))
-                    q.index_copy_(0, idx, c.index_select(0, idx))
+                    if forecast is not None:
+                        state.prev[i][k].index_copy_(0, idx, c.index_select(0, idx))
                     c.index_copy_(0, idx, (g - s.index_select(0, idx)).detach().to(c.dtype))
                 state.computed[i][rows, 1] = state.computed[i][rows, 0]
                 state.computed[i][rows, 0] = call["step"]
@@ -416,13 +426,13 @@ class RoutedTransformer(TransformerWrapper):
             rows = reuse.nonzero().flatten()
             if rows.numel():
                 idx = rows.to(x.device)
-                for o, s, c, q in zip(outs, streams, state.cache[i], state.prev[i], strict=True):
+                for k, (o, s, c) in enumerate(zip(outs, streams, state.cache[i], strict=True)):
                     served = c.index_select(0, idx)
                     if forecast is not None:  # first order, at the row's own spacing of its computes
-                        k = forecast[rows].to(c.device, c.dtype).reshape((-1,) + (1,) * (c.dim() - 1))
-                        served = served + k * (served - q.index_select(0, idx))
+                        w = forecast[rows].to(c.device, c.dtype).reshape((-1,) + (1,) * (c.dim() - 1))
+                        served = served + w * (served - state.prev[i][k].index_select(0, idx))
                     o.index_copy_(0, idx, (s.index_select(0, idx) + served).to(o.dtype))
-                self._spent[rows] += b.reuse_flops * (1 if forecast is None else 3)
+                self._spent[rows] += b.closed_flops(cfg.closed)
                 self._decisions[(name, "reuse" if forecast is None else "forecast")] += int(rows.numel())
             skipped = int((~compute & ~reuse).sum())
             if skipped:

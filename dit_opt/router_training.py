@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from rich.progress import Progress
 from torch import nn
 
@@ -62,7 +63,7 @@ def record_calls(model: nn.Module, calibration: Callable[[nn.Module], Any]
     pending: list[dict[str, Any]] = []
 
     def pre(module, args, kwargs):
-        pending.append({k: _detach(v) for k, v in names.named(args, kwargs).items()})
+        pending.append(pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), names.named(args, kwargs)))
 
     def post(module, args, kwargs, out):
         calls.append((pending.pop(), model_sample(out).detach().clone()))
@@ -75,16 +76,6 @@ def record_calls(model: nn.Module, calibration: Callable[[nn.Module], Any]
         raise DitOptError(f"{type(model).__name__}: the calibration never called the model. It must run "
                           f"denoising loops with the module it is given.")
     return calls
-
-
-def _detach(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.detach().clone()
-    if isinstance(v, tuple | list):
-        return type(v)(_detach(x) for x in v)
-    if isinstance(v, dict):
-        return {k: _detach(x) for k, x in v.items()}
-    return v
 
 
 def _positions(model: nn.Module, calls: list) -> tuple[list[int | None], int]:
@@ -112,29 +103,18 @@ def _served(residuals: list | None, prev: list[int | None], n: int, closed: str,
     if residuals is None or prev[n] is None:
         return None
 
-    def back(m: int, k: int) -> int:
-        for _ in range(k):
-            if prev[m] is None:
-                break
-            m = prev[m]
-        return m
+    def back(m: int, k: int) -> tuple[int, int]:  # up to k steps before call m: (that call, steps)
+        walked = 0
+        while walked < k and prev[m] is not None:
+            m, walked = prev[m], walked + 1
+        return m, walked
 
-    newest = back(n, age)
-    older = back(newest, spacing) if closed == "forecast" else newest
-    if older == newest:
+    newest, a = back(n, age)
+    older, d = back(newest, spacing) if closed == "forecast" else (newest, 0)
+    if d == 0:
         return residuals[newest]
-    a, d = _n_steps(prev, newest, n), _n_steps(prev, older, newest)
-    k = a / d
-    return [[r1 + k * (r1 - r2) for r1, r2 in zip(one, two, strict=True)]
+    return [[r1 + (a / d) * (r1 - r2) for r1, r2 in zip(one, two, strict=True)]
             for one, two in zip(residuals[newest], residuals[older], strict=True)]
-
-
-def _n_steps(prev: list[int | None], older: int, newer: int) -> int:
-    """How many steps the recorded call ``older`` is before ``newer`` (of the same loop and branch)."""
-    k, m = 0, newer
-    while m != older and prev[m] is not None:
-        m, k = prev[m], k + 1
-    return max(k, 1)
 
 
 def _block_residuals(model: nn.Module, blocks: list[RoutedBlock], calls: list) -> list[list[list[torch.Tensor]]]:
@@ -235,8 +215,7 @@ class _Training:
                     h.remove()
             full, narrowest = b.flops[-1], b.flops[0]
             mlp = (full - narrowest) / (1.0 - cfg.widths[0]) if cfg.widths[0] < 1.0 else 0.0  # linear in width
-            closed = {"skip": 0.0, "reuse": b.reuse_flops, "forecast": 3 * b.reuse_flops}[cfg.closed]
-            self.spent.append(g * (full - mlp * (1.0 - width)) + (1 - g) * closed)
+            self.spent.append(g * (full - mlp * (1.0 - width)) + (1 - g) * b.closed_flops(cfg.closed))
             outs = []
             for k, (o, s) in enumerate(zip(split_outputs(out), streams, strict=True)):
                 gs = g.reshape((-1,) + (1,) * (s.dim() - 1)).to(s.dtype)
@@ -337,12 +316,9 @@ def train_routers(
     prev, num_steps = _positions(model, calls)
     residuals = _block_residuals(model, blocks, calls) if config.closed != "skip" else None
 
-    def routed(rs: RouterSet) -> RoutedTransformer:
-        return RoutedTransformer.from_graph(graph, rs, order=order, num_steps=num_steps,
-                                            latent_shape=tuple(latent.shape[1:]))
-
-    probe = routed(routers)
-    glue, full = probe.glue_flops, probe.full_flops
+    routed = RoutedTransformer.from_graph(graph, routers, order=order, num_steps=num_steps,
+                                          latent_shape=tuple(latent.shape[1:]))
+    glue, full = routed.glue_flops, routed.full_flops
 
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -367,7 +343,7 @@ def train_routers(
                     rows = int(names.latent_of(inputs).shape[0])
                     if 0 < row_subset < rows:  # the decisions are per row: any rows of a call will do
                         idx = torch.tensor(sorted(rng.sample(range(rows), row_subset)))
-                        inputs = {k: gather_rows(v, rows, idx, name=k) for k, v in inputs.items()}
+                        inputs = gather_rows(inputs, rows, idx)
                         ref = ref.index_select(0, idx)
                         cached = [[r.index_select(0, idx) for r in blk] for blk in cached] if cached else None
                         rows = row_subset
@@ -393,12 +369,12 @@ def train_routers(
     report = {"steps": steps, "train_seconds": round(trained, 2), "seconds": round(time.perf_counter() - t0, 2),
               "error": losses[-1][0] if losses else None, "trained_fraction": losses[-1][1] if losses else None,
               "offset_rounds": rounds, "excluded": excluded, "calls": len(calls)}
-    routers = routers.with_config(report=report)
-    return routed(routers)
+    routed.use(routers.with_config(report=report))
+    return routed
 
 
-def _calibrate_offset(routers: RouterSet, routed: Callable[[RouterSet], RoutedTransformer],
-                      calibration: Callable[[nn.Module], Any], budget: float) -> tuple[RouterSet, list]:
+def _calibrate_offset(routers: RouterSet, routed: RoutedTransformer, calibration: Callable[[nn.Module], Any],
+                      budget: float) -> tuple[RouterSet, list]:
     """The router set with the gate offset that spends the most of ``budget`` on the calibration,
     and ``(offset, FLOP fraction)`` per calibration run: the offset bracketed by doubling steps
     from 0, then interpolated and bisected in turn until a run lands within
@@ -406,9 +382,9 @@ def _calibrate_offset(routers: RouterSet, routed: Callable[[RouterSet], RoutedTr
     rounds: list[tuple[float, float]] = []
 
     def fraction(offset: float) -> float:
-        opt = routed(routers.with_config(offset=offset))
-        calibration(opt)
-        frac = opt.stats()["flop_fraction"]
+        routed.use(routers.with_config(offset=offset))
+        calibration(routed)
+        frac = routed.stats()["flop_fraction"]
         rounds.append((round(offset, 4), round(frac, 4)))
         return frac
 
