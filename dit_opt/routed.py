@@ -185,7 +185,7 @@ class RoutedTransformer(TransformerWrapper):
         self._route = [torch.compile(routers[b.spec.name], dynamic=True) if compile else routers[b.spec.name]
                        for b in blocks]
         self.order = dict(order or {})
-        self._router_flops = [routers[b.spec.name].flops(cfg.tokens[i], cfg.dims[i]) for i, b in enumerate(blocks)]
+        self._router_flops = [routers[b.spec.name].flops(cfg.tokens[i]) for i, b in enumerate(blocks)]
         self._decisions: Counter = Counter()
         self._done: list[float] = []  # per sample of each finished generation: its FLOP fraction
         self.reset()

@@ -87,9 +87,10 @@ class Router(nn.Module):
         z = torch.relu(self.fc(h.mean(dim=1)))
         return self.gate(z).squeeze(-1), self.width(z)
 
-    def flops(self, tokens: int, dim: int) -> float:
-        """FLOPs of one sample's call (multiply-adds counted twice, as the cost model does)."""
-        hidden, widths = self.fc.out_features, self.width.out_features
+    def flops(self, tokens: int) -> float:
+        """FLOPs of one sample's call on ``tokens`` tokens (multiply-adds counted twice, as the cost
+        model does)."""
+        dim, hidden, widths = self.fc.in_features, self.fc.out_features, self.width.out_features
         return 2 * TEMB_DIM * 3 * dim + 8 * tokens * dim + 2 * dim * hidden + 2 * hidden * (1 + widths)
 
 
