@@ -28,6 +28,7 @@ from dit_opt.calibration import Generations, guarded, raised_by_calibration
 from dit_opt.capture import check_capture_mode
 from dit_opt.errors import ConfigError, DitOptError, InfeasibleBudgetError, InputMismatchError
 from dit_opt.plan import Plan, check_budget
+from dit_opt.routed import RoutedTransformer
 from dit_opt.runtime import OptimizedTransformer, compile_mode, input_signature, timestep_as_tensor
 from dit_opt.sensitivity import DEFAULT_ACTIONS, DEFAULT_MAX_AGE, SensitivityProfile, check_actions
 from dit_opt.synthetic import call_names
@@ -36,6 +37,11 @@ __all__ = ["optimize", "profile", "load", "save", "ARTIFACT_VERSION"]
 
 class _Stop(Exception):
     """Raised inside a calibration to stop it once the first call's inputs are recorded."""
+
+
+#: ``optimize(..., dynamic=True)``: the static plan is solved at the budget times (1 + this), and
+#: the routers close its computes per sample down to the budget
+DYNAMIC_HEADROOM = 0.2
 
 
 def _first_call_inputs(model: nn.Module, calibration: Callable[[nn.Module], Any]) -> dict[str, Any]:
@@ -275,7 +281,8 @@ def optimize(
     profile_cache: str | Path | None = None,
     progress: bool = True,
     capture_mode: str = "auto",
-) -> OptimizedTransformer:
+    dynamic: bool | float = False,
+) -> OptimizedTransformer | RoutedTransformer:
     """Optimise ``model`` to at most ``budget`` of its FLOPs per generation.
 
     Args:
@@ -348,9 +355,17 @@ def optimize(
             where ``torch.export`` rejects it (the glue then runs as the model's own Python;
             :mod:`dit_opt.blockwise`); ``"whole"`` or ``"blocks"`` asks for one of the two.
             ``opt.report["capture"]`` says which was used and why.
+        dynamic: combine the plan with per-sample routers (E-DiT, ``docs/routers.md``): a static
+            plan (block granularity, reuse and forecast) is solved at ``budget * (1 + headroom)``
+            (``True``: headroom :data:`DYNAMIC_HEADROOM`; a float: that headroom), and routers
+            trained with the model frozen close its computes per sample until the mean FLOPs
+            per sample meet ``budget`` on the calibration (:func:`dit_opt.train_routers` with
+            ``plan``). Needs a callable calibration (or a pipeline's call arguments).
 
     Returns:
-        An :class:`~dit_opt.runtime.OptimizedTransformer`, a drop-in for ``pipe.transformer``.
+        An :class:`~dit_opt.runtime.OptimizedTransformer`, a drop-in for ``pipe.transformer``;
+        with ``dynamic``, a :class:`~dit_opt.routed.RoutedTransformer` (its ``plan`` the static
+        plan, ``stats()`` the FLOPs spent per sample and the decisions).
 
     Raises:
         ConfigError: the budget is not in (0, 1].
@@ -373,6 +388,11 @@ def optimize(
         options["calibration"] = pipelines.pipeline_calibration(model, calibration)
         return pipelines.attach(model, optimize(model.transformer, **options))
     budget = check_budget(budget)
+    if dynamic is not False:
+        return _optimize_dynamic(model, budget, dynamic, calibration=calibration, example_inputs=example_inputs,
+                                 solver=solver, compile=compile, blocks=blocks, max_age=max_age,
+                                 solver_options=solver_options, select=select, profile_cache=profile_cache,
+                                 progress=progress, capture_mode=capture_mode)
     rounds = loop.check_rounds(closed_loop)
     if rounds and (select is False or solver not in ("cpsat", "dp")):
         raise ConfigError(f"closed_loop re-solves the solver's plan among the measured candidates, so it needs "
@@ -593,6 +613,30 @@ def _cost_report(ctx: dict[str, Any], times: dict[str, float]) -> dict[str, Any]
         "seconds": seconds,
         "profile_cached": cached,
     }
+
+
+def _optimize_dynamic(model: nn.Module, budget: float, dynamic: bool | float, *, calibration: Any,
+                      compile: bool | str, progress: bool, **options: Any) -> RoutedTransformer:
+    """``optimize(..., dynamic=...)``: the static plan at the budget plus headroom, routers on it."""
+    from dit_opt.router_training import train_routers
+
+    headroom = DYNAMIC_HEADROOM if dynamic is True else dynamic
+    if isinstance(headroom, bool) or not isinstance(headroom, int | float) or not 0.0 <= headroom <= 1.0:
+        raise ConfigError(f"dynamic={dynamic!r}: True, False, or the headroom in [0, 1] the static plan is "
+                          f"solved above the budget (e.g. 0.2)")
+    if not callable(calibration):
+        raise ConfigError("dynamic routers are trained on the calibration's denoising loops: pass "
+                          "calibration=<a callable that samples with the module it is given> (or, for a "
+                          f"pipeline, its call arguments); got {type(calibration).__name__}")
+    plan_budget = min(1.0, budget * (1.0 + headroom))
+    static = optimize(model, plan_budget, calibration=calibration, compile=False, granularity="block",
+                      actions=("reuse", "forecast"), progress=progress, **options)
+    routed = train_routers(model, calibration, budget=budget, plan=static.plan, progress=progress)
+    report = {**routed.routers.config.report, "plan_budget": plan_budget,
+              "plan_flop_fraction": static.plan.flop_fraction,
+              "plan_generations": static.report.get("generations")}
+    routed.use(routed.routers.with_config(report=report))
+    return routed.compiled() if compile_mode(compile) else routed
 
 
 def _selection_calibration(select: Any, calibration: Any, solver: str) -> Any:

@@ -36,6 +36,7 @@ from torch import nn
 from dit_opt.errors import ArtifactError, ConfigError, InputMismatchError
 from dit_opt.executor import is_guidance_batch, mlp_linears, narrow_block, pack_outputs, split_outputs
 from dit_opt.ir import BlockSpec, DiTGraph, StreamSpec
+from dit_opt.plan import Plan
 from dit_opt.routers import RouterSet, timestep_embedding
 from dit_opt.steps import StepTracker
 from dit_opt.synthetic import call_batch, call_names
@@ -156,11 +157,14 @@ class RoutedTransformer(TransformerWrapper):
         latent_shape: the latent's shape past the batch the routers were made for.
         compile: compile each block at each width and each router with Inductor, the batch
             dimension dynamic (the sub-batches' sizes vary from call to call; no recompile per size).
+        plan: the static plan the routers run under (:func:`dit_opt.optimize` with ``dynamic``;
+            its schedule is ``routers.config.served``), kept for inspection and saved with them.
     """
 
     def __init__(self, model: nn.Module, routers: RouterSet, blocks: list[RoutedBlock], *, glue_flops: float,
                  full_flops: float, order: dict[str, torch.Tensor] | None = None, num_steps: int = 0,
-                 cap: float | None = None, latent_shape: tuple[int, ...] | None = None, compile: bool = False):
+                 cap: float | None = None, latent_shape: tuple[int, ...] | None = None, compile: bool = False,
+                 plan: Plan | None = None):
         super().__init__()
         if [b.spec.name for b in blocks] != list(routers.config.blocks):
             raise ConfigError("RoutedTransformer: the blocks must be the router set's, in its order")
@@ -170,7 +174,7 @@ class RoutedTransformer(TransformerWrapper):
         self.routers = routers
         self.blocks = blocks
         self.glue_flops, self.full_flops = float(glue_flops), float(full_flops)
-        self.num_steps, self.cap, self.latent_shape = num_steps, cap, latent_shape
+        self.num_steps, self.cap, self.latent_shape, self.plan = num_steps, cap, latent_shape, plan
         self.names = call_names(model)
         cfg = routers.config
         # per block and width, what runs the rows computing at that width: the block's own forward
@@ -214,6 +218,25 @@ class RoutedTransformer(TransformerWrapper):
         gated = sum(graph.costs.flops(n) for n in routers.config.blocks)
         full = graph.flops / batch
         return cls(graph.model, routers, blocks, glue_flops=full - gated / batch, full_flops=full, **kwargs)
+
+    def compiled(self) -> RoutedTransformer:
+        """The same routed model (routers, state-free) with its blocks and routers compiled
+        (the constructor's ``compile``)."""
+        return type(self)(self.model, self.routers, self.blocks, glue_flops=self.glue_flops,
+                          full_flops=self.full_flops, order=self.order, num_steps=self.num_steps, cap=self.cap,
+                          latent_shape=self.latent_shape, compile=True, plan=self.plan)
+
+    def set_schedule(self, timesteps: Any) -> None:
+        """What an attached pipeline's scheduler declares for each loop (:func:`dit_opt.attach`):
+        under a plan, a loop of another step count is rejected here, before its first call.
+
+        Raises:
+            InputMismatchError: the plan was made for another number of steps.
+        """
+        steps = len(self.routers.config.served)
+        if steps and len(timesteps) != steps:
+            raise InputMismatchError(f"a loop of {len(timesteps)} steps, but the plan these routers run under was "
+                                     f"made for {steps}: optimize with a calibration of {len(timesteps)} steps")
 
     def use(self, routers: RouterSet) -> None:
         """Run with ``routers``, the same routers under another config (another gate ``offset``,
@@ -273,7 +296,8 @@ class RoutedTransformer(TransformerWrapper):
         MLPs' channel order) to one safetensors file; :meth:`load` reads it back."""
         runtime = {"blocks": [b.to_json() for b in self.blocks], "glue_flops": self.glue_flops,
                    "full_flops": self.full_flops, "num_steps": self.num_steps, "cap": self.cap,
-                   "latent_shape": list(self.latent_shape) if self.latent_shape is not None else None}
+                   "latent_shape": list(self.latent_shape) if self.latent_shape is not None else None,
+                   "plan": self.plan.to_dict() if self.plan is not None else None}
         return self.routers.save(path, runtime, {f"order.{k}": v for k, v in self.order.items()})
 
     @classmethod
@@ -291,9 +315,10 @@ class RoutedTransformer(TransformerWrapper):
             blocks = [RoutedBlock.from_json(model, d) for d in runtime["blocks"]]
             order = {k.removeprefix("order."): v for k, v in extra.items() if k.startswith("order.")}
             shape = runtime.get("latent_shape")
+            plan = Plan.from_dict(runtime["plan"]) if runtime.get("plan") else None
             return cls(model, routers, blocks, glue_flops=runtime["glue_flops"], full_flops=runtime["full_flops"],
                        order=order, num_steps=int(runtime["num_steps"]), cap=cap if cap is not None else runtime["cap"],
-                       latent_shape=tuple(shape) if shape is not None else None, compile=compile)
+                       latent_shape=tuple(shape) if shape is not None else None, compile=compile, plan=plan)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{path}: its runtime record is corrupt or does not fit "
                                 f"{type(model).__name__} ({type(e).__name__}: {e}); train the routers again") from e
@@ -314,6 +339,11 @@ class RoutedTransformer(TransformerWrapper):
         timestep = self.names.timestep_of(named, 0.0)
         t = row_timesteps(timestep, batch, latent.device)
         pos = self.tracker.peek(float(t[0]), named)
+        cfg = self.routers.config
+        if cfg.served and pos.step >= len(cfg.served):
+            raise InputMismatchError(
+                f"step {pos.step + 1} of a generation, but the plan these routers run under was made for "
+                f"{len(cfg.served)} steps: optimize for this step count (or reset() between generations)")
         if not pos.new_generation and self._spent is not None and self._spent.numel() != batch:
             raise InputMismatchError(f"batch of {batch} rows in the middle of a generation of "
                                      f"{self._spent.numel()}: start a new generation (opt.reset())")
@@ -333,11 +363,13 @@ class RoutedTransformer(TransformerWrapper):
                 computed=[torch.full((batch, 2), -1, dtype=torch.long) for _ in range(U)],
                 have=[torch.zeros(batch, dtype=torch.bool) for _ in range(U)],
                 streak=[torch.zeros(batch, dtype=torch.long) for _ in range(U)])
+        # the blocks the plan serves at this step: their routers are not asked
+        forced = frozenset(cfg.served[pos.step]) if cfg.served else frozenset()
         self._full += self.full_flops
-        self._spent += self.glue_flops + sum(self._router_flops)
-        cfg = self.routers.config
+        self._spent += self.glue_flops + sum(f for i, f in enumerate(self._router_flops) if i not in forced)
         temb = timestep_embedding(t, scale=cfg.timestep_scale)
-        call = {"step": pos.step, "temb": temb, "decisions": None, "state": self._branches[pos.branch]}
+        call = {"step": pos.step, "temb": temb, "decisions": None, "state": self._branches[pos.branch],
+                "forced": forced}
         swaps = [(b.module, self._wrapped(i, b, call, b.module.forward)) for i, b in enumerate(self.blocks)]
         try:
             with swapped_forwards(swaps), torch.no_grad():
@@ -355,9 +387,13 @@ class RoutedTransformer(TransformerWrapper):
         cfg = self.routers.config
         if cfg.decide == "step":
             if call["decisions"] is None:  # every router reads the first routed block's input: one host read
-                out = [route(x, call["temb"]) for route in self._route]
-                gates = torch.sigmoid(torch.stack([g.float() for g, _ in out]) - cfg.offset).cpu()
-                widths = torch.stack([w.argmax(-1) for _, w in out]).cpu()
+                asked = [j for j in range(len(self.blocks)) if j not in call["forced"]]
+                out = [self._route[j](x, call["temb"]) for j in asked]
+                gates = torch.zeros(len(self.blocks), x.shape[0])
+                widths = torch.zeros(len(self.blocks), x.shape[0], dtype=torch.long)
+                if out:
+                    gates[asked] = torch.sigmoid(torch.stack([g.float() for g, _ in out]) - cfg.offset).cpu()
+                    widths[asked] = torch.stack([w.argmax(-1) for _, w in out]).cpu()
                 call["decisions"] = (gates, widths)
             return call["decisions"][0][i], call["decisions"][1][i]
         gate, width = self._route[i](x, call["temb"])
@@ -374,11 +410,16 @@ class RoutedTransformer(TransformerWrapper):
             streams = [named[o.input_name] for o in b.spec.outputs]
             x = named[b.x_name]
             batch = x.shape[0]
-            p, width = self._decide(i, x, call)
+            forced = i in call["forced"]
+            if forced:  # the plan serves the block: every row with a cache is served, at any streak
+                p, width = torch.zeros(batch), torch.full((batch,), len(cfg.widths) - 1)
+                cached = state.have[i].clone()
+            else:
+                p, width = self._decide(i, x, call)
+                cached = state.have[i] & (state.streak[i] < cfg.max_reuse)
             opened = p >= 0.5
             if self.cap is not None:  # the row's FLOPs so far, this block at full cost, within the cap
                 opened &= ~(self._spent + b.flops[-1] > self.cap * self._full)
-            cached = state.have[i] & (state.streak[i] < cfg.max_reuse)
             if cfg.closed != "skip":
                 compute, reuse = opened | ~cached, ~opened & cached
             else:
@@ -433,7 +474,8 @@ class RoutedTransformer(TransformerWrapper):
                         served = served + w * (served - state.prev[i][k].index_select(0, idx))
                     o.index_copy_(0, idx, (s.index_select(0, idx) + served).to(o.dtype))
                 self._spent[rows] += b.closed_flops(cfg.closed)
-                self._decisions[(name, "reuse" if forecast is None else "forecast")] += int(rows.numel())
+                kind = "reuse" if forecast is None else "forecast"
+                self._decisions[(name, f"plan {kind}" if forced else kind)] += int(rows.numel())
             skipped = int((~compute & ~reuse).sum())
             if skipped:
                 self._decisions[(name, "skip")] += skipped

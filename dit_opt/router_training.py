@@ -35,6 +35,7 @@ from torch import nn
 from dit_opt.errors import ConfigError, DitOptError, InfeasibleBudgetError
 from dit_opt.executor import mlp_linears, model_sample, split_outputs
 from dit_opt.fingerprint import weights_digest
+from dit_opt.plan import Plan
 from dit_opt.routed import (
     RoutedBlock,
     RoutedTransformer,
@@ -43,7 +44,7 @@ from dit_opt.routed import (
     row_timesteps,
     swapped_forwards,
 )
-from dit_opt.routers import RouterConfig, RouterSet, timestep_embedding
+from dit_opt.routers import RouterConfig, RouterSet, plan_served, timestep_embedding
 from dit_opt.synthetic import call_names
 
 __all__ = ["train_routers", "record_calls"]
@@ -78,28 +79,30 @@ def record_calls(model: nn.Module, calibration: Callable[[nn.Module], Any]
     return calls
 
 
-def _positions(model: nn.Module, calls: list) -> tuple[list[int | None], int]:
+def _positions(model: nn.Module, calls: list) -> tuple[list[int | None], list[int], int]:
     """Per recorded call, the index of the call of the same generation and branch one step
-    earlier (``None`` at a generation's first step), and the loop's number of steps."""
+    earlier (``None`` at a generation's first step) and the call's step; the loop's number of steps."""
     from dit_opt.steps import StepTracker, timestep_value
 
     names = call_names(model)
-    tracker, steps, seen, prev = StepTracker(names), 0, {}, []
+    tracker, steps, seen, prev, at = StepTracker(names), 0, {}, [], []
     for n, (inputs, _) in enumerate(calls):
         pos = tracker.peek(timestep_value(names.timestep_of(inputs, 0.0)), inputs)
         tracker.commit(pos)
         seen[(pos.generation, pos.step, pos.branch)] = n
         prev.append(seen.get((pos.generation, pos.step - 1, pos.branch)))
+        at.append(pos.step)
         steps = max(steps, pos.step + 1)
-    return prev, steps
+    return prev, at, steps
 
 
-def _served(residuals: list | None, prev: list[int | None], n: int, closed: str, age: int = 1,
-            spacing: int = 1) -> list | None:
+def _served(residuals: list | None, prev: list[int | None], n: int, closed: str,
+            ages: list[tuple[int, int]]) -> list | None:
     """Per gated block, the residuals a closed gate serves at recorded call ``n``, teacher-forced
-    (the full model's, of the steps before): the one ``age`` steps before (``"reuse"``), or
-    extrapolated to first order from it and the one ``spacing`` steps before that (``"forecast"``;
-    as far back as the recorded steps go); ``None`` at a first step."""
+    (the full model's, of the steps before): for block ``i`` with ``ages[i] = (age, spacing)``, the
+    one ``age`` steps before (``"reuse"``), or extrapolated to first order from it and the one
+    ``spacing`` steps before that (``"forecast"``; as far back as the recorded steps go); ``None``
+    at a first step."""
     if residuals is None or prev[n] is None:
         return None
 
@@ -109,12 +112,27 @@ def _served(residuals: list | None, prev: list[int | None], n: int, closed: str,
             m, walked = prev[m], walked + 1
         return m, walked
 
-    newest, a = back(n, age)
-    older, d = back(newest, spacing) if closed == "forecast" else (newest, 0)
-    if d == 0:
-        return residuals[newest]
-    return [[r1 + (a / d) * (r1 - r2) for r1, r2 in zip(one, two, strict=True)]
-            for one, two in zip(residuals[newest], residuals[older], strict=True)]
+    out = []
+    for i, (age, spacing) in enumerate(ages):
+        newest, a = back(n, age)
+        older, d = back(newest, spacing) if closed == "forecast" else (newest, 0)
+        one = residuals[newest][i]
+        out.append(one if d == 0 else [r1 + (a / d) * (r1 - r2) for r1, r2 in zip(one, residuals[older][i],
+                                                                                 strict=True)])
+    return out
+
+
+def _plan_ages(served: tuple[tuple[int, ...], ...], blocks: int) -> list[list[tuple[int, int]]]:
+    """Per step of a plan (:attr:`RouterConfig.served`), per block, ``(age, spacing)`` of what a
+    closed gate serves there if the plan's computes before it ran: the steps since the block's last
+    compute, and the steps between that compute and the one before (1 where there is none)."""
+    out, last = [], [[] for _ in range(blocks)]
+    for t, row in enumerate(served):
+        out.append([(t - c[-1] if c else 1, c[-1] - c[-2] if len(c) > 1 else 1) for c in last])
+        for i in range(blocks):
+            if i not in row:
+                last[i].append(t)
+    return out
 
 
 def _block_residuals(model: nn.Module, blocks: list[RoutedBlock], calls: list) -> list[list[list[torch.Tensor]]]:
@@ -167,10 +185,11 @@ class _Training:
         self.call: dict[str, Any] = {}
 
     def forward(self, model: nn.Module, inputs: dict[str, Any], temb: torch.Tensor,
-                cached: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
+                cached: list[list[torch.Tensor]] | None = None, forced: tuple[int, ...] = ()) -> torch.Tensor:
         """The model's prediction on ``inputs`` with the routers' decisions; ``cached``: per block,
-        the residuals a closed gate reuses (``None``: none yet, the gates stay open)."""
-        self.spent, self.call = [], {"temb": temb, "decisions": None, "cached": cached}
+        the residuals a closed gate reuses (``None``: none yet, the gates stay open); ``forced``:
+        the blocks a plan serves (their gates closed, their routers not asked)."""
+        self.spent, self.call = [], {"temb": temb, "decisions": None, "cached": cached, "forced": forced}
         swaps = [(b.module, self._wrapped(i, b, b.module.forward)) for i, b in enumerate(self.blocks)]
         with swapped_forwards(swaps):
             return model_sample(model(**inputs))
@@ -195,6 +214,8 @@ class _Training:
             cached = self.call["cached"][i] if self.call["cached"] is not None else None
             if cfg.closed != "skip" and cached is None:
                 g = torch.ones_like(p)  # nothing to reuse yet: the block computes
+            elif i in self.call["forced"]:
+                g = torch.zeros_like(p)  # the plan serves the block
             soft = torch.softmax(wl.float(), -1)
             sw = torch.nn.functional.one_hot(soft.argmax(-1), soft.shape[-1]).float() + soft - soft.detach()
             width = sw @ self.widths
@@ -231,7 +252,7 @@ def train_routers(
     calibration: Callable[[nn.Module], Any],
     *,
     budget: float = 0.5,
-    steps: int = 300,
+    steps: int = 150,
     lr: float = 3e-3,
     penalty: float = 10.0,
     minibatch: int = 4,
@@ -244,6 +265,7 @@ def train_routers(
     max_reuse: int = 3,
     reuse_from: float = 0.5,
     calibrate: bool = True,
+    plan: Plan | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> RoutedTransformer:
@@ -270,6 +292,10 @@ def train_routers(
             (:class:`~dit_opt.routers.RouterConfig`).
         margin, max_reuse, reuse_from: E-DiT's block caching (:class:`~dit_opt.routers.RouterConfig`).
         calibrate: search the gate offset on the calibration so that the FLOPs meet the budget.
+        plan: a static plan for the calibration's loop (block granularity, computes, reuses and
+            forecasts only) the routers run under: where it serves a block the gate is closed,
+            where it computes one the router decides (:func:`dit_opt.optimize` with ``dynamic``
+            solves it at a budget above ``budget``). ``None``: every gate is the router's.
         seed: seeds the routers' initialisation and the minibatches.
         progress: show a progress bar.
 
@@ -303,6 +329,13 @@ def train_routers(
     if not blocks:
         raise DitOptError(f"{type(model).__name__}: no block can be gated by a router ("
                           + "; ".join(f"{k}: {v}" for k, v in excluded.items()) + ")")
+    prev, at, num_steps = _positions(model, calls)
+    served: tuple[tuple[int, ...], ...] = ()
+    if plan is not None:
+        if plan.num_steps != num_steps:
+            raise ConfigError(f"the plan has {plan.num_steps} steps, the calibration's loop {num_steps}: "
+                              f"solve the plan on the same calibration")
+        served = plan_served(plan, [b.spec.name for b in blocks])
     shapes = [dict(b.spec.inputs)[b.x_name].shape for b in blocks]
     ts = torch.cat([row_timesteps(names.timestep_of(c[0], 0.0), 1, "cpu") for c in calls])
     config = RouterConfig(
@@ -310,14 +343,14 @@ def train_routers(
         tokens=tuple(int(s[1]) for s in shapes), widths=tuple(float(w) for w in widths), hidden=hidden,
         timestep_scale=1000.0 if float(ts.abs().max()) <= 1.0 + 1e-6 else 1.0, decide=decide, closed=closed,
         margin=margin, max_reuse=max_reuse, reuse_from=reuse_from, budget=float(budget),
-        fingerprint=weights_digest(model))
+        fingerprint=weights_digest(model), served=served)
     routers = RouterSet(config)
     latent = names.latent_of(calls[0][0])
-    prev, num_steps = _positions(model, calls)
     residuals = _block_residuals(model, blocks, calls) if config.closed != "skip" else None
 
     routed = RoutedTransformer.from_graph(graph, routers, order=order, num_steps=num_steps,
-                                          latent_shape=tuple(latent.shape[1:]))
+                                          latent_shape=tuple(latent.shape[1:]), plan=plan)
+    plan_ages = _plan_ages(served, len(blocks))
     glue, full = routed.glue_flops, routed.full_flops
 
     frozen = [p.requires_grad for p in model.parameters()]
@@ -338,8 +371,11 @@ def train_routers(
                     inputs, ref = calls[n]
                     # a closed gate serves the block's residuals of the steps before (teacher-forced)
                     # at the ages and spacings the runtime serves (up to max_reuse steps back)
-                    cached = _served(residuals, prev, n, config.closed, rng.randint(1, max_reuse),
-                                     rng.randint(1, max_reuse))
+                    if served:  # where the plan's computes left the caches
+                        forced, ages = served[at[n]], plan_ages[at[n]]
+                    else:
+                        forced, ages = (), [(rng.randint(1, max_reuse), rng.randint(1, max_reuse))] * len(blocks)
+                    cached = _served(residuals, prev, n, config.closed, ages)
                     rows = int(names.latent_of(inputs).shape[0])
                     if 0 < row_subset < rows:  # the decisions are per row: any rows of a call will do
                         idx = torch.tensor(sorted(rng.sample(range(rows), row_subset)))
@@ -348,7 +384,8 @@ def train_routers(
                         cached = [[r.index_select(0, idx) for r in blk] for blk in cached] if cached else None
                         rows = row_subset
                     t = row_timesteps(names.timestep_of(inputs, 0.0), rows, ref.device)
-                    out = train.forward(model, inputs, timestep_embedding(t, scale=config.timestep_scale), cached)
+                    out = train.forward(model, inputs, timestep_embedding(t, scale=config.timestep_scale), cached,
+                                        forced)
                     err = (out.float() - ref.float()).pow(2).sum() / ref.float().pow(2).sum().clamp_min(1e-12)
                     loss = loss + err / minibatch
                     err_sum += float(err) / minibatch

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,10 @@ import torch
 from torch import nn
 
 from dit_opt.errors import ArtifactError, ConfigError
+from dit_opt.plan import ActionKind, Plan
 
-__all__ = ["ROUTER_FORMAT", "DEFAULT_WIDTHS", "Router", "RouterConfig", "RouterSet", "timestep_embedding"]
+__all__ = ["ROUTER_FORMAT", "DEFAULT_WIDTHS", "Router", "RouterConfig", "RouterSet", "plan_served",
+           "timestep_embedding"]
 
 #: the artifact format this version writes and reads
 ROUTER_FORMAT = "dit-opt-routers/1"
@@ -121,6 +124,11 @@ class RouterConfig:
             under ``0.5 + margin`` reuses its cached residual (0: no caching).
         max_reuse: at most this many reuses in a row per block and sample.
         reuse_from: under ``closed="skip"``, caching starts at this fraction of the loop's steps.
+        served: under a static plan (:func:`dit_opt.optimize` with ``dynamic``), per step of the
+            plan's loop, the indices (into ``blocks``) of the blocks the plan serves from their
+            caches at that step: their gates are closed whatever the router says (and the router
+            is not run), the others are the routers' to gate. Empty: no plan, every gate is the
+            router's.
         budget: the FLOP fraction the routers were trained for.
         fingerprint: the model's (:func:`dit_opt.fingerprint.model_fingerprint`) digest.
         report: training figures (steps, seconds, losses, the calibrated FLOP fractions).
@@ -138,6 +146,7 @@ class RouterConfig:
     margin: float = 0.0
     max_reuse: int = 3
     reuse_from: float = 0.5
+    served: tuple[tuple[int, ...], ...] = ()
     budget: float = 1.0
     fingerprint: str = ""
     report: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -159,6 +168,39 @@ class RouterConfig:
                               f"max_reuse must be >= 1 and reuse_from in [0, 1]")
         if len(self.dims) != len(self.blocks) or len(self.tokens) != len(self.blocks):
             raise ConfigError("RouterConfig: blocks, dims and tokens must have one entry per block")
+        if self.served and (self.closed == "skip"
+                            or any(not 0 <= i < len(self.blocks) for row in self.served for i in row)):
+            raise ConfigError("RouterConfig.served: a plan's served blocks are indices into blocks, and the "
+                              "routers must serve closed gates from their caches (closed 'forecast' or 'reuse')")
+
+
+def plan_served(plan: Plan, blocks: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Per step of ``plan``, the indices (into ``blocks``) of the blocks it serves from their
+    caches (every unit of the block reuses or forecasts, or the step is a whole-step forecast):
+    :attr:`RouterConfig.served`.
+
+    Raises:
+        ConfigError: the plan prunes, narrows, skips or derives a guidance half somewhere (routers
+            gate whole computes: solve the plan with ``actions=("reuse", "forecast")``), or serves a
+            block the routers do not gate.
+    """
+    serving = (ActionKind.REUSE, ActionKind.FORECAST, ActionKind.STEP)
+    index = {name: i for i, name in enumerate(blocks)}
+    out = []
+    for t, row in enumerate(plan.actions):
+        by_block: dict[str, list[ActionKind]] = {}
+        for unit, action in zip(plan.units, row, strict=True):
+            if action.kind not in (ActionKind.COMPUTE, *serving):
+                raise ConfigError(f"the plan's step {t} has {action} at {unit}: routers gate whole computes of a "
+                                  f"plan that computes, reuses or forecasts; solve it with "
+                                  f"actions=('reuse', 'forecast')")
+            by_block.setdefault(f"{unit.list_name}.{unit.index}", []).append(action.kind)
+        served = sorted(name for name, kinds in by_block.items() if all(k in serving for k in kinds))
+        missing = [name for name in served if name not in index]
+        if missing:
+            raise ConfigError(f"the plan serves {missing[:3]} at step {t}, which the routers do not gate")
+        out.append(tuple(sorted(index[name] for name in served)))
+    return tuple(out)
 
 
 def _key(block: str) -> str:
@@ -226,7 +268,8 @@ class RouterSet(nn.Module):
                                 f"expected {ROUTER_FORMAT!r})")
         try:
             raw = json.loads(meta["config"])
-            config = RouterConfig(**{**raw, **{k: tuple(raw[k]) for k in ("blocks", "dims", "tokens", "widths")}})
+            config = RouterConfig(**{**raw, **{k: tuple(raw[k]) for k in ("blocks", "dims", "tokens", "widths")},
+                                     "served": tuple(tuple(row) for row in raw.get("served", ()))})
             runtime = json.loads(meta.get("runtime", "{}"))
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{path}: its router config is corrupt ({e}); train the routers again") from e

@@ -6,9 +6,12 @@ FLOPs counted per sample (``RoutedTransformer.stats``: mean, min, median, max); 
 ``dit_opt.optimize`` keeps at that budget (``--granularity``, default ``auto`` as in
 ``BENCHMARKS.md``) on the same images. PSNR against the full model's images, class accuracy by
 the shipped classifier and Frechet distance to the held-out real images, as the benchmark
-measures them.
+measures them. ``--dynamic HEADROOM ...`` adds routers on a static plan
+(``dit_opt.optimize(..., dynamic=HEADROOM)``: the plan solved at ``budget * (1 + HEADROOM)``, its
+computes gated per sample down to the budget; headroom 0 is the plan's schedule alone).
 
     python examples/routers.py --model digits-dit --budgets 0.5 0.35 --samples 200
+    python examples/routers.py --model digits-dit --budgets 0.5 --no-routers --dynamic 0 0.2  # on a plan
 """
 
 from __future__ import annotations
@@ -42,6 +45,10 @@ def main() -> None:
                         help="full: gates only; edit: E-DiT's MLP widths 1/4 .. 1 as well")
     parser.add_argument("--closed", nargs="+", choices=["forecast", "reuse", "skip"], default=["forecast"])
     parser.add_argument("--decide", nargs="+", choices=["block", "step"], default=["block"])
+    parser.add_argument("--dynamic", type=float, nargs="*", default=[], metavar="HEADROOM",
+                        help="also routers on a static plan: dit_opt.optimize(..., dynamic=HEADROOM), the plan "
+                        "solved at budget * (1 + HEADROOM)")
+    parser.add_argument("--no-routers", action="store_true", help="leave out the routers on the bare model")
     parser.add_argument("--no-static", action="store_true", help="leave out the static plan")
     parser.add_argument("--granularity", default="auto", choices=["block", "module", "auto"])
     parser.add_argument("--timing", type=int, default=0, metavar="REPEATS",
@@ -67,7 +74,7 @@ def main() -> None:
     timed = None
     for budget in args.budgets:
         timed = None
-        for closed in args.closed:
+        for closed in [] if args.no_routers else args.closed:
             for decide in args.decide:
                 t0 = time.perf_counter()
                 routed = dit_opt.train_routers(model, calibration, budget=budget, steps=args.train_steps,
@@ -85,6 +92,21 @@ def main() -> None:
                 rounds = ", ".join(f"{o:g}: {f:.3f}" for o, f in routed.routers.config.report["offset_rounds"])
                 print(f"  (gate offset -> calibration FLOP fraction: {rounds})", flush=True)
                 timed = timed or routed
+        for headroom in args.dynamic:
+            t0 = time.perf_counter()
+            routed = dit_opt.optimize(model, budget, calibration=calibration, dynamic=headroom, compile=False,
+                                      progress=False, example_inputs=sampler.example_inputs())
+            seconds = time.perf_counter() - t0
+            routed.reset()
+            routed.clear_stats()
+            images = evaluation(routed)
+            st = routed.stats()
+            per = st["per_sample"]
+            report = routed.routers.config.report
+            print(f"| {budget} | routers on a plan (headroom {headroom:g}: plan at {report['plan_flop_fraction']:.3f}) "
+                  f"| forecast | block | {st['flop_fraction']:.3f}; {per['min']:.3f}, {per['median']:.3f}, "
+                  f"{per['max']:.3f} | {quality(images, full, labels, real)} | {seconds:.0f} |", flush=True)
+            timed = timed or routed
         if not args.no_static:
             opt = dit_opt.optimize(model, budget, calibration=calibration, compile=False, progress=False,
                                    granularity=args.granularity, example_inputs=sampler.example_inputs())
