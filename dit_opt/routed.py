@@ -257,10 +257,11 @@ class RoutedTransformer(TransformerWrapper):
         self._spent: torch.Tensor | None = None
         self._full: torch.Tensor | None = None
         self._guidance = False
+        self._uncounted = False  # the current generation's samples are left out of stats()
 
     def _current(self) -> list[float]:
         """Per sample of the current generation, the FLOP fraction spent so far."""
-        if self._spent is None:
+        if self._spent is None or self._uncounted:
             return []
         spent, full = self._spent, self._full
         if self._guidance and spent.numel() % 2 == 0:  # a sample's two branches are one sample
@@ -271,6 +272,7 @@ class RoutedTransformer(TransformerWrapper):
     def _finish_generation(self) -> None:
         self._done.extend(self._current())
         self._spent = self._full = None
+        self._uncounted = False
 
     def stats(self) -> dict[str, Any]:
         """FLOPs spent per sample (fractions of the full model's, counted per call; finished
@@ -286,9 +288,11 @@ class RoutedTransformer(TransformerWrapper):
                 "per_sample": per, "decisions": blocks}
 
     def clear_stats(self) -> None:
-        """Forget the counted samples and decisions (the caches stay)."""
+        """Forget the counted samples and decisions (the caches stay). A generation under way is
+        not counted: the samples counted next are those of the generations that start after."""
         self._decisions.clear()
         self._done = []
+        self._uncounted = self._spent is not None
 
     # ------------------------------------------------------------------ artifacts
     def save(self, path: str | Path) -> Path:

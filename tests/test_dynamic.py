@@ -1,0 +1,150 @@
+"""Routers on a static plan (``optimize(..., dynamic=...)``): the plan's schedule runs as the plan
+would, the routers gate only its computes, the budget holds, artifacts and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import dit_opt
+from dit_opt.calibration import synthetic_calibration
+from dit_opt.errors import ConfigError, InputMismatchError
+from dit_opt.plan import Action
+from dit_opt.routed import RoutedTransformer, routed_blocks
+from dit_opt.routers import RouterConfig, RouterSet, plan_served
+from dit_opt.testing import unbudgeted_plan
+
+STEPS = 6
+
+
+def _flat(out):
+    return torch.cat([o.flatten() for o in out]) if isinstance(out, list | tuple) else out.flatten()
+
+
+def _grid(units: int, rows: list[str]) -> list[list[Action]]:
+    """One string per step; ``"C"``/``"F"``/``"R"`` for every unit, or one letter per unit."""
+    return [[Action.parse(a) for a in (row.split() if " " in row else [row] * units)] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def schedule(profiled, captured):
+    """The tiny DiT, its synthetic calibration and profile, a plan of computes and first-order
+    forecasts, and full-capacity routers under it (every gate the router's stays open)."""
+    model, cal, prof = profiled("dit", STEPS)
+    U = len(prof.units)
+    mixed = " ".join("F" if u % 2 else "C" for u in range(U))
+    plan = unbudgeted_plan(prof, _grid(U, ["C", "C", "F", mixed, "C", "F"]))
+    graph = captured("dit")[2]
+    blocks, _ = routed_blocks(graph, (1.0,))
+    shapes = [dict(b.spec.inputs)[b.x_name].shape for b in blocks]
+    names = tuple(b.spec.name for b in blocks)
+    config = RouterConfig(blocks=names, dims=tuple(s[-1] for s in shapes), tokens=tuple(s[1] for s in shapes),
+                          widths=(1.0,), served=plan_served(plan, names))
+    return model, cal, prof, plan, RoutedTransformer.from_graph(graph, RouterSet(config), plan=plan)
+
+
+def test_routers_left_open_run_the_plans_schedule(schedule):
+    """Where the routers keep every gate open, the routed module is the plan: its served blocks
+    forecast from the same computes, to the same outputs as the plan's own runtime."""
+    model, cal, prof, plan, routed = schedule
+    opt = dit_opt.OptimizedTransformer(model, plan, profile=prof, compile=False)
+    routed.reset()
+    routed.clear_stats()
+    with torch.no_grad():
+        want, got = _flat(cal(opt)), _flat(cal(routed))
+        plain = _flat(cal(model))
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(got, plain, atol=1e-4)  # the plan did serve blocks
+    decisions = routed.stats()["decisions"]
+    served = sum(k.get("plan forecast", 0) for k in decisions.values())
+    rows = routed.stats()["samples"] * (2 if routed._guidance else 1)
+    assert served == rows * sum(len(row) for row in routed.routers.config.served)
+    assert not any("forecast" in k or "reuse" in k for d in decisions.values() for k in d if not k.startswith("plan"))
+
+
+@pytest.fixture(scope="module")
+def dynamic(profiled):
+    model, cal, _ = profiled("dit", STEPS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dit_opt.optimize(model, 0.5, calibration=cal, dynamic=0.4, compile=False, progress=False)
+    return model, cal, opt
+
+
+def test_optimize_dynamic_gates_the_plans_computes_down_to_the_budget(dynamic, tmp_path):
+    model, cal, opt = dynamic
+    assert isinstance(opt, RoutedTransformer) and opt.plan is not None
+    assert opt.plan.budget == pytest.approx(0.7)
+    report = opt.routers.config.report
+    assert report["plan_budget"] == pytest.approx(0.7) and report["plan_flop_fraction"] > 0.5
+    assert len(opt.routers.config.served) == STEPS == opt.plan.num_steps
+    opt.reset()
+    opt.clear_stats()
+    with torch.no_grad():
+        out = _flat(cal(opt))
+    st = opt.stats()
+    assert st["flop_fraction"] <= 0.5 + 1e-9
+    kinds = {k for d in st["decisions"].values() for k in d}
+    assert "plan forecast" in kinds or "plan reuse" in kinds  # the plan serves its blocks
+    assert "forecast" in kinds  # and the routers closed some of its computes
+    # saved and loaded with its plan: the same schedule, the same images
+    again = RoutedTransformer.load(opt.save(tmp_path / "routers.safetensors"), model)
+    assert again.plan == opt.plan and again.routers.config == opt.routers.config
+    with torch.no_grad():
+        assert torch.equal(_flat(cal(again)), out)
+
+
+def test_dynamic_bad_input(dynamic, schedule):
+    model, cal, opt = dynamic
+    for bad in ("yes", 1.5, -0.1):
+        with pytest.raises(ConfigError, match="dynamic"):
+            dit_opt.optimize(model, 0.5, calibration=cal, dynamic=bad, progress=False)
+    with pytest.raises(ConfigError, match="callable"):
+        dit_opt.optimize(model, 0.5, calibration=None, dynamic=True, progress=False)
+    # a plan that prunes cannot be gated; a plan for another loop is not trained on
+    _, _, prof, plan, routed = schedule
+    pruned = unbudgeted_plan(prof, _grid(len(prof.units), ["C", "C", "P0.5", "C", "C", "C"]))
+    with pytest.raises(ConfigError, match="reuse"):
+        plan_served(pruned, routed.routers.config.blocks)
+    shorter = synthetic_calibration(model, num_inference_steps=4, warn=False)
+    with pytest.raises(ConfigError, match="6 steps, the calibration's loop 4"):
+        dit_opt.train_routers(model, shorter, budget=0.5, steps=0, plan=plan, progress=False)
+    # a loop longer than the plan's, declared by a pipeline's scheduler or met at its first extra step
+    with pytest.raises(InputMismatchError, match="made for 6"):
+        opt.set_schedule(list(range(8)))
+    opt.set_schedule(list(range(STEPS)))
+    x = opt.latent_shape
+    opt.reset()
+    with torch.no_grad():
+        for t in range(STEPS):
+            opt(hidden_states=torch.zeros(1, *x), timestep=torch.tensor([900 - 100 * t]),
+                class_labels=torch.tensor([0]))
+        with pytest.raises(InputMismatchError, match="made for 6 steps"):
+            opt(hidden_states=torch.zeros(1, *x), timestep=torch.tensor([250]), class_labels=torch.tensor([0]))
+
+
+def test_dynamic_inside_a_pipeline():
+    """``optimize(pipe, ..., dynamic=...)``: trained on the pipeline's own calls and attached; its
+    generations meet the budget per sample, and a loop of another step count is refused when the
+    scheduler declares it, before any call."""
+    pytest.importorskip("transformers")
+    from dit_opt.tiny_pipelines import tiny_pipeline
+
+    pipe, call = tiny_pipeline("pixart")
+    transformer = pipe.transformer
+    call = dict(call, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = dit_opt.optimize(pipe, 0.6, calibration=call, dynamic=True, compile=False, progress=False)
+        assert pipe.transformer is opt and isinstance(opt, RoutedTransformer)
+        for seed, slack in ((1, 1e-9), (2, 0.05)):  # the calibration's own seed, then another
+            opt.clear_stats()
+            images = pipe(**dict(call, generator=torch.Generator().manual_seed(seed))).images
+            assert images is not None
+            st = opt.stats()
+            assert st["samples"] == 2 and st["flop_fraction"] <= 0.6 + slack
+        with pytest.raises(InputMismatchError, match="made for 6"):
+            pipe(**dict(call, num_inference_steps=STEPS + 2))
+    assert dit_opt.restore(pipe) is transformer and pipe.transformer is transformer
