@@ -653,11 +653,13 @@ def _selection_calibration(select: Any, calibration: Any, solver: str) -> Any:
     return calibration if usable else None
 
 
-def load(path: str | Path, model: nn.Module, *, compile: bool | str = True) -> OptimizedTransformer:
+def load(path: str | Path, model: nn.Module, *, compile: bool | str = True
+         ) -> OptimizedTransformer | RoutedTransformer:
     """Replay a saved optimisation on ``model`` without solving again.
 
     Args:
-        path: a directory written by ``opt.save``.
+        path: a directory written by ``opt.save``, or the file a routed module's ``save`` wrote
+            (``optimize(..., dynamic=...)``, :func:`dit_opt.train_routers`: routers, their plan).
         model: the same model (class, config and weights are checked).
         compile: how to lower (as in :func:`optimize`: ``True``/``"blocks"``, ``"step"``, ``False``).
 
@@ -665,6 +667,8 @@ def load(path: str | Path, model: nn.Module, *, compile: bool | str = True) -> O
         ArtifactError: the directory is missing, corrupt (a checksum fails), of another format
             version, or was made for another model.
     """
+    if Path(path).is_file():
+        return RoutedTransformer.load(path, model, compile=bool(compile_mode(compile)))
     plan, prof, meta = read(path, model)
     return OptimizedTransformer(model, plan, profile=prof, compile=compile, solver=meta.get("solver", "cpsat"),
                                 solver_options=meta.get("solver_options") or {}, blocks=meta.get("blocks"),

@@ -304,6 +304,17 @@ class RoutedTransformer(TransformerWrapper):
                    "plan": self.plan.to_dict() if self.plan is not None else None}
         return self.routers.save(path, runtime, {f"order.{k}": v for k, v in self.order.items()})
 
+    def export(self, path: str | Path) -> None:
+        """Not available for routed modules yet: their routers split each batch on the host,
+        which a ``torch.export`` program cannot; :meth:`save` keeps routers and plan.
+
+        Raises:
+            ConfigError: always, naming :meth:`save` and :func:`dit_opt.load`.
+        """
+        raise ConfigError(f"{path}: a routed module has no torch.export program (its routers split every batch on "
+                          f"the host); save it with opt.save('routers.safetensors') and load it with "
+                          f"dit_opt.load(path, model)")
+
     @classmethod
     def load(cls, path: str | Path, model: nn.Module, *, cap: float | None = None,
              compile: bool = False) -> RoutedTransformer:

@@ -106,6 +106,9 @@ def main() -> None:
             print(f"| {budget} | routers on a plan (headroom {headroom:g}: plan at {report['plan_flop_fraction']:.3f}) "
                   f"| forecast | block | {st['flop_fraction']:.3f}; {per['min']:.3f}, {per['median']:.3f}, "
                   f"{per['max']:.3f} | {quality(images, full, labels, real)} | {seconds:.0f} |", flush=True)
+            plain = dit_opt.OptimizedTransformer(model, routed.plan, compile=False)  # the plan in its own runtime
+            print(f"| {budget} | that plan alone (its own forecasts) | - | - | {routed.plan.flop_fraction:.3f} | "
+                  f"{quality(evaluation(plain), full, labels, real)} | - |", flush=True)
             timed = timed or routed
         if not args.no_static:
             opt = dit_opt.optimize(model, budget, calibration=calibration, compile=False, progress=False,

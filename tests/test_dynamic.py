@@ -90,10 +90,13 @@ def test_optimize_dynamic_gates_the_plans_computes_down_to_the_budget(dynamic, t
     assert "plan forecast" in kinds or "plan reuse" in kinds  # the plan serves its blocks
     assert "forecast" in kinds  # and the routers closed some of its computes
     # saved and loaded with its plan: the same schedule, the same images
-    again = RoutedTransformer.load(opt.save(tmp_path / "routers.safetensors"), model)
+    again = dit_opt.load(opt.save(tmp_path / "routers.safetensors"), model, compile=False)
+    assert isinstance(again, RoutedTransformer)
     assert again.plan == opt.plan and again.routers.config == opt.routers.config
     with torch.no_grad():
         assert torch.equal(_flat(cal(again)), out)
+    with pytest.raises(ConfigError, match="opt.save"):
+        opt.export(tmp_path / "pt2")
 
 
 def test_dynamic_bad_input(dynamic, schedule):
