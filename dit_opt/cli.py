@@ -419,6 +419,9 @@ def train_routers(
     closed: str = typer.Option("forecast", "--closed", help="forecast: a closed gate serves the block's residual "
                                "extrapolated from its last two computes; reuse: its last one; skip: the block "
                                "returns its input (E-DiT)."),
+    plan_headroom: float | None = typer.Option(None, "--plan-headroom", min=0.0, max=1.0,
+                                               help="Train the routers on a static plan solved at budget * (1 + "
+                                               "HEADROOM): dit_opt.optimize(..., dynamic=HEADROOM)."),
     threads: int | None = _THREADS,
 ) -> None:
     """Train E-DiT routers (per-sample block gates) for a reference model, its weights frozen, and save them."""
@@ -428,18 +431,32 @@ def train_routers(
     from dit_opt.router_training import train_routers as train
 
     _set_threads(threads)
+    if plan_headroom is not None and (train_steps, decide, closed) != (150, "block", "forecast"):
+        raise typer.BadParameter("--plan-headroom trains routers as optimize(..., dynamic=...) does (150 steps, "
+                                 "decisions per block, closed gates forecasting): drop --train-steps, --decide "
+                                 "and --closed, or --plan-headroom")
     sampler = _load_sampler(model)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            routed = train(sampler.transformer, _calibration(sampler, samples, None), budget=budget,
-                           steps=train_steps, decide=decide, closed=closed, progress=True)
+            cal = _calibration(sampler, samples, None)
+            if plan_headroom is None:
+                routed = train(sampler.transformer, cal, budget=budget, steps=train_steps, decide=decide,
+                               closed=closed, progress=True)
+            else:
+                import dit_opt
+
+                routed = dit_opt.optimize(sampler.transformer, budget, calibration=cal, dynamic=plan_headroom,
+                                          compile=False, progress=True)
     except DitOptError as e:
         raise _fail(e) from e
     routed.save(out)
     report = routed.routers.config.report
     typer.echo(f"trained in {report['seconds']:.1f} s ({report['steps']} steps on {report['calls']} recorded calls); "
                f"gate offset {routed.routers.config.offset:g}")
+    if routed.plan is not None:
+        typer.echo(f"on a static plan solved at {report['plan_budget']:.3f} (FLOP fraction "
+                   f"{routed.plan.flop_fraction:.3f}; optimize cost {report['plan_generations']:.1f} generations)")
     if evaluate:
         generate = sampling(sampler, evaluate, seed=0)
         full = generate(sampler.transformer)

@@ -12,6 +12,10 @@ block (the block itself at full width; a copy with narrowed MLPs,
 never change another's output. A call where every row computes at full width runs the block as
 it is.
 
+Under a static plan (:attr:`~dit_opt.routers.RouterConfig.served`, :func:`dit_opt.optimize` with
+``dynamic``) the blocks the plan serves at a step are served from every row's cache without
+asking their routers (at any streak), and only the plan's computes are the routers' to gate.
+
 Every call counts the FLOPs each row spends (the cost model's, per row: the glue outside the
 blocks, the routers, each block at its width, the reuses' adds), summed per sample over a
 generation; :meth:`RoutedTransformer.stats` reports their mean, spread and the decisions made.

@@ -161,3 +161,10 @@ def test_bench_peers_only_with_no_solvers(tmp_path):
 def test_bench_rejects_budget_outside_unit_interval(tmp_path):
     result = _run("bench", "--no-timing", "--budgets", "2", "--out", str(tmp_path / "B.md"))
     assert result.exit_code == 2, result.output
+
+
+def test_train_routers_on_a_plan_rejects_options_it_does_not_take(tmp_path):
+    result = _run("train-routers", "digits-dit", "--out", str(tmp_path / "r.safetensors"), "--plan-headroom",
+                  "0.2", "--closed", "skip")
+    assert result.exit_code == 2, result.output
+    assert "--plan-headroom trains routers as optimize" in _text(result)
