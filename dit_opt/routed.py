@@ -40,7 +40,7 @@ from torch import nn
 from dit_opt.errors import ArtifactError, ConfigError, InputMismatchError
 from dit_opt.executor import is_guidance_batch, mlp_linears, narrow_block, pack_outputs, split_outputs
 from dit_opt.ir import BlockSpec, DiTGraph, StreamSpec
-from dit_opt.plan import Plan
+from dit_opt.plan import Plan, forecast_weights
 from dit_opt.routers import RouterSet, timestep_embedding
 from dit_opt.steps import StepTracker
 from dit_opt.synthetic import call_batch, call_names
@@ -64,11 +64,15 @@ class RoutedBlock:
     #: whether the block has MLPs a width can narrow (else every width runs the whole block)
     narrowable: bool
 
+    def serve_flops(self, order: int) -> float:
+        """Per row, FLOPs of serving the block from its cache with a forecast of ``order`` (0: a
+        reuse, one add per stream element; each order adds a multiply and an add)."""
+        return (1 + 2 * order) * self.reuse_flops
+
     def closed_flops(self, closed: str) -> float:
         """Per row, FLOPs of serving the block with its gate closed (:class:`~dit_opt.routers.RouterConfig`
-        ``closed``): nothing for a skip, an add per stream element for a reuse, three for a
-        first-order forecast."""
-        return {"skip": 0.0, "reuse": self.reuse_flops, "forecast": 3 * self.reuse_flops}[closed]
+        ``closed``): nothing for a skip, a reuse or a first-order forecast otherwise."""
+        return 0.0 if closed == "skip" else self.serve_flops(int(closed == "forecast"))
 
     def to_json(self) -> dict[str, Any]:
         """What :meth:`from_json` needs to rebuild the block on the same model (no capture)."""
@@ -262,6 +266,10 @@ class RoutedTransformer(TransformerWrapper):
         self._full: torch.Tensor | None = None
         self._guidance = False
         self._uncounted = False  # the current generation's samples are left out of stats()
+        cfg = self.routers.config
+        # residuals kept per row and block: as many as the highest forecast order served needs
+        self._depth = 1 + max([int(cfg.closed == "forecast")] + [k for row in cfg.served for _, k in row])
+        self._weights: dict[tuple, tuple[float, ...]] = {}
 
     def _current(self) -> list[float]:
         """Per sample of the current generation, the FLOP fraction spent so far."""
@@ -378,12 +386,12 @@ class RoutedTransformer(TransformerWrapper):
         if pos.branch not in self._branches:
             U = len(self.blocks)
             self._branches[pos.branch] = SimpleNamespace(
-                cache=[None] * U, prev=[None] * U,
-                computed=[torch.full((batch, 2), -1, dtype=torch.long) for _ in range(U)],
+                hist=[None] * U,  # per block: its last residuals per row, newest first (per stream)
+                computed=[torch.full((batch, self._depth), -1, dtype=torch.long) for _ in range(U)],
                 have=[torch.zeros(batch, dtype=torch.bool) for _ in range(U)],
                 streak=[torch.zeros(batch, dtype=torch.long) for _ in range(U)])
         # the blocks the plan serves at this step: their routers are not asked
-        forced = frozenset(cfg.served[pos.step]) if cfg.served else frozenset()
+        forced = dict(cfg.served[pos.step]) if cfg.served else {}
         self._full += self.full_flops
         self._spent += self.glue_flops + sum(f for i, f in enumerate(self._router_flops) if i not in forced)
         temb = timestep_embedding(t, scale=cfg.timestep_scale)
@@ -446,26 +454,22 @@ class RoutedTransformer(TransformerWrapper):
                 if cfg.margin > 0 and call["step"] >= round(cfg.reuse_from * self.num_steps):
                     reuse = compute & (p < 0.5 + cfg.margin) & cached
                     compute &= ~reuse
-            name = b.spec.name
+            name, depth, step = b.spec.name, self._depth, call["step"]
             if bool(compute.all()) and bool((width == len(cfg.widths) - 1).all()):
                 out = self._runs[i][-1](*args, **kwargs)  # every row at full width: the block as it is
-                outs = split_outputs(out)
-                state.prev[i] = state.cache[i]
-                state.cache[i] = [(o - s).detach() for o, s in zip(outs, streams, strict=True)]
-                state.computed[i] = torch.stack([torch.full((batch,), call["step"]), state.computed[i][:, 0]], 1)
+                new = [(o - s).detach() for o, s in zip(split_outputs(out), streams, strict=True)]
+                older = state.hist[i] or [[torch.zeros_like(r) for r in new] for _ in range(depth - 1)]
+                state.hist[i] = [new, *older[: depth - 1]]
+                state.computed[i] = torch.cat([torch.full((batch, 1), step), state.computed[i][:, :-1]], 1)
                 state.have[i][:] = True
                 state.streak[i][:] = 0
                 self._spent += b.flops[-1]
                 self._decisions[(name, f"width {cfg.widths[-1]:g}")] += batch
                 return out
             outs = [s.clone() for s in streams]
-            if state.cache[i] is None:
-                state.cache[i] = [torch.zeros_like(s) for s in streams]
-            forecast = None
-            if cfg.closed == "forecast":  # the computes before the last are kept for forecasts only
-                forecast = self._forecast_weights(state.computed[i], call["step"], reuse)
-                if state.prev[i] is None:
-                    state.prev[i] = [torch.zeros_like(s) for s in streams]
+            if state.hist[i] is None:
+                state.hist[i] = [[torch.zeros_like(s) for s in streams] for _ in range(depth)]
+            hist = state.hist[i]
             for j, w in enumerate(cfg.widths):
                 rows = (compute & (width == j)).nonzero().flatten()
                 if not rows.numel():
@@ -474,26 +478,28 @@ class RoutedTransformer(TransformerWrapper):
                 sub_a = gather_rows(args, batch, idx)
                 sub_k = gather_rows(kwargs, batch, idx)
                 got = split_outputs(self._runs[i][j](*sub_a, **sub_k))
-                for k, (o, g, s, c) in enumerate(zip(outs, got, streams, state.cache[i], strict=True)):
+                for k, (o, g, s) in enumerate(zip(outs, got, streams, strict=True)):
                     o.index_copy_(0, idx, g.to(o.dtype))
-                    if forecast is not None:
-                        state.prev[i][k].index_copy_(0, idx, c.index_select(0, idx))
-                    c.index_copy_(0, idx, (g - s.index_select(0, idx)).detach().to(c.dtype))
-                state.computed[i][rows, 1] = state.computed[i][rows, 0]
-                state.computed[i][rows, 0] = call["step"]
+                    for a in range(depth - 1, 0, -1):  # the rows' older residuals move down one place
+                        hist[a][k].index_copy_(0, idx, hist[a - 1][k].index_select(0, idx))
+                    hist[0][k].index_copy_(0, idx, (g - s.index_select(0, idx)).detach().to(hist[0][k].dtype))
+                state.computed[i][rows] = torch.cat([torch.full((rows.numel(), 1), step),
+                                                     state.computed[i][rows, :-1]], 1)
                 self._spent[rows] += b.flops[j]
                 self._decisions[(name, f"width {w:g}")] += int(rows.numel())
             rows = reuse.nonzero().flatten()
             if rows.numel():
                 idx = rows.to(x.device)
-                for k, (o, s, c) in enumerate(zip(outs, streams, state.cache[i], strict=True)):
-                    served = c.index_select(0, idx)
-                    if forecast is not None:  # first order, at the row's own spacing of its computes
-                        w = forecast[rows].to(c.device, c.dtype).reshape((-1,) + (1,) * (c.dim() - 1))
-                        served = served + w * (served - state.prev[i][k].index_select(0, idx))
+                # the order asked: the plan's where it serves the block, else the closed gate's
+                asked = call["forced"][i] if forced else int(cfg.closed == "forecast")
+                weights, orders = self._serve_weights(state.computed[i], step, rows, asked)
+                for k, (o, s) in enumerate(zip(outs, streams, strict=True)):
+                    served = sum(weights[:, a].to(hist[a][k].device, hist[a][k].dtype).reshape(
+                        (-1,) + (1,) * (s.dim() - 1)) * hist[a][k].index_select(0, idx)
+                        for a in range(int(orders.max()) + 1))
                     o.index_copy_(0, idx, (s.index_select(0, idx) + served).to(o.dtype))
-                self._spent[rows] += b.closed_flops(cfg.closed)
-                kind = "reuse" if forecast is None else "forecast"
+                self._spent[rows] += torch.tensor([b.serve_flops(int(k)) for k in orders], dtype=torch.float64)
+                kind = "forecast" if asked else "reuse"
                 self._decisions[(name, f"plan {kind}" if forced else kind)] += int(rows.numel())
             skipped = int((~compute & ~reuse).sum())
             if skipped:
@@ -504,11 +510,20 @@ class RoutedTransformer(TransformerWrapper):
 
         return run
 
-    @staticmethod
-    def _forecast_weights(computed: torch.Tensor, step: int, rows: torch.Tensor) -> torch.Tensor:
-        """Per row, ``n / d`` of the first-order forecast ``r0 + (n / d) (r0 - r1)`` from its last two
-        computes (``computed[:, 0]`` and ``[:, 1]``, ``-1`` where none): ``n`` steps after the newest,
-        ``d`` apart; 0 (a plain reuse) for a row with one compute so far."""
-        c0, c1 = computed[:, 0], computed[:, 1]
-        ok = rows & (c1 >= 0) & (c0 > c1)
-        return torch.where(ok, (step - c0).double() / (c0 - c1).clamp_min(1).double(), 0.0)
+    def _serve_weights(self, computed: torch.Tensor, step: int, rows: torch.Tensor, order: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the served ``rows``: the weights of their cached residuals (newest first,
+        ``(len(rows), depth)``) and the order each forecast has: ``order`` through the row's last
+        ``order + 1`` computes at their steps (``computed``, ``-1`` where none), lower where the
+        row has fewer (a reuse after one compute)."""
+        form = self.routers.config.forecast_form
+        weights = torch.zeros(rows.numel(), computed.shape[1], dtype=torch.float64)
+        orders = torch.zeros(rows.numel(), dtype=torch.long)
+        for n, c in enumerate(computed[rows].tolist()):
+            c = tuple(v for v in c if v >= 0)[: order + 1]
+            w = self._weights.get((step, c))
+            if w is None:
+                w = self._weights[(step, c)] = forecast_weights(step, c, form)
+            weights[n, : len(w)] = torch.tensor(w, dtype=torch.float64)
+            orders[n] = len(w) - 1
+        return weights, orders

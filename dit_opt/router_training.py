@@ -35,7 +35,7 @@ from torch import nn
 from dit_opt.errors import ConfigError, DitOptError, InfeasibleBudgetError
 from dit_opt.executor import mlp_linears, model_sample, split_outputs
 from dit_opt.fingerprint import weights_digest
-from dit_opt.plan import Plan
+from dit_opt.plan import Plan, forecast_weights
 from dit_opt.routed import (
     RoutedBlock,
     RoutedTransformer,
@@ -97,41 +97,46 @@ def _positions(model: nn.Module, calls: list) -> tuple[list[int | None], list[in
 
 
 def _served(residuals: list | None, prev: list[int | None], n: int, closed: str,
-            ages: list[tuple[int, int]]) -> list | None:
+            backs: list[tuple[int, ...]], form: str = "lagrange") -> list | None:
     """Per gated block, the residuals a closed gate serves at recorded call ``n``, teacher-forced
-    (the full model's, of the steps before): for block ``i`` with ``ages[i] = (age, spacing)``, the
-    one ``age`` steps before (``"reuse"``), or extrapolated to first order from it and the one
-    ``spacing`` steps before that (``"forecast"``; as far back as the recorded steps go); ``None``
-    at a first step."""
+    (the full model's, of the steps before): for block ``i``, the polynomial through the residuals
+    ``backs[i]`` steps before (newest first; as far back as the recorded steps go) extrapolated
+    to this step (``form``: :func:`dit_opt.plan.forecast_weights`), or under ``"reuse"`` the first
+    of them as it is; ``None`` at a first step."""
     if residuals is None or prev[n] is None:
         return None
 
-    def back(m: int, k: int) -> tuple[int, int]:  # up to k steps before call m: (that call, steps)
-        walked = 0
+    def back(k: int) -> tuple[int, int]:  # up to k steps before call n: (that call, steps)
+        m, walked = n, 0
         while walked < k and prev[m] is not None:
             m, walked = prev[m], walked + 1
         return m, walked
 
     out = []
-    for i, (age, spacing) in enumerate(ages):
-        newest, a = back(n, age)
-        older, d = back(newest, spacing) if closed == "forecast" else (newest, 0)
-        one = residuals[newest][i]
-        out.append(one if d == 0 else [r1 + (a / d) * (r1 - r2) for r1, r2 in zip(one, residuals[older][i],
-                                                                                 strict=True)])
+    for i, offsets in enumerate(backs):
+        reached = dict(back(k)[::-1] for k in (offsets[:1] if closed == "reuse" else offsets))  # steps -> call
+        steps = sorted(reached)
+        if len(steps) == 1:
+            out.append(residuals[reached[steps[0]]][i])
+            continue
+        weights = forecast_weights(0, [-k for k in steps], form)
+        out.append([sum(w * r for w, r in zip(weights, rs, strict=True))
+                    for rs in zip(*(residuals[reached[k]][i] for k in steps), strict=True)])
     return out
 
 
-def _plan_ages(served: tuple[tuple[int, ...], ...], blocks: int) -> list[list[tuple[int, int]]]:
-    """Per step of a plan (:attr:`RouterConfig.served`), per block, ``(age, spacing)`` of what a
-    closed gate serves there if the plan's computes before it ran: the steps since the block's last
-    compute, and the steps between that compute and the one before (1 where there is none)."""
+def _plan_backs(served: tuple[tuple[tuple[int, int], ...], ...], blocks: int) -> list[list[tuple[int, ...]]]:
+    """Per step of a plan (:attr:`RouterConfig.served`), per block, how many steps back the
+    computes lie that a closed gate there forecasts from, newest first, if the plan's computes
+    before it ran: the plan's order where it serves the block, first order where it computes it
+    (a router that closes it); as many as there are."""
     out, last = [], [[] for _ in range(blocks)]
     for t, row in enumerate(served):
-        out.append([(t - c[-1] if c else 1, c[-1] - c[-2] if len(c) > 1 else 1) for c in last])
+        orders = dict(row)
+        out.append([tuple(t - c for c in last[i][: orders.get(i, 1) + 1]) or (1,) for i in range(blocks)])
         for i in range(blocks):
-            if i not in row:
-                last[i].append(t)
+            if i not in orders:
+                last[i].insert(0, t)
     return out
 
 
@@ -185,11 +190,12 @@ class _Training:
         self.call: dict[str, Any] = {}
 
     def forward(self, model: nn.Module, inputs: dict[str, Any], temb: torch.Tensor,
-                cached: list[list[torch.Tensor]] | None = None, forced: tuple[int, ...] = ()) -> torch.Tensor:
+                cached: list[list[torch.Tensor]] | None = None, forced: dict[int, int] | None = None
+                ) -> torch.Tensor:
         """The model's prediction on ``inputs`` with the routers' decisions; ``cached``: per block,
         the residuals a closed gate reuses (``None``: none yet, the gates stay open); ``forced``:
-        the blocks a plan serves (their gates closed, their routers not asked)."""
-        self.spent, self.call = [], {"temb": temb, "decisions": None, "cached": cached, "forced": forced}
+        the blocks a plan serves, with the forecast order (their gates closed)."""
+        self.spent, self.call = [], {"temb": temb, "decisions": None, "cached": cached, "forced": forced or {}}
         swaps = [(b.module, self._wrapped(i, b, b.module.forward)) for i, b in enumerate(self.blocks)]
         with swapped_forwards(swaps):
             return model_sample(model(**inputs))
@@ -236,7 +242,9 @@ class _Training:
                     h.remove()
             full, narrowest = b.flops[-1], b.flops[0]
             mlp = (full - narrowest) / (1.0 - cfg.widths[0]) if cfg.widths[0] < 1.0 else 0.0  # linear in width
-            self.spent.append(g * (full - mlp * (1.0 - width)) + (1 - g) * b.closed_flops(cfg.closed))
+            forced = self.call["forced"]
+            closed = b.serve_flops(forced[i]) if i in forced else b.closed_flops(cfg.closed)
+            self.spent.append(g * (full - mlp * (1.0 - width)) + (1 - g) * closed)
             outs = []
             for k, (o, s) in enumerate(zip(split_outputs(out), streams, strict=True)):
                 gs = g.reshape((-1,) + (1,) * (s.dim() - 1)).to(s.dtype)
@@ -343,14 +351,15 @@ def train_routers(
         tokens=tuple(int(s[1]) for s in shapes), widths=tuple(float(w) for w in widths), hidden=hidden,
         timestep_scale=1000.0 if float(ts.abs().max()) <= 1.0 + 1e-6 else 1.0, decide=decide, closed=closed,
         margin=margin, max_reuse=max_reuse, reuse_from=reuse_from, budget=float(budget),
-        fingerprint=weights_digest(model), served=served)
+        fingerprint=weights_digest(model), served=served,
+        forecast_form=plan.forecast_form if plan is not None else "lagrange")
     routers = RouterSet(config)
     latent = names.latent_of(calls[0][0])
     residuals = _block_residuals(model, blocks, calls) if config.closed != "skip" else None
 
     routed = RoutedTransformer.from_graph(graph, routers, order=order, num_steps=num_steps,
                                           latent_shape=tuple(latent.shape[1:]), plan=plan)
-    plan_ages = _plan_ages(served, len(blocks))
+    plan_backs = _plan_backs(served, len(blocks))
     glue, full = routed.glue_flops, routed.full_flops
 
     frozen = [p.requires_grad for p in model.parameters()]
@@ -372,10 +381,11 @@ def train_routers(
                     # a closed gate serves the block's residuals of the steps before (teacher-forced)
                     # at the ages and spacings the runtime serves (up to max_reuse steps back)
                     if served:  # where the plan's computes left the caches
-                        forced, ages = served[at[n]], plan_ages[at[n]]
+                        forced, backs = dict(served[at[n]]), plan_backs[at[n]]
                     else:
-                        forced, ages = (), [(rng.randint(1, max_reuse), rng.randint(1, max_reuse))] * len(blocks)
-                    cached = _served(residuals, prev, n, config.closed, ages)
+                        age = rng.randint(1, max_reuse)
+                        forced, backs = {}, [(age, age + rng.randint(1, max_reuse))] * len(blocks)
+                    cached = _served(residuals, prev, n, config.closed, backs, config.forecast_form)
                     rows = int(names.latent_of(inputs).shape[0])
                     if 0 < row_subset < rows:  # the decisions are per row: any rows of a call will do
                         idx = torch.tensor(sorted(rng.sample(range(rows), row_subset)))

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from dit_opt.errors import ArtifactError, ConfigError
-from dit_opt.plan import ActionKind, Plan
+from dit_opt.plan import FORECAST_FORMS, MAX_FORECAST_ORDER, Action, ActionKind, Plan
 
 __all__ = ["ROUTER_FORMAT", "DEFAULT_WIDTHS", "Router", "RouterConfig", "RouterSet", "plan_served",
            "timestep_embedding"]
@@ -125,10 +125,12 @@ class RouterConfig:
         max_reuse: at most this many reuses in a row per block and sample.
         reuse_from: under ``closed="skip"``, caching starts at this fraction of the loop's steps.
         served: under a static plan (:func:`dit_opt.optimize` with ``dynamic``), per step of the
-            plan's loop, the indices (into ``blocks``) of the blocks the plan serves from their
-            caches at that step: their gates are closed whatever the router says (and the router
-            is not run), the others are the routers' to gate. Empty: no plan, every gate is the
-            router's.
+            plan's loop, ``(block, order)`` for each block (an index into ``blocks``) the plan
+            serves from its cache at that step, with the polynomial order it forecasts at (0: a
+            reuse): those gates are closed whatever the router says (and the router is not run),
+            the others are the routers' to gate. Empty: no plan, every gate is the router's.
+        forecast_form: how the plan's forecasts extrapolate (:data:`dit_opt.plan.FORECAST_FORMS`);
+            a first-order forecast is the same in both.
         budget: the FLOP fraction the routers were trained for.
         fingerprint: the model's (:func:`dit_opt.fingerprint.model_fingerprint`) digest.
         report: training figures (steps, seconds, losses, the calibrated FLOP fractions).
@@ -146,7 +148,8 @@ class RouterConfig:
     margin: float = 0.0
     max_reuse: int = 3
     reuse_from: float = 0.5
-    served: tuple[tuple[int, ...], ...] = ()
+    served: tuple[tuple[tuple[int, int], ...], ...] = ()
+    forecast_form: str = "lagrange"
     budget: float = 1.0
     fingerprint: str = ""
     report: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -168,16 +171,20 @@ class RouterConfig:
                               f"max_reuse must be >= 1 and reuse_from in [0, 1]")
         if len(self.dims) != len(self.blocks) or len(self.tokens) != len(self.blocks):
             raise ConfigError("RouterConfig: blocks, dims and tokens must have one entry per block")
-        if self.served and (self.closed == "skip"
-                            or any(not 0 <= i < len(self.blocks) for row in self.served for i in row)):
-            raise ConfigError("RouterConfig.served: a plan's served blocks are indices into blocks, and the "
-                              "routers must serve closed gates from their caches (closed 'forecast' or 'reuse')")
+        if self.served and (self.closed == "skip" or any(
+                not 0 <= i < len(self.blocks) or not 0 <= k <= MAX_FORECAST_ORDER for row in self.served
+                for i, k in row)):
+            raise ConfigError(f"RouterConfig.served: per step, (block index, forecast order 0..{MAX_FORECAST_ORDER}) "
+                              f"pairs, and the routers must serve closed gates from their caches (closed "
+                              f"'forecast' or 'reuse')")
+        if self.forecast_form not in FORECAST_FORMS:
+            raise ConfigError(f"forecast_form={self.forecast_form!r}: one of {', '.join(FORECAST_FORMS)}")
 
 
-def plan_served(plan: Plan, blocks: Sequence[str]) -> tuple[tuple[int, ...], ...]:
-    """Per step of ``plan``, the indices (into ``blocks``) of the blocks it serves from their
-    caches (every unit of the block reuses or forecasts, or the step is a whole-step forecast):
-    :attr:`RouterConfig.served`.
+def plan_served(plan: Plan, blocks: Sequence[str]) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per step of ``plan``, ``(index into blocks, order)`` of each block it serves from its cache
+    (every unit of the block reuses or forecasts, or the step is a whole-step forecast; the order
+    the lowest of its units', 0 for a reuse): :attr:`RouterConfig.served`.
 
     Raises:
         ConfigError: the plan prunes, narrows, skips or derives a guidance half somewhere (routers
@@ -188,18 +195,19 @@ def plan_served(plan: Plan, blocks: Sequence[str]) -> tuple[tuple[int, ...], ...
     index = {name: i for i, name in enumerate(blocks)}
     out = []
     for t, row in enumerate(plan.actions):
-        by_block: dict[str, list[ActionKind]] = {}
+        by_block: dict[str, list[Action]] = {}
         for unit, action in zip(plan.units, row, strict=True):
             if action.kind not in (ActionKind.COMPUTE, *serving):
                 raise ConfigError(f"the plan's step {t} has {action} at {unit}: routers gate whole computes of a "
                                   f"plan that computes, reuses or forecasts; solve it with "
                                   f"actions=('reuse', 'forecast')")
-            by_block.setdefault(f"{unit.list_name}.{unit.index}", []).append(action.kind)
-        served = sorted(name for name, kinds in by_block.items() if all(k in serving for k in kinds))
+            by_block.setdefault(f"{unit.list_name}.{unit.index}", []).append(action)
+        served = {name: min(a.order or 0 for a in acts) for name, acts in by_block.items()
+                  if all(a.kind in serving for a in acts)}
         missing = [name for name in served if name not in index]
         if missing:
             raise ConfigError(f"the plan serves {missing[:3]} at step {t}, which the routers do not gate")
-        out.append(tuple(sorted(index[name] for name in served)))
+        out.append(tuple(sorted((index[name], k) for name, k in served.items())))
     return tuple(out)
 
 
@@ -269,7 +277,8 @@ class RouterSet(nn.Module):
         try:
             raw = json.loads(meta["config"])
             config = RouterConfig(**{**raw, **{k: tuple(raw[k]) for k in ("blocks", "dims", "tokens", "widths")},
-                                     "served": tuple(tuple(row) for row in raw.get("served", ()))})
+                                     "served": tuple(tuple((int(i), int(k)) for i, k in row)
+                                                     for row in raw.get("served", ()))})
             runtime = json.loads(meta.get("runtime", "{}"))
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{path}: its router config is corrupt ({e}); train the routers again") from e

@@ -30,12 +30,14 @@ def _grid(units: int, rows: list[str]) -> list[list[Action]]:
 
 @pytest.fixture(scope="module")
 def schedule(profiled, captured):
-    """The tiny DiT, its synthetic calibration and profile, a plan of computes and first-order
-    forecasts, and full-capacity routers under it (every gate the router's stays open)."""
+    """The tiny DiT, its synthetic calibration and profile, a plan of computes, reuses and
+    forecasts of orders 1 to 3, and full-capacity routers under it (every gate the router's
+    stays open)."""
     model, cal, prof = profiled("dit", STEPS)
     U = len(prof.units)
-    mixed = " ".join("F" if u % 2 else "C" for u in range(U))
-    plan = unbudgeted_plan(prof, _grid(U, ["C", "C", "F", mixed, "C", "F"]))
+    mixed = " ".join("R" if u % 2 else "F3" for u in range(U))
+    last = " ".join("F" if u % 2 else "F2" for u in range(U))
+    plan = unbudgeted_plan(prof, _grid(U, ["C", "C", "C", "C", mixed, last]))
     graph = captured("dit")[2]
     blocks, _ = routed_blocks(graph, (1.0,))
     shapes = [dict(b.spec.inputs)[b.x_name].shape for b in blocks]
@@ -58,7 +60,9 @@ def test_routers_left_open_run_the_plans_schedule(schedule):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(got, plain, atol=1e-4)  # the plan did serve blocks
     decisions = routed.stats()["decisions"]
-    served = sum(k.get("plan forecast", 0) for k in decisions.values())
+    served = sum(k.get("plan forecast", 0) + k.get("plan reuse", 0) for k in decisions.values())
+    assert [bool(decisions[n].get("plan reuse")) for n in routed.routers.config.blocks] == \
+        [u % 2 == 1 for u in range(len(decisions))]  # the odd blocks reuse at step 4
     rows = routed.stats()["samples"] * (2 if routed._guidance else 1)
     assert served == rows * sum(len(row) for row in routed.routers.config.served)
     assert not any("forecast" in k or "reuse" in k for d in decisions.values() for k in d if not k.startswith("plan"))

@@ -238,12 +238,18 @@ def test_training_serves_forecasts_exact_for_residuals_linear_in_the_step():
     residuals = [[[a + b * t]] for t in range(steps)]  # one block, one stream
     for age in (1, 2, 3):
         for spacing in (1, 2, 3):
-            got = _served(residuals, prev, 7, "forecast", [(age, spacing)])[0][0]
+            got = _served(residuals, prev, 7, "forecast", [(age, age + spacing)])[0][0]
             assert torch.allclose(got, a + b * 7, atol=1e-5)
-            assert torch.equal(_served(residuals, prev, 7, "reuse", [(age, spacing)])[0][0], a + b * (7 - age))
-    assert _served(residuals, prev, 0, "forecast", [(1, 1)]) is None  # a first step serves nothing
+            assert torch.equal(_served(residuals, prev, 7, "reuse", [(age, age + spacing)])[0][0], a + b * (7 - age))
+    assert _served(residuals, prev, 0, "forecast", [(1, 2)]) is None  # a first step serves nothing
     # as far back as the loop goes: at call 2, age 3 reaches call 0, and a forecast needs two calls
-    assert torch.equal(_served(residuals, prev, 2, "forecast", [(3, 1)])[0][0], a)
+    assert torch.equal(_served(residuals, prev, 2, "forecast", [(3, 4)])[0][0], a)
+    # a plan's higher orders through its computes at their steps: exact on a cubic in the step
+    c, d = torch.randn(3, 5), torch.randn(3, 5)
+    cubic = [[[a + b * t + c * t**2 + d * t**3]] for t in range(steps)]
+    got = _served(cubic, prev, 7, "forecast", [(1, 2, 4, 6)])[0][0]
+    assert torch.allclose(got, cubic[7][0][0], atol=1e-3, rtol=1e-4)
+    assert not torch.allclose(_served(cubic, prev, 7, "forecast", [(1, 2)])[0][0], cubic[7][0][0], atol=1e-2)
 
 
 def test_a_call_that_raises_leaves_the_routed_module_as_it_was(dit):
