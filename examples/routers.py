@@ -35,6 +35,19 @@ def quality(images: torch.Tensor, full: torch.Tensor, labels: list[int], real: t
             f"{metrics.frechet_distance(images, real):.2f}")
 
 
+def measured(routed: dit_opt.RoutedTransformer, evaluation, full: torch.Tensor, labels: list[int],
+             real: torch.Tensor) -> str:
+    """The evaluation through ``routed`` from a fresh state: FLOP fraction per sample (mean; min,
+    median, max) | PSNR | class acc. | Frechet dist."""
+    routed.reset()
+    routed.clear_stats()
+    images = evaluation(routed)
+    st = routed.stats()
+    per = st["per_sample"]
+    return (f"{st['flop_fraction']:.3f}; {per['min']:.3f}, {per['median']:.3f}, {per['max']:.3f} | "
+            f"{quality(images, full, labels, real)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="digits-dit", choices=zoo.available())
@@ -81,14 +94,8 @@ def main() -> None:
                                                widths=DEFAULT_WIDTHS if args.widths == "edit" else (1.0,),
                                                closed=closed, decide=decide, progress=False)
                 seconds = time.perf_counter() - t0
-                routed.reset()
-                routed.clear_stats()
-                images = evaluation(routed)
-                st = routed.stats()
-                per = st["per_sample"]
-                print(f"| {budget} | routers ({args.widths} width) | {closed} | {decide} | {st['flop_fraction']:.3f}; "
-                      f"{per['min']:.3f}, {per['median']:.3f}, {per['max']:.3f} | "
-                      f"{quality(images, full, labels, real)} | {seconds:.0f} |", flush=True)
+                print(f"| {budget} | routers ({args.widths} width) | {closed} | {decide} | "
+                      f"{measured(routed, evaluation, full, labels, real)} | {seconds:.0f} |", flush=True)
                 rounds = ", ".join(f"{o:g}: {f:.3f}" for o, f in routed.routers.config.report["offset_rounds"])
                 print(f"  (gate offset -> calibration FLOP fraction: {rounds})", flush=True)
                 timed = timed or routed
@@ -97,15 +104,10 @@ def main() -> None:
             routed = dit_opt.optimize(model, budget, calibration=calibration, dynamic=headroom, compile=False,
                                       progress=False, example_inputs=sampler.example_inputs())
             seconds = time.perf_counter() - t0
-            routed.reset()
-            routed.clear_stats()
-            images = evaluation(routed)
-            st = routed.stats()
-            per = st["per_sample"]
             report = routed.routers.config.report
             print(f"| {budget} | routers on a plan (headroom {headroom:g}: plan at {report['plan_flop_fraction']:.3f}) "
-                  f"| forecast | block | {st['flop_fraction']:.3f}; {per['min']:.3f}, {per['median']:.3f}, "
-                  f"{per['max']:.3f} | {quality(images, full, labels, real)} | {seconds:.0f} |", flush=True)
+                  f"| forecast | block | {measured(routed, evaluation, full, labels, real)} | {seconds:.0f} |",
+                  flush=True)
             plain = dit_opt.OptimizedTransformer(model, routed.plan, compile=False)  # the plan in its own runtime
             print(f"| {budget} | that plan alone (its own forecasts) | - | - | {routed.plan.flop_fraction:.3f} | "
                   f"{quality(evaluation(plain), full, labels, real)} | - |", flush=True)
