@@ -227,6 +227,13 @@ class RoutedTransformer(TransformerWrapper):
         full = graph.flops / batch
         return cls(graph.model, routers, blocks, glue_flops=full - gated / batch, full_flops=full, **kwargs)
 
+    @property
+    def report(self) -> dict[str, Any]:
+        """What training cost and found (``routers.config.report``: seconds, losses, the gate
+        offset's calibration runs; under ``optimize(..., dynamic=...)`` the plan's budget, FLOP
+        fraction and ``optimize`` cost in calibration generations)."""
+        return self.routers.config.report
+
     def compiled(self) -> RoutedTransformer:
         """The same routed model (routers, state-free) with its blocks and routers compiled
         (the constructor's ``compile``)."""

@@ -81,7 +81,8 @@ def test_optimize_dynamic_gates_the_plans_computes_down_to_the_budget(dynamic, t
     model, cal, opt = dynamic
     assert isinstance(opt, RoutedTransformer) and opt.plan is not None
     assert opt.plan.budget == pytest.approx(0.7)
-    report = opt.routers.config.report
+    report = opt.report
+    assert report is opt.routers.config.report and report["plan_generations"] > 0
     assert report["plan_budget"] == pytest.approx(0.7) and report["plan_flop_fraction"] > 0.5
     assert len(opt.routers.config.served) == STEPS == opt.plan.num_steps
     opt.reset()
