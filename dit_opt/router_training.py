@@ -332,7 +332,8 @@ def train_routers(
     example = {k: v for k, v in calls[0][0].items() if v is not None and k != "return_dict"}
     graph = capture(model, timestep_as_tensor(model, example, names) or example)
     annotate_flops(graph)
-    order, _ = measure_channel_order(graph, calibration)
+    # the channel order only matters to narrowed MLPs; ranking it costs a calibration run
+    order = measure_channel_order(graph, calibration)[0] if min(widths) < 1.0 else {}
     blocks, excluded = routed_blocks(graph, tuple(widths))
     if not blocks:
         raise DitOptError(f"{type(model).__name__}: no block can be gated by a router ("
