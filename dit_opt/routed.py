@@ -40,7 +40,7 @@ from torch import nn
 from dit_opt.errors import ArtifactError, ConfigError, InputMismatchError
 from dit_opt.executor import is_guidance_batch, mlp_linears, narrow_block, pack_outputs, split_outputs
 from dit_opt.ir import BlockSpec, DiTGraph, StreamSpec
-from dit_opt.plan import Plan, forecast_weights
+from dit_opt.plan import MAX_FORECAST_ORDER, Plan, forecast_weights
 from dit_opt.routers import RouterSet, timestep_embedding
 from dit_opt.steps import StepTracker
 from dit_opt.synthetic import call_batch, call_names
@@ -396,14 +396,23 @@ class RoutedTransformer(TransformerWrapper):
                 hist=[None] * U,  # per block: its last residuals per row, newest first (per stream)
                 computed=[torch.full((batch, self._depth), -1, dtype=torch.long) for _ in range(U)],
                 have=[torch.zeros(batch, dtype=torch.bool) for _ in range(U)],
-                streak=[torch.zeros(batch, dtype=torch.long) for _ in range(U)])
+                streak=[torch.zeros(batch, dtype=torch.long) for _ in range(U)],
+                outputs=[])  # the model's outputs at the plan's last full steps: (step, leaves, spec)
+        state = self._branches[pos.branch]
+        order = cfg.step_orders[pos.step] if cfg.step_orders else -1
+        if order >= 0 and state.outputs:  # the plan's whole-step forecast: the model is not called
+            out, per_row = self._forecast_output(state.outputs, pos.step, order)
+            self._full += self.full_flops
+            self._spent += per_row
+            self._decisions[("model", "plan step forecast")] += batch
+            self.tracker.commit(pos)
+            return out
         # the blocks the plan serves at this step: their routers are not asked
         forced = dict(cfg.served[pos.step]) if cfg.served else {}
         self._full += self.full_flops
         self._spent += self.glue_flops + sum(f for i, f in enumerate(self._router_flops) if i not in forced)
         temb = timestep_embedding(t, scale=cfg.timestep_scale)
-        call = {"step": pos.step, "temb": temb, "decisions": None, "state": self._branches[pos.branch],
-                "forced": forced}
+        call = {"step": pos.step, "temb": temb, "decisions": None, "state": state, "forced": forced}
         swaps = [(b.module, self._wrapped(i, b, call, b.module.forward)) for i, b in enumerate(self.blocks)]
         try:
             with swapped_forwards(swaps), torch.no_grad():
@@ -413,8 +422,25 @@ class RoutedTransformer(TransformerWrapper):
             self._spent, self._full = counts if counts is not None else (None, None)
             self._branches.pop(pos.branch, None)  # the rows compute again where it left caches half written
             raise
+        if cfg.step_orders and cfg.full_steps[pos.step]:  # what the plan's later whole-step forecasts read
+            leaves, spec = pytree.tree_flatten(out)
+            kept = [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves]
+            state.outputs = [(pos.step, kept, spec), *state.outputs[: MAX_FORECAST_ORDER]]
         self.tracker.commit(pos)  # only a call that ran moves the loop on
         return out
+
+    def _forecast_output(self, outputs: list, step: int, order: int) -> tuple[Any, float]:
+        """The model's output at ``step`` extrapolated through its outputs at the last ``order + 1``
+        full steps (fewer where there are fewer), and the FLOPs per row that cost."""
+        used = outputs[: order + 1]
+        weights = forecast_weights(step, [s for s, _, _ in used], self.routers.config.forecast_form)
+        leaves, per_row = [], 0.0
+        for j, x in enumerate(used[0][1]):
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                x = sum(w * kept[1][j] for w, kept in zip(weights, used, strict=True))
+                per_row += (2 * len(weights) - 1) * x[0].numel() if x.dim() else 0.0
+            leaves.append(x)
+        return pytree.tree_unflatten(leaves, used[0][2]), per_row
 
     def _decide(self, i: int, x: torch.Tensor, call: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Gate probability and width index of every row at block ``i``."""

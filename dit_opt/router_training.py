@@ -44,7 +44,7 @@ from dit_opt.routed import (
     row_timesteps,
     swapped_forwards,
 )
-from dit_opt.routers import RouterConfig, RouterSet, plan_served, timestep_embedding
+from dit_opt.routers import RouterConfig, RouterSet, plan_served, plan_steps, timestep_embedding
 from dit_opt.synthetic import call_names
 
 __all__ = ["train_routers", "record_calls"]
@@ -339,12 +339,15 @@ def train_routers(
         raise DitOptError(f"{type(model).__name__}: no block can be gated by a router ("
                           + "; ".join(f"{k}: {v}" for k, v in excluded.items()) + ")")
     prev, at, num_steps = _positions(model, calls)
-    served: tuple[tuple[int, ...], ...] = ()
+    served: tuple[tuple[tuple[int, int], ...], ...] = ()
+    step_orders: tuple[int, ...] = ()
+    fulls: tuple[bool, ...] = ()
     if plan is not None:
         if plan.num_steps != num_steps:
             raise ConfigError(f"the plan has {plan.num_steps} steps, the calibration's loop {num_steps}: "
                               f"solve the plan on the same calibration")
         served = plan_served(plan, [b.spec.name for b in blocks])
+        step_orders, fulls = plan_steps(plan)
     shapes = [dict(b.spec.inputs)[b.x_name].shape for b in blocks]
     ts = torch.cat([row_timesteps(names.timestep_of(c[0], 0.0), 1, "cpu") for c in calls])
     config = RouterConfig(
@@ -352,7 +355,7 @@ def train_routers(
         tokens=tuple(int(s[1]) for s in shapes), widths=tuple(float(w) for w in widths), hidden=hidden,
         timestep_scale=1000.0 if float(ts.abs().max()) <= 1.0 + 1e-6 else 1.0, decide=decide, closed=closed,
         margin=margin, max_reuse=max_reuse, reuse_from=reuse_from, budget=float(budget),
-        fingerprint=weights_digest(model), served=served,
+        fingerprint=weights_digest(model), served=served, step_orders=step_orders, full_steps=fulls,
         forecast_form=plan.forecast_form if plan is not None else "lagrange")
     routers = RouterSet(config)
     latent = names.latent_of(calls[0][0])
@@ -361,6 +364,8 @@ def train_routers(
     routed = RoutedTransformer.from_graph(graph, routers, order=order, num_steps=num_steps,
                                           latent_shape=tuple(latent.shape[1:]), plan=plan)
     plan_backs = _plan_backs(served, len(blocks))
+    # the calls the model runs: a plan's whole-step forecasts run no block (and cost next to nothing)
+    pool = [n for n in range(len(calls)) if not step_orders or step_orders[at[n]] < 0]
     glue, full = routed.glue_flops, routed.full_flops
 
     frozen = [p.requires_grad for p in model.parameters()]
@@ -377,7 +382,7 @@ def train_routers(
                 opt.zero_grad()
                 err_sum, fracs = 0.0, []
                 loss = torch.zeros(())
-                for n in rng.sample(range(len(calls)), min(minibatch, len(calls))):
+                for n in rng.sample(pool, min(minibatch, len(pool))):
                     inputs, ref = calls[n]
                     # a closed gate serves the block's residuals of the steps before (teacher-forced)
                     # at the ages and spacings the runtime serves (up to max_reuse steps back)
@@ -401,7 +406,7 @@ def train_routers(
                     loss = loss + err / minibatch
                     err_sum += float(err) / minibatch
                     fracs.append((glue + sum(s.mean() for s in train.spent)) / full)
-                frac = torch.stack([torch.as_tensor(f) for f in fracs]).mean()
+                frac = torch.stack([torch.as_tensor(f) for f in fracs]).mean() * len(pool) / len(calls)
                 loss = loss + penalty * (frac - budget) ** 2
                 loss.backward()
                 opt.step()

@@ -39,9 +39,17 @@ import torch
 from torch import nn
 
 from dit_opt.errors import ArtifactError, ConfigError
-from dit_opt.plan import FORECAST_FORMS, MAX_FORECAST_ORDER, Action, ActionKind, Plan
+from dit_opt.plan import (
+    FORECAST_FORMS,
+    MAX_FORECAST_ORDER,
+    Action,
+    ActionKind,
+    Plan,
+    full_steps,
+    step_forecasts,
+)
 
-__all__ = ["ROUTER_FORMAT", "DEFAULT_WIDTHS", "Router", "RouterConfig", "RouterSet", "plan_served",
+__all__ = ["ROUTER_FORMAT", "DEFAULT_WIDTHS", "Router", "RouterConfig", "RouterSet", "plan_served", "plan_steps",
            "timestep_embedding"]
 
 #: the artifact format this version writes and reads
@@ -129,6 +137,10 @@ class RouterConfig:
             serves from its cache at that step, with the polynomial order it forecasts at (0: a
             reuse): those gates are closed whatever the router says (and the router is not run),
             the others are the routers' to gate. Empty: no plan, every gate is the router's.
+        step_orders: under a plan, per step, the order of its whole-step forecast there (``-1``:
+            none): the model is not called, its output is extrapolated from its outputs at the
+            plan's last full steps (``full_steps``). Empty: no whole-step forecasts.
+        full_steps: under a plan, per step, whether the plan computes every unit there.
         forecast_form: how the plan's forecasts extrapolate (:data:`dit_opt.plan.FORECAST_FORMS`);
             a first-order forecast is the same in both.
         budget: the FLOP fraction the routers were trained for.
@@ -149,6 +161,8 @@ class RouterConfig:
     max_reuse: int = 3
     reuse_from: float = 0.5
     served: tuple[tuple[tuple[int, int], ...], ...] = ()
+    step_orders: tuple[int, ...] = ()
+    full_steps: tuple[bool, ...] = ()
     forecast_form: str = "lagrange"
     budget: float = 1.0
     fingerprint: str = ""
@@ -177,6 +191,10 @@ class RouterConfig:
             raise ConfigError(f"RouterConfig.served: per step, (block index, forecast order 0..{MAX_FORECAST_ORDER}) "
                               f"pairs, and the routers must serve closed gates from their caches (closed "
                               f"'forecast' or 'reuse')")
+        if any(not -1 <= k <= MAX_FORECAST_ORDER for k in self.step_orders) \
+                or (self.step_orders and len(self.full_steps) != len(self.step_orders)):
+            raise ConfigError(f"RouterConfig.step_orders: per step -1 or a whole-step forecast order 0.."
+                              f"{MAX_FORECAST_ORDER}, with full_steps of the same length")
         if self.forecast_form not in FORECAST_FORMS:
             raise ConfigError(f"forecast_form={self.forecast_form!r}: one of {', '.join(FORECAST_FORMS)}")
 
@@ -209,6 +227,16 @@ def plan_served(plan: Plan, blocks: Sequence[str]) -> tuple[tuple[tuple[int, int
             raise ConfigError(f"the plan serves {missing[:3]} at step {t}, which the routers do not gate")
         out.append(tuple(sorted((index[name], k) for name, k in served.items())))
     return tuple(out)
+
+
+def plan_steps(plan: Plan) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """Per step of ``plan``: the order of its whole-step forecast (``-1``: none), and whether it
+    computes every unit (:attr:`RouterConfig.step_orders`, :attr:`RouterConfig.full_steps`);
+    ``((), ())`` for a plan without whole-step forecasts."""
+    orders = tuple(-1 if a is None else int(a.order) for _, a, _ in step_forecasts(plan.actions))
+    if all(k < 0 for k in orders):
+        return (), ()
+    return orders, tuple(full_steps(plan.actions))
 
 
 def _key(block: str) -> str:
@@ -278,7 +306,9 @@ class RouterSet(nn.Module):
             raw = json.loads(meta["config"])
             config = RouterConfig(**{**raw, **{k: tuple(raw[k]) for k in ("blocks", "dims", "tokens", "widths")},
                                      "served": tuple(tuple((int(i), int(k)) for i, k in row)
-                                                     for row in raw.get("served", ()))})
+                                                     for row in raw.get("served", ())),
+                                     "step_orders": tuple(int(k) for k in raw.get("step_orders", ())),
+                                     "full_steps": tuple(bool(f) for f in raw.get("full_steps", ()))})
             runtime = json.loads(meta.get("runtime", "{}"))
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{path}: its router config is corrupt ({e}); train the routers again") from e

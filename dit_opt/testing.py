@@ -186,13 +186,15 @@ def unbudgeted_plan(profile: Any, grid: Any, granularity: str = "block") -> Any:
     """A budget-1 :class:`~dit_opt.plan.Plan` of ``grid``'s actions over the units and steps of
     ``profile``'s problem at ``granularity``, every step costed as computing everything: for
     tests of what an action does to the outputs, not of what it saves."""
-    from dit_opt.plan import Plan
+    from dit_opt.plan import Plan, step_action
 
     problem = profile.to_problem(1.0, granularity=granularity)
     T = problem.num_steps
+    step_flops = [float(problem.flops_compute[s].sum()) for s in range(T)]
+    glue = sum(step_action(row) is None for row in grid)  # a whole-step forecast runs no glue
     return Plan(num_steps=T, units=problem.units, actions=grid, budget=1.0, full_flops=problem.full_flops,
-                flops_fixed=problem.flops_fixed, predicted_flops=problem.full_flops,
-                step_flops=[float(problem.flops_compute[s].sum()) for s in range(T)], predicted_error=0.0,
+                flops_fixed=problem.flops_fixed, predicted_flops=sum(step_flops) + problem.flops_fixed * glue / T,
+                step_flops=step_flops, predicted_error=0.0,
                 max_age=profile.max_age, solver="test", status="HEURISTIC", wall_time_s=0.0)
 
 

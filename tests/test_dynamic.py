@@ -13,7 +13,7 @@ from dit_opt.calibration import synthetic_calibration
 from dit_opt.errors import ConfigError, InputMismatchError
 from dit_opt.plan import Action
 from dit_opt.routed import RoutedTransformer, routed_blocks
-from dit_opt.routers import RouterConfig, RouterSet, plan_served
+from dit_opt.routers import RouterConfig, RouterSet, plan_served, plan_steps
 from dit_opt.testing import unbudgeted_plan
 
 STEPS = 6
@@ -30,20 +30,20 @@ def _grid(units: int, rows: list[str]) -> list[list[Action]]:
 
 @pytest.fixture(scope="module")
 def schedule(profiled, captured):
-    """The tiny DiT, its synthetic calibration and profile, a plan of computes, reuses and
-    forecasts of orders 1 to 3, and full-capacity routers under it (every gate the router's
-    stays open)."""
+    """The tiny DiT, its synthetic calibration and profile, a plan of computes, reuses, block
+    forecasts of orders 1 and 3 and a whole-step forecast, and full-capacity routers under it
+    (every gate the router's stays open)."""
     model, cal, prof = profiled("dit", STEPS)
     U = len(prof.units)
-    mixed = " ".join("R" if u % 2 else "F3" for u in range(U))
-    last = " ".join("F" if u % 2 else "F2" for u in range(U))
-    plan = unbudgeted_plan(prof, _grid(U, ["C", "C", "C", "C", mixed, last]))
+    last = " ".join(["F3", "F", "R"][u % 3] for u in range(U))  # orders 3, 1 and a reuse
+    plan = unbudgeted_plan(prof, _grid(U, ["C", "C", "C", "T2", "C", last]))  # a whole-step forecast at 3
     graph = captured("dit")[2]
     blocks, _ = routed_blocks(graph, (1.0,))
     shapes = [dict(b.spec.inputs)[b.x_name].shape for b in blocks]
     names = tuple(b.spec.name for b in blocks)
+    step_orders, fulls = plan_steps(plan)
     config = RouterConfig(blocks=names, dims=tuple(s[-1] for s in shapes), tokens=tuple(s[1] for s in shapes),
-                          widths=(1.0,), served=plan_served(plan, names))
+                          widths=(1.0,), served=plan_served(plan, names), step_orders=step_orders, full_steps=fulls)
     return model, cal, prof, plan, RoutedTransformer.from_graph(graph, RouterSet(config), plan=plan)
 
 
@@ -60,11 +60,12 @@ def test_routers_left_open_run_the_plans_schedule(schedule):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(got, plain, atol=1e-4)  # the plan did serve blocks
     decisions = routed.stats()["decisions"]
-    served = sum(k.get("plan forecast", 0) + k.get("plan reuse", 0) for k in decisions.values())
-    assert [bool(decisions[n].get("plan reuse")) for n in routed.routers.config.blocks] == \
-        [u % 2 == 1 for u in range(len(decisions))]  # the odd blocks reuse at step 4
     rows = routed.stats()["samples"] * (2 if routed._guidance else 1)
-    assert served == rows * sum(len(row) for row in routed.routers.config.served)
+    assert decisions.pop("model") == {"plan step forecast": rows}  # step 3 ran no block
+    served = sum(k.get("plan forecast", 0) + k.get("plan reuse", 0) for k in decisions.values())
+    blocks = routed.routers.config.blocks
+    assert [bool(decisions[n].get("plan reuse")) for n in blocks] == [u % 3 == 2 for u in range(len(blocks))]
+    assert served == rows * len(blocks)  # at step 5 (step 3's are the whole-step forecast's)
     assert not any("forecast" in k or "reuse" in k for d in decisions.values() for k in d if not k.startswith("plan"))
 
 
