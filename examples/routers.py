@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5])
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--samples", type=int, default=20, help="evaluation images")
+    parser.add_argument("--calibration-samples", type=int, default=10,
+                        help="calibration images (seed 1000): what the routers train on and the plans solve on")
     parser.add_argument("--widths", choices=["full", "edit"], default="full",
                         help="full: gates only; edit: E-DiT's MLP widths 1/4 .. 1 as well")
     parser.add_argument("--closed", nargs="+", choices=["forecast", "reuse", "skip"], default=["forecast"])
@@ -75,7 +77,7 @@ def main() -> None:
     print(machine())
     sampler = zoo.load(args.model)
     model = sampler.transformer
-    calibration = sampling(sampler, 10, seed=1000)
+    calibration = sampling(sampler, args.calibration_samples, seed=1000)
     evaluation = sampling(sampler, args.samples, seed=0)
     labels = sampler.labels(args.samples)
     real, _ = sampler.reference_images()
