@@ -1,6 +1,6 @@
 """Elastic routers (E-DiT) on a reference model against dit-opt's static plan at the same budget.
 
-For each budget: routers trained on the benchmark's calibration (10 images, seed 1000; the
+For each budget: routers trained on the benchmark's calibration (10 images by default, seed 1000; the
 model's weights frozen), then the routed module generates the evaluation images (seed 0), its
 FLOPs counted per sample (``RoutedTransformer.stats``: mean, min, median, max); and the plan
 ``dit_opt.optimize`` keeps at that budget (``--granularity``, default ``auto`` as in
