@@ -44,13 +44,13 @@ def schedule(profiled, captured):
     step_orders, fulls = plan_steps(plan)
     config = RouterConfig(blocks=names, dims=tuple(s[-1] for s in shapes), tokens=tuple(s[1] for s in shapes),
                           widths=(1.0,), served=plan_served(plan, names), step_orders=step_orders, full_steps=fulls)
-    return model, cal, prof, plan, RoutedTransformer.from_graph(graph, RouterSet(config), plan=plan)
+    return model, cal, prof, plan, RoutedTransformer.from_graph(graph, RouterSet(config), plan=plan), graph
 
 
 def test_routers_left_open_run_the_plans_schedule(schedule):
     """Where the routers keep every gate open, the routed module is the plan: its served blocks
     forecast from the same computes, to the same outputs as the plan's own runtime."""
-    model, cal, prof, plan, routed = schedule
+    model, cal, prof, plan, routed, _ = schedule
     opt = dit_opt.OptimizedTransformer(model, plan, profile=prof, compile=False)
     routed.reset()
     routed.clear_stats()
@@ -67,6 +67,26 @@ def test_routers_left_open_run_the_plans_schedule(schedule):
     assert [bool(decisions[n].get("plan reuse")) for n in blocks] == [u % 3 == 2 for u in range(len(blocks))]
     assert served == rows * len(blocks)  # at step 5 (step 3's are the whole-step forecast's)
     assert not any("forecast" in k or "reuse" in k for d in decisions.values() for k in d if not k.startswith("plan"))
+
+
+def test_compiled_routers_on_a_plan_match_eager(schedule):
+    """``compiled()`` (what ``optimize(..., dynamic=..., compile=True)`` returns): the plan's
+    schedule and the routers' decisions as in eager, with decisions per step too."""
+    model, cal, prof, plan, routed, graph = schedule
+    routers = RouterSet(routed.routers.config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # gates that differ from sample to sample and step to step
+        for r in routers.routers.values():
+            r.gate.weight.copy_(torch.randn(r.gate.weight.shape, generator=g) * 3)
+            r.gate.bias.zero_()
+            r.ada[1].weight.copy_(torch.randn(r.ada[1].weight.shape, generator=g) * 0.05)
+    for decide in ("block", "step"):
+        eager = RoutedTransformer.from_graph(graph, routers.with_config(decide=decide), plan=plan)
+        fast = eager.compiled()
+        with torch.no_grad():
+            assert torch.allclose(_flat(cal(fast)), _flat(cal(eager)), atol=1e-4)
+        assert fast.stats() == eager.stats() and fast.plan is plan
+        assert any(k == "forecast" for d in eager.stats()["decisions"].values() for k in d)  # routers closed some
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +133,7 @@ def test_dynamic_bad_input(dynamic, schedule):
     with pytest.raises(ConfigError, match="callable"):
         dit_opt.optimize(model, 0.5, calibration=None, dynamic=True, progress=False)
     # a plan that prunes cannot be gated; a plan for another loop is not trained on
-    _, _, prof, plan, routed = schedule
+    _, _, prof, plan, routed, _ = schedule
     pruned = unbudgeted_plan(prof, _grid(len(prof.units), ["C", "C", "P0.5", "C", "C", "C"]))
     with pytest.raises(ConfigError, match="reuse"):
         plan_served(pruned, routed.routers.config.blocks)
