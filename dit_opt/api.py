@@ -617,8 +617,11 @@ def _cost_report(ctx: dict[str, Any], times: dict[str, float]) -> dict[str, Any]
 
 def _optimize_dynamic(model: nn.Module, budget: float, dynamic: bool | float, *, calibration: Any,
                       compile: bool | str, progress: bool, **options: Any) -> RoutedTransformer:
-    """``optimize(..., dynamic=...)``: the static plan at the budget plus headroom, routers on it."""
-    from dit_opt.router_training import train_routers
+    """``optimize(..., dynamic=...)``: the static plan at the budget plus headroom, less what the
+    routers cost, and routers on it."""
+    from dit_opt.capture import capture
+    from dit_opt.router_training import router_flop_share, train_routers
+    from passes.annotate_flops import annotate_flops
 
     headroom = DYNAMIC_HEADROOM if dynamic is True else dynamic
     if isinstance(headroom, bool) or not isinstance(headroom, int | float) or not 0.0 <= headroom <= 1.0:
@@ -628,7 +631,18 @@ def _optimize_dynamic(model: nn.Module, budget: float, dynamic: bool | float, *,
         raise ConfigError("dynamic routers are trained on the calibration's denoising loops: pass "
                           "calibration=<a callable that samples with the module it is given> (or, for a "
                           f"pipeline, its call arguments); got {type(calibration).__name__}")
-    plan_budget = min(1.0, budget * (1.0 + headroom))
+    # the routers' own FLOPs come out of the plan's share: with no headroom, open routers on a
+    # plan at the budget would spend more than the budget
+    inputs = options.get("example_inputs") or _first_call_inputs(model, calibration)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = capture(model, _capture_inputs(model, inputs), blocks=options.get("blocks"),
+                        mode=options.get("capture_mode", "auto"))
+    annotate_flops(graph)
+    plan_budget = min(1.0, budget * (1.0 + headroom)) - router_flop_share(graph)
+    if plan_budget <= 0.0:
+        raise InfeasibleBudgetError(f"budget {budget}: the routers alone cost {router_flop_share(graph):.3f} of "
+                                    f"the FLOPs; give a higher budget or more headroom")
     static = optimize(model, plan_budget, calibration=calibration, compile=False, granularity="block",
                       actions=("reuse", "forecast"), progress=progress, **options)
     routed = train_routers(model, calibration, budget=budget, plan=static.plan, progress=progress)

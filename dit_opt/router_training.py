@@ -44,10 +44,10 @@ from dit_opt.routed import (
     row_timesteps,
     swapped_forwards,
 )
-from dit_opt.routers import RouterConfig, RouterSet, plan_served, plan_steps, timestep_embedding
-from dit_opt.synthetic import call_names
+from dit_opt.routers import RouterConfig, RouterSet, plan_served, plan_steps, router_flops, timestep_embedding
+from dit_opt.synthetic import call_batch, call_names
 
-__all__ = ["train_routers", "record_calls"]
+__all__ = ["train_routers", "record_calls", "router_flop_share"]
 
 #: calibration runs at most to find the gate offset (one run each)
 OFFSET_ROUNDS = 10
@@ -253,6 +253,15 @@ class _Training:
             return tuple(outs) if b.spec.output_is_tuple else outs[0]
 
         return run
+
+
+def router_flop_share(graph: Any, hidden: int = 128, widths: tuple[float, ...] = (1.0,)) -> float:
+    """What routers on every block of ``graph`` that one can gate (:func:`~dit_opt.routed.routed_blocks`)
+    cost per call, as a fraction of the model's FLOPs (``graph`` FLOP-annotated)."""
+    blocks, _ = routed_blocks(graph, widths)
+    per_row = sum(router_flops(int(s[-1]), int(s[1]), hidden, len(widths))
+                  for s in (dict(b.spec.inputs)[b.x_name].shape for b in blocks))
+    return per_row * (call_batch(graph) or 1) / graph.flops
 
 
 def train_routers(

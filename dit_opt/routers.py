@@ -50,7 +50,7 @@ from dit_opt.plan import (
 )
 
 __all__ = ["ROUTER_FORMAT", "DEFAULT_WIDTHS", "Router", "RouterConfig", "RouterSet", "plan_served", "plan_steps",
-           "timestep_embedding"]
+           "router_flops", "timestep_embedding"]
 
 #: the artifact format this version writes and reads
 ROUTER_FORMAT = "dit-opt-routers/1"
@@ -101,8 +101,13 @@ class Router(nn.Module):
     def flops(self, tokens: int) -> float:
         """FLOPs of one sample's call on ``tokens`` tokens (multiply-adds counted twice, as the cost
         model does)."""
-        dim, hidden, widths = self.fc.in_features, self.fc.out_features, self.width.out_features
-        return 2 * TEMB_DIM * 3 * dim + 8 * tokens * dim + 2 * dim * hidden + 2 * hidden * (1 + widths)
+        return router_flops(self.fc.in_features, tokens, self.fc.out_features, self.width.out_features)
+
+
+def router_flops(dim: int, tokens: int, hidden: int = 128, widths: int = 1) -> float:
+    """FLOPs of one sample's call of a :class:`Router` of a block of width ``dim`` on ``tokens``
+    tokens, with ``widths`` width logits (multiply-adds counted twice, as the cost model does)."""
+    return 2 * TEMB_DIM * 3 * dim + 8 * tokens * dim + 2 * dim * hidden + 2 * hidden * (1 + widths)
 
 
 @dataclass(frozen=True)
