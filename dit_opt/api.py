@@ -357,7 +357,8 @@ def optimize(
             ``opt.report["capture"]`` says which was used and why.
         dynamic: combine the plan with per-sample routers (E-DiT, ``docs/routers.md``): a static
             plan (block granularity, reuse and forecast) is solved at ``budget * (1 + headroom)``
-            (``True``: headroom :data:`DYNAMIC_HEADROOM`; a float: that headroom), and routers
+            less the routers' own FLOPs (``True``: headroom :data:`DYNAMIC_HEADROOM`; a float:
+            that headroom), and routers
             trained with the model frozen close its computes per sample until the mean FLOPs
             per sample meet ``budget`` on the calibration (:func:`dit_opt.train_routers` with
             ``plan``). Needs a callable calibration (or a pipeline's call arguments).
