@@ -358,10 +358,10 @@ def optimize(
         dynamic: combine the plan with per-sample routers (E-DiT, ``docs/routers.md``): a static
             plan (block granularity, reuse and forecast) is solved at ``budget * (1 + headroom)``
             less the routers' own FLOPs (``True``: headroom :data:`DYNAMIC_HEADROOM`; a float:
-            that headroom), and routers
-            trained with the model frozen close its computes per sample until the mean FLOPs
-            per sample meet ``budget`` on the calibration (:func:`dit_opt.train_routers` with
-            ``plan``). Needs a callable calibration (or a pipeline's call arguments).
+            that headroom), and routers trained with the model frozen close its computes per
+            sample until the mean FLOPs per sample meet ``budget`` on the calibration
+            (:func:`dit_opt.train_routers` with ``plan``, on the same capture). Needs a callable
+            calibration (or a pipeline's call arguments).
 
     Returns:
         An :class:`~dit_opt.runtime.OptimizedTransformer`, a drop-in for ``pipe.transformer``;
@@ -640,13 +640,14 @@ def _optimize_dynamic(model: nn.Module, budget: float, dynamic: bool | float, *,
         graph = capture(model, _capture_inputs(model, inputs), blocks=options.get("blocks"),
                         mode=options.get("capture_mode", "auto"))
     annotate_flops(graph)
-    plan_budget = min(1.0, budget * (1.0 + headroom)) - router_flop_share(graph)
+    share = router_flop_share(graph)
+    plan_budget = min(1.0, budget * (1.0 + headroom)) - share
     if plan_budget <= 0.0:
-        raise InfeasibleBudgetError(f"budget {budget}: the routers alone cost {router_flop_share(graph):.3f} of "
-                                    f"the FLOPs; give a higher budget or more headroom")
+        raise InfeasibleBudgetError(f"budget {budget}: the routers alone cost {share:.3f} of the FLOPs; give a "
+                                    f"higher budget or more headroom")
     static = optimize(model, plan_budget, calibration=calibration, compile=False, granularity="block",
                       actions=("reuse", "forecast"), progress=progress, **options)
-    routed = train_routers(model, calibration, budget=budget, plan=static.plan, progress=progress)
+    routed = train_routers(model, calibration, budget=budget, plan=static.plan, graph=graph, progress=progress)
     report = {**routed.routers.config.report, "plan_budget": plan_budget,
               "plan_flop_fraction": static.plan.flop_fraction,
               "plan_generations": static.report.get("generations")}

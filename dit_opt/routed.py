@@ -38,7 +38,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from dit_opt.errors import ArtifactError, ConfigError, InputMismatchError
-from dit_opt.executor import is_guidance_batch, mlp_linears, narrow_block, pack_outputs, split_outputs
+from dit_opt.executor import combine, is_guidance_batch, mlp_linears, narrow_block, pack_outputs, split_outputs
 from dit_opt.ir import BlockSpec, DiTGraph, StreamSpec
 from dit_opt.plan import MAX_FORECAST_ORDER, Plan, forecast_weights
 from dit_opt.routers import RouterSet, timestep_embedding
@@ -437,7 +437,7 @@ class RoutedTransformer(TransformerWrapper):
         leaves, per_row = [], 0.0
         for j, x in enumerate(used[0][1]):
             if isinstance(x, torch.Tensor) and x.is_floating_point():
-                x = sum(w * kept[1][j] for w, kept in zip(weights, used, strict=True))
+                x = combine(tuple(kept[1][j] for kept in used), weights)
                 per_row += (2 * len(weights) - 1) * x[0].numel() if x.dim() else 0.0
             leaves.append(x)
         return pytree.tree_unflatten(leaves, used[0][2]), per_row
@@ -526,10 +526,11 @@ class RoutedTransformer(TransformerWrapper):
                 # the order asked: the plan's where it serves the block, else the closed gate's
                 asked = call["forced"][i] if forced else int(cfg.closed == "forecast")
                 weights, orders = self._serve_weights(state.computed[i], step, rows, asked)
+                used = range(int(orders.max()) + 1)
                 for k, (o, s) in enumerate(zip(outs, streams, strict=True)):
-                    served = sum(weights[:, a].to(hist[a][k].device, hist[a][k].dtype).reshape(
-                        (-1,) + (1,) * (s.dim() - 1)) * hist[a][k].index_select(0, idx)
-                        for a in range(int(orders.max()) + 1))
+                    per_row = (-1,) + (1,) * (s.dim() - 1)  # each row its own weights
+                    served = combine(tuple(hist[a][k].index_select(0, idx) for a in used),
+                                     tuple(weights[:, a].to(s.device, hist[a][k].dtype).reshape(per_row) for a in used))
                     o.index_copy_(0, idx, (s.index_select(0, idx) + served).to(o.dtype))
                 self._spent[rows] += torch.tensor([b.serve_flops(int(k)) for k in orders], dtype=torch.float64)
                 kind = "forecast" if asked else "reuse"

@@ -33,8 +33,9 @@ from rich.progress import Progress
 from torch import nn
 
 from dit_opt.errors import ConfigError, DitOptError, InfeasibleBudgetError
-from dit_opt.executor import mlp_linears, model_sample, split_outputs
+from dit_opt.executor import combine, mlp_linears, model_sample, split_outputs
 from dit_opt.fingerprint import weights_digest
+from dit_opt.ir import DiTGraph
 from dit_opt.plan import Plan, forecast_weights
 from dit_opt.routed import (
     RoutedBlock,
@@ -120,8 +121,7 @@ def _served(residuals: list | None, prev: list[int | None], n: int, closed: str,
             out.append(residuals[reached[steps[0]]][i])
             continue
         weights = forecast_weights(0, [-k for k in steps], form)
-        out.append([sum(w * r for w, r in zip(weights, rs, strict=True))
-                    for rs in zip(*(residuals[reached[k]][i] for k in steps), strict=True)])
+        out.append([combine(rs, weights) for rs in zip(*(residuals[reached[k]][i] for k in steps), strict=True)])
     return out
 
 
@@ -283,6 +283,7 @@ def train_routers(
     reuse_from: float = 0.5,
     calibrate: bool = True,
     plan: Plan | None = None,
+    graph: DiTGraph | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> RoutedTransformer:
@@ -313,6 +314,8 @@ def train_routers(
             forecasts only) the routers run under: where it serves a block the gate is closed,
             where it computes one the router decides (:func:`dit_opt.optimize` with ``dynamic``
             solves it at a budget above ``budget``). ``None``: every gate is the router's.
+        graph: a FLOP-annotated capture of ``model`` to gate the blocks of (``None``: captured
+            here on the calibration's first call).
         seed: seeds the routers' initialisation and the minibatches.
         progress: show a progress bar.
 
@@ -338,9 +341,10 @@ def train_routers(
     torch.manual_seed(seed)
     names = call_names(model)
     calls = record_calls(model, calibration)
-    example = {k: v for k, v in calls[0][0].items() if v is not None and k != "return_dict"}
-    graph = capture(model, timestep_as_tensor(model, example, names) or example)
-    annotate_flops(graph)
+    if graph is None:
+        example = {k: v for k, v in calls[0][0].items() if v is not None and k != "return_dict"}
+        graph = capture(model, timestep_as_tensor(model, example, names) or example)
+        annotate_flops(graph)
     # the channel order only matters to narrowed MLPs; ranking it costs a calibration run
     order = measure_channel_order(graph, calibration)[0] if min(widths) < 1.0 else {}
     blocks, excluded = routed_blocks(graph, tuple(widths))
